@@ -1,0 +1,180 @@
+"""The dmodel exception tree. Every exception dmodel raises derives from DModelError.
+
+    DModelError
+    ├── ConfigurationError (ValueError)        bad launch()/env values
+    │   └── ModelDefinitionError               bad DModel/DField/DAction declaration
+    ├── NodeNotRunningError                    no node launched, or it was shut down
+    ├── ObjectNotFoundError (LookupError)      unknown db_id (Model.DoesNotExist derives from it)
+    ├── FieldError
+    │   ├── FieldTypeError (TypeError)         value of the wrong type for the field
+    │   └── FieldValueError (ValueError)       value too large or of an unsupported shape
+    ├── CryptoError
+    │   ├── DecryptionError                    "no decryption key found"
+    │   └── KeyringError                       unreadable keyring, wrong passphrase, missing key
+    ├── InvalidUpdate (ValueError)             a message that is not a valid update
+    │   ├── MalformedUpdate                    not msgpack, missing/unknown keys, wrong types
+    │   ├── OversizedUpdate                    over a size limit
+    │   ├── ForgedUpdate                       bad signature, or oid != H(public key)
+    │   ├── ReplayedUpdate                     already seen (same update id)
+    │   ├── StaleUpdate                        timestamp too far in the future / chain misuse
+    │   ├── BrokenChainUpdate                  previous-update link points outside its chain
+    │   └── UnknownModelUpdate                 refers to a model or object this node cannot use
+    ├── RejectedError                          a valid update that was not accepted
+    │   ├── UnauthorizedError                  caller not authorized (default policy)
+    │   └── VetoedError                        a before-listener raised (see __cause__)
+    ├── StoreError                             wraps redis-py errors (__cause__ kept)
+    │   └── StoreUnavailableError              Redis cannot be reached / started
+    └── NetworkError                           bind failure, bus thread died
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DModelError(Exception):
+    """Root of every error raised by dmodel."""
+
+
+class ConfigurationError(DModelError, ValueError):
+    """A bad configuration value (launch() argument or DMODEL_* variable)."""
+
+
+class ModelDefinitionError(ConfigurationError):
+    """A model, field or listener declaration that cannot work."""
+
+
+class NodeNotRunningError(DModelError):
+    """No node is running: call dmodel.launch() first, or pass node=..."""
+
+
+class ObjectNotFoundError(DModelError, LookupError):
+    """No object with this db_id is known to the node."""
+
+
+class FieldError(DModelError):
+    """A problem with a field value."""
+
+
+class FieldTypeError(FieldError, TypeError):
+    """A value of the wrong type for the field."""
+
+
+class FieldValueError(FieldError, ValueError):
+    """A value too large or of an unsupported shape."""
+
+
+class CryptoError(DModelError):
+    """A cryptographic operation failed."""
+
+
+class DecryptionError(CryptoError):
+    """The value is encrypted and no key this node holds can open it."""
+
+
+class KeyringError(CryptoError):
+    """The keyring cannot be read, the passphrase is wrong, or a key is missing."""
+
+
+class InvalidUpdate(DModelError, ValueError):
+    """A message that is not a valid update. Carries ``update_id`` when it is known."""
+
+    def __init__(self, message: str, update_id: bytes | None = None) -> None:
+        super().__init__(message)
+        self.update_id = update_id
+
+
+class MalformedUpdate(InvalidUpdate):
+    """Not msgpack, or missing/unknown keys, or values of the wrong type."""
+
+
+class OversizedUpdate(InvalidUpdate):
+    """A message or one of its fields exceeds a size limit."""
+
+
+class ForgedUpdate(InvalidUpdate):
+    """The signature does not verify, or an id does not match its public key."""
+
+
+class ReplayedUpdate(InvalidUpdate):
+    """This update was seen before."""
+
+
+class StaleUpdate(InvalidUpdate):
+    """The timestamp is outside what the node accepts (too far in the future)."""
+
+
+class BrokenChainUpdate(InvalidUpdate):
+    """The previous-update link does not belong to the caller's chain."""
+
+
+class UnknownModelUpdate(InvalidUpdate):
+    """The update refers to an object whose create update this node cannot use."""
+
+
+class RejectedError(DModelError):
+    """A valid update that this node did not accept."""
+
+    def __init__(self, message: str, db_id: str | None = None) -> None:
+        super().__init__(message)
+        self.db_id = db_id
+
+
+class UnauthorizedError(RejectedError):
+    """The caller may not make this change (and the policy does not defer to listeners)."""
+
+
+class VetoedError(RejectedError):
+    """A before-listener raised; ``__cause__`` is the listener's exception."""
+
+    def __init__(
+        self,
+        message: str,
+        db_id: str | None = None,
+        listener: Any = None,
+        callback: str | None = None,
+    ) -> None:
+        super().__init__(message, db_id)
+        self.listener = listener
+        self.callback = callback
+
+
+class StoreError(DModelError):
+    """The store failed; ``__cause__`` is the redis-py error."""
+
+
+class StoreUnavailableError(StoreError):
+    """Redis cannot be reached or the embedded server cannot start."""
+
+
+class NetworkError(DModelError):
+    """A socket could not be bound, or the bus thread died."""
+
+
+__all__ = [
+    "BrokenChainUpdate",
+    "ConfigurationError",
+    "CryptoError",
+    "DModelError",
+    "DecryptionError",
+    "FieldError",
+    "FieldTypeError",
+    "FieldValueError",
+    "ForgedUpdate",
+    "InvalidUpdate",
+    "KeyringError",
+    "MalformedUpdate",
+    "ModelDefinitionError",
+    "NetworkError",
+    "NodeNotRunningError",
+    "ObjectNotFoundError",
+    "OversizedUpdate",
+    "RejectedError",
+    "ReplayedUpdate",
+    "StaleUpdate",
+    "StoreError",
+    "StoreUnavailableError",
+    "UnauthorizedError",
+    "UnknownModelUpdate",
+    "VetoedError",
+]

@@ -1,0 +1,1 @@
+"""Networking adapters: ZeroMQ bus, discovery, broker, sync protocol."""
