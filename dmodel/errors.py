@@ -23,7 +23,8 @@
     │   ├── UnauthorizedError                  caller not authorized (default policy)
     │   └── VetoedError                        a before-listener raised (see __cause__)
     ├── StoreError                             wraps redis-py errors (__cause__ kept)
-    │   └── StoreUnavailableError              Redis cannot be reached / started
+    │   ├── StoreUnavailableError              Redis cannot be reached / started
+    │   └── IntegrityError                     stored data does not match its signed update
     └── NetworkError                           bind failure, bus thread died
 """
 
@@ -147,6 +148,10 @@ class StoreUnavailableError(StoreError):
     """Redis cannot be reached or the embedded server cannot start."""
 
 
+class IntegrityError(StoreError):
+    """Stored data does not match the signed update it claims to come from (tampering)."""
+
+
 class NetworkError(DModelError):
     """A socket could not be bound, or the bus thread died."""
 
@@ -161,6 +166,7 @@ __all__ = [
     "FieldTypeError",
     "FieldValueError",
     "ForgedUpdate",
+    "IntegrityError",
     "InvalidUpdate",
     "KeyringError",
     "MalformedUpdate",

@@ -1,0 +1,318 @@
+"""Convergence rules: how a verified update changes object state. Pure, no I/O.
+
+Every piece of mutable state is a *register* named ``field`` (a plain field) or
+``field:key`` (a DDict entry). A register holds the value written by the update
+with the greatest *version*, where a version is the byte string
+
+    timestamp (8 bytes, big endian) || caller oid (32 ASCII bytes) || update id (32) || op index (2)
+
+so versions compare as bytes and every update op has a distinct one. A delete is a
+register with ``deleted=True`` (a tombstone), so an older set arriving late cannot
+bring a deleted value back. Removing an object is final: its registers are dropped
+and every later op on it is a no-op, whatever the order of arrival.
+
+Authorization is evaluated *as of* the version of the op: grants and revokes are
+timestamped events per (object, kind, member), and a caller is authorized for an
+op if it is the object itself or the latest event strictly before the op's version
+is a grant. A create's ``read``/``update`` lists are grants at the create's version.
+Only the object itself may grant or revoke.
+
+``apply`` returns the writes and the events; callers apply the writes to their own
+state (a dict in tests, Redis in the node).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+
+from .crypto import PublicIdentity
+from .update import Op, Update
+
+Policy = Literal["reject", "listeners"]
+POLICIES = ("reject", "listeners")
+
+_TS = struct.Struct(">Q")
+_IDX = struct.Struct(">H")
+
+
+def version(timestamp: int, caller_oid: str, update_id: bytes, index: int) -> bytes:
+    """The total-order key of one op."""
+    return _TS.pack(timestamp) + caller_oid.encode("ascii") + update_id + _IDX.pack(index)
+
+
+def version_timestamp(ver: bytes) -> int:
+    return _TS.unpack_from(ver)[0]
+
+
+def version_ref(ver: bytes) -> bytes:
+    """The (update id, op index) part of a version: how grants refer to a sealed value."""
+    return ver[-34:]
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """One LWW register: the winning value and its version."""
+
+    version: bytes
+    value: Any = None
+    encrypted: bool = False
+    deleted: bool = False
+
+    def pack(self) -> bytes:
+        flags = (1 if self.deleted else 0) | (2 if self.encrypted else 0)
+        return msgpack.packb([self.version, flags, self.value], use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Register:
+        ver, flags, value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        return cls(ver, value, bool(flags & 2), bool(flags & 1))
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """What a node knows of an object: its public keys, creation and removal."""
+
+    keys: PublicIdentity
+    created: bytes
+    removed: bytes | None = None
+
+    def pack(self) -> bytes:
+        return msgpack.packb([self.keys.verify_key, self.keys.box_key, self.created,
+                              self.removed], use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> ObjectMeta:
+        sign, box, created, removed = msgpack.unpackb(data, raw=False)
+        return cls(PublicIdentity(sign, box), created, removed)
+
+
+AuthEvents = tuple[tuple[bytes, bool], ...]
+
+
+def pack_auth(events: AuthEvents) -> bytes:
+    return msgpack.packb([list(e) for e in events], use_bin_type=True)
+
+
+def unpack_auth(data: bytes | None) -> AuthEvents:
+    if not data:
+        return ()
+    return tuple((ver, bool(granted)) for ver, granted in msgpack.unpackb(data, raw=False))
+
+
+def authorized_as_of(events: AuthEvents, at: bytes) -> bool:
+    """Whether the latest event strictly before version ``at`` is a grant."""
+    verdict = False
+    for ver, granted in events:  # sorted by version
+        if ver >= at:
+            break
+        verdict = granted
+    return verdict
+
+
+def add_auth_event(events: AuthEvents, ver: bytes, granted: bool) -> AuthEvents:
+    """Insert an event, keeping version order; idempotent."""
+    if any(v == ver for v, _ in events):
+        return events
+    return tuple(sorted((*events, (ver, granted))))
+
+
+def current_members(events_by_member: dict[str, AuthEvents]) -> set[str]:
+    """Members whose latest event is a grant."""
+    return {m for m, ev in events_by_member.items() if ev and ev[-1][1]}
+
+
+# ---------------------------------------------------------------- state and writes
+
+
+@dataclass(slots=True)
+class State:
+    """The slice of object state an update needs (or a whole store, in tests)."""
+
+    objects: dict[str, ObjectMeta] = field(default_factory=dict)
+    registers: dict[tuple[str, str], Register] = field(default_factory=dict)
+    auth: dict[tuple[str, str, str], AuthEvents] = field(default_factory=dict)
+    wraps: dict[tuple[str, bytes, str], bytes] = field(default_factory=dict)
+
+    def apply(self, writes: list[Write]) -> None:
+        """Apply writes in order (what the Redis store does atomically)."""
+        for w in writes:
+            if w.kind == "object":
+                self.objects[w.db_id] = w.data
+            elif w.kind == "register":
+                self.registers[(w.db_id, w.name)] = w.data
+            elif w.kind == "auth":
+                kind, member = w.name.split(":", 1)
+                self.auth[(w.db_id, kind, member)] = w.data
+            elif w.kind == "wrap":
+                ref, oid = w.name[:34], w.name[34:]
+                self.wraps[(w.db_id, ref, oid.decode())] = w.data
+            elif w.kind == "drop":
+                for key in [k for k in self.registers if k[0] == w.db_id]:
+                    del self.registers[key]
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One state change. ``kind``: object | register | auth | wrap | drop."""
+
+    kind: str
+    db_id: str
+    name: Any = None
+    data: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A change listeners hear about. ``kind``: create | update | delete | remove."""
+
+    kind: str
+    db_id: str
+    name: str | None = None
+    old: Register | None = None
+    new: Register | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """Result of merging one update: verdict, writes and events."""
+
+    authorized: bool
+    writes: list[Write] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    retroactive: set[str] = field(default_factory=set)  # objects whose auth changed in the past
+
+
+_AUTH_KIND = {"grant_read": ("r", True), "revoke_read": ("r", False),
+              "grant_update": ("u", True), "revoke_update": ("u", False)}
+
+
+def is_authorized(update: Update, state: State) -> bool:
+    """Whether every op of ``update`` is made by an authorized caller, as of its version."""
+    caller, caller_oid = update.caller, update.caller_oid
+    for index, op in enumerate(update.ops):
+        if op.obj == caller:
+            continue
+        if op.op in _AUTH_KIND or op.op == "create":
+            return False
+        events = state.auth.get((op.obj, "u", caller), ())
+        if not authorized_as_of(events, version(update.timestamp, caller_oid, update.id, index)):
+            return False
+    return True
+
+
+def apply(update: Update, state: State, *, authorized: bool | None = None) -> Outcome:
+    """Merge ``update`` into ``state`` (not modified); return writes and events.
+
+    Every object the update touches must be in ``state.objects`` (or created by it).
+    ``authorized`` defaults to ``is_authorized``; the caller decides by policy
+    whether an unauthorized outcome is applied.
+    """
+    if authorized is None:
+        authorized = is_authorized(update, state)
+    out = Outcome(authorized)
+    objects = dict(state.objects)
+    registers: dict[tuple[str, str], Register | None] = {}
+    auth: dict[tuple[str, str, str], AuthEvents] = {}
+    caller_oid = update.caller_oid
+
+    def current(db_id: str, name: str) -> Register | None:
+        key = (db_id, name)
+        return registers[key] if key in registers else state.registers.get(key)
+
+    for index, op in enumerate(update.ops):
+        ver = version(update.timestamp, caller_oid, update.id, index)
+        meta = objects.get(op.obj)
+        if op.op == "create":
+            keys = PublicIdentity(op.value["sign"], op.value["box"])
+            if meta is None or ver < meta.created:
+                new_meta = ObjectMeta(keys, ver, meta.removed if meta else None)
+                objects[op.obj] = new_meta
+                out.writes.append(Write("object", op.obj, None, new_meta))
+                if meta is None:
+                    out.events.append(Event("create", op.obj))
+            for kind, name in (("r", "read"), ("u", "update")):
+                for member in op.value[name]:
+                    _auth_event(out, state, auth, op.obj, kind, member, ver, True)
+            continue
+        if meta is None or meta.removed is not None:
+            continue  # removed objects are final; unknown objects were checked by the caller
+        if op.op == "remove":
+            objects[op.obj] = ObjectMeta(meta.keys, meta.created, ver)
+            out.writes.append(Write("object", op.obj, None, objects[op.obj]))
+            out.writes.append(Write("drop", op.obj))
+            out.events.append(Event("remove", op.obj))
+            continue
+        if op.op in _AUTH_KIND:
+            kind, granted = _AUTH_KIND[op.op]
+            member = op.value["id"]
+            _auth_event(out, state, auth, op.obj, kind, member, ver, granted)
+            if op.op == "grant_read":
+                member_oid = member.partition(":")[2].encode()
+                for ref, wrapped in op.value["w"].items():
+                    out.writes.append(Write("wrap", op.obj, ref + member_oid, wrapped))
+            continue
+        name = op.register
+        old = current(op.obj, name)
+        if old is not None and old.version >= ver:
+            continue  # an older write: last writer already won
+        if op.op in ("del", "ddel"):
+            new = Register(ver, None, False, True)
+            kind = "delete"
+        else:
+            value = op.value[1] if op.op in ("dset", "dset_enc") else op.value
+            new = Register(ver, value, op.op.endswith("_enc"))
+            kind = "update"
+        registers[(op.obj, name)] = new
+        out.writes.append(Write("register", op.obj, name, new))
+        live_old = None if old is None or old.deleted else old
+        if kind == "update" or live_old is not None:
+            out.events.append(Event(kind, op.obj, name, live_old, new))
+    return out
+
+
+def _auth_event(out: Outcome, state: State, pending: dict, db_id: str, kind: str, member: str,
+                ver: bytes, granted: bool) -> None:
+    key = (db_id, kind, member)
+    events = pending.get(key, state.auth.get(key, ()))
+    new_events = add_auth_event(events, ver, granted)
+    if new_events is events:
+        return
+    pending[key] = new_events
+    out.writes.append(Write("auth", db_id, f"{kind}:{member}", new_events))
+    if new_events[-1][0] != ver:
+        out.retroactive.add(db_id)  # a later event already existed: verdicts may change
+
+
+def fold(updates: list[Update], *, policy: Policy = "reject") -> State:
+    """State from a set of updates applied in version order: the reference every node matches.
+
+    Updates whose object is unknown (no create among ``updates``) are skipped.
+    """
+    state = State()
+    unique = {u.id: u for u in updates}.values()
+    for update in sorted(unique, key=lambda u: (u.timestamp, u.caller_oid, u.id)):
+        if not all(op.obj in state.objects or op.op == "create" for op in update.ops):
+            continue
+        outcome = apply(update, state)
+        if outcome.authorized or unauthorized_is_applied(update, policy):
+            state.apply(outcome.writes)
+    return state
+
+
+def unauthorized_is_applied(update: Update, policy: Policy) -> bool:
+    """Whether an unauthorized update is applied (and shown to listeners) under ``policy``.
+
+    Grants and revokes by anyone but the object itself are never applied.
+    """
+    return policy == "listeners" and not any(op.op in _AUTH_KIND for op in update.ops)
+
+
+__all__ = [
+    "Event", "ObjectMeta", "Op", "Outcome", "Register", "State", "Write",
+    "add_auth_event", "apply", "authorized_as_of", "fold", "is_authorized",
+    "unauthorized_is_applied", "version",
+]

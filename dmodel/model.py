@@ -1,0 +1,577 @@
+"""Declarative models: DModel, DField, DDict (the PyDinemic surface, plus keyword creation).
+
+    class Person(dmodel.DModel):
+        name = dmodel.DField('name', False)
+        salary = dmodel.DField('salary', True)      # encrypted
+        tags = dmodel.DDict()                        # field name taken from the attribute
+
+    p = Person([])                  # create an owned object (PyDinemic)
+    p = Person.create(name='Bob')   # create with initial values, one signed update
+    p.name.set('Bob'); p.name.get() # PyDinemic field handles
+    p.name = 'Bob'                  # plain assignment does the same
+    q = Person(db_id, caller_id)    # an existing object, read and written as caller_id
+
+Declaring a class does no I/O. An instance finds its node through ``node=`` or the
+default node started by ``dmodel.launch()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
+
+from . import merge
+from .errors import (
+    ConfigurationError,
+    FieldTypeError,
+    FieldValueError,
+    MalformedUpdate,
+    ModelDefinitionError,
+    ObjectNotFoundError,
+    OversizedUpdate,
+    UnauthorizedError,
+)
+from .update import _FIELD_NAME, MAX_DICT_KEY, Op, check_value
+
+logger = logging.getLogger(__name__)
+
+_models: dict[str, type[DModel]] = {}
+_tx = threading.local()
+
+
+def model_class(name: str) -> type[DModel] | None:
+    """The DModel subclass registered under ``name`` (the latest definition)."""
+    return _models.get(name)
+
+
+def model_policy(name: str) -> merge.Policy | None:
+    """The ``Meta.unauthorized_policy`` of a model, if it sets one."""
+    cls = _models.get(name)
+    return cls._meta.policy if cls is not None else None
+
+
+def _node(node: Any) -> Any:
+    if node is not None:
+        return node
+    from .node import default_node
+
+    return default_node()
+
+
+class _ModelOptions:
+    """Parsed ``class Meta`` of a model."""
+
+    __slots__ = ("name", "fields", "policy")
+
+    def __init__(self, name: str, fields: dict[str, DField | DDict], policy: str | None):
+        self.name = name
+        self.fields = fields
+        self.policy: merge.Policy | None = policy  # type: ignore[assignment]
+
+
+# ------------------------------------------------------------------ fields
+
+
+class DField:
+    """A field: ``DField('name', encrypted)`` (PyDinemic) or ``DField(encrypted=True, type=int)``.
+
+    ``type`` (a type or tuple of types) is checked on every local ``set``.
+    """
+
+    encrypted: bool
+
+    def __init__(self, name: str | None = None, encrypted: bool = False, *,
+                 type: type | tuple[type, ...] | None = None, default: Any = None) -> None:
+        if name is not None and not _FIELD_NAME.fullmatch(name):
+            raise ModelDefinitionError(f"bad field name {name!r}: letters, digits, _ (max 64)")
+        self.name = name
+        self.encrypted = bool(encrypted)
+        self.type = type
+        self.default = default
+        self.attr: str | None = None
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        self.attr = attr
+        if self.name is None:
+            if not _FIELD_NAME.fullmatch(attr):
+                raise ModelDefinitionError(f"attribute {attr!r} cannot be a field name")
+            self.name = attr
+
+    def __get__(self, obj: DModel | None, cls: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return BoundField(obj, self)
+
+    def __set__(self, obj: DModel, value: Any) -> None:
+        BoundField(obj, self).set(value)
+
+    def __delete__(self, obj: DModel) -> None:
+        BoundField(obj, self).delete()
+
+    def check(self, value: Any) -> None:
+        """Raise FieldTypeError/FieldValueError if ``value`` cannot be stored in this field."""
+        if self.type is not None and value is not None:
+            types = self.type if isinstance(self.type, tuple) else (self.type,)
+            ok = isinstance(value, types) and not (
+                isinstance(value, bool) and bool not in types and int in types)
+            if not ok:
+                raise FieldTypeError(f"field {self.name!r} takes {_type_names(types)}, "
+                                     f"not {type(value).__name__}")
+        _check_value(self.name, value)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}{' encrypted' if self.encrypted else ''}>"
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def _check_value(name: str | None, value: Any) -> None:
+    try:
+        check_value(value)
+    except OversizedUpdate as exc:
+        raise FieldValueError(f"field {name!r}: {exc}") from None
+    except MalformedUpdate as exc:
+        if "cannot be stored" in str(exc) or "keys in values" in str(exc):
+            raise FieldTypeError(f"field {name!r}: {exc}") from None
+        raise FieldValueError(f"field {name!r}: {exc}") from None
+
+
+class BoundField:
+    """A field of one object: ``get()``, ``set(value)``, ``delete()``."""
+
+    __slots__ = ("obj", "field")
+
+    def __init__(self, obj: DModel, field: DField) -> None:
+        self.obj = obj
+        self.field = field
+
+    def get(self, default: Any = None, *, verified: bool = False) -> Any:
+        """The current value (decrypted as the object's caller if encrypted).
+
+        ``verified=True`` re-checks the value against its signed update first.
+        """
+        if default is None:
+            default = self.field.default
+        obj = self.obj
+        return obj._node.read(obj.db_id, self.field.name, reader=obj._caller or None,
+                              verified=verified, default=default)
+
+    def set(self, value: Any) -> None:
+        """Write a new value: one signed update (or part of the current transaction)."""
+        self.field.check(value)
+        obj, name = self.obj, self.field.name
+        if self.field.encrypted:
+            obj._submit(lambda: Op(obj.db_id, "set_enc", name, obj._node.seal_value(obj.db_id,
+                                                                                     value)))
+        else:
+            obj._submit(lambda: Op(obj.db_id, "set", name, value))
+
+    def delete(self) -> None:
+        """Delete the value (a tombstone: an older write arriving later cannot revive it)."""
+        obj, name = self.obj, self.field.name
+        obj._submit(lambda: Op(obj.db_id, "del", name))
+
+    @property
+    def value(self) -> Any:
+        return self.get()
+
+    def __repr__(self) -> str:
+        return f"<field {self.obj.db_id}:{self.field.name}>"
+
+
+class DDict:
+    """A last-writer-wins map field: ``p.tags.set('k', v)``, ``p.tags['k']``, ``p.tags.keys()``."""
+
+    def __init__(self, name: str | None = None, encrypted: bool = False) -> None:
+        if name is not None and not _FIELD_NAME.fullmatch(name):
+            raise ModelDefinitionError(f"bad field name {name!r}: letters, digits, _ (max 64)")
+        self.name = name
+        self.encrypted = bool(encrypted)
+        self.attr: str | None = None
+
+    __set_name__ = DField.__set_name__
+
+    def __get__(self, obj: DModel | None, cls: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return BoundDict(obj, self)
+
+    def __repr__(self) -> str:
+        return f"<DDict {self.name!r}{' encrypted' if self.encrypted else ''}>"
+
+
+_MISSING = object()
+
+
+class BoundDict:
+    """The DDict of one object. Keys are non-empty strings of at most 256 characters."""
+
+    __slots__ = ("obj", "field")
+
+    def __init__(self, obj: DModel, field: DDict) -> None:
+        self.obj = obj
+        self.field = field
+
+    def _register(self, key: str) -> str:
+        if not isinstance(key, str) or not key or len(key) > MAX_DICT_KEY:
+            raise FieldValueError("a dict key is a non-empty string of at most 256 characters")
+        return f"{self.field.name}:{key}"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        obj = self.obj
+        return obj._node.read(obj.db_id, self._register(key), reader=obj._caller or None,
+                              default=default)
+
+    def set(self, key: str, value: Any) -> None:
+        self._register(key)
+        _check_value(self.field.name, value)
+        obj, name = self.obj, self.field.name
+        if self.field.encrypted:
+            obj._submit(lambda: Op(obj.db_id, "dset_enc", name,
+                                   [key, obj._node.seal_value(obj.db_id, value)]))
+        else:
+            obj._submit(lambda: Op(obj.db_id, "dset", name, [key, value]))
+
+    def delete(self, key: str) -> None:
+        self._register(key)
+        obj, name = self.obj, self.field.name
+        obj._submit(lambda: Op(obj.db_id, "ddel", name, key))
+
+    # PyDinemic spelling
+    def del_(self, key: str) -> None:
+        self.delete(key)
+
+    def keys(self) -> list[str]:
+        prefix = f"{self.field.name}:"
+        return sorted(k[len(prefix):] for k in self.obj._node.read_all(self.obj.db_id)
+                      if k.startswith(prefix))
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, self.get(k)) for k in self.keys()]
+
+    def values(self) -> list[Any]:
+        return [v for _, v in self.items()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self.delete(key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key, _MISSING) is not _MISSING
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __repr__(self) -> str:
+        return f"<dict field {self.obj.db_id}:{self.field.name}>"
+
+
+setattr(BoundDict, "del", BoundDict.del_)
+
+
+# ------------------------------------------------------------------ models
+
+
+class _Transaction:
+    """Operations collected by ``with obj.transaction():``, signed as one update on exit."""
+
+    def __init__(self, node: Any, caller: str) -> None:
+        self.node = node
+        self.caller = caller
+        self.ops: list[Any] = []
+
+
+class DModel:
+    """Base class of models. The model name is the class name.
+
+    ``Person([])`` or ``Person([chief_id, ...])`` creates an owned object (the listed
+    objects may read its encrypted fields and update it); ``Person(db_id, caller_id)``
+    opens an existing one, read and written as ``caller_id`` (``''``: anonymous reader;
+    default: the object itself).
+    """
+
+    _meta: ClassVar[_ModelOptions]
+    DoesNotExist: ClassVar[type[ObjectNotFoundError]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__name__
+        if not name.isidentifier() or len(name) > 64:
+            raise ModelDefinitionError(f"model name {name!r} must be an identifier (max 64)")
+        fields: dict[str, DField | DDict] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                if isinstance(value, (DField, DDict)):
+                    fields[attr] = value
+        names = [f.name for f in fields.values()]
+        if len(set(names)) != len(names):
+            raise ModelDefinitionError(f"model {name}: two fields share a name")
+        meta = getattr(cls, "Meta", None)
+        policy = getattr(meta, "unauthorized_policy", None)
+        if policy is not None and policy not in merge.POLICIES:
+            raise ModelDefinitionError(f"model {name}: Meta.unauthorized_policy must be "
+                                       f"'reject' or 'listeners', not {policy!r}")
+        cls._meta = _ModelOptions(name, fields, policy)
+        cls.DoesNotExist = type("DoesNotExist", (ObjectNotFoundError,),
+                                {"__module__": cls.__module__,
+                                 "__qualname__": f"{cls.__qualname__}.DoesNotExist"})
+        if name in _models and _models[name] is not cls:
+            logger.debug("model %s redefined; the latest definition is used", name)
+        _models[name] = cls
+
+    def __init__(self, authorized_or_id: Iterable[str] | str | None = None,
+                 caller_id: str | None = None, *, node: Any = None) -> None:
+        self._node = _node(node)
+        if isinstance(authorized_or_id, str):
+            self._open(authorized_or_id, caller_id)
+        else:
+            authorized = list(authorized_or_id or ())
+            db_id = self._node.create(self._meta.name, read=authorized, update=authorized)
+            self._bind(db_id, caller_id if caller_id is not None else db_id)
+
+    def _open(self, db_id: str, caller_id: str | None) -> None:
+        model, _, _ = db_id.partition(":")
+        if model != self._meta.name:
+            raise self.DoesNotExist(f"{db_id} is not a {self._meta.name}")
+        if not self._node.exists(db_id):
+            raise self.DoesNotExist(f"{db_id} is not known to this node (or was removed)")
+        self._bind(db_id, db_id if caller_id is None else caller_id)
+
+    def _bind(self, db_id: str, caller: str) -> None:
+        self.db_id = db_id
+        self._caller = caller
+
+    @classmethod
+    def create(cls, *, authorized: Iterable[str] = (), read: Iterable[str] = (),
+               update: Iterable[str] = (), node: Any = None, **values: Any) -> Any:
+        """Create an owned object with initial values, in one signed update.
+
+        ``authorized`` ids may read and update it; ``read``/``update`` grant one of the two.
+        """
+        fields = {f.attr: f for f in cls._meta.fields.values()}
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise FieldValueError(f"{cls.__name__} has no field {sorted(unknown)[0]!r}")
+        for attr, value in values.items():
+            field = fields[attr]
+            if not isinstance(field, DField):
+                raise FieldValueError(f"{attr!r} is a dict field: set its entries after create")
+            field.check(value)
+        n = _node(node)
+        authorized = list(authorized)
+
+        def initial(db_id: str) -> list[Op]:
+            ops = []
+            for attr, value in values.items():
+                field = fields[attr]
+                if field.encrypted:
+                    ops.append(Op(db_id, "set_enc", field.name, n.seal_value(db_id, value)))
+                else:
+                    ops.append(Op(db_id, "set", field.name, value))
+            return ops
+
+        db_id = n.create(cls._meta.name, read=[*authorized, *read],
+                         update=[*authorized, *update], fields=initial)
+        obj = cls.__new__(cls)
+        obj._node = n
+        obj._bind(db_id, db_id)
+        return obj
+
+    @classmethod
+    def get(cls, db_id: str, caller_id: str | None = None, *, node: Any = None) -> Any:
+        """Open an existing object (Person.DoesNotExist if unknown)."""
+        return cls(db_id, caller_id, node=node)
+
+    @classmethod
+    def all(cls, *, node: Any = None, owned: bool = False, caller_id: str | None = None) -> list:
+        """Every live object of this model known to the node."""
+        n = _node(node)
+        return [cls(i, caller_id, node=n) for i in n.object_ids(cls._meta.name, owned=owned)]
+
+    # ------------------------------------------------------------- identity
+    @property
+    def oid(self) -> str:
+        return self.db_id.partition(":")[2]
+
+    @property
+    def model(self) -> str:
+        return self._meta.name
+
+    @property
+    def caller_id(self) -> str:
+        return self._caller
+
+    def get_id(self) -> str:
+        """The object id (without the model name)."""
+        return self.oid
+
+    def get_db_id(self) -> str:
+        """``Model:oid``."""
+        return self.db_id
+
+    def get_model(self) -> str:
+        return self._meta.name
+
+    def is_owned(self) -> bool:
+        """Whether this node holds the object's private keys."""
+        return self._node.is_owned(self.db_id)
+
+    def keys(self) -> list[str]:
+        """Names of the fields (and dict entries, as ``field:key``) that hold a value."""
+        return sorted(self._node.read_all(self.db_id))
+
+    def exists(self) -> bool:
+        return self._node.exists(self.db_id)
+
+    # -------------------------------------------------------------- changes
+    def _submit(self, build: Any) -> None:
+        tx: _Transaction | None = getattr(_tx, "current", None)
+        if tx is not None and tx.node is self._node:
+            if tx.caller != self._caller:
+                raise ConfigurationError(f"this transaction is signed by {tx.caller}; "
+                                         f"{self.db_id} is used as {self._caller}")
+            tx.ops.append(build())
+            return
+        if not self._caller:
+            raise UnauthorizedError(f"{self.db_id} is open anonymously (caller ''), so it "
+                                    "cannot be changed: open it with a caller_id this node "
+                                    "owns", db_id=self.db_id)
+        self._node.write(self._caller, lambda: [build()])
+
+    def delete(self, field: str) -> None:
+        """Delete a field by name (PyDinemic ``delete(field)``)."""
+        for f in self._meta.fields.values():
+            if field in (f.name, f.attr) and isinstance(f, DField):
+                BoundField(self, f).delete()
+                return
+        _check_name(field)
+        self._submit(lambda: Op(self.db_id, "del", field))
+
+    def remove(self) -> None:
+        """Remove the object for good, on every node."""
+        self._submit(lambda: Op(self.db_id, "remove"))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[DModel]:
+        """Collect changes (to this and other objects used as the same caller) into one update.
+
+        All of them are applied, on every node, or none. Reads inside the block see the
+        values from before it.
+        """
+        with transaction(self._caller, node=self._node):
+            yield self
+
+    # ------------------------------------------------------- authorization
+    def is_read_authorized(self, object_id: str) -> bool:
+        return object_id == self.db_id or object_id in merge.current_members(
+            self._node.store.auth_events(self.db_id, "r"))
+
+    def is_update_authorized(self, object_id: str) -> bool:
+        return object_id == self.db_id or object_id in merge.current_members(
+            self._node.store.auth_events(self.db_id, "u"))
+
+    def read_authorized(self) -> list[str]:
+        return sorted(merge.current_members(self._node.store.auth_events(self.db_id, "r")))
+
+    def update_authorized(self) -> list[str]:
+        return sorted(merge.current_members(self._node.store.auth_events(self.db_id, "u")))
+
+    def append_read_authorized(self, object_id: str) -> None:
+        """Let ``object_id`` read encrypted fields, including the current values."""
+        self._submit(lambda: self._node.grant_read_op(self.db_id, object_id, self._caller))
+
+    def revoke_read_authorized(self, object_id: str) -> None:
+        """Stop sealing new values for ``object_id`` (values it could read stay readable)."""
+        self._submit(lambda: Op(self.db_id, "revoke_read", "", {"id": object_id}))
+
+    def append_update_authorized(self, object_id: str) -> None:
+        """Let ``object_id`` change this object."""
+        self._submit(lambda: Op(self.db_id, "grant_update", "", {"id": object_id}))
+
+    def revoke_update_authorized(self, object_id: str) -> None:
+        self._submit(lambda: Op(self.db_id, "revoke_update", "", {"id": object_id}))
+
+    # --------------------------------------------------------------- misc
+    def history(self, field: str | None = None, include_rejected: bool = False) -> list:
+        """Accepted updates of this object in merge order (and rejected ones if asked)."""
+        return self._node.history(self.db_id, field, include_rejected=include_rejected)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DModel) and other.db_id == self.db_id
+
+    def __hash__(self) -> int:
+        return hash(self.db_id)
+
+    def __repr__(self) -> str:
+        return f"<{self._meta.name} {self.oid}>"
+
+
+def _check_name(field: str) -> None:
+    if not isinstance(field, str) or not _FIELD_NAME.fullmatch(field):
+        raise FieldValueError(f"bad field name {field!r}")
+
+
+@contextlib.contextmanager
+def transaction(caller: str, *, node: Any = None) -> Iterator[_Transaction]:
+    """``with dmodel.transaction(caller_id):`` signs every change made inside as one update.
+
+    Changes to several objects may be collected, all used as the same caller.
+    Nested blocks join the outer one.
+    """
+    n = _node(node)
+    outer: _Transaction | None = getattr(_tx, "current", None)
+    if outer is not None:
+        if outer.caller != caller or outer.node is not n:
+            raise ConfigurationError("a nested transaction must use the same caller and node")
+        yield outer
+        return
+    tx = _Transaction(n, caller)
+    _tx.current = tx
+    try:
+        yield tx
+    except BaseException:
+        _tx.current = None
+        raise
+    _tx.current = None
+    if tx.ops:
+        n.write(caller, tx.ops)
+
+
+def object_list(filter: str = "*", *, node: Any = None) -> list[str]:
+    """db_ids of live objects matching an id filter such as ``Person:*`` or ``Person:[id]``."""
+    from .filters import compile as compile_filter
+
+    n = _node(node)
+    matcher = compile_filter(filter)
+    return [i for i in n.object_ids(matcher.model) if matcher.match(i)]
+
+
+def object_list_owned(filter: str = "*", *, node: Any = None) -> list[str]:
+    """Like ``object_list``, only objects this node owns."""
+    n = _node(node)
+    return [i for i in object_list(filter, node=n) if n.is_owned(i)]
+
+
+__all__ = ["BoundDict", "BoundField", "DDict", "DField", "DModel", "model_class",
+           "object_list", "object_list_owned", "transaction"]

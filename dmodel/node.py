@@ -1,0 +1,699 @@
+"""Node: one peer. Wires the store, keyring, clock, listeners and bus; runs the pipeline.
+
+Local writes and remote updates go through one function, ``Node._process``, under the
+node's apply lock: snapshot -> ``pipeline.decide`` -> before-listeners -> atomic
+commit -> after-listeners -> publish/relay. A local write that is not accepted raises
+in the caller and nothing is stored or sent; a remote update that is not accepted is
+dropped, counted in ``node.stats`` and logged at debug level.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from . import merge, pipeline
+from .actions import Change, Context, ListenerRegistry
+from .clock import HybridClock
+from .crypto import (
+    EncryptedValue,
+    Identity,
+    PublicIdentity,
+    open_sealed,
+    open_value_key,
+    seal,
+    wrap_key,
+)
+from .errors import (
+    ConfigurationError,
+    DecryptionError,
+    DModelError,
+    IntegrityError,
+    InvalidUpdate,
+    KeyringError,
+    NodeNotRunningError,
+    ObjectNotFoundError,
+    RejectedError,
+    StoreError,
+    UnauthorizedError,
+    VetoedError,
+)
+from .keyring import Keyring, write_private
+from .store.embedded import EmbeddedRedis
+from .store.redis import RedisStore, map_redis_errors
+from .update import Op, Update, check_value, decode, pack_value, unpack_value
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING = 10_000
+
+
+def default_home() -> Path:
+    """``$DMODEL_HOME``, else ``$XDG_DATA_HOME/dmodel`` or ``~/.local/share/dmodel``."""
+    env = os.environ.get("DMODEL_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "dmodel"
+
+
+@dataclass
+class Stats:
+    """Counters of what the node did. ``dropped``/``rejected`` are keyed by error class name."""
+
+    applied: int = 0
+    local: int = 0
+    remote: int = 0
+    duplicates: int = 0
+    published: int = 0
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    listener_errors: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied, "local": self.local, "remote": self.remote,
+                "duplicates": self.duplicates, "published": self.published,
+                "dropped": dict(self.dropped), "rejected": dict(self.rejected),
+                "listener_errors": self.listener_errors}
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One stored update of an object, as ``history()`` reports it."""
+
+    update_id: str
+    caller_id: str
+    timestamp: int
+    verdict: str  # "accepted" or "unauthorized"
+    ops: tuple[Op, ...]
+
+
+def _env_bool(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name} must be 0 or 1, not {value!r}")
+
+
+class Node:
+    """One dmodel peer: a store, a keyring, a clock, listeners and (optionally) a bus.
+
+    All arguments default to the ``DMODEL_*`` environment variables of the README:
+    ``home`` (DMODEL_HOME), ``listen`` (DMODEL_LISTEN), ``peers`` (DMODEL_PEERS,
+    comma-separated), ``discovery`` (DMODEL_DISCOVERY), ``redis_url`` (DMODEL_REDIS_URL),
+    ``passphrase`` (DMODEL_PASSPHRASE), ``unauthorized_policy``
+    (DMODEL_UNAUTHORIZED_POLICY: ``"reject"`` or ``"listeners"``).
+    """
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, *,
+                 listen: str | None = None, peers: Iterable[str] | None = None,
+                 discovery: bool | None = None, redis_url: str | None = None,
+                 unauthorized_policy: str | None = None, passphrase: str | None = None,
+                 skew: float = 60.0, redis_prefix: str = "dm:",
+                 now: Callable[[], int] = time.time_ns) -> None:
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.listen = listen if listen is not None else os.environ.get("DMODEL_LISTEN") or None
+        if peers is None:
+            peers = [p for p in os.environ.get("DMODEL_PEERS", "").split(",") if p.strip()]
+        self.peers = [p.strip() for p in peers]
+        env_discovery = _env_bool("DMODEL_DISCOVERY")
+        self.discovery = discovery if discovery is not None else bool(env_discovery)
+        policy = unauthorized_policy or os.environ.get("DMODEL_UNAUTHORIZED_POLICY") or "reject"
+        if policy not in merge.POLICIES:
+            raise ConfigurationError(
+                f"unauthorized_policy must be 'reject' or 'listeners', not {policy!r}")
+        self.unauthorized_policy: merge.Policy = policy  # type: ignore[assignment]
+        self.skew_ms = int(skew * 1000)
+        self._now = now
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.node_id = self._load_node_id()
+        redis_url = redis_url if redis_url is not None else os.environ.get("DMODEL_REDIS_URL")
+        self._embedded: EmbeddedRedis | None = None
+        if redis_url:
+            try:
+                client = redis.Redis.from_url(redis_url)
+            except ValueError as exc:
+                raise ConfigurationError(f"bad redis_url {redis_url!r}: {exc}") from exc
+        else:
+            self._embedded = EmbeddedRedis(self.home)
+            client = self._embedded.client()
+        self.store = RedisStore(client, prefix=redis_prefix)
+        with map_redis_errors():
+            client.ping()
+        self.keyring = Keyring(self.home / "keys",
+                               passphrase or os.environ.get("DMODEL_PASSPHRASE") or None)
+        self.clock = HybridClock(now, last=self.store.last_hlc())
+        self.listeners = ListenerRegistry()
+        self.stats = Stats()
+        self._lock = threading.RLock()
+        self._heads: dict[str, bytes] = {}
+        self._pending: dict[bytes | str, list[Update]] = {}
+        self._pending_order: collections.deque[tuple[bytes | str, bytes]] = collections.deque()
+        self._pending_ids: set[bytes] = set()
+        self._model_policies: dict[str, merge.Policy] = {}
+        self._on_accepted: list[Callable[[Update, bool], None]] = []
+        self._closed = False
+        self.bus: Any = None
+        if self.listen or self.peers or self.discovery:
+            self._start_network()
+
+    # ----------------------------------------------------------------- set-up
+    def _load_node_id(self) -> bytes:
+        path = self.home / "node.id"
+        try:
+            data = path.read_bytes()
+            if len(data) == 16:
+                return data
+        except FileNotFoundError:
+            pass
+        data = os.urandom(16)
+        write_private(path, data)
+        return data
+
+    def _start_network(self) -> None:
+        from .net.service import NetworkService  # late: the core works without networking
+
+        self.bus = NetworkService(self, listen=self.listen, peers=self.peers,
+                                  discovery=self.discovery)
+
+    def set_model_policy(self, model: str, policy: merge.Policy) -> None:
+        """Override the unauthorized-update policy for one model (from ``Meta``)."""
+        if policy not in merge.POLICIES:
+            raise ConfigurationError(f"unknown policy {policy!r}")
+        self._model_policies[model] = policy
+
+    def policy_for(self, model: str) -> merge.Policy:
+        """The policy for unauthorized updates to ``model`` (node default or Meta override)."""
+        policy = self._model_policies.get(model)
+        if policy is None:
+            from .model import model_policy  # late: model imports node lazily too
+
+            policy = model_policy(model) or self.unauthorized_policy
+        return policy
+
+    def on_accepted(self, callback: Callable[[Update, bool], None]) -> None:
+        """Call ``callback(update, local)`` after every stored update (the bus publishes)."""
+        self._on_accepted.append(callback)
+
+    # -------------------------------------------------------------- pipeline
+    def ingest(self, raw: bytes) -> pipeline.Decision | None:
+        """Take an update from elsewhere. Never raises for bad input: it is counted and logged.
+
+        Returns the decision, or None when the bytes are not an update at all.
+        """
+        self._check_open()
+        try:
+            update = decode(raw)
+        except InvalidUpdate as exc:
+            self._count_drop(exc, None)
+            return None
+        with self._lock:
+            return self._process(update, local=False)
+
+    def ingest_many(self, raws: Iterable[bytes]) -> list[pipeline.Decision | None]:
+        """Ingest several updates in order."""
+        return [self.ingest(raw) for raw in raws]
+
+    def _process(self, update: Update, *, local: bool) -> pipeline.Decision:
+        snap = self.store.snapshot(update)
+        decision = pipeline.decide(update, snap, now=self._now_ts(), skew_ms=self.skew_ms,
+                                   policy=self.policy_for)
+        verdict = decision.verdict
+        if verdict == pipeline.DROPPED:
+            self._count_drop(decision.error, update)
+            return decision
+        if verdict == pipeline.MISSING:
+            if not local:
+                self._park(update, decision.missing)
+            return decision
+        outcome = decision.outcome
+        assert outcome is not None
+        if verdict == pipeline.UNAUTHORIZED:
+            if self.listeners:
+                changes = self._changes(update, outcome, snap, local, "unauthorized")
+                self.listeners.observe_rejected(changes)
+            self.store.commit(update, None, hlc=self._observe(update))
+            self.stats.rejected["UnauthorizedError"] += 1
+            logger.debug("rejected %s: %s", update.hex_id[:12], decision.error)
+            return decision
+        changes: list[Change] = []
+        if self.listeners and outcome.events:
+            changes = self._changes(update, outcome, snap, local, "accepted")
+            try:
+                self.listeners.before(changes)
+            except VetoedError as exc:
+                self.stats.rejected["VetoedError"] += 1
+                logger.info("vetoed %s: %s", update.hex_id[:12], exc)
+                decision.verdict = pipeline.DROPPED
+                decision.error = exc
+                return decision
+        self.store.commit(update, outcome.writes, hlc=self._observe(update))
+        if outcome.retroactive:
+            logger.warning("authorization change in the past for %s: verdicts of later updates "
+                           "are kept as first decided", sorted(outcome.retroactive))
+        self.stats.applied += 1
+        if local:
+            self.stats.local += 1
+        else:
+            self.stats.remote += 1
+        if changes:
+            self.stats.listener_errors += len(self.listeners.after(changes))
+        for callback in self._on_accepted:
+            try:
+                callback(update, local)
+            except Exception:
+                logger.exception("on_accepted callback failed")
+        self._release_pending(update)
+        return decision
+
+    def _now_ts(self) -> int:
+        return self.clock.now()
+
+    def _observe(self, update: Update) -> int:
+        self.clock.observe(update.timestamp)
+        return self.clock.last
+
+    def _count_drop(self, error: Exception | None, update: Update | None) -> None:
+        name = type(error).__name__ if error else "Unknown"
+        if name == "ReplayedUpdate":
+            self.stats.duplicates += 1
+        self.stats.dropped[name] += 1
+        logger.debug("dropped %s: %s", update.hex_id[:12] if update else "bytes", error)
+
+    # ------------------------------------------------------------ pending set
+    def _park(self, update: Update, missing: Sequence[bytes | str]) -> None:
+        if update.id in self._pending_ids:
+            return
+        key = missing[0]
+        self._pending.setdefault(key, []).append(update)
+        self._pending_ids.add(update.id)
+        self._pending_order.append((key, update.id))
+        while len(self._pending_ids) > MAX_PENDING:
+            old_key, old_id = self._pending_order.popleft()
+            waiting = self._pending.get(old_key, [])
+            self._pending[old_key] = [u for u in waiting if u.id != old_id]
+            if not self._pending[old_key]:
+                del self._pending[old_key]
+            if old_id in self._pending_ids:
+                self._pending_ids.discard(old_id)
+                self.stats.dropped["PendingOverflow"] += 1
+
+    def _release_pending(self, update: Update) -> None:
+        if not self._pending:
+            return
+        keys: list[bytes | str] = [update.id]
+        created = update.creates()
+        if created is not None:
+            keys.append(update.caller)
+        for key in keys:
+            waiting = self._pending.pop(key, None)
+            for parked in waiting or ():
+                if parked.id in self._pending_ids:
+                    self._pending_ids.discard(parked.id)
+                    self._process(parked, local=False)
+
+    @property
+    def pending_count(self) -> int:
+        """Updates waiting for a missing dependency."""
+        return len(self._pending_ids)
+
+    def pending_needs(self) -> list[bytes | str]:
+        """What the pending updates wait for: update ids (bytes) and db_ids (str)."""
+        with self._lock:
+            return list(self._pending)
+
+    # ----------------------------------------------------------- local writes
+    def identity(self, db_id: str) -> Identity:
+        """The private keys of an owned object; KeyringError if not owned."""
+        identity = self.keyring.get(db_id.partition(":")[2])
+        if identity is None:
+            raise KeyringError(f"{db_id} is not owned by this node (no private key): "
+                               "pass a caller_id this node owns")
+        return identity
+
+    def is_owned(self, db_id: str) -> bool:
+        return db_id.partition(":")[2] in self.keyring
+
+    def write(self, caller: str, ops: Sequence[Op] | Callable[[], Sequence[Op]]) -> Update:
+        """Sign ``ops`` as ``caller`` and apply them here; raise if not accepted.
+
+        ``ops`` may be a function, called under the apply lock (so what it reads is what
+        the update is decided against).
+        """
+        self._check_open()
+        signer = self.identity(caller)
+        with self._lock:
+            op_list = tuple(ops() if callable(ops) else ops)
+            head = self._heads.get(caller)
+            if head is None:
+                head = self.store.chain_head(caller, self.node_id)
+            update = Update.create(signer, node=self.node_id, caller=caller,
+                                   timestamp=self.clock.tick(), prev=head, ops=op_list)
+            decision = self._process(update, local=True)
+            if decision.verdict == pipeline.ACCEPTED:
+                self._heads[caller] = update.id
+                return update
+        if decision.verdict == pipeline.MISSING:
+            missing = ", ".join(m if isinstance(m, str) else m.hex() for m in decision.missing)
+            raise ObjectNotFoundError(f"not known to this node: {missing}")
+        assert decision.error is not None
+        raise decision.error
+
+    def create(self, model: str, *, read: Iterable[str] = (), update: Iterable[str] = (),
+               fields: Callable[[str], Sequence[Op]] | None = None,
+               identity: Identity | None = None) -> str:
+        """Create an owned object; returns its db_id. ``fields(db_id)`` gives initial set ops."""
+        identity = identity or Identity.generate()
+        db_id = f"{model}:{identity.oid}"
+        read, update = list(dict.fromkeys(read)), list(dict.fromkeys(update))
+        for member in read:
+            self._member_keys(member)  # must be known to encrypt for it
+        self.keyring.add(identity, db_id)
+        create = Op(db_id, "create", "", {"sign": identity.public.verify_key,
+                                          "box": identity.public.box_key,
+                                          "read": read, "update": update})
+        extra: Callable[[], Sequence[Op]] = (lambda: fields(db_id)) if fields else (lambda: ())
+        self.write(db_id, lambda: (create, *extra()))
+        return db_id
+
+    def _member_keys(self, member: str) -> PublicIdentity:
+        meta = self.store.object_meta(member)
+        if meta is None:
+            raise ObjectNotFoundError(
+                f"{member} is not known to this node; its create update must arrive first "
+                "(its public key is needed to encrypt for it)")
+        return meta.keys
+
+    def readers(self, db_id: str) -> dict[str, bytes]:
+        """oid -> public encryption key of everyone who may read ``db_id``'s encrypted fields."""
+        meta = self.object_meta(db_id)
+        out = {db_id.partition(":")[2]: meta.keys.box_key}
+        for member in merge.current_members(self.store.auth_events(db_id, "r")):
+            member_meta = self.store.object_meta(member)
+            if member_meta is not None:
+                out[member.partition(":")[2]] = member_meta.keys.box_key
+            else:
+                logger.warning("read-authorized %s of %s is unknown here; it cannot be given "
+                               "the key of the new value", member, db_id)
+        return out
+
+    def seal_value(self, db_id: str, value: Any) -> dict[str, object]:
+        """Encrypt a plain value for ``db_id`` and its current readers."""
+        check_value(value)
+        return seal(pack_value(value), self.readers(db_id))
+
+    def grant_read_op(self, db_id: str, member: str, reader: str) -> Op:
+        """A grant_read op that also gives ``member`` the keys of the current encrypted values.
+
+        ``reader`` is an owned object able to open them (the object itself, usually).
+        """
+        box_key = self._member_keys(member).box_key
+        reader_oid = reader.partition(":")[2]
+        wraps: dict[bytes, bytes] = {}
+        for reg in self.store.registers(db_id).values():
+            if reg.encrypted and not reg.deleted:
+                try:
+                    value_key = self._value_key(db_id, reg, reader_oid)
+                except DecryptionError:
+                    continue
+                wraps[merge.version_ref(reg.version)] = wrap_key(value_key, box_key)
+        return Op(db_id, "grant_read", "", {"id": member, "w": wraps})
+
+    # ----------------------------------------------------------------- reads
+    def object_meta(self, db_id: str) -> merge.ObjectMeta:
+        """Public keys and creation of a known object; ObjectNotFoundError otherwise."""
+        meta = self.store.object_meta(db_id)
+        if meta is None or meta.removed is not None:
+            raise ObjectNotFoundError(f"{db_id} is {'removed' if meta else 'not known'} here")
+        return meta
+
+    def exists(self, db_id: str) -> bool:
+        meta = self.store.object_meta(db_id)
+        return meta is not None and meta.removed is None
+
+    def read(self, db_id: str, name: str, *, reader: str | None = None,
+             verified: bool = False, default: Any = None) -> Any:
+        """The current value of register ``name``; decrypted as ``reader`` if encrypted."""
+        reg = self.store.register(db_id, name)
+        if reg is None or reg.deleted:
+            if reg is None and not self.exists(db_id):
+                raise ObjectNotFoundError(f"{db_id} is not known here")
+            return default
+        if verified:
+            self.verify_register(db_id, name, reg)
+        if not reg.encrypted:
+            return reg.value
+        if not reader:
+            raise DecryptionError("no decryption key found (reading anonymously)")
+        return self._open(db_id, reg, reader.partition(":")[2])
+
+    def read_all(self, db_id: str) -> dict[str, merge.Register]:
+        """Every live register of an object (raw; encrypted values stay sealed)."""
+        return {k: r for k, r in self.store.registers(db_id).items() if not r.deleted}
+
+    def _value_key(self, db_id: str, reg: merge.Register, reader_oid: str) -> bytes:
+        identity = self.keyring.get(reader_oid)
+        if identity is None:
+            raise DecryptionError(f"no decryption key found ({reader_oid} is not owned here)")
+        extra = None
+        if identity.oid not in (reg.value.get("k") or {}):
+            wrapped = self.store.wrapped_key(db_id, merge.version_ref(reg.version), identity.oid)
+            extra = {identity.oid: wrapped} if wrapped else None
+        return open_value_key(reg.value, identity, extra)
+
+    def _open(self, db_id: str, reg: merge.Register, reader_oid: str) -> Any:
+        return unpack_value(open_sealed(reg.value, self._value_key(db_id, reg, reader_oid)))
+
+    def display_value(self, db_id: str, name: str | None, reg: merge.Register | None) -> Any:
+        """A register's value for listeners: decrypted if any owned key opens it."""
+        if reg is None or reg.deleted:
+            return None
+        if not reg.encrypted:
+            return reg.value
+        candidates = [db_id.partition(":")[2]]
+        candidates += [oid for oid in (reg.value.get("k") or {}) if oid in self.keyring]
+        for reader_oid in candidates:
+            try:
+                return self._open(db_id, reg, reader_oid)
+            except DecryptionError:
+                continue
+        return EncryptedValue(db_id, name)
+
+    def verify_register(self, db_id: str, name: str, reg: merge.Register) -> None:
+        """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote."""
+        ref = merge.version_ref(reg.version)
+        uid, index = ref[:32], int.from_bytes(ref[32:], "big")
+        raw = self.store.raw_update(uid)
+        if raw is None:
+            raise IntegrityError(f"{db_id}:{name}: its update {uid.hex()[:12]} is not stored")
+        try:
+            update = decode(raw)
+            caller = self.store.object_meta(update.caller)
+            keys = update.creates() or (caller.keys if caller else None)
+            if keys is None:
+                raise IntegrityError(f"{db_id}:{name}: signer {update.caller} unknown")
+            update.verify(keys)
+        except InvalidUpdate as exc:
+            raise IntegrityError(f"{db_id}:{name}: stored update does not verify: {exc}") from exc
+        if index >= len(update.ops):
+            raise IntegrityError(f"{db_id}:{name}: value points past its update")
+        op = update.ops[index]
+        if merge.version(update.timestamp, update.caller_oid, update.id, index) != reg.version:
+            raise IntegrityError(f"{db_id}:{name}: version does not match its update")
+        if op.obj != db_id or op.register != name:
+            raise IntegrityError(f"{db_id}:{name}: signed update wrote another field")
+        if op.op in ("del", "ddel"):
+            expected = merge.Register(reg.version, None, False, True)
+        else:
+            value = op.value[1] if op.op in ("dset", "dset_enc") else op.value
+            expected = merge.Register(reg.version, value, op.op.endswith("_enc"))
+        if expected != reg:
+            raise IntegrityError(f"{db_id}:{name}: stored value differs from the signed one")
+
+    def verify_store(self) -> list[str]:
+        """Re-check every stored value and log entry; return a list of problems (empty = ok)."""
+        problems: list[str] = []
+        for db_id in self.store.object_ids():
+            for name, reg in self.store.registers(db_id).items():
+                try:
+                    self.verify_register(db_id, name, reg)
+                except IntegrityError as exc:
+                    problems.append(str(exc))
+            for uid in self.store.history(db_id):
+                if not self.store.has_update(uid):
+                    problems.append(f"{db_id}: history names missing update {uid.hex()[:12]}")
+        for uid in self.store.log_range():
+            raw = self.store.raw_update(uid)
+            if raw is None:
+                problems.append(f"log names missing update {uid.hex()[:12]}")
+                continue
+            try:
+                update = decode(raw)
+            except InvalidUpdate as exc:
+                problems.append(f"update {uid.hex()[:12]} is damaged: {exc}")
+                continue
+            if update.id != uid:
+                problems.append(f"update {uid.hex()[:12]} is stored under the wrong id")
+                continue
+            keys = update.creates()
+            if keys is None:
+                meta = self.store.object_meta(update.caller)
+                keys = meta.keys if meta else None
+            if keys is None:
+                problems.append(f"update {uid.hex()[:12]}: signer {update.caller} unknown")
+                continue
+            try:
+                update.verify(keys)
+            except InvalidUpdate:
+                problems.append(f"update {uid.hex()[:12]}: signature does not verify")
+        return problems
+
+    def object_ids(self, model: str | None = None, *, owned: bool = False) -> list[str]:
+        """db_ids of live objects (of ``model``), optionally only owned ones."""
+        ids = [i for i in self.store.object_ids(model) if self.exists(i)]
+        if owned:
+            ids = [i for i in ids if self.is_owned(i)]
+        return ids
+
+    def history(self, db_id: str, field: str | None = None, *,
+                include_rejected: bool = False) -> list[HistoryEntry]:
+        """Stored updates of an object in merge order (timestamp, caller, id)."""
+        entries = []
+        sources = [("accepted", self.store.history(db_id))]
+        if include_rejected:
+            sources.append(("unauthorized", self.store.history(db_id, held=True)))
+        for verdict, uids in sources:
+            for uid, raw in zip(uids, self.store.raw_updates(uids)):
+                if raw is None:
+                    continue
+                update = decode(raw)
+                ops = tuple(o for o in update.ops if o.obj == db_id and (
+                    field is None or o.field == field))
+                if ops:
+                    entries.append((update, HistoryEntry(update.hex_id, update.caller,
+                                                         update.timestamp, verdict, ops)))
+        entries.sort(key=lambda e: (e[0].timestamp, e[0].caller_oid, e[0].id))
+        return [e for _, e in entries]
+
+    # --------------------------------------------------------------- shipping
+    def log_length(self) -> int:
+        return self.store.log_length()
+
+    def updates_since(self, seq: int = 0, limit: int | None = None) -> list[bytes]:
+        """Raw signed updates from log position ``seq`` on, in store order."""
+        stop = -1 if limit is None else seq + limit - 1
+        uids = self.store.log_range(seq, stop)
+        return [raw for raw in self.store.raw_updates(uids) if raw is not None]
+
+    # ------------------------------------------------------------- listeners
+    def _changes(self, update: Update, outcome: merge.Outcome, snap: pipeline.Snapshot,
+                 local: bool, verdict: str) -> list[Change]:
+        changes = []
+        owned_cache: dict[str, bool] = {}
+        for event in outcome.events:
+            model = event.db_id.partition(":")[0]
+            if not self.listeners.has_listeners(model):
+                continue
+            owned = owned_cache.setdefault(event.db_id, self.is_owned(event.db_id))
+            ctx = Context(caller_id=update.caller, verified=True, authorized=outcome.authorized,
+                          owned=owned, timestamp=update.timestamp, update_id=update.hex_id,
+                          local=local, node_id=update.node.hex(), verdict=verdict)
+            if event.kind in ("create", "remove"):
+                changes.append(Change(event.kind, event.db_id, event.db_id, None, context=ctx))
+                continue
+            old = self.display_value(event.db_id, event.name, event.old)
+            key = f"{event.db_id}:{event.name}"
+            if event.kind == "delete":
+                changes.append(Change("delete", event.db_id, key, event.name, old, None,
+                                      context=ctx))
+            else:
+                new = self.display_value(event.db_id, event.name, event.new)
+                changes.append(Change("update", event.db_id, key, event.name, old, new,
+                                      context=ctx))
+        return changes
+
+    # -------------------------------------------------------------- lifecycle
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NodeNotRunningError("this node was shut down")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def shutdown(self) -> None:
+        """Stop the network, close the store and stop the embedded Redis. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.bus is not None:
+            try:
+                self.bus.close()
+            except DModelError:
+                logger.exception("closing the network failed")
+        with self._lock:
+            self.store.close()
+            if self._embedded is not None:
+                self._embedded.stop()
+
+    close = shutdown
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"<Node {self.node_id.hex()[:8]} home={str(self.home)!r}>"
+
+
+# ------------------------------------------------------------- default node
+
+_default: Node | None = None
+_default_lock = threading.Lock()
+
+
+def default_node() -> Node:
+    """The node started by ``dmodel.launch()``; NodeNotRunningError if there is none."""
+    node = _default
+    if node is None or node.closed:
+        raise NodeNotRunningError("no dmodel node is running: call dmodel.launch() first "
+                                  "(or pass node=...)")
+    return node
+
+
+def launch(home: str | os.PathLike[str] | None = None, **options: Any) -> Node:
+    """Start the default node (PyDinemic's ``launch()``); see ``Node`` for the options."""
+    global _default
+    with _default_lock:
+        if _default is not None and not _default.closed:
+            raise ConfigurationError("a default node is already running; call shutdown() first")
+        _default = Node(home, **options)
+        return _default
+
+
+def shutdown() -> None:
+    """Stop the default node, if any."""
+    global _default
+    with _default_lock:
+        node, _default = _default, None
+    if node is not None:
+        node.shutdown()
+
+
+__all__ = ["HistoryEntry", "Node", "Stats", "default_home", "default_node", "launch",
+           "shutdown"]

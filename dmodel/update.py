@@ -1,0 +1,358 @@
+"""The Update message: the unit that is signed, sent, stored and merged.
+
+Wire format (protocol version 1)::
+
+    raw = signature (64 bytes, Ed25519) || body
+    body = msgpack map, exactly these keys:
+        "v": 1                     protocol version
+        "n": bin(16)               id of the node that signed it (one device of the caller)
+        "c": str                   caller db_id ("Model:oid"), whose key signed the body
+        "t": int                   hybrid-logical-clock timestamp
+        "p": bin(32) | bin(0)      id of the caller's previous update from the same node
+        "o": [[obj, op, field, value], ...]   1..MAX_OPS operations, applied all-or-nothing
+
+    update id = BLAKE2b-256(body)
+
+The signature covers the body bytes exactly as sent, so decoding never has to
+re-encode anything to verify. Operations (``op``, ``field``, ``value``):
+
+    create          ""      {"sign": bin32, "box": bin32, "read": [db_id], "update": [db_id]}
+    set             name    plain value
+    set_enc         name    {"c": bin, "k": {oid: bin}}   (see crypto.seal)
+    del             name    nil
+    dset / dset_enc name    [key, value]                  (DDict entry)
+    ddel            name    key
+    grant_read      ""      {"id": db_id, "w": {ref: bin}}  ref = update id + op index (34 bytes)
+    revoke_read     ""      {"id": db_id}
+    grant_update    ""      {"id": db_id}
+    revoke_update   ""      {"id": db_id}
+    remove          ""      nil
+
+A ``create`` must be the first operation, on the caller itself. Plain values are nil,
+bool, int (64-bit), float, str, bytes, and lists and str-keyed maps of those.
+
+Limits (an update over any of them is an OversizedUpdate): see the constants below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import msgpack
+
+from .crypto import KEY_SIZE, SIGNATURE_SIZE, Identity, PublicIdentity, split_db_id
+from .errors import ForgedUpdate, MalformedUpdate, OversizedUpdate
+
+PROTOCOL_VERSION = 1
+
+MAX_UPDATE_SIZE = 512 * 1024        # whole raw message
+MAX_VALUE_SIZE = 128 * 1024         # one packed value
+MAX_OPS = 1000                      # operations in one update (transaction)
+MAX_FIELD_NAME = 64
+MAX_DICT_KEY = 256
+MAX_DB_ID = 97                      # 64-char model name + ":" + 32-char oid
+MAX_AUTH_IDS = 256                  # ids in a create's initial authorization lists
+MAX_NESTING = 16                    # list/map nesting inside a value
+MAX_READERS = 1024                  # wrapped keys in one encrypted value
+NODE_ID_SIZE = 16
+UPDATE_ID_SIZE = 32
+REF_SIZE = UPDATE_ID_SIZE + 2
+
+FIELD_OPS = frozenset({"set", "set_enc", "del", "dset", "dset_enc", "ddel"})
+AUTH_OPS = frozenset({"grant_read", "revoke_read", "grant_update", "revoke_update"})
+OBJECT_OPS = frozenset({"create", "remove"})
+ALL_OPS = FIELD_OPS | AUTH_OPS | OBJECT_OPS
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_BODY_KEYS = frozenset("vnctpo")
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation of an update."""
+
+    obj: str
+    op: str
+    field: str = ""
+    value: Any = None
+
+    def __post_init__(self) -> None:
+        _check_op(self)
+
+    @property
+    def register(self) -> str:
+        """The name of the register this op writes: ``field`` or ``field:key`` for dicts."""
+        if self.op in ("dset", "dset_enc"):
+            return f"{self.field}:{self.value[0]}"
+        if self.op == "ddel":
+            return f"{self.field}:{self.value}"
+        return self.field
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A signed, decoded update. Build with ``Update.create`` or ``decode``."""
+
+    node: bytes
+    caller: str
+    timestamp: int
+    prev: bytes
+    ops: tuple[Op, ...]
+    signature: bytes
+    body: bytes = field(repr=False)
+    id: bytes = field(repr=False)
+
+    @classmethod
+    def create(cls, signer: Identity, *, node: bytes, caller: str, timestamp: int,
+               prev: bytes, ops: Iterable[Op]) -> Update:
+        """Sign a new update with ``signer`` (the caller's identity)."""
+        ops = tuple(ops)
+        body = msgpack.packb(
+            {"v": PROTOCOL_VERSION, "n": node, "c": caller, "t": timestamp, "p": prev,
+             "o": [[o.obj, o.op, o.field, o.value] for o in ops]},
+            use_bin_type=True,
+        )
+        update = cls(node, caller, timestamp, prev, ops, signer.sign(body), body,
+                     update_id(body))
+        _check_envelope(update)
+        if len(update.raw) > MAX_UPDATE_SIZE:
+            raise OversizedUpdate(f"update is {len(update.raw)} bytes, limit {MAX_UPDATE_SIZE}")
+        return update
+
+    @property
+    def raw(self) -> bytes:
+        """The bytes to send and store."""
+        return self.signature + self.body
+
+    @property
+    def caller_oid(self) -> str:
+        return self.caller.partition(":")[2]
+
+    @property
+    def hex_id(self) -> str:
+        return self.id.hex()
+
+    def verify(self, key: PublicIdentity) -> None:
+        """Raise ForgedUpdate unless the signature is ``key``'s."""
+        key.verify(self.body, self.signature)
+
+    def creates(self) -> PublicIdentity | None:
+        """The public keys carried by a create op, if this update creates the caller."""
+        first = self.ops[0]
+        if first.op != "create":
+            return None
+        return PublicIdentity(first.value["sign"], first.value["box"])
+
+
+def update_id(body: bytes) -> bytes:
+    """The id of an update: BLAKE2b-256 of its body."""
+    return hashlib.blake2b(body, digest_size=UPDATE_ID_SIZE).digest()
+
+
+def decode(raw: bytes) -> Update:
+    """Parse and structurally validate raw bytes. Signatures are checked later, by the node.
+
+    Raises MalformedUpdate or OversizedUpdate, nothing else.
+    """
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise MalformedUpdate("an update is bytes")
+    raw = bytes(raw)
+    if len(raw) > MAX_UPDATE_SIZE:
+        raise OversizedUpdate(f"update is {len(raw)} bytes, limit {MAX_UPDATE_SIZE}")
+    if len(raw) <= SIGNATURE_SIZE:
+        raise MalformedUpdate("update too short")
+    signature, body = raw[:SIGNATURE_SIZE], raw[SIGNATURE_SIZE:]
+    uid = update_id(body)
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
+                               max_bin_len=MAX_UPDATE_SIZE, max_str_len=MAX_UPDATE_SIZE,
+                               max_array_len=max(MAX_OPS, MAX_READERS, MAX_AUTH_IDS) * 4,
+                               max_map_len=MAX_READERS * 2, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, RecursionError) as exc:
+        raise MalformedUpdate(f"body is not valid msgpack: {exc}", uid) from None
+    except Exception as exc:  # msgpack can raise other errors on crafted input
+        raise MalformedUpdate(f"body is not valid msgpack: {type(exc).__name__}", uid) from None
+    if not isinstance(data, dict) or set(data) != _BODY_KEYS:
+        raise MalformedUpdate("body must be a map with keys v, n, c, t, p, o", uid)
+    if data["v"] != PROTOCOL_VERSION or type(data["v"]) is not int:
+        raise MalformedUpdate(f"unsupported protocol version {data['v']!r}", uid)
+    node, caller, ts, prev, ops = data["n"], data["c"], data["t"], data["p"], data["o"]
+    if not isinstance(node, bytes) or len(node) != NODE_ID_SIZE:
+        raise MalformedUpdate("node id must be 16 bytes", uid)
+    if type(ts) is not int or not 0 < ts < (1 << 63):
+        raise MalformedUpdate("timestamp must be a positive 63-bit integer", uid)
+    if not isinstance(prev, bytes) or len(prev) not in (0, UPDATE_ID_SIZE):
+        raise MalformedUpdate("previous update id must be 0 or 32 bytes", uid)
+    if not isinstance(ops, list) or not ops:
+        raise MalformedUpdate("operations must be a non-empty list", uid)
+    if len(ops) > MAX_OPS:
+        raise OversizedUpdate(f"{len(ops)} operations, limit {MAX_OPS}", uid)
+    parsed = []
+    for item in ops:
+        if not isinstance(item, list) or len(item) != 4:
+            raise MalformedUpdate("an operation is [object, op, field, value]", uid)
+        try:
+            parsed.append(Op(*item))
+        except (MalformedUpdate, OversizedUpdate) as exc:
+            exc.update_id = uid
+            raise
+    if not isinstance(caller, str):
+        raise MalformedUpdate("caller must be a db_id string", uid)
+    update = Update(node, caller, ts, prev, tuple(parsed), signature, body, uid)
+    try:
+        _check_envelope(update)
+    except MalformedUpdate as exc:
+        exc.update_id = uid
+        raise
+    return update
+
+
+def _check_envelope(update: Update) -> None:
+    _check_db_id(update.caller)
+    for index, op in enumerate(update.ops):
+        if op.op == "create":
+            if index != 0:
+                raise MalformedUpdate("create must be the first operation")
+            if op.obj != update.caller:
+                raise MalformedUpdate("an object is created by itself (caller == object)")
+            model, oid = split_db_id(op.obj)
+            if PublicIdentity(op.value["sign"], op.value["box"]).oid != oid:
+                raise ForgedUpdate("object id does not match its public key", update.id)
+
+
+def _check_db_id(db_id: Any) -> None:
+    if not isinstance(db_id, str) or len(db_id) > MAX_DB_ID:
+        raise MalformedUpdate("object id must be a string of at most 97 characters")
+    split_db_id(db_id)
+
+
+def _check_field_name(name: Any) -> None:
+    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+        raise MalformedUpdate(f"bad field name {str(name)[:80]!r}: letters, digits, _ (max 64)")
+
+
+def _check_op(op: Op) -> None:
+    if not isinstance(op.op, str) or op.op not in ALL_OPS:
+        raise MalformedUpdate(f"unknown operation {str(op.op)[:40]!r}")
+    _check_db_id(op.obj)
+    kind, name, value = op.op, op.field, op.value
+    if kind in FIELD_OPS:
+        _check_field_name(name)
+    elif name != "":
+        raise MalformedUpdate(f"operation {kind} takes no field name")
+    if kind == "set":
+        check_value(value)
+    elif kind == "set_enc":
+        _check_envelope_value(value)
+    elif kind in ("del", "remove"):
+        if value is not None:
+            raise MalformedUpdate(f"operation {kind} takes no value")
+    elif kind in ("dset", "dset_enc"):
+        if not isinstance(value, list) or len(value) != 2:
+            raise MalformedUpdate("dict set value is [key, value]")
+        _check_dict_key(value[0])
+        if kind == "dset":
+            check_value(value[1])
+        else:
+            _check_envelope_value(value[1])
+    elif kind == "ddel":
+        _check_dict_key(value)
+    elif kind == "create":
+        _check_create_value(value)
+    elif kind in AUTH_OPS:
+        expected = {"id", "w"} if kind == "grant_read" else {"id"}
+        if not isinstance(value, dict) or set(value) != expected:
+            raise MalformedUpdate(f"{kind} value must be a map with keys {sorted(expected)}")
+        _check_db_id(value["id"])
+        if kind == "grant_read":
+            wraps = value["w"]
+            if not isinstance(wraps, dict) or len(wraps) > MAX_OPS * 4:
+                raise MalformedUpdate("grant_read wraps must be a map of ref -> wrapped key")
+            for ref, wrapped in wraps.items():
+                if not isinstance(ref, bytes) or len(ref) != REF_SIZE:
+                    raise MalformedUpdate("a value reference is 34 bytes")
+                if not isinstance(wrapped, bytes) or len(wrapped) > 128:
+                    raise MalformedUpdate("a wrapped key is at most 128 bytes")
+
+
+def _check_dict_key(key: Any) -> None:
+    if not isinstance(key, str) or not key or len(key) > MAX_DICT_KEY:
+        raise MalformedUpdate("a dict key is a non-empty string of at most 256 characters")
+
+
+def _check_create_value(value: Any) -> None:
+    if not isinstance(value, dict) or set(value) != {"sign", "box", "read", "update"}:
+        raise MalformedUpdate("create value must be a map with keys sign, box, read, update")
+    for name in ("sign", "box"):
+        if not isinstance(value[name], bytes) or len(value[name]) != KEY_SIZE:
+            raise MalformedUpdate(f"create {name} key must be 32 bytes")
+    for name in ("read", "update"):
+        ids = value[name]
+        if not isinstance(ids, list):
+            raise MalformedUpdate(f"create {name} must be a list of ids")
+        if len(ids) > MAX_AUTH_IDS:
+            raise OversizedUpdate(f"create {name}: {len(ids)} ids, limit {MAX_AUTH_IDS}")
+        for item in ids:
+            _check_db_id(item)
+
+
+def _check_envelope_value(value: Any) -> None:
+    if not isinstance(value, dict) or set(value) != {"c", "k"}:
+        raise MalformedUpdate("an encrypted value is a map with keys c, k")
+    if not isinstance(value["c"], bytes):
+        raise MalformedUpdate("ciphertext must be bytes")
+    if len(value["c"]) > MAX_VALUE_SIZE + 64:
+        raise OversizedUpdate(f"ciphertext over {MAX_VALUE_SIZE} bytes")
+    wraps = value["k"]
+    if not isinstance(wraps, dict) or len(wraps) > MAX_READERS:
+        raise MalformedUpdate("wrapped keys must be a map oid -> key")
+    for oid, wrapped in wraps.items():
+        if not isinstance(oid, str) or len(oid) > 32 or not isinstance(wrapped, bytes) \
+                or len(wrapped) > 128:
+            raise MalformedUpdate("a wrapped key is oid -> bytes (at most 128)")
+
+
+def check_value(value: Any) -> None:
+    """Raise MalformedUpdate/OversizedUpdate unless ``value`` can be a field value."""
+    _check_shape(value, 0)
+    if isinstance(value, (str, bytes, list, dict)):
+        size = len(msgpack.packb(value, use_bin_type=True))
+        if size > MAX_VALUE_SIZE:
+            raise OversizedUpdate(f"value is {size} bytes packed, limit {MAX_VALUE_SIZE}")
+
+
+def _check_shape(value: Any, depth: int) -> None:
+    if value is None or isinstance(value, (bool, float, str, bytes)):
+        return
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise MalformedUpdate("integers are limited to 64 bits")
+        return
+    if depth >= MAX_NESTING:
+        raise MalformedUpdate(f"value nested deeper than {MAX_NESTING}")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_shape(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise MalformedUpdate("map keys in values must be strings")
+            _check_shape(item, depth + 1)
+        return
+    raise MalformedUpdate(f"values of type {type(value).__name__} cannot be stored")
+
+
+def pack_value(value: Any) -> bytes:
+    """Canonical bytes of a plain value (what an encrypted field seals)."""
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack_value(data: bytes) -> Any:
+    """Inverse of pack_value."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=True)
