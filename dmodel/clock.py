@@ -8,7 +8,7 @@ nanoseconds), so the clock is pure and testable.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 COUNTER_BITS = 16
 COUNTER_MASK = (1 << COUNTER_BITS) - 1

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import nacl.exceptions
 import nacl.public

@@ -42,9 +42,6 @@ from .errors import (
     KeyringError,
     NodeNotRunningError,
     ObjectNotFoundError,
-    RejectedError,
-    StoreError,
-    UnauthorizedError,
     VetoedError,
 )
 from .keyring import Keyring, write_private
@@ -576,7 +573,7 @@ class Node:
         if include_rejected:
             sources.append(("unauthorized", self.store.history(db_id, held=True)))
         for verdict, uids in sources:
-            for uid, raw in zip(uids, self.store.raw_updates(uids)):
+            for raw in self.store.raw_updates(uids):
                 if raw is None:
                     continue
                 update = decode(raw)

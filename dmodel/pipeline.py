@@ -13,8 +13,8 @@ and publishing. A Decision is one of: accepted (with the merge outcome), unautho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import merge
 from .clock import physical_ms
