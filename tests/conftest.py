@@ -1,0 +1,47 @@
+"""Shared fixtures: real nodes (embedded Redis each) in temporary homes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import dmodel
+
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+settings.register_profile(
+    "dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture
+def make_node(tmp_path):
+    """``make_node(name, **options)``: a Node with its own home and embedded Redis."""
+    nodes: list[dmodel.Node] = []
+
+    def _make(name: str | None = None, **options) -> dmodel.Node:
+        home = tmp_path / (name or f"node-{secrets.token_hex(3)}")
+        node = dmodel.Node(home, **options)
+        nodes.append(node)
+        return node
+
+    yield _make
+    for node in reversed(nodes):
+        node.shutdown()
+
+
+@pytest.fixture
+def two_nodes(make_node):
+    return make_node("a"), make_node("b")
+
+
+@pytest.fixture(autouse=True)
+def _no_default_node():
+    yield
+    dmodel.shutdown()
