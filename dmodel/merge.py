@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import msgpack
 
+from .clock import physical_ms
 from .crypto import PublicIdentity
 from .update import Op, Update
 
@@ -136,6 +137,9 @@ class State:
     registers: dict[tuple[str, str], Register] = field(default_factory=dict)
     auth: dict[tuple[str, str, str], AuthEvents] = field(default_factory=dict)
     wraps: dict[tuple[str, bytes, str], bytes] = field(default_factory=dict)
+    # (object, caller) -> greatest timestamp of a stored op by that caller on that object;
+    # tells whether a grant/revoke arrives "in the past" of updates already decided.
+    last_write: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def apply(self, writes: list[Write]) -> None:
         """Apply writes in order (what the Redis store does atomically)."""
@@ -183,7 +187,7 @@ class Outcome:
     authorized: bool
     writes: list[Write] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    retroactive: set[str] = field(default_factory=set)  # objects whose auth changed in the past
+    retroactive: set[str] = field(default_factory=set)  # objects whose verdicts may change
 
 
 _AUTH_KIND = {"grant_read": ("r", True), "revoke_read": ("r", False),
@@ -238,8 +242,8 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
                 for member in op.value[name]:
                     _auth_event(out, state, auth, op.obj, kind, member, ver, True)
             continue
-        if meta is None or meta.removed is not None:
-            continue  # removed objects are final; unknown objects were checked by the caller
+        if meta is None or meta.removed is not None or ver < meta.created:
+            continue  # removed objects are final; nothing happens to an object before it exists
         if op.op == "remove":
             objects[op.obj] = ObjectMeta(meta.keys, meta.created, ver)
             out.writes.append(Write("object", op.obj, None, objects[op.obj]))
@@ -283,8 +287,9 @@ def _auth_event(out: Outcome, state: State, pending: dict, db_id: str, kind: str
         return
     pending[key] = new_events
     out.writes.append(Write("auth", db_id, f"{kind}:{member}", new_events))
-    if new_events[-1][0] != ver:
-        out.retroactive.add(db_id)  # a later event already existed: verdicts may change
+    if kind == "u" and state.last_write.get((db_id, member), -1) >= physical_ms(
+            version_timestamp(ver)):
+        out.retroactive.add(db_id)  # member already wrote after this event: re-decide those
 
 
 def fold(updates: list[Update], *, policy: Policy = "reject") -> State:

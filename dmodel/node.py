@@ -75,12 +75,15 @@ class Stats:
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     listener_errors: int = 0
+    equivocations: int = 0
+    recomputed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"applied": self.applied, "local": self.local, "remote": self.remote,
                 "duplicates": self.duplicates, "published": self.published,
                 "dropped": dict(self.dropped), "rejected": dict(self.rejected),
-                "listener_errors": self.listener_errors}
+                "listener_errors": self.listener_errors, "equivocations": self.equivocations,
+                "recomputed": self.recomputed}
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,9 +261,12 @@ class Node:
                 decision.error = exc
                 return decision
         self.store.commit(update, outcome.writes, hlc=self._observe(update))
+        if snap.equivocation:
+            self.stats.equivocations += 1
+            logger.warning("equivocation: %s signed two updates after %s on node %s",
+                           update.caller, update.prev.hex()[:12], update.node.hex()[:8])
         if outcome.retroactive:
-            logger.warning("authorization change in the past for %s: verdicts of later updates "
-                           "are kept as first decided", sorted(outcome.retroactive))
+            self._recompute(outcome.retroactive)
         self.stats.applied += 1
         if local:
             self.stats.local += 1
@@ -275,6 +281,62 @@ class Node:
                 logger.exception("on_accepted callback failed")
         self._release_pending(update)
         return decision
+
+    def _recompute(self, seeds: set[str]) -> None:
+        """Re-decide the stored updates of objects whose update-authorization changed in the
+        past of updates already decided (a grant or revoke that arrived late).
+
+        Verdicts are evaluated as of each update's version against the complete
+        authorization state, and every object whose set of accepted updates changes is
+        rebuilt from its updates in version order: the state ``merge.fold`` gives, whatever
+        the arrival order. Listeners are not called for these corrections.
+        """
+        updates: dict[bytes, Update] = {}
+        verdicts: dict[bytes, bool] = {}
+        uids_of: dict[str, list[bytes]] = {}
+        auth_cache: dict[str, dict[str, merge.AuthEvents]] = {}
+        scope, todo = set(seeds), list(seeds)
+        while todo:
+            db_id = todo.pop()
+            accepted = self.store.history(db_id)
+            uids = list(dict.fromkeys(accepted + self.store.history(db_id, held=True)))
+            uids_of[db_id] = uids
+            was_accepted = set(accepted)
+            for uid, raw in zip(uids, self.store.raw_updates(uids), strict=True):
+                if raw is None or uid in verdicts:
+                    continue
+                update = updates[uid] = decode(raw)
+                state = merge.State()
+                for op in update.ops:
+                    if op.obj != update.caller:
+                        if op.obj not in auth_cache:
+                            auth_cache[op.obj] = self.store.auth_events(op.obj, "u")
+                        state.auth[(op.obj, "u", update.caller)] = auth_cache[op.obj].get(
+                            update.caller, ())
+                ok = pipeline.is_applied(update, merge.is_authorized(update, state),
+                                         self.policy_for)
+                verdicts[uid] = ok
+                if ok != (uid in was_accepted):
+                    for other in {op.obj for op in update.ops} - scope:
+                        scope.add(other)
+                        todo.append(other)
+        for db_id in scope:
+            uids = uids_of[db_id]
+            ordered = sorted((updates[u] for u in uids if verdicts.get(u)),
+                             key=lambda u: (u.timestamp, u.caller_oid, u.id))
+            state = merge.State()
+            for update in ordered:
+                state.apply(merge.apply(update, state, authorized=True).writes)
+            registers = {name: reg for (obj, name), reg in state.registers.items()
+                         if obj == db_id}
+            wraps = {ref + oid.encode(): w for (obj, ref, oid), w in state.wraps.items()
+                     if obj == db_id}
+            self.store.replace_object(db_id, state.objects.get(db_id), registers, wraps,
+                                      [u for u in uids if verdicts.get(u)],
+                                      [u for u in uids if u in verdicts and not verdicts[u]])
+            self.stats.recomputed += 1
+            logger.info("re-decided %d updates of %s after a late authorization change",
+                        len(uids), db_id)
 
     def _now_ts(self) -> int:
         return self.clock.now()
@@ -607,7 +669,8 @@ class Node:
             owned = owned_cache.setdefault(event.db_id, self.is_owned(event.db_id))
             ctx = Context(caller_id=update.caller, verified=True, authorized=outcome.authorized,
                           owned=owned, timestamp=update.timestamp, update_id=update.hex_id,
-                          local=local, node_id=update.node.hex(), verdict=verdict)
+                          local=local, node_id=update.node.hex(), verdict=verdict,
+                          equivocation=snap.equivocation)
             if event.kind in ("create", "remove"):
                 changes.append(Change(event.kind, event.db_id, event.db_id, None, context=ctx))
                 continue

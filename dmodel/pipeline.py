@@ -37,12 +37,14 @@ class Snapshot:
     """What ``decide`` may read: the state slice plus facts about the update's links.
 
     ``prev_chain`` is the (caller, node) of the update named by ``update.prev``, or None
-    when that update is not stored.
+    when that update is not stored. ``equivocation``: the chain forks at ``update.prev``
+    (two updates of one caller and node name the same previous update). Both still merge.
     """
 
     state: merge.State = field(default_factory=merge.State)
     seen: bool = False
     prev_chain: tuple[str, bytes] | None = None
+    equivocation: bool = False  # another update already names the same previous update
 
 
 @dataclass(slots=True)
@@ -76,6 +78,7 @@ def needs(update: Update) -> tuple[set[str], set[tuple[str, str]], set[tuple[str
         if op.obj != update.caller:
             auth.add((op.obj, "u", update.caller))
         elif op.op in ("grant_read", "revoke_read", "grant_update", "revoke_update"):
+            # (object, "r"|"u", member); for "u" the store also reads the member's last write
             auth.add((op.obj, "r" if op.op.endswith("_read") else "u", op.value["id"]))
         elif op.op == "create":
             for member in op.value["read"]:
@@ -83,6 +86,15 @@ def needs(update: Update) -> tuple[set[str], set[tuple[str, str]], set[tuple[str
             for member in op.value["update"]:
                 auth.add((op.obj, "u", member))
     return objects, registers, auth
+
+
+def is_applied(update: Update, authorized: bool,
+               policy: Callable[[str], merge.Policy]) -> bool:
+    """Whether an update with this authorization verdict is applied under the policies."""
+    if authorized:
+        return True
+    models = {op.obj.partition(":")[0] for op in update.ops}
+    return all(merge.unauthorized_is_applied(update, policy(m)) for m in models)
 
 
 def decide(update: Update, snap: Snapshot, *, now: int, skew_ms: int = DEFAULT_SKEW_MS,
@@ -119,10 +131,7 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
         return Decision(update, MISSING, missing=missing)
     update.verify(keys)
     outcome = merge.apply(update, state)
-    if outcome.authorized:
-        return Decision(update, ACCEPTED, outcome)
-    models = {op.obj.partition(":")[0] for op in update.ops}
-    if all(merge.unauthorized_is_applied(update, policy(m)) for m in models):
+    if is_applied(update, outcome.authorized, policy):
         return Decision(update, ACCEPTED, outcome)
     target = next(op.obj for op in update.ops if op.obj != update.caller)
     return Decision(update, UNAUTHORIZED, outcome, error=UnauthorizedError(

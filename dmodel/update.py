@@ -28,7 +28,8 @@ re-encode anything to verify. Operations (``op``, ``field``, ``value``):
     revoke_update   ""      {"id": db_id}
     remove          ""      nil
 
-A ``create`` must be the first operation, on the caller itself. Plain values are nil,
+A ``create`` must be the first operation, on the caller itself. An update with a
+grant or revoke touches one object only. Plain values are nil,
 bool, int (64-bit), float, str, bytes, and lists and str-keyed maps of those.
 
 Limits (an update over any of them is an OversizedUpdate): see the constants below.
@@ -224,6 +225,10 @@ def _check_envelope(update: Update) -> None:
             model, oid = split_db_id(op.obj)
             if PublicIdentity(op.value["sign"], op.value["box"]).oid != oid:
                 raise ForgedUpdate("object id does not match its public key", update.id)
+    if len(update.ops) > 1 and any(op.op in AUTH_OPS for op in update.ops):
+        # Keeps authorization state independent of other updates' verdicts (see merge.py).
+        if len({op.obj for op in update.ops}) > 1:
+            raise MalformedUpdate("an update that grants or revokes changes only one object")
 
 
 def _check_db_id(db_id: Any) -> None:

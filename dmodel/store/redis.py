@@ -12,6 +12,9 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P w:{db_id}        HASH  value ref (34 bytes) + reader oid -> wrapped key (later read grants)
     P h:{db_id}        LIST  ids of accepted updates touching the object (history)
     P x:{db_id}        LIST  ids of held (unauthorized) updates touching the object, capped
+    P lw:{db_id}       ZSET  caller db_id -> greatest timestamp (ms) of its ops on the object,
+                             for callers other than the object itself (late-grant detection)
+    P next             HASH  update id -> id of the update that named it as previous
     P m:{Model}        SET   oids of known objects of that model
     P models           SET   model names
     P meta             HASH  "hlc" -> greatest timestamp, "node" -> node id
@@ -58,6 +61,7 @@ class RedisStore:
         p = prefix
         self.k_updates, self.k_chain, self.k_head = f"{p}u", f"{p}ch", f"{p}head"
         self.k_log, self.k_models, self.k_meta = f"{p}log", f"{p}models", f"{p}meta"
+        self.k_next = f"{p}next"
 
     # ------------------------------------------------------------------ keys
     def k_obj(self, db_id: str) -> str:
@@ -78,6 +82,9 @@ class RedisStore:
     def k_held(self, db_id: str) -> str:
         return f"{self.prefix}x:{db_id}"
 
+    def k_last(self, db_id: str) -> str:
+        return f"{self.prefix}lw:{db_id}"
+
     def k_model(self, model: str) -> str:
         return f"{self.prefix}m:{model}"
 
@@ -97,6 +104,10 @@ class RedisStore:
                 pipe.hget(self.k_reg(db_id), name)
             for db_id, kind, member in auth_l:
                 pipe.hget(self.k_auth(db_id), f"{kind}:{member}")
+                if kind == "u":
+                    pipe.zscore(self.k_last(db_id), member)
+            if update.prev:
+                pipe.hget(self.k_next, update.prev)
             results = iter(pipe.execute())
         snap = Snapshot(seen=bool(next(results)))
         if update.prev:
@@ -114,6 +125,13 @@ class RedisStore:
                 state.registers[key] = merge.Register.unpack(data)
         for key in auth_l:
             state.auth[key] = merge.unpack_auth(next(results))
+            if key[1] == "u":
+                last = next(results)
+                if last is not None:
+                    state.last_write[(key[0], key[2])] = int(last)
+        if update.prev:
+            sibling = next(results)
+            snap.equivocation = sibling is not None and sibling != update.id
         return snap
 
     def commit(self, update: Update, writes: list[merge.Write] | None, *, hlc: int) -> int:
@@ -129,6 +147,11 @@ class RedisStore:
             pipe.hset(self.k_chain, uid, update.node + update.caller.encode())
             pipe.hset(self.k_head, f"{update.caller}|{update.node.hex()}", uid)
             pipe.rpush(self.k_log, uid)
+            if update.prev:
+                pipe.hsetnx(self.k_next, update.prev, uid)
+            ms = update.timestamp >> 16
+            for db_id in {op.obj for op in update.ops if op.obj != update.caller}:
+                pipe.zadd(self.k_last(db_id), {update.caller: ms}, gt=True)
             if writes is None:
                 for db_id in touched:
                     pipe.rpush(self.k_held(db_id), uid)
@@ -157,6 +180,26 @@ class RedisStore:
             pipe.delete(self.k_reg(w.db_id), self.k_wrap(w.db_id))
         else:  # pragma: no cover - merge only emits the kinds above
             raise ValueError(f"unknown write kind {w.kind}")
+
+    def replace_object(self, db_id: str, meta: merge.ObjectMeta | None,
+                       registers: dict[str, merge.Register], wraps: dict[bytes, bytes],
+                       accepted: list[bytes], held: list[bytes]) -> None:
+        """Atomically rewrite an object's derived state (after re-deciding its updates)."""
+        with map_redis_errors():
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(self.k_reg(db_id), self.k_wrap(db_id), self.k_hist(db_id),
+                        self.k_held(db_id))
+            if meta is not None:
+                pipe.set(self.k_obj(db_id), meta.pack())
+            if registers:
+                pipe.hset(self.k_reg(db_id), mapping={k: r.pack() for k, r in registers.items()})
+            if wraps:
+                pipe.hset(self.k_wrap(db_id), mapping=wraps)
+            if accepted:
+                pipe.rpush(self.k_hist(db_id), *accepted)
+            if held:
+                pipe.rpush(self.k_held(db_id), *held[-HELD_CAP:])
+            pipe.execute()
 
     # ---------------------------------------------------------------- reads
     def object_meta(self, db_id: str) -> merge.ObjectMeta | None:
