@@ -45,7 +45,7 @@ from .errors import (
     UnknownModelUpdate,
     VetoedError,
 )
-from .model import DDict, DField, DModel, object_list, object_list_owned, transaction
+from .model import DDict, DField, DList, DModel, object_list, object_list_owned, transaction
 from .node import Node, default_node, launch, shutdown
 
 __version__ = "0.1.0"
@@ -76,6 +76,7 @@ __all__ = [
     "DAction",
     "DDict",
     "DField",
+    "DList",
     "DModel",
     "DModelError",
     "DecryptionError",

@@ -31,7 +31,7 @@ import msgpack
 
 from .clock import physical_ms
 from .crypto import PublicIdentity
-from .update import Op, Update
+from .update import LIST_OPS, Op, Update, op_register
 
 Policy = Literal["reject", "listeners"]
 POLICIES = ("reject", "listeners")
@@ -140,6 +140,8 @@ class State:
     # (object, caller) -> greatest timestamp of a stored op by that caller on that object;
     # tells whether a grant/revoke arrives "in the past" of updates already decided.
     last_write: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (object, list field) -> live element keys (position + 0x00 + element id), sorted on read
+    lists: dict[tuple[str, str], set[bytes]] = field(default_factory=dict)
 
     def apply(self, writes: list[Write]) -> None:
         """Apply writes in order (what the Redis store does atomically)."""
@@ -154,14 +156,27 @@ class State:
             elif w.kind == "wrap":
                 ref, oid = w.name[:34], w.name[34:]
                 self.wraps[(w.db_id, ref, oid.decode())] = w.data
+            elif w.kind == "list_add":
+                self.lists.setdefault((w.db_id, w.name), set()).add(w.data)
+            elif w.kind == "list_del":
+                self.lists.get((w.db_id, w.name), set()).discard(w.data)
             elif w.kind == "drop":
                 for key in [k for k in self.registers if k[0] == w.db_id]:
                     del self.registers[key]
+                for key in [k for k in self.lists if k[0] == w.db_id]:
+                    del self.lists[key]
+
+    def list_elements(self, db_id: str, name: str) -> list[bytes]:
+        """Element ids of a list, in list order."""
+        return [key[-34:] for key in sorted(self.lists.get((db_id, name), ()))]
 
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """One state change. ``kind``: object | register | auth | wrap | drop."""
+    """One state change. ``kind``: object | register | auth | wrap | drop | list_add | list_del.
+
+    ``list_add``/``list_del`` name the list field and carry the element's order key.
+    """
 
     kind: str
     db_id: str
@@ -242,6 +257,13 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
                 for member in op.value[name]:
                     _auth_event(out, state, auth, op.obj, kind, member, ver, True)
             continue
+        if (op.op == "remove" and meta is not None and meta.removed is not None
+                and meta.created <= ver < meta.removed):
+            # Removed twice: keep the earliest removal, so the state is the same whichever
+            # of the two arrived first.
+            objects[op.obj] = ObjectMeta(meta.keys, meta.created, ver)
+            out.writes.append(Write("object", op.obj, None, objects[op.obj]))
+            continue
         if meta is None or meta.removed is not None or ver < meta.created:
             continue  # removed objects are final; nothing happens to an object before it exists
         if op.op == "remove":
@@ -258,6 +280,9 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
                 member_oid = member.partition(":")[2].encode()
                 for ref, wrapped in op.value["w"].items():
                     out.writes.append(Write("wrap", op.obj, ref + member_oid, wrapped))
+            continue
+        if op.op in LIST_OPS:
+            _list_op(out, op, index, ver, update.id, current, registers)
             continue
         name = op.register
         old = current(op.obj, name)
@@ -276,6 +301,95 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
         if kind == "update" or live_old is not None:
             out.events.append(Event(kind, op.obj, name, live_old, new))
     return out
+
+
+# ---------------------------------------------------------------- lists
+#
+# A DList element is a register named ``field#<element id hex>`` whose value is
+# ``[position, value]``. Its position comes from the insert that created it (the
+# element id is that insert's update id + op index), its value is last-writer-wins
+# among that insert and later ``lset`` ops, and a delete is final (any ``ldel`` seen
+# hides the element, whatever arrives later). The register's version is the version
+# of the op whose value it holds. Live elements are ordered by (position, element id);
+# positions are fractional digit strings chosen between the neighbours (``between``).
+
+
+def element_value(name: str, reg: Register) -> Any:
+    """The user-visible value of a register (a list element holds [position, value])."""
+    return reg.value[1] if "#" in name else reg.value
+
+
+def _list_op(out: Outcome, op: Op, index: int, ver: bytes, update_id: bytes, current: Any,
+             registers: dict) -> None:
+    name = op_register(op, update_id, index)
+    old = current(op.obj, name)
+    pos = old.value[0] if old is not None else None
+    if op.op in ("lins", "lins_enc"):
+        pos = op.value[0]
+    if op.op == "ldel":
+        if old is not None and old.deleted:
+            return
+        new = (Register(b"", [None, None], False, True) if old is None
+               else Register(old.version, old.value, old.encrypted, True))
+    elif old is None or ver > old.version:
+        new = Register(ver, [pos, op.value[1]], op.op.endswith("_enc"),
+                       old is not None and old.deleted)
+    elif old.value[0] != pos:
+        new = Register(old.version, [pos, old.value[1]], old.encrypted, old.deleted)
+    else:
+        return
+    registers[(op.obj, name)] = new
+    out.writes.append(Write("register", op.obj, name, new))
+    was_live = old is not None and old.value[0] is not None and not old.deleted
+    is_live = new.value[0] is not None and not new.deleted
+    element = bytes.fromhex(name.partition("#")[2])
+    if was_live and not is_live:
+        out.writes.append(Write("list_del", op.obj, op.field, old.value[0] + b"\0" + element))
+        out.events.append(Event("delete", op.obj, name, old, None))
+    elif is_live:
+        if not was_live:
+            out.writes.append(Write("list_add", op.obj, op.field,
+                                    new.value[0] + b"\0" + element))
+        if new.version != (old.version if old else None) or not was_live:
+            out.events.append(Event("update", op.obj, name, old if was_live else None, new))
+
+
+_DIGIT_MIN, _DIGIT_MAX = 1, 255
+
+
+def between(low: bytes, high: bytes | None, toward: str | None = None) -> bytes:
+    """A position strictly between ``low`` and ``high`` (``b""`` = start, None = end).
+
+    Positions are digit strings (bytes 1..255) read as base-256 fractions; none ends in
+    digit 1, so there is always room below any position. The new position sits one
+    digit above ``low`` (``toward="low"``, the default when appending), one below
+    ``high`` (``"high"``, the default when prepending) or in the middle of the gap.
+    Callers point it at the neighbour inserted last, so runs of inserts at one place
+    (typing, or adding before the previous insert) grow positions by a byte only about
+    every 250 inserts.
+    """
+    if high is None:
+        toward = "low"
+    elif not low:
+        toward = "high"
+    out = bytearray()
+    i = 0
+    while True:
+        a = low[i] if i < len(low) else 0
+        b = (high[i] if i < len(high) else 0) if high is not None else 256
+        if b - a > 1:
+            digit = a + 1 if toward == "low" else b - 1 if toward == "high" else (a + b) // 2
+            if a < digit < b and digit > _DIGIT_MIN:
+                out.append(digit)
+            else:  # a == 0 and b is 2 or 3: digit 1, then room on both sides below
+                out.extend((1, 128))
+            return bytes(out)
+        if b == a or a == 0:  # same digit, or (b == 1) follow high one digit deeper
+            out.append(b)
+        else:  # b == a + 1: take a's digit; anything after it is below high
+            out.append(a)
+            high = None
+        i += 1
 
 
 def _auth_event(out: Outcome, state: State, pending: dict, db_id: str, kind: str, member: str,

@@ -34,7 +34,7 @@ from .errors import (
     OversizedUpdate,
     UnauthorizedError,
 )
-from .update import _FIELD_NAME, MAX_DICT_KEY, Op, check_value
+from .update import _FIELD_NAME, MAX_DICT_KEY, MAX_POSITION, Op, check_value, element_register
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class _ModelOptions:
 
     __slots__ = ("name", "fields", "policy")
 
-    def __init__(self, name: str, fields: dict[str, DField | DDict], policy: str | None):
+    def __init__(self, name: str, fields: dict[str, Any], policy: str | None):
         self.name = name
         self.fields = fields
         self.policy: merge.Policy | None = policy  # type: ignore[assignment]
@@ -290,6 +290,166 @@ class BoundDict:
 setattr(BoundDict, "del", BoundDict.del_)
 
 
+class DList:
+    """A list field (a sequence CRDT): ``append``, ``insert``, ``at``, ``set``, ``delete``,
+    ``index``, ``length``, iteration. Indexes refer to the list as this node sees it
+    when called; concurrent inserts at one place from several nodes all survive, in
+    the same order on every node.
+    """
+
+    def __init__(self, name: str | None = None, encrypted: bool = False) -> None:
+        if name is not None and not _FIELD_NAME.fullmatch(name):
+            raise ModelDefinitionError(f"bad field name {name!r}: letters, digits, _ (max 64)")
+        self.name = name
+        self.encrypted = bool(encrypted)
+        self.attr: str | None = None
+
+    __set_name__ = DField.__set_name__
+
+    def __get__(self, obj: DModel | None, cls: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return BoundList(obj, self)
+
+    def __repr__(self) -> str:
+        return f"<DList {self.name!r}{' encrypted' if self.encrypted else ''}>"
+
+
+class BoundList:
+    """The DList of one object."""
+
+    __slots__ = ("obj", "field")
+
+    def __init__(self, obj: DModel, field: DList) -> None:
+        self.obj = obj
+        self.field = field
+
+    @property
+    def _store(self) -> Any:
+        return self.obj._node.store
+
+    def length(self) -> int:
+        return self._store.list_length(self.obj.db_id, self.field.name)
+
+    __len__ = length
+
+    def _index(self, index: int, *, insert: bool = False) -> int:
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise FieldTypeError("list indexes are integers")
+        n = self.length()
+        if index < 0:
+            index += n
+        if not (0 <= index <= n if insert else 0 <= index < n):
+            if insert:
+                return max(0, min(index, n))
+            raise IndexError("list index out of range")
+        return index
+
+    def _element(self, index: int) -> bytes:
+        ids = self._store.list_range(self.obj.db_id, self.field.name, index, index)
+        if not ids:
+            raise IndexError("list index out of range")
+        return ids[0]
+
+    def _read(self, element: bytes) -> Any:
+        obj = self.obj
+        return obj._node.read(obj.db_id, element_register(self.field.name, element),
+                              reader=obj._caller or None)
+
+    def at(self, index: int) -> Any:
+        """The value at ``index``."""
+        return self._read(self._element(self._index(index)))
+
+    __getitem__ = at
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter([self._read(e) for e in
+                     self._store.list_range(self.obj.db_id, self.field.name)])
+
+    def to_list(self) -> list[Any]:
+        return list(self)
+
+    def index(self, value: Any) -> int:
+        """Position of the first element equal to ``value`` (ValueError if none)."""
+        for i, item in enumerate(self):
+            if item == value:
+                return i
+        raise ValueError(f"{value!r} is not in the list")
+
+    def __contains__(self, value: object) -> bool:
+        return any(item == value for item in self)
+
+    def _op(self, kind: str, first: Any, value: Any) -> Op:
+        obj = self.obj
+        if self.field.encrypted:
+            return Op(obj.db_id, f"{kind}_enc", self.field.name,
+                      [first, obj._node.seal_value(obj.db_id, value)])
+        return Op(obj.db_id, kind, self.field.name, [first, value])
+
+    def insert(self, index: int, value: Any) -> None:
+        """Insert ``value`` before position ``index`` (at the end if ``index >= len``)."""
+        _check_value(self.field.name, value)
+        self._index(index, insert=True)  # type check
+        obj, name, store = self.obj, self.field.name, self._store
+
+        def build() -> Op:
+            n = store.list_length(obj.db_id, name)
+            i = index + n if index < 0 else index
+            i = max(0, min(i, n))
+            if i > 0:
+                keys = store.list_keys_range(obj.db_id, name, i - 1, i)
+                low, high = keys[0], (keys[1] if len(keys) > 1 else None)
+            else:
+                keys = store.list_keys_range(obj.db_id, name, 0, 0)
+                low, high = None, (keys[0] if keys else None)
+            position = merge.between(_position(low), _position(high) if high else None,
+                                     _toward(store, obj.db_id, name, low, high))
+            if len(position) > MAX_POSITION:
+                raise FieldValueError(f"list {name!r}: no room left between these elements")
+            return self._op("lins", position, value)
+
+        obj._submit(build)
+
+    def append(self, value: Any) -> None:
+        """Add ``value`` at the end."""
+        self.insert(self.length(), value)
+
+    def set(self, index: int, value: Any) -> None:
+        """Replace the value at ``index`` (last writer wins)."""
+        _check_value(self.field.name, value)
+        element = self._element(self._index(index))
+        self.obj._submit(lambda: self._op("lset", element, value))
+
+    __setitem__ = set
+
+    def delete(self, index: int) -> None:
+        """Remove the element at ``index`` (final: a concurrent set does not bring it back)."""
+        element = self._element(self._index(index))
+        obj = self.obj
+        obj._submit(lambda: Op(obj.db_id, "ldel", self.field.name, element))
+
+    __delitem__ = delete
+
+    def __repr__(self) -> str:
+        return f"<list field {self.obj.db_id}:{self.field.name}>"
+
+
+def _position(key: bytes | None) -> bytes:
+    return key[:-35] if key else b""
+
+
+def _toward(store: Any, db_id: str, name: str, low: bytes | None,
+            high: bytes | None) -> str | None:
+    """Which neighbour was inserted last: new positions hug it (see merge.between)."""
+    if low is None or high is None:
+        return None
+    versions = []
+    for key in (low, high):
+        reg = store.register(db_id, element_register(name, key[-34:]))
+        versions.append(reg.version if reg is not None else b"")
+    return "low" if versions[0] > versions[1] else "high"
+
+
 # ------------------------------------------------------------------ models
 
 
@@ -319,10 +479,10 @@ class DModel:
         name = cls.__name__
         if not name.isidentifier() or len(name) > 64:
             raise ModelDefinitionError(f"model name {name!r} must be an identifier (max 64)")
-        fields: dict[str, DField | DDict] = {}
+        fields: dict[str, DField | DDict | DList] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
-                if isinstance(value, (DField, DDict)):
+                if isinstance(value, (DField, DDict, DList)):
                     fields[attr] = value
         names = [f.name for f in fields.values()]
         if len(set(names)) != len(names):
@@ -573,5 +733,6 @@ def object_list_owned(filter: str = "*", *, node: Any = None) -> list[str]:
     return [i for i in object_list(filter, node=n) if n.is_owned(i)]
 
 
-__all__ = ["BoundDict", "BoundField", "DDict", "DField", "DModel", "model_class",
+__all__ = ["BoundDict", "BoundField", "BoundList", "DDict", "DField", "DList", "DModel",
+           "model_class",
            "object_list", "object_list_owned", "transaction"]

@@ -47,7 +47,16 @@ from .errors import (
 from .keyring import Keyring, write_private
 from .store.embedded import EmbeddedRedis
 from .store.redis import RedisStore, map_redis_errors
-from .update import Op, Update, check_value, decode, pack_value, unpack_value
+from .update import (
+    LIST_OPS,
+    Op,
+    Update,
+    check_value,
+    decode,
+    op_register,
+    pack_value,
+    unpack_value,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +132,8 @@ class Node:
                  discovery: bool | None = None, redis_url: str | None = None,
                  unauthorized_policy: str | None = None, passphrase: str | None = None,
                  skew: float = 60.0, redis_prefix: str = "dm:",
-                 now: Callable[[], int] = time.time_ns) -> None:
+                 now: Callable[[], int] = time.time_ns, curve: Any = None,
+                 broker: Any = None, network_options: dict[str, Any] | None = None) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.listen = listen if listen is not None else os.environ.get("DMODEL_LISTEN") or None
         if peers is None:
@@ -166,9 +176,9 @@ class Node:
         self._model_policies: dict[str, merge.Policy] = {}
         self._on_accepted: list[Callable[[Update, bool], None]] = []
         self._closed = False
-        self.bus: Any = None
-        if self.listen or self.peers or self.discovery:
-            self._start_network()
+        self.network: Any = None
+        if self.listen or self.peers or self.discovery or broker:
+            self._start_network(curve=curve, broker=broker, **(network_options or {}))
 
     # ----------------------------------------------------------------- set-up
     def _load_node_id(self) -> bytes:
@@ -183,11 +193,18 @@ class Node:
         write_private(path, data)
         return data
 
-    def _start_network(self) -> None:
+    def _start_network(self, **options: Any) -> None:
         from .net.service import NetworkService  # late: the core works without networking
 
-        self.bus = NetworkService(self, listen=self.listen, peers=self.peers,
-                                  discovery=self.discovery)
+        try:
+            self.network = NetworkService(self, listen=self.listen, peers=self.peers,
+                                          discovery=self.discovery, **options)
+        except BaseException:
+            self._closed = True
+            self.store.close()
+            if self._embedded is not None:
+                self._embedded.stop()
+            raise
 
     def set_model_policy(self, model: str, policy: merge.Policy) -> None:
         """Override the unauthorized-update policy for one model (from ``Meta``)."""
@@ -331,7 +348,8 @@ class Node:
                          if obj == db_id}
             wraps = {ref + oid.encode(): w for (obj, ref, oid), w in state.wraps.items()
                      if obj == db_id}
-            self.store.replace_object(db_id, state.objects.get(db_id), registers, wraps,
+            lists = {name: keys for (obj, name), keys in state.lists.items() if obj == db_id}
+            self.store.replace_object(db_id, state.objects.get(db_id), registers, wraps, lists,
                                       [u for u in uids if verdicts.get(u)],
                                       [u for u in uids if u in verdicts and not verdicts[u]])
             self.stats.recomputed += 1
@@ -482,10 +500,10 @@ class Node:
         box_key = self._member_keys(member).box_key
         reader_oid = reader.partition(":")[2]
         wraps: dict[bytes, bytes] = {}
-        for reg in self.store.registers(db_id).values():
+        for name, reg in self.store.registers(db_id).items():
             if reg.encrypted and not reg.deleted:
                 try:
-                    value_key = self._value_key(db_id, reg, reader_oid)
+                    value_key = self._value_key(db_id, name, reg, reader_oid)
                 except DecryptionError:
                     continue
                 wraps[merge.version_ref(reg.version)] = wrap_key(value_key, box_key)
@@ -514,46 +532,48 @@ class Node:
         if verified:
             self.verify_register(db_id, name, reg)
         if not reg.encrypted:
-            return reg.value
+            return merge.element_value(name, reg)
         if not reader:
             raise DecryptionError("no decryption key found (reading anonymously)")
-        return self._open(db_id, reg, reader.partition(":")[2])
+        return self._open(db_id, name, reg, reader.partition(":")[2])
 
     def read_all(self, db_id: str) -> dict[str, merge.Register]:
         """Every live register of an object (raw; encrypted values stay sealed)."""
         return {k: r for k, r in self.store.registers(db_id).items() if not r.deleted}
 
-    def _value_key(self, db_id: str, reg: merge.Register, reader_oid: str) -> bytes:
+    def _value_key(self, db_id: str, name: str, reg: merge.Register, reader_oid: str) -> bytes:
         identity = self.keyring.get(reader_oid)
         if identity is None:
             raise DecryptionError(f"no decryption key found ({reader_oid} is not owned here)")
+        envelope = merge.element_value(name, reg)
         extra = None
-        if identity.oid not in (reg.value.get("k") or {}):
+        if identity.oid not in (envelope.get("k") or {}):
             wrapped = self.store.wrapped_key(db_id, merge.version_ref(reg.version), identity.oid)
             extra = {identity.oid: wrapped} if wrapped else None
-        return open_value_key(reg.value, identity, extra)
+        return open_value_key(envelope, identity, extra)
 
-    def _open(self, db_id: str, reg: merge.Register, reader_oid: str) -> Any:
-        return unpack_value(open_sealed(reg.value, self._value_key(db_id, reg, reader_oid)))
+    def _open(self, db_id: str, name: str, reg: merge.Register, reader_oid: str) -> Any:
+        value_key = self._value_key(db_id, name, reg, reader_oid)
+        return unpack_value(open_sealed(merge.element_value(name, reg), value_key))
 
     def display_value(self, db_id: str, name: str | None, reg: merge.Register | None) -> Any:
         """A register's value for listeners: decrypted if any owned key opens it."""
         if reg is None or reg.deleted:
             return None
+        value = merge.element_value(name or "", reg)
         if not reg.encrypted:
-            return reg.value
+            return value
         candidates = [db_id.partition(":")[2]]
-        candidates += [oid for oid in (reg.value.get("k") or {}) if oid in self.keyring]
+        candidates += [oid for oid in (value.get("k") or {}) if oid in self.keyring]
         for reader_oid in candidates:
             try:
-                return self._open(db_id, reg, reader_oid)
+                return self._open(db_id, name or "", reg, reader_oid)
             except DecryptionError:
                 continue
         return EncryptedValue(db_id, name)
 
-    def verify_register(self, db_id: str, name: str, reg: merge.Register) -> None:
-        """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote."""
-        ref = merge.version_ref(reg.version)
+    def _signed_op(self, db_id: str, name: str, ref: bytes) -> tuple[Update, int]:
+        """The verified update and op index that ``ref`` (update id + index) names."""
         uid, index = ref[:32], int.from_bytes(ref[32:], "big")
         raw = self.store.raw_update(uid)
         if raw is None:
@@ -567,15 +587,32 @@ class Node:
             update.verify(keys)
         except InvalidUpdate as exc:
             raise IntegrityError(f"{db_id}:{name}: stored update does not verify: {exc}") from exc
-        if index >= len(update.ops):
-            raise IntegrityError(f"{db_id}:{name}: value points past its update")
+        if update.id != uid or index >= len(update.ops):
+            raise IntegrityError(f"{db_id}:{name}: value points outside its update")
+        return update, index
+
+    def verify_register(self, db_id: str, name: str, reg: merge.Register) -> None:
+        """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote.
+
+        For a DList element the position is checked against its insert as well; that an
+        element is deleted is not (a delete leaves no value to check).
+        """
+        if reg.version == b"" and reg.deleted:
+            return  # a list element known only from its delete
+        update, index = self._signed_op(db_id, name, merge.version_ref(reg.version))
         op = update.ops[index]
         if merge.version(update.timestamp, update.caller_oid, update.id, index) != reg.version:
             raise IntegrityError(f"{db_id}:{name}: version does not match its update")
-        if op.obj != db_id or op.register != name:
+        if op.obj != db_id or op_register(op, update.id, index) != name:
             raise IntegrityError(f"{db_id}:{name}: signed update wrote another field")
         if op.op in ("del", "ddel"):
             expected = merge.Register(reg.version, None, False, True)
+        elif op.op in LIST_OPS:
+            element = bytes.fromhex(name.partition("#")[2])
+            insert, at = self._signed_op(db_id, name, element)
+            position = insert.ops[at].value[0] if insert.ops[at].op.startswith("lins") else None
+            expected = merge.Register(reg.version, [position, op.value[1]],
+                                      op.op.endswith("_enc"), reg.deleted)
         else:
             value = op.value[1] if op.op in ("dset", "dset_enc") else op.value
             expected = merge.Register(reg.version, value, op.op.endswith("_enc"))
@@ -699,9 +736,9 @@ class Node:
         if self._closed:
             return
         self._closed = True
-        if self.bus is not None:
+        if self.network is not None:
             try:
-                self.bus.close()
+                self.network.close()
             except DModelError:
                 logger.exception("closing the network failed")
         with self._lock:

@@ -25,7 +25,7 @@ from .errors import (
     StaleUpdate,
     UnauthorizedError,
 )
-from .update import Update
+from .update import FIELD_OPS, Update, op_register
 
 DEFAULT_SKEW_MS = 60_000
 
@@ -71,10 +71,10 @@ def needs(update: Update) -> tuple[set[str], set[tuple[str, str]], set[tuple[str
     objects = {update.caller}
     registers: set[tuple[str, str]] = set()
     auth: set[tuple[str, str, str]] = set()
-    for op in update.ops:
+    for index, op in enumerate(update.ops):
         objects.add(op.obj)
-        if op.op in ("set", "set_enc", "del", "dset", "dset_enc", "ddel"):
-            registers.add((op.obj, op.register))
+        if op.op in FIELD_OPS:
+            registers.add((op.obj, op_register(op, update.id, index)))
         if op.obj != update.caller:
             auth.add((op.obj, "u", update.caller))
         elif op.op in ("grant_read", "revoke_read", "grant_update", "revoke_update"):

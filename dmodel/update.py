@@ -22,6 +22,10 @@ re-encode anything to verify. Operations (``op``, ``field``, ``value``):
     del             name    nil
     dset / dset_enc name    [key, value]                  (DDict entry)
     ddel            name    key
+    lins / lins_enc name    [position, value]             (DList insert; the element's id is
+                                                           this op's update id + op index)
+    lset / lset_enc name    [element id, value]           (DList element value)
+    ldel            name    element id                    (DList element delete)
     grant_read      ""      {"id": db_id, "w": {ref: bin}}  ref = update id + op index (34 bytes)
     revoke_read     ""      {"id": db_id}
     grant_update    ""      {"id": db_id}
@@ -63,7 +67,9 @@ NODE_ID_SIZE = 16
 UPDATE_ID_SIZE = 32
 REF_SIZE = UPDATE_ID_SIZE + 2
 
-FIELD_OPS = frozenset({"set", "set_enc", "del", "dset", "dset_enc", "ddel"})
+MAX_POSITION = 4096                 # bytes of a DList position
+LIST_OPS = frozenset({"lins", "lins_enc", "lset", "lset_enc", "ldel"})
+FIELD_OPS = frozenset({"set", "set_enc", "del", "dset", "dset_enc", "ddel"}) | LIST_OPS
 AUTH_OPS = frozenset({"grant_read", "revoke_read", "grant_update", "revoke_update"})
 OBJECT_OPS = frozenset({"create", "remove"})
 ALL_OPS = FIELD_OPS | AUTH_OPS | OBJECT_OPS
@@ -87,12 +93,34 @@ class Op:
 
     @property
     def register(self) -> str:
-        """The name of the register this op writes: ``field`` or ``field:key`` for dicts."""
+        """The register this op writes: ``field``, ``field:key`` (DDict) or ``field#<id hex>``
+        (DList element; for ``lins`` use ``element_register``, the id is the op's own)."""
         if self.op in ("dset", "dset_enc"):
             return f"{self.field}:{self.value[0]}"
         if self.op == "ddel":
             return f"{self.field}:{self.value}"
+        if self.op in ("lset", "lset_enc"):
+            return element_register(self.field, self.value[0])
+        if self.op == "ldel":
+            return element_register(self.field, self.value)
         return self.field
+
+
+def element_register(field: str, element_id: bytes) -> str:
+    """Register name of a DList element."""
+    return f"{field}#{element_id.hex()}"
+
+
+def element_id(update_id: bytes, index: int) -> bytes:
+    """The id of the DList element inserted by op ``index`` of an update."""
+    return update_id + index.to_bytes(2, "big")
+
+
+def op_register(op: Op, update_id: bytes, index: int) -> str:
+    """The register ``op`` (op number ``index`` of update ``update_id``) writes."""
+    if op.op in ("lins", "lins_enc"):
+        return element_register(op.field, element_id(update_id, index))
+    return op.register
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +141,11 @@ class Update:
                prev: bytes, ops: Iterable[Op]) -> Update:
         """Sign a new update with ``signer`` (the caller's identity)."""
         ops = tuple(ops)
+        _check_header(node, timestamp, prev)
+        if not ops:
+            raise MalformedUpdate("operations must be a non-empty list")
+        if len(ops) > MAX_OPS:
+            raise OversizedUpdate(f"{len(ops)} operations, limit {MAX_OPS}")
         body = msgpack.packb(
             {"v": PROTOCOL_VERSION, "n": node, "c": caller, "t": timestamp, "p": prev,
              "o": [[o.obj, o.op, o.field, o.value] for o in ops]},
@@ -172,8 +205,10 @@ def decode(raw: bytes) -> Update:
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
                                max_bin_len=MAX_UPDATE_SIZE, max_str_len=MAX_UPDATE_SIZE,
-                               max_array_len=max(MAX_OPS, MAX_READERS, MAX_AUTH_IDS) * 4,
-                               max_map_len=MAX_READERS * 2, max_ext_len=0)
+                               # No tighter than the size limit: every list or map a
+                               # value may hold (up to MAX_VALUE_SIZE packed) must decode.
+                               max_array_len=MAX_UPDATE_SIZE, max_map_len=MAX_UPDATE_SIZE // 2,
+                               max_ext_len=0)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError, RecursionError) as exc:
         raise MalformedUpdate(f"body is not valid msgpack: {exc}", uid) from None
@@ -184,12 +219,11 @@ def decode(raw: bytes) -> Update:
     if data["v"] != PROTOCOL_VERSION or type(data["v"]) is not int:
         raise MalformedUpdate(f"unsupported protocol version {data['v']!r}", uid)
     node, caller, ts, prev, ops = data["n"], data["c"], data["t"], data["p"], data["o"]
-    if not isinstance(node, bytes) or len(node) != NODE_ID_SIZE:
-        raise MalformedUpdate("node id must be 16 bytes", uid)
-    if type(ts) is not int or not 0 < ts < (1 << 63):
-        raise MalformedUpdate("timestamp must be a positive 63-bit integer", uid)
-    if not isinstance(prev, bytes) or len(prev) not in (0, UPDATE_ID_SIZE):
-        raise MalformedUpdate("previous update id must be 0 or 32 bytes", uid)
+    try:
+        _check_header(node, ts, prev)
+    except MalformedUpdate as exc:
+        exc.update_id = uid
+        raise
     if not isinstance(ops, list) or not ops:
         raise MalformedUpdate("operations must be a non-empty list", uid)
     if len(ops) > MAX_OPS:
@@ -212,6 +246,15 @@ def decode(raw: bytes) -> Update:
         exc.update_id = uid
         raise
     return update
+
+
+def _check_header(node: Any, ts: Any, prev: Any) -> None:
+    if not isinstance(node, bytes) or len(node) != NODE_ID_SIZE:
+        raise MalformedUpdate("node id must be 16 bytes")
+    if type(ts) is not int or not 0 < ts < (1 << 63):
+        raise MalformedUpdate("timestamp must be a positive 63-bit integer")
+    if not isinstance(prev, bytes) or len(prev) not in (0, UPDATE_ID_SIZE):
+        raise MalformedUpdate("previous update id must be 0 or 32 bytes")
 
 
 def _check_envelope(update: Update) -> None:
@@ -268,6 +311,19 @@ def _check_op(op: Op) -> None:
             _check_envelope_value(value[1])
     elif kind == "ddel":
         _check_dict_key(value)
+    elif kind in ("lins", "lins_enc", "lset", "lset_enc"):
+        if not isinstance(value, list) or len(value) != 2:
+            raise MalformedUpdate(f"{kind} value is [position or element id, value]")
+        if kind.startswith("lins"):
+            _check_position(value[0])
+        else:
+            _check_element_id(value[0])
+        if kind.endswith("_enc"):
+            _check_envelope_value(value[1])
+        else:
+            check_value(value[1])
+    elif kind == "ldel":
+        _check_element_id(value)
     elif kind == "create":
         _check_create_value(value)
     elif kind in AUTH_OPS:
@@ -284,6 +340,18 @@ def _check_op(op: Op) -> None:
                     raise MalformedUpdate("a value reference is 34 bytes")
                 if not isinstance(wrapped, bytes) or len(wrapped) > 128:
                     raise MalformedUpdate("a wrapped key is at most 128 bytes")
+
+
+def _check_position(pos: Any) -> None:
+    if not isinstance(pos, bytes) or not pos or len(pos) > MAX_POSITION or 0 in pos \
+            or pos[-1] == 1:
+        raise MalformedUpdate(f"a list position is 1..{MAX_POSITION} non-zero bytes, "
+                              "not ending in 1")
+
+
+def _check_element_id(ref: Any) -> None:
+    if not isinstance(ref, bytes) or len(ref) != REF_SIZE:
+        raise MalformedUpdate("a list element id is 34 bytes")
 
 
 def _check_dict_key(key: Any) -> None:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..errors import StoreUnavailableError
 
@@ -137,8 +139,10 @@ class EmbeddedRedis:
         if self.pid is None:
             return
         try:
-            redis.Redis(unix_socket_path=str(self.socket), socket_timeout=timeout).shutdown(
-                nosave=False)
+            # No retries: the server closing the connection is the expected answer to
+            # SHUTDOWN, and redis-py's default retry policy would spend seconds reconnecting.
+            redis.Redis(unix_socket_path=str(self.socket), socket_timeout=timeout,
+                        retry=Retry(NoBackoff(), 0)).shutdown(nosave=False)
         except redis.RedisError:
             pass
         if self.process is not None:

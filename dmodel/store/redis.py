@@ -15,6 +15,9 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P lw:{db_id}       ZSET  caller db_id -> greatest timestamp (ms) of its ops on the object,
                              for callers other than the object itself (late-grant detection)
     P next             HASH  update id -> id of the update that named it as previous
+    P l:{db_id}#{field} ZSET live DList elements: members position + 0x00 + element id, all
+                             with score 0, so lexicographic order is list order
+    P lf:{db_id}       SET   names of the object's DList fields
     P m:{Model}        SET   oids of known objects of that model
     P models           SET   model names
     P meta             HASH  "hlc" -> greatest timestamp, "node" -> node id
@@ -85,6 +88,12 @@ class RedisStore:
     def k_last(self, db_id: str) -> str:
         return f"{self.prefix}lw:{db_id}"
 
+    def k_list(self, db_id: str, name: str) -> str:
+        return f"{self.prefix}l:{db_id}#{name}"
+
+    def k_lists(self, db_id: str) -> str:
+        return f"{self.prefix}lf:{db_id}"
+
     def k_model(self, model: str) -> str:
         return f"{self.prefix}m:{model}"
 
@@ -142,6 +151,8 @@ class RedisStore:
         uid = update.id
         touched = sorted({op.obj for op in update.ops})
         with map_redis_errors():
+            dropped = [w.db_id for w in writes or () if w.kind == "drop"]
+            list_keys = self._list_keys(dropped) if dropped else []
             pipe = self.client.pipeline(transaction=True)
             pipe.hset(self.k_updates, uid, update.raw)
             pipe.hset(self.k_chain, uid, update.node + update.caller.encode())
@@ -161,8 +172,19 @@ class RedisStore:
                     pipe.rpush(self.k_hist(db_id), uid)
                 for w in writes:
                     self._queue_write(pipe, w)
+            if list_keys:
+                pipe.delete(*list_keys)
             pipe.hset(self.k_meta, "hlc", hlc)
             return int(pipe.execute()[3])
+
+    def _list_keys(self, db_ids: list[str]) -> list[str]:
+        # Read outside MULTI; safe because the node's apply lock serializes its writers.
+        keys = []
+        for db_id in db_ids:
+            names = self.client.smembers(self.k_lists(db_id))
+            keys.extend(self.k_list(db_id, n.decode()) for n in names)
+            keys.append(self.k_lists(db_id))
+        return keys
 
     def _queue_write(self, pipe: Any, w: merge.Write) -> None:
         if w.kind == "register":
@@ -176,19 +198,30 @@ class RedisStore:
             pipe.hset(self.k_auth(w.db_id), w.name, merge.pack_auth(w.data))
         elif w.kind == "wrap":
             pipe.hset(self.k_wrap(w.db_id), w.name, w.data)
+        elif w.kind == "list_add":
+            pipe.zadd(self.k_list(w.db_id, w.name), {w.data: 0})
+            pipe.sadd(self.k_lists(w.db_id), w.name)
+        elif w.kind == "list_del":
+            pipe.zrem(self.k_list(w.db_id, w.name), w.data)
         elif w.kind == "drop":
-            pipe.delete(self.k_reg(w.db_id), self.k_wrap(w.db_id))
+            pipe.delete(self.k_reg(w.db_id), self.k_wrap(w.db_id))  # list keys: see commit
         else:  # pragma: no cover - merge only emits the kinds above
             raise ValueError(f"unknown write kind {w.kind}")
 
     def replace_object(self, db_id: str, meta: merge.ObjectMeta | None,
                        registers: dict[str, merge.Register], wraps: dict[bytes, bytes],
-                       accepted: list[bytes], held: list[bytes]) -> None:
+                       lists: dict[str, set[bytes]], accepted: list[bytes],
+                       held: list[bytes]) -> None:
         """Atomically rewrite an object's derived state (after re-deciding its updates)."""
         with map_redis_errors():
+            old_lists = self._list_keys([db_id])
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(self.k_reg(db_id), self.k_wrap(db_id), self.k_hist(db_id),
-                        self.k_held(db_id))
+                        self.k_held(db_id), *old_lists)
+            for name, members in lists.items():
+                if members:
+                    pipe.zadd(self.k_list(db_id, name), dict.fromkeys(members, 0))
+                    pipe.sadd(self.k_lists(db_id), name)
             if meta is not None:
                 pipe.set(self.k_obj(db_id), meta.pack())
             if registers:
@@ -227,6 +260,21 @@ class RedisStore:
             if k == kind:
                 out[member] = merge.unpack_auth(value)
         return out
+
+    def list_length(self, db_id: str, name: str) -> int:
+        with map_redis_errors():
+            return int(self.client.zcard(self.k_list(db_id, name)))
+
+    def list_range(self, db_id: str, name: str, start: int = 0, stop: int = -1) -> list[bytes]:
+        """Element ids of a DList in list order, ``start``..``stop`` inclusive."""
+        with map_redis_errors():
+            keys = self.client.zrange(self.k_list(db_id, name), start, stop)
+        return [key[-34:] for key in keys]
+
+    def list_keys_range(self, db_id: str, name: str, start: int, stop: int) -> list[bytes]:
+        """Order keys (position + 0x00 + element id) of a DList, ``start``..``stop``."""
+        with map_redis_errors():
+            return self.client.zrange(self.k_list(db_id, name), start, stop)
 
     def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None:
         with map_redis_errors():

@@ -1,0 +1,287 @@
+"""NetworkService: connects a Node to its peers through a Bus.
+
+- Every update the node stores and accepts (local or remote) is published: remote ones
+  are thereby relayed, so a partial mesh delivers everything; duplicates are dropped
+  by update id at the receiver and so never relayed twice.
+- Published updates from peers go into a bounded queue, drained by one apply thread
+  that calls ``node.ingest``. When the queue is full, messages are dropped and
+  counted (``stats["queue_dropped"]``) and a catch-up pass is scheduled: catch-up
+  (``dmodel.net.sync``) brings them back, so nothing accepted is lost for good.
+- A sync thread pulls each peer's log from where it last stopped (per peer epoch and
+  position, kept in the store), at start, when a peer connects, every
+  ``sync_interval`` seconds, and whenever updates wait for a missing dependency.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from .. import merge
+from ..errors import NetworkError
+from . import sync
+from .bus import Bus
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class NetworkService:
+    """The network side of one node (publish, apply queue, catch-up)."""
+
+    def __init__(self, node: Node, *, listen: str | None, peers: Iterable[str] = (),
+                 discovery: bool = False, curve: Any = None, broker: Any = None,
+                 sync_interval: float = 2.0, queue_size: int = 10_000, page_size: int = 500,
+                 discovery_config: Any = None, **bus_options: Any) -> None:
+        self.node = node
+        self.sync_interval = sync_interval
+        self.page_size = page_size
+        self.stats = {"received": 0, "queue_dropped": 0, "pulled": 0, "served": 0,
+                      "sync_errors": 0}
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_size)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._progress: list[ProgressCallback] = []
+        self._synced: dict[bytes, int] = {}
+        self._sync_lock = threading.Lock()
+        self.epoch = self._epoch()
+        if discovery and discovery_config is None:
+            from .discovery import DiscoveryConfig
+
+            discovery_config = DiscoveryConfig(enabled=True)
+        if listen is None and discovery:
+            listen = "tcp://0.0.0.0:*"
+        options: dict[str, Any] = dict(bus_options)
+        if curve is not None:
+            options["curve"] = curve
+        if broker is not None:
+            options["broker"] = broker
+        if discovery_config is not None:
+            options["discovery"] = discovery_config
+        self.bus = Bus(node_id=node.node_id, listen=listen, peers=list(peers),
+                       on_publish=self._on_publish, on_request=self._on_request, **options)
+        node.on_accepted(self._publish)
+        self._apply_thread = threading.Thread(target=self._apply_loop, daemon=True,
+                                              name=f"dmodel-apply-{node.node_id.hex()[:6]}")
+        self._sync_thread = threading.Thread(target=self._sync_loop, daemon=True,
+                                             name=f"dmodel-sync-{node.node_id.hex()[:6]}")
+        self._apply_thread.start()
+        self._sync_thread.start()
+
+    def _epoch(self) -> bytes:
+        epoch = self.node.store.meta("epoch")
+        if not epoch:
+            epoch = os.urandom(16)
+            self.node.store.set_meta("epoch", epoch)
+        return epoch
+
+    # ----------------------------------------------------------------- public
+    @property
+    def endpoint(self) -> str | None:
+        """The endpoint peers connect to (None when not listening)."""
+        return self.bus.endpoint
+
+    def connect(self, endpoint: str) -> None:
+        self.bus.connect(endpoint)
+
+    def peers(self) -> dict[bytes, Any]:
+        return self.bus.peers()
+
+    def wait_for_peers(self, n: int, timeout: float = 10.0) -> bool:
+        return self.bus.wait_for_peers(n, timeout)
+
+    def on_progress(self, callback: ProgressCallback) -> None:
+        """``callback(peer_hex, done, total)`` during catch-up from a peer."""
+        self._progress.append(callback)
+
+    def sync_now(self) -> int:
+        """Pull what every connected peer has and this node has not; returns updates pulled."""
+        with self._sync_lock:
+            return self._sync_all()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until the apply queue is drained (tests, demo)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.unfinished_tasks == 0:
+                return True
+            self._stop.wait(0.01)
+        return False
+
+    def close(self) -> None:
+        """Stop the threads and the bus. Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self.bus.close()
+        self._apply_thread.join(10)
+        self._sync_thread.join(10)
+
+    # --------------------------------------------------------------- I/O side
+    def _publish(self, update: Any, local: bool) -> None:
+        try:
+            self.bus.publish(update.raw)
+            self.node.stats.published += 1
+        except NetworkError as exc:
+            logger.warning("publish failed: %s", exc)
+
+    def _on_publish(self, payload: bytes, sender: bytes) -> None:
+        # Runs on the bus I/O thread: enqueue only.
+        self.stats["received"] += 1
+        try:
+            self._queue.put_nowait(payload)
+        except queue.Full:
+            self.stats["queue_dropped"] += 1
+            self._wake.set()
+
+    def _on_request(self, payload: bytes, sender: bytes) -> bytes | None:
+        # Runs on the bus I/O thread: answered from the store, no lock on the node.
+        try:
+            request = sync.decode_request(payload)
+        except sync.SyncMessageError as exc:
+            logger.debug("bad sync request from %s: %s", sender.hex()[:8], exc)
+            return None
+        store = self.node.store
+        try:
+            if isinstance(request, sync.LogRequest):
+                start = request.start if request.epoch == self.epoch else 0
+                uids = store.log_range(start, start + request.limit - 1)
+                raws = [r for r in store.raw_updates(uids) if r is not None]
+                self.stats["served"] += len(raws)
+                return sync.encode_log_page(sync.LogPage(self.epoch, start,
+                                                         store.log_length(), tuple(raws)))
+            if request.kind == "get":
+                raws = store.raw_updates(request.ids)
+            else:
+                uids = []
+                for db_id in request.ids:
+                    meta = store.object_meta(db_id)
+                    if meta is not None:
+                        uids.append(merge.version_ref(meta.created)[:32])
+                raws = store.raw_updates(uids)
+            return sync.encode_updates([r for r in raws if r is not None])
+        except Exception:
+            logger.exception("serving a sync request failed")
+            return None
+
+    # ------------------------------------------------------------ apply thread
+    def _apply_loop(self) -> None:
+        while True:
+            raw = self._queue.get()
+            try:
+                if raw is None or self._stop.is_set():
+                    return
+                decision = self.node.ingest(raw)
+                if decision is not None and decision.verdict == "missing":
+                    self._wake.set()
+            except Exception:
+                if self.node.closed:
+                    return
+                logger.exception("applying an update failed")
+            finally:
+                self._queue.task_done()
+
+    # ------------------------------------------------------------- sync thread
+    def _sync_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._sync_lock:
+                    self._sync_all()
+            except Exception:
+                if self._stop.is_set() or self.node.closed:
+                    return
+                self.stats["sync_errors"] += 1
+                logger.exception("catch-up pass failed")
+            self._wake.wait(self.sync_interval)
+            self._wake.clear()
+
+    def _sync_all(self) -> int:
+        total = 0
+        for peer_id in list(self.bus.peers()):
+            if self._stop.is_set():
+                break
+            total += self._pull_log(peer_id)
+        if self.node.pending_count:
+            total += self._fetch_missing()
+        return total
+
+    def _cursor(self, peer_id: bytes) -> tuple[bytes, int]:
+        data = self.node.store.meta(f"cursor:{peer_id.hex()}")
+        if not data:
+            return b"", 0
+        epoch, pos = msgpack.unpackb(data)
+        return epoch, pos
+
+    def _save_cursor(self, peer_id: bytes, epoch: bytes, pos: int) -> None:
+        self.node.store.set_meta(f"cursor:{peer_id.hex()}", msgpack.packb([epoch, pos]))
+
+    def _pull_log(self, peer_id: bytes) -> int:
+        epoch, pos = self._cursor(peer_id)
+        pulled = 0
+        while not self._stop.is_set():
+            reply = self.bus.request(peer_id, sync.encode_log_request(epoch, pos,
+                                                                      self.page_size))
+            if reply is None:
+                break
+            try:
+                page = sync.decode_log_page(reply)
+            except sync.SyncMessageError as exc:
+                logger.debug("bad log page from %s: %s", peer_id.hex()[:8], exc)
+                break
+            if page.epoch != epoch:
+                epoch, pos = page.epoch, page.start
+            for raw in page.updates:
+                self.node.ingest(raw)
+            pulled += len(page.updates)
+            pos = page.start + len(page.updates)
+            self._save_cursor(peer_id, epoch, pos)
+            if page.updates:
+                for callback in self._progress:
+                    try:
+                        callback(peer_id.hex(), pos, page.end)
+                    except Exception:
+                        logger.exception("progress callback failed")
+                logger.info("catch-up from %s: %d/%d", peer_id.hex()[:8], pos, page.end)
+            if not page.updates or pos >= page.end:
+                break
+        self.stats["pulled"] += pulled
+        return pulled
+
+    def _fetch_missing(self) -> int:
+        needs = self.node.pending_needs()
+        ids = [n for n in needs if isinstance(n, bytes)]
+        objs = [n for n in needs if isinstance(n, str)]
+        got = 0
+        for peer_id in list(self.bus.peers()):
+            for kind, wanted in (("get", ids), ("obj", objs)):
+                if not wanted:
+                    continue
+                reply = self.bus.request(peer_id, sync.encode_fetch(kind, wanted))
+                if reply is None:
+                    continue
+                try:
+                    raws = sync.decode_updates(reply)
+                except sync.SyncMessageError:
+                    continue
+                for raw in raws:
+                    self.node.ingest(raw)
+                got += len(raws)
+            if not self.node.pending_count:
+                break
+        return got
