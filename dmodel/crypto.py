@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -34,9 +35,12 @@ def oid_for(verify_key: bytes) -> str:
     return base64.b32encode(digest).decode("ascii").lower()
 
 
+_OID = re.compile(r"[a-z2-7]{32}")
+
+
 def is_oid(text: str) -> bool:
     """Whether ``text`` has the shape of an object id."""
-    return len(text) == OID_LENGTH and all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in text)
+    return _OID.fullmatch(text) is not None
 
 
 def split_db_id(db_id: str) -> tuple[str, str]:

@@ -245,9 +245,11 @@ class Node:
         return [self.ingest(raw) for raw in raws]
 
     def _process(self, update: Update, *, local: bool) -> pipeline.Decision:
-        snap = self.store.snapshot(update)
+        listening = bool(self.listeners) and any(
+            self.listeners.has_listeners(op.obj.partition(":")[0]) for op in update.ops)
+        snap = self.store.snapshot(update, local=local, registers=listening or not local)
         decision = pipeline.decide(update, snap, now=self._now_ts(), skew_ms=self.skew_ms,
-                                   policy=self.policy_for)
+                                   policy=self.policy_for, verified=local)
         verdict = decision.verdict
         if verdict == pipeline.DROPPED:
             self._count_drop(decision.error, update)

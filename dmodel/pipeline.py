@@ -98,17 +98,22 @@ def is_applied(update: Update, authorized: bool,
 
 
 def decide(update: Update, snap: Snapshot, *, now: int, skew_ms: int = DEFAULT_SKEW_MS,
-           policy: Callable[[str], merge.Policy] = lambda model: "reject") -> Decision:
-    """Check and merge ``update`` against ``snap``. Never raises for bad input."""
+           policy: Callable[[str], merge.Policy] = lambda model: "reject",
+           verified: bool = False) -> Decision:
+    """Check and merge ``update`` against ``snap``. Never raises for bad input.
+
+    ``verified=True`` skips the signature check, for an update the node itself just
+    signed (or whose signature was checked in a batch beforehand).
+    """
     try:
-        return _decide(update, snap, now, skew_ms, policy)
+        return _decide(update, snap, now, skew_ms, policy, verified)
     except InvalidUpdate as exc:
         exc.update_id = update.id
         return Decision(update, DROPPED, error=exc)
 
 
 def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
-            policy: Callable[[str], merge.Policy]) -> Decision:
+            policy: Callable[[str], merge.Policy], verified: bool) -> Decision:
     if snap.seen:
         return Decision(update, DROPPED, error=ReplayedUpdate("update already seen", update.id))
     if physical_ms(update.timestamp) > physical_ms(now) + skew_ms:
@@ -129,7 +134,8 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
                             if op.op != "create" and op.obj not in state.objects}))
     if missing:
         return Decision(update, MISSING, missing=missing)
-    update.verify(keys)
+    if not verified:
+        update.verify(keys)
     outcome = merge.apply(update, state)
     if is_applied(update, outcome.authorized, policy):
         return Decision(update, ACCEPTED, outcome)

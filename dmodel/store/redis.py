@@ -22,8 +22,9 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P models           SET   model names
     P meta             HASH  "hlc" -> greatest timestamp, "node" -> node id
 
-Each update is committed with its log entries in one MULTI/EXEC block, so a crash
-never leaves half an update. The register keeps the update's version, whose last 34
+Each update (or batch of updates) is committed with its log entries in one Lua script
+call, which Redis runs atomically and writes to the AOF as one unit, so a crash never
+leaves half an update. The register keeps the update's version, whose last 34
 bytes are the update id and op index: that is how any read is verified against the
 signed update (``verified=True`` reads, ``dmodel verify``).
 """
@@ -31,6 +32,7 @@ signed update (``verified=True`` reads, ``dmodel verify``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -42,6 +44,59 @@ from ..pipeline import Snapshot, needs
 from ..update import Update
 
 HELD_CAP = 1000
+
+# Runs a list of commands atomically: ARGV = n, then for each command its argc and args.
+# A script is atomic in Redis and reaches the AOF as one unit, like MULTI/EXEC, and
+# costs one round trip and one parse. It returns each command's reply.
+_ATOMIC_LUA = """
+local i = 2
+local out = {}
+for c = 1, tonumber(ARGV[1]) do
+  local argc = tonumber(ARGV[i])
+  out[c] = redis.call(unpack(ARGV, i + 1, i + argc))
+  i = i + argc + 1
+end
+return out
+"""
+_ATOMIC_SHA = hashlib.sha1(_ATOMIC_LUA.encode()).hexdigest()
+
+
+class StoreCache:
+    """What the node knows it wrote: object metadata and authorization events.
+
+    Valid because one node is the only writer of its keys (its prefix in its Redis).
+    Bounded: cleared when it grows past ``limit`` entries.
+    """
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self.objects: dict[str, merge.ObjectMeta] = {}
+        self.auth: dict[tuple[str, str, str], merge.AuthEvents] = {}
+
+    def put_object(self, db_id: str, meta: merge.ObjectMeta) -> merge.ObjectMeta:
+        if len(self.objects) >= self.limit:
+            self.objects.clear()
+        self.objects[db_id] = meta
+        return meta
+
+    def put_auth(self, key: tuple[str, str, str], events: merge.AuthEvents) -> merge.AuthEvents:
+        if len(self.auth) >= self.limit:
+            self.auth.clear()
+        self.auth[key] = events
+        return events
+
+    def note(self, w: merge.Write) -> None:
+        """Keep the cache equal to the store after a committed write."""
+        if w.kind == "object":
+            self.put_object(w.db_id, w.data)
+        elif w.kind == "auth":
+            kind, _, member = w.name.partition(":")
+            self.put_auth((w.db_id, kind, member), w.data)
+
+    def forget(self, db_id: str) -> None:
+        self.objects.pop(db_id, None)
+        for key in [k for k in self.auth if k[0] == db_id]:
+            del self.auth[key]
 
 
 @contextlib.contextmanager
@@ -65,6 +120,8 @@ class RedisStore:
         self.k_updates, self.k_chain, self.k_head = f"{p}u", f"{p}ch", f"{p}head"
         self.k_log, self.k_models, self.k_meta = f"{p}log", f"{p}models", f"{p}meta"
         self.k_next = f"{p}next"
+        self.cache = StoreCache()
+        self._script_sha = _ATOMIC_SHA
 
     # ------------------------------------------------------------------ keys
     def k_obj(self, db_id: str) -> str:
@@ -98,49 +155,68 @@ class RedisStore:
         return f"{self.prefix}m:{model}"
 
     # ------------------------------------------------------------- pipeline
-    def snapshot(self, update: Update) -> Snapshot:
-        """Read everything ``decide`` needs for ``update`` in one round trip."""
-        objects, registers, auth = needs(update)
-        objects_l, regs_l, auth_l = sorted(objects), sorted(registers), sorted(auth)
-        with map_redis_errors():
-            pipe = self.client.pipeline(transaction=False)
+    def snapshot(self, update: Update, *, local: bool = False,
+                 registers: bool = True) -> Snapshot:
+        """Read everything ``decide`` needs for ``update`` in one round trip.
+
+        Object metadata and authorization events come from the cache when present. For
+        a ``local`` update (just signed here, so new, correctly chained, and newer than
+        every stored version because the node's clock is ahead of all it stored) the
+        replay, chain and late-grant reads are skipped, and with ``registers=False`` so
+        are the current values of plain fields (only listeners need those).
+        """
+        objects, regs, auth = needs(update)
+        cache = self.cache
+        objects_l = sorted(o for o in objects if o not in cache.objects)
+        if local and not registers:
+            regs = {r for r in regs if "#" in r[1]}  # list elements need their position
+        regs_l = sorted(regs)
+        auth_l = sorted(a for a in auth if a not in cache.auth)
+        last_l = [] if local else sorted(a for a in auth if a[1] == "u")
+        check_chain = bool(update.prev) and not local
+        pipe = self.client.pipeline(transaction=False)
+        if not local:
             pipe.hexists(self.k_updates, update.id)
-            if update.prev:
-                pipe.hget(self.k_chain, update.prev)
-            for db_id in objects_l:
-                pipe.get(self.k_obj(db_id))
-            for db_id, name in regs_l:
-                pipe.hget(self.k_reg(db_id), name)
-            for db_id, kind, member in auth_l:
-                pipe.hget(self.k_auth(db_id), f"{kind}:{member}")
-                if kind == "u":
-                    pipe.zscore(self.k_last(db_id), member)
-            if update.prev:
-                pipe.hget(self.k_next, update.prev)
-            results = iter(pipe.execute())
-        snap = Snapshot(seen=bool(next(results)))
-        if update.prev:
-            link = next(results)
+        if check_chain:
+            pipe.hget(self.k_chain, update.prev)
+            pipe.hget(self.k_next, update.prev)
+        for db_id in objects_l:
+            pipe.get(self.k_obj(db_id))
+        for db_id, name in regs_l:
+            pipe.hget(self.k_reg(db_id), name)
+        for db_id, kind, member in auth_l:
+            pipe.hget(self.k_auth(db_id), f"{kind}:{member}")
+        for db_id, _, member in last_l:
+            pipe.zscore(self.k_last(db_id), member)
+        with map_redis_errors():
+            results = iter(pipe.execute()) if len(pipe) else iter(())
+        snap = Snapshot(seen=False if local else bool(next(results)))
+        if local and update.prev:
+            snap.prev_chain = (update.caller, update.node)
+        if check_chain:
+            link, sibling = next(results), next(results)
             if link:
                 snap.prev_chain = (link[16:].decode(), link[:16])
+            snap.equivocation = sibling is not None and sibling != update.id
         state = snap.state
+        for db_id in objects & cache.objects.keys():
+            state.objects[db_id] = cache.objects[db_id]
         for db_id in objects_l:
             data = next(results)
             if data:
-                state.objects[db_id] = merge.ObjectMeta.unpack(data)
+                state.objects[db_id] = cache.put_object(db_id, merge.ObjectMeta.unpack(data))
         for key in regs_l:
             data = next(results)
             if data:
                 state.registers[key] = merge.Register.unpack(data)
+        for key in auth & cache.auth.keys():
+            state.auth[key] = cache.auth[key]
         for key in auth_l:
-            state.auth[key] = merge.unpack_auth(next(results))
-            if key[1] == "u":
-                last = next(results)
-                if last is not None:
-                    state.last_write[(key[0], key[2])] = int(last)
-        if update.prev:
-            sibling = next(results)
-            snap.equivocation = sibling is not None and sibling != update.id
+            state.auth[key] = cache.put_auth(key, merge.unpack_auth(next(results)))
+        for db_id, _, member in last_l:
+            last = next(results)
+            if last is not None:
+                state.last_write[(db_id, member)] = int(last)
         return snap
 
     def commit(self, update: Update, writes: list[merge.Write] | None, *, hlc: int) -> int:
@@ -148,37 +224,90 @@ class RedisStore:
 
         Returns the update's sequence number in the log.
         """
+        return self.commit_many([(update, writes)], hlc=hlc)[0]
+
+    def commit_many(self, items: list[tuple[Update, list[merge.Write] | None]], *,
+                    hlc: int) -> list[int]:
+        """Store several updates and their writes in one atomic step (one Lua call).
+
+        Returns each update's sequence number in the log.
+        """
+        cmds: list[tuple[Any, ...]] = []
+        log_positions = []
+        with map_redis_errors():
+            for update, writes in items:
+                dropped = [w.db_id for w in writes or () if w.kind == "drop"]
+                list_keys = self._list_keys(dropped) if dropped else []
+                log_positions.append(len(cmds) + 3)
+                self._update_commands(cmds, update, writes, list_keys)
+            cmds.append(("HSET", self.k_meta, "hlc", hlc))
+            results = self._atomic(cmds)
+        for _update, writes in items:
+            for w in writes or ():
+                self.cache.note(w)
+        return [int(results[i]) for i in log_positions]
+
+    def _update_commands(self, cmds: list[tuple[Any, ...]], update: Update,
+                         writes: list[merge.Write] | None, list_keys: list[str]) -> None:
         uid = update.id
         touched = sorted({op.obj for op in update.ops})
-        with map_redis_errors():
-            dropped = [w.db_id for w in writes or () if w.kind == "drop"]
-            list_keys = self._list_keys(dropped) if dropped else []
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(self.k_updates, uid, update.raw)
-            pipe.hset(self.k_chain, uid, update.node + update.caller.encode())
-            pipe.hset(self.k_head, f"{update.caller}|{update.node.hex()}", uid)
-            pipe.rpush(self.k_log, uid)
-            if update.prev:
-                pipe.hsetnx(self.k_next, update.prev, uid)
-            ms = update.timestamp >> 16
-            for db_id in {op.obj for op in update.ops if op.obj != update.caller}:
-                pipe.zadd(self.k_last(db_id), {update.caller: ms}, gt=True)
-            if writes is None:
-                for db_id in touched:
-                    pipe.rpush(self.k_held(db_id), uid)
-                    pipe.ltrim(self.k_held(db_id), -HELD_CAP, -1)
-            else:
-                for db_id in touched:
-                    pipe.rpush(self.k_hist(db_id), uid)
-                for w in writes:
-                    self._queue_write(pipe, w)
-            if list_keys:
-                pipe.delete(*list_keys)
-            pipe.hset(self.k_meta, "hlc", hlc)
-            return int(pipe.execute()[3])
+        cmds.append(("HSET", self.k_updates, uid, update.raw))
+        cmds.append(("HSET", self.k_chain, uid, update.node + update.caller.encode()))
+        cmds.append(("HSET", self.k_head, f"{update.caller}|{update.node.hex()}", uid))
+        cmds.append(("RPUSH", self.k_log, uid))  # index 3 of this update's commands
+        if update.prev:
+            cmds.append(("HSETNX", self.k_next, update.prev, uid))
+        ms = update.timestamp >> 16
+        for db_id in sorted({op.obj for op in update.ops if op.obj != update.caller}):
+            cmds.append(("ZADD", self.k_last(db_id), "GT", ms, update.caller))
+        if writes is None:
+            for db_id in touched:
+                cmds.append(("RPUSH", self.k_held(db_id), uid))
+                cmds.append(("LTRIM", self.k_held(db_id), -HELD_CAP, -1))
+            return
+        for db_id in touched:
+            cmds.append(("RPUSH", self.k_hist(db_id), uid))
+        for w in writes:
+            self._write_commands(cmds, w)
+        if list_keys:
+            cmds.append(("DEL", *list_keys))
+
+    def _write_commands(self, cmds: list[tuple[Any, ...]], w: merge.Write) -> None:
+        if w.kind == "register":
+            cmds.append(("HSET", self.k_reg(w.db_id), w.name, w.data.pack()))
+        elif w.kind == "object":
+            cmds.append(("SET", self.k_obj(w.db_id), w.data.pack()))
+            model, _, oid = w.db_id.partition(":")
+            cmds.append(("SADD", self.k_model(model), oid))
+            cmds.append(("SADD", self.k_models, model))
+        elif w.kind == "auth":
+            cmds.append(("HSET", self.k_auth(w.db_id), w.name, merge.pack_auth(w.data)))
+        elif w.kind == "wrap":
+            cmds.append(("HSET", self.k_wrap(w.db_id), w.name, w.data))
+        elif w.kind == "list_add":
+            cmds.append(("ZADD", self.k_list(w.db_id, w.name), 0, w.data))
+            cmds.append(("SADD", self.k_lists(w.db_id), w.name))
+        elif w.kind == "list_del":
+            cmds.append(("ZREM", self.k_list(w.db_id, w.name), w.data))
+        elif w.kind == "drop":
+            cmds.append(("DEL", self.k_reg(w.db_id), self.k_wrap(w.db_id)))  # lists: see above
+        else:  # pragma: no cover - merge only emits the kinds above
+            raise ValueError(f"unknown write kind {w.kind}")
+
+    def _atomic(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        """Run ``cmds`` as one atomic script call (all or nothing; one round trip)."""
+        argv: list[Any] = [len(cmds)]
+        for cmd in cmds:
+            argv.append(len(cmd))
+            argv.extend(cmd)
+        try:
+            return self.client.evalsha(self._script_sha, 0, *argv)
+        except redis.exceptions.NoScriptError:
+            self._script_sha = self.client.script_load(_ATOMIC_LUA)
+            return self.client.evalsha(self._script_sha, 0, *argv)
 
     def _list_keys(self, db_ids: list[str]) -> list[str]:
-        # Read outside MULTI; safe because the node's apply lock serializes its writers.
+        # Read before the atomic step; safe because the node's apply lock serializes writers.
         keys = []
         for db_id in db_ids:
             names = self.client.smembers(self.k_lists(db_id))
@@ -186,33 +315,12 @@ class RedisStore:
             keys.append(self.k_lists(db_id))
         return keys
 
-    def _queue_write(self, pipe: Any, w: merge.Write) -> None:
-        if w.kind == "register":
-            pipe.hset(self.k_reg(w.db_id), w.name, w.data.pack())
-        elif w.kind == "object":
-            pipe.set(self.k_obj(w.db_id), w.data.pack())
-            model, _, oid = w.db_id.partition(":")
-            pipe.sadd(self.k_model(model), oid)
-            pipe.sadd(self.k_models, model)
-        elif w.kind == "auth":
-            pipe.hset(self.k_auth(w.db_id), w.name, merge.pack_auth(w.data))
-        elif w.kind == "wrap":
-            pipe.hset(self.k_wrap(w.db_id), w.name, w.data)
-        elif w.kind == "list_add":
-            pipe.zadd(self.k_list(w.db_id, w.name), {w.data: 0})
-            pipe.sadd(self.k_lists(w.db_id), w.name)
-        elif w.kind == "list_del":
-            pipe.zrem(self.k_list(w.db_id, w.name), w.data)
-        elif w.kind == "drop":
-            pipe.delete(self.k_reg(w.db_id), self.k_wrap(w.db_id))  # list keys: see commit
-        else:  # pragma: no cover - merge only emits the kinds above
-            raise ValueError(f"unknown write kind {w.kind}")
-
     def replace_object(self, db_id: str, meta: merge.ObjectMeta | None,
                        registers: dict[str, merge.Register], wraps: dict[bytes, bytes],
                        lists: dict[str, set[bytes]], accepted: list[bytes],
                        held: list[bytes]) -> None:
         """Atomically rewrite an object's derived state (after re-deciding its updates)."""
+        self.cache.forget(db_id)
         with map_redis_errors():
             old_lists = self._list_keys([db_id])
             pipe = self.client.pipeline(transaction=True)
