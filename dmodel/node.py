@@ -10,6 +10,7 @@ dropped, counted in ``node.stats`` and logged at debug level.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import threading
@@ -61,6 +62,70 @@ from .update import (
 logger = logging.getLogger(__name__)
 
 MAX_PENDING = 10_000
+_PARALLEL_VERIFY_MIN = 16
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _verify_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(2, min(8, os.cpu_count() or 2)),
+                thread_name_prefix="dmodel-verify")
+        return _pool
+
+
+class _Overlay:
+    """What earlier updates of a batch wrote, laid over each later update's snapshot."""
+
+    def __init__(self) -> None:
+        self.state = merge.State()
+        self.seen: set[bytes] = set()
+        self.chain: dict[bytes, tuple[str, bytes]] = {}
+        self.next: dict[bytes, bytes] = {}
+
+    def add(self, update: Update, writes: list[merge.Write] | None) -> None:
+        self.seen.add(update.id)
+        self.chain[update.id] = (update.caller, update.node)
+        if update.prev:
+            self.next.setdefault(update.prev, update.id)
+        ms = update.timestamp >> 16
+        for op in update.ops:
+            if op.obj != update.caller:
+                key = (op.obj, update.caller)
+                self.state.last_write[key] = max(self.state.last_write.get(key, -1), ms)
+        if writes:
+            self.state.apply(writes)
+
+    def patch(self, snap: pipeline.Snapshot, update: Update) -> pipeline.Snapshot:
+        if not self.seen:
+            return snap
+        if update.id in self.seen:
+            snap.seen = True
+        if update.prev in self.chain:
+            snap.prev_chain = self.chain[update.prev]
+        if update.prev in self.next and self.next[update.prev] != update.id:
+            snap.equivocation = True
+        mine, over = snap.state, self.state
+        objects, registers, auth = pipeline.needs(update)
+        for db_id in objects:
+            if db_id in over.objects:
+                mine.objects[db_id] = over.objects[db_id]
+        for key in registers:
+            if key in over.registers:
+                mine.registers[key] = over.registers[key]
+            elif key[0] in over.objects and over.objects[key[0]].removed is not None:
+                mine.registers.pop(key, None)
+        for key in auth:
+            if key in over.auth:
+                mine.auth[key] = over.auth[key]
+        for key, ms in over.last_write.items():
+            if ms > mine.last_write.get(key, -1):
+                mine.last_write[key] = ms
+        return snap
+
 
 
 def default_home() -> Path:
@@ -231,55 +296,109 @@ class Node:
 
         Returns the decision, or None when the bytes are not an update at all.
         """
-        self._check_open()
-        try:
-            update = decode(raw)
-        except InvalidUpdate as exc:
-            self._count_drop(exc, None)
-            return None
-        with self._lock:
-            return self._process(update, local=False)
+        return self.ingest_many([raw])[0]
 
     def ingest_many(self, raws: Iterable[bytes]) -> list[pipeline.Decision | None]:
-        """Ingest several updates in order."""
-        return [self.ingest(raw) for raw in raws]
+        """Take several updates from elsewhere, in order, as one batch.
+
+        The batch is read from the store in one round trip, signatures are checked on
+        a small thread pool, and everything accepted is committed in one atomic step;
+        the result is the same as ingesting them one by one.
+        """
+        self._check_open()
+        results: list[pipeline.Decision | None] = []
+        updates: list[Update] = []
+        where: list[int] = []
+        for raw in raws:
+            try:
+                updates.append(decode(raw))
+                where.append(len(results))
+            except InvalidUpdate as exc:
+                self._count_drop(exc, None)
+            results.append(None)
+        if updates:
+            with self._lock:
+                for i, decision in zip(where, self._process_batch(updates, local=False),
+                                       strict=True):
+                    results[i] = decision
+        return results
 
     def _process(self, update: Update, *, local: bool) -> pipeline.Decision:
+        return self._process_batch([update], local=local)[0]
+
+    def _process_batch(self, updates: list[Update], *, local: bool) -> list[pipeline.Decision]:
+        """The pipeline for a batch of updates, under the apply lock.
+
+        Each update is decided against the store plus what earlier updates of the batch
+        wrote (the overlay); the batch is committed in one atomic step before any
+        after-listener or publisher sees it.
+        """
         listening = bool(self.listeners) and any(
-            self.listeners.has_listeners(op.obj.partition(":")[0]) for op in update.ops)
-        snap = self.store.snapshot(update, local=local, registers=listening or not local)
-        decision = pipeline.decide(update, snap, now=self._now_ts(), skew_ms=self.skew_ms,
-                                   policy=self.policy_for, verified=local)
-        verdict = decision.verdict
-        if verdict == pipeline.DROPPED:
-            self._count_drop(decision.error, update)
-            return decision
-        if verdict == pipeline.MISSING:
-            if not local:
-                self._park(update, decision.missing)
-            return decision
-        outcome = decision.outcome
+            self.listeners.has_listeners(op.obj.partition(":")[0])
+            for update in updates for op in update.ops)
+        snaps = self.store.snapshots(updates, local=local, registers=listening or not local)
+        verified = [local] * len(updates) if local else self._verify_batch(updates, snaps)
+        overlay = _Overlay()
+        staged: list[tuple[Update, list[merge.Write] | None]] = []
+        done: list[tuple[pipeline.Decision, pipeline.Snapshot, list[Change]]] = []
+        decisions: list[pipeline.Decision] = []
+        rest: list[Update] = []
+        now = self._now_ts()
+        for index, update in enumerate(updates):
+            snap = overlay.patch(snaps[index], update)
+            decision = pipeline.decide(update, snap, now=now, skew_ms=self.skew_ms,
+                                       policy=self.policy_for, verified=verified[index])
+            decisions.append(decision)
+            verdict = decision.verdict
+            if verdict == pipeline.DROPPED:
+                self._count_drop(decision.error, update)
+                continue
+            if verdict == pipeline.MISSING:
+                if not local:
+                    self._park(update, decision.missing)
+                continue
+            outcome = decision.outcome
+            assert outcome is not None
+            if verdict == pipeline.UNAUTHORIZED:
+                if self.listeners:
+                    changes = self._changes(update, outcome, snap, local, "unauthorized")
+                    self.listeners.observe_rejected(changes)
+                staged.append((update, None))
+                overlay.add(update, None)
+                self.stats.rejected["UnauthorizedError"] += 1
+                logger.debug("rejected %s: %s", update.hex_id[:12], decision.error)
+                continue
+            changes: list[Change] = []
+            if listening and outcome.events:
+                changes = self._changes(update, outcome, snap, local, "accepted")
+                try:
+                    self.listeners.before(changes)
+                except VetoedError as exc:
+                    self.stats.rejected["VetoedError"] += 1
+                    logger.info("vetoed %s: %s", update.hex_id[:12], exc)
+                    decision.verdict = pipeline.DROPPED
+                    decision.error = exc
+                    continue
+            staged.append((update, outcome.writes))
+            overlay.add(update, outcome.writes)
+            done.append((decision, snap, changes))
+            if outcome.retroactive:
+                rest = updates[index + 1:]  # re-decided against the store once this is in
+                break
+        if staged:
+            for update, _ in staged:
+                self.clock.observe(update.timestamp)
+            self.store.commit_many(staged, hlc=self.clock.last)
+        for decision, snap, changes in done:
+            self._after_commit(decision, snap, changes, local)
+        if rest:
+            decisions.extend(self._process_batch(rest, local=local))
+        return decisions
+
+    def _after_commit(self, decision: pipeline.Decision, snap: pipeline.Snapshot,
+                      changes: list[Change], local: bool) -> None:
+        update, outcome = decision.update, decision.outcome
         assert outcome is not None
-        if verdict == pipeline.UNAUTHORIZED:
-            if self.listeners:
-                changes = self._changes(update, outcome, snap, local, "unauthorized")
-                self.listeners.observe_rejected(changes)
-            self.store.commit(update, None, hlc=self._observe(update))
-            self.stats.rejected["UnauthorizedError"] += 1
-            logger.debug("rejected %s: %s", update.hex_id[:12], decision.error)
-            return decision
-        changes: list[Change] = []
-        if self.listeners and outcome.events:
-            changes = self._changes(update, outcome, snap, local, "accepted")
-            try:
-                self.listeners.before(changes)
-            except VetoedError as exc:
-                self.stats.rejected["VetoedError"] += 1
-                logger.info("vetoed %s: %s", update.hex_id[:12], exc)
-                decision.verdict = pipeline.DROPPED
-                decision.error = exc
-                return decision
-        self.store.commit(update, outcome.writes, hlc=self._observe(update))
         if snap.equivocation:
             self.stats.equivocations += 1
             logger.warning("equivocation: %s signed two updates after %s on node %s",
@@ -299,7 +418,34 @@ class Node:
             except Exception:
                 logger.exception("on_accepted callback failed")
         self._release_pending(update)
-        return decision
+
+    def _verify_batch(self, updates: list[Update], snaps: list[pipeline.Snapshot]) -> list[bool]:
+        """Check the signatures whose keys are at hand, on a thread pool (the Ed25519
+        verify releases the GIL). An update left unchecked here is checked by decide."""
+        keys: list[PublicIdentity | None] = []
+        created: dict[str, PublicIdentity] = {}
+        for update, snap in zip(updates, snaps, strict=True):
+            own = update.creates()
+            if own is not None:
+                created.setdefault(update.caller, own)
+                keys.append(own)
+                continue
+            meta = snap.state.objects.get(update.caller)
+            keys.append(meta.keys if meta is not None else created.get(update.caller))
+        if len(updates) < _PARALLEL_VERIFY_MIN:
+            return [False] * len(updates)
+
+        def check(item: tuple[Update, PublicIdentity | None]) -> bool:
+            update, key = item
+            if key is None:
+                return False
+            try:
+                update.verify(key)
+            except InvalidUpdate:
+                return False
+            return True
+
+        return list(_verify_pool().map(check, zip(updates, keys, strict=True)))
 
     def _recompute(self, seeds: set[str]) -> None:
         """Re-decide the stored updates of objects whose update-authorization changed in the

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
+_BATCH = 256  # updates applied (and committed) together by the apply thread
 
 
 class NetworkService:
@@ -183,19 +184,26 @@ class NetworkService:
     # ------------------------------------------------------------ apply thread
     def _apply_loop(self) -> None:
         while True:
-            raw = self._queue.get()
+            batch = [self._queue.get()]
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if raw is None or self._stop.is_set():
-                    return
-                decision = self.node.ingest(raw)
-                if decision is not None and decision.verdict == "missing":
-                    self._wake.set()
+                raws = [raw for raw in batch if raw is not None]
+                if raws and not self._stop.is_set():
+                    decisions = self.node.ingest_many(raws)
+                    if any(d is not None and d.verdict == "missing" for d in decisions):
+                        self._wake.set()
             except Exception:
-                if self.node.closed:
-                    return
-                logger.exception("applying an update failed")
+                if not self.node.closed:
+                    logger.exception("applying updates failed")
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+            if None in batch or self._stop.is_set() or self.node.closed:
+                return
 
     # ------------------------------------------------------------- sync thread
     def _sync_loop(self) -> None:
@@ -246,8 +254,7 @@ class NetworkService:
                 break
             if page.epoch != epoch:
                 epoch, pos = page.epoch, page.start
-            for raw in page.updates:
-                self.node.ingest(raw)
+            self.node.ingest_many(page.updates)
             pulled += len(page.updates)
             pos = page.start + len(page.updates)
             self._save_cursor(peer_id, epoch, pos)
@@ -279,8 +286,7 @@ class NetworkService:
                     raws = sync.decode_updates(reply)
                 except sync.SyncMessageError:
                     continue
-                for raw in raws:
-                    self.node.ingest(raw)
+                self.node.ingest_many(raws)
                 got += len(raws)
             if not self.node.pending_count:
                 break

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -65,7 +65,7 @@ class StoreCache:
     """What the node knows it wrote: object metadata and authorization events.
 
     Valid because one node is the only writer of its keys (its prefix in its Redis).
-    Bounded: cleared when it grows past ``limit`` entries.
+    Bounded: past ``limit`` entries the oldest is dropped.
     """
 
     def __init__(self, limit: int = 200_000) -> None:
@@ -75,13 +75,13 @@ class StoreCache:
 
     def put_object(self, db_id: str, meta: merge.ObjectMeta) -> merge.ObjectMeta:
         if len(self.objects) >= self.limit:
-            self.objects.clear()
+            del self.objects[next(iter(self.objects))]  # the oldest entry
         self.objects[db_id] = meta
         return meta
 
     def put_auth(self, key: tuple[str, str, str], events: merge.AuthEvents) -> merge.AuthEvents:
         if len(self.auth) >= self.limit:
-            self.auth.clear()
+            del self.auth[next(iter(self.auth))]
         self.auth[key] = events
         return events
 
@@ -165,59 +165,72 @@ class RedisStore:
         replay, chain and late-grant reads are skipped, and with ``registers=False`` so
         are the current values of plain fields (only listeners need those).
         """
-        objects, regs, auth = needs(update)
+        return self.snapshots([update], local=local, registers=registers)[0]
+
+    def snapshots(self, updates: Sequence[Update], *, local: bool = False,
+                  registers: bool = True) -> list[Snapshot]:
+        """``snapshot`` for several updates, read in one round trip (each as if alone)."""
         cache = self.cache
-        objects_l = sorted(o for o in objects if o not in cache.objects)
-        if local and not registers:
-            regs = {r for r in regs if "#" in r[1]}  # list elements need their position
-        regs_l = sorted(regs)
-        auth_l = sorted(a for a in auth if a not in cache.auth)
-        last_l = [] if local else sorted(a for a in auth if a[1] == "u")
-        check_chain = bool(update.prev) and not local
         pipe = self.client.pipeline(transaction=False)
-        if not local:
-            pipe.hexists(self.k_updates, update.id)
-        if check_chain:
-            pipe.hget(self.k_chain, update.prev)
-            pipe.hget(self.k_next, update.prev)
-        for db_id in objects_l:
-            pipe.get(self.k_obj(db_id))
-        for db_id, name in regs_l:
-            pipe.hget(self.k_reg(db_id), name)
-        for db_id, kind, member in auth_l:
-            pipe.hget(self.k_auth(db_id), f"{kind}:{member}")
-        for db_id, _, member in last_l:
-            pipe.zscore(self.k_last(db_id), member)
+        plans = []
+        for update in updates:
+            objects, regs, auth = needs(update)
+            known_objects = {o: cache.objects[o] for o in objects if o in cache.objects}
+            known_auth = {a: cache.auth[a] for a in auth if a in cache.auth}
+            objects_l = sorted(objects - known_objects.keys())
+            if local and not registers:
+                regs = {r for r in regs if "#" in r[1]}  # list elements need their position
+            regs_l = sorted(regs)
+            auth_l = sorted(auth - known_auth.keys())
+            last_l = [] if local else sorted(a for a in auth if a[1] == "u")
+            check_chain = bool(update.prev) and not local
+            if not local:
+                pipe.hexists(self.k_updates, update.id)
+            if check_chain:
+                pipe.hget(self.k_chain, update.prev)
+                pipe.hget(self.k_next, update.prev)
+            for db_id in objects_l:
+                pipe.get(self.k_obj(db_id))
+            for db_id, name in regs_l:
+                pipe.hget(self.k_reg(db_id), name)
+            for db_id, kind, member in auth_l:
+                pipe.hget(self.k_auth(db_id), f"{kind}:{member}")
+            for db_id, _, member in last_l:
+                pipe.zscore(self.k_last(db_id), member)
+            plans.append((update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
+                          check_chain))
         with map_redis_errors():
             results = iter(pipe.execute()) if len(pipe) else iter(())
-        snap = Snapshot(seen=False if local else bool(next(results)))
-        if local and update.prev:
-            snap.prev_chain = (update.caller, update.node)
-        if check_chain:
-            link, sibling = next(results), next(results)
-            if link:
-                snap.prev_chain = (link[16:].decode(), link[:16])
-            snap.equivocation = sibling is not None and sibling != update.id
-        state = snap.state
-        for db_id in objects & cache.objects.keys():
-            state.objects[db_id] = cache.objects[db_id]
-        for db_id in objects_l:
-            data = next(results)
-            if data:
-                state.objects[db_id] = cache.put_object(db_id, merge.ObjectMeta.unpack(data))
-        for key in regs_l:
-            data = next(results)
-            if data:
-                state.registers[key] = merge.Register.unpack(data)
-        for key in auth & cache.auth.keys():
-            state.auth[key] = cache.auth[key]
-        for key in auth_l:
-            state.auth[key] = cache.put_auth(key, merge.unpack_auth(next(results)))
-        for db_id, _, member in last_l:
-            last = next(results)
-            if last is not None:
-                state.last_write[(db_id, member)] = int(last)
-        return snap
+        snaps = []
+        for (update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
+             check_chain) in plans:
+            snap = Snapshot(seen=False if local else bool(next(results)))
+            if local and update.prev:
+                snap.prev_chain = (update.caller, update.node)
+            if check_chain:
+                link, sibling = next(results), next(results)
+                if link:
+                    snap.prev_chain = (link[16:].decode(), link[:16])
+                snap.equivocation = sibling is not None and sibling != update.id
+            state = snap.state
+            state.objects.update(known_objects)
+            for db_id in objects_l:
+                data = next(results)
+                if data:
+                    state.objects[db_id] = cache.put_object(db_id, merge.ObjectMeta.unpack(data))
+            for key in regs_l:
+                data = next(results)
+                if data:
+                    state.registers[key] = merge.Register.unpack(data)
+            state.auth.update(known_auth)
+            for key in auth_l:
+                state.auth[key] = cache.put_auth(key, merge.unpack_auth(next(results)))
+            for db_id, _, member in last_l:
+                last = next(results)
+                if last is not None:
+                    state.last_write[(db_id, member)] = int(last)
+            snaps.append(snap)
+        return snaps
 
     def commit(self, update: Update, writes: list[merge.Write] | None, *, hlc: int) -> int:
         """Store ``update`` atomically with its writes (None = held as unauthorized).
