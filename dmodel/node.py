@@ -425,6 +425,9 @@ class Node:
         keys: list[PublicIdentity | None] = []
         created: dict[str, PublicIdentity] = {}
         for update, snap in zip(updates, snaps, strict=True):
+            if snap.seen:
+                keys.append(None)  # a duplicate: dropped without a signature check
+                continue
             own = update.creates()
             if own is not None:
                 created.setdefault(update.caller, own)

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
 _BATCH = 256  # updates applied (and committed) together by the apply thread
+_FETCH = 500  # updates asked for in one request
 
 
 class NetworkService:
@@ -140,7 +141,8 @@ class NetworkService:
             self.bus.publish(update.raw)
             self.node.stats.published += 1
         except NetworkError as exc:
-            logger.warning("publish failed: %s", exc)
+            if not self._stop.is_set():
+                logger.warning("publish failed: %s", exc)
 
     def _on_publish(self, payload: bytes, sender: bytes) -> None:
         # Runs on the bus I/O thread: enqueue only.
@@ -163,12 +165,11 @@ class NetworkService:
             if isinstance(request, sync.LogRequest):
                 start = request.start if request.epoch == self.epoch else 0
                 uids = store.log_range(start, start + request.limit - 1)
-                raws = [r for r in store.raw_updates(uids) if r is not None]
-                self.stats["served"] += len(raws)
                 return sync.encode_log_page(sync.LogPage(self.epoch, start,
-                                                         store.log_length(), tuple(raws)))
+                                                         store.log_length(), tuple(uids)))
             if request.kind == "get":
                 raws = store.raw_updates(request.ids)
+                self.stats["served"] += sum(r is not None for r in raws)
             else:
                 uids = []
                 for db_id in request.ids:
@@ -254,40 +255,48 @@ class NetworkService:
                 break
             if page.epoch != epoch:
                 epoch, pos = page.epoch, page.start
-            self.node.ingest_many(page.updates)
-            pulled += len(page.updates)
-            pos = page.start + len(page.updates)
+            missing = self.node.store.missing(page.ids)
+            for i in range(0, len(missing), _FETCH):
+                got = self._fetch(peer_id, "get", missing[i:i + _FETCH])
+                if got is None:
+                    return pulled  # the peer went away: keep the cursor, retry next pass
+                pulled += got
+            pos = page.start + len(page.ids)
             self._save_cursor(peer_id, epoch, pos)
-            if page.updates:
+            if missing:
                 for callback in self._progress:
                     try:
                         callback(peer_id.hex(), pos, page.end)
                     except Exception:
                         logger.exception("progress callback failed")
                 logger.info("catch-up from %s: %d/%d", peer_id.hex()[:8], pos, page.end)
-            if not page.updates or pos >= page.end:
+            if not page.ids or pos >= page.end:
                 break
-        self.stats["pulled"] += pulled
         return pulled
+
+    def _fetch(self, peer_id: bytes, kind: str, wanted: list[Any]) -> int | None:
+        """Ask one peer for updates (by id) or creates (by db_id); ingest them."""
+        reply = self.bus.request(peer_id, sync.encode_fetch(kind, wanted))
+        if reply is None:
+            return None
+        try:
+            raws = sync.decode_updates(reply)
+        except sync.SyncMessageError as exc:
+            logger.debug("bad reply from %s: %s", peer_id.hex()[:8], exc)
+            return None
+        self.node.ingest_many(raws)
+        self.stats["pulled"] += len(raws)
+        return len(raws)
 
     def _fetch_missing(self) -> int:
         needs = self.node.pending_needs()
-        ids = [n for n in needs if isinstance(n, bytes)]
-        objs = [n for n in needs if isinstance(n, str)]
+        ids = [n for n in needs if isinstance(n, bytes)][:sync.MAX_IDS]
+        objs = [n for n in needs if isinstance(n, str)][:sync.MAX_IDS]
         got = 0
         for peer_id in list(self.bus.peers()):
             for kind, wanted in (("get", ids), ("obj", objs)):
-                if not wanted:
-                    continue
-                reply = self.bus.request(peer_id, sync.encode_fetch(kind, wanted))
-                if reply is None:
-                    continue
-                try:
-                    raws = sync.decode_updates(reply)
-                except sync.SyncMessageError:
-                    continue
-                self.node.ingest_many(raws)
-                got += len(raws)
+                if wanted:
+                    got += self._fetch(peer_id, kind, wanted) or 0
             if not self.node.pending_count:
                 break
         return got

@@ -2,8 +2,10 @@
 
 Every node keeps a log of the updates it stored, in store order, and a random
 *epoch* that changes only when its store is new. A peer remembers, per node, the
-(epoch, position) it has read up to, and asks for what follows: the cost of a
-catch-up is the number of updates the asker has not read yet, not the history.
+(epoch, position) it has read up to, and asks for the update ids that follow (a
+digest: 32 bytes an update), then fetches only the updates it lacks. The cost of a
+pass is the number of log entries added since the last one, and only missing
+updates travel in full; updates that already arrived live are not sent again.
 If the epoch differs (the other store was replaced), the asker starts again from 0.
 Dependencies (an update whose previous update or caller is unknown) are fetched
 by id.
@@ -11,7 +13,7 @@ by id.
 Requests (msgpack maps, key ``q``)::
 
     {"q": "log", "e": epoch, "from": position, "max": n}
-        -> {"e": epoch, "from": position, "end": log length, "u": [raw update, ...]}
+        -> {"e": epoch, "from": position, "end": log length, "ids": [update id, ...]}
     {"q": "get", "ids": [update id, ...]}     -> {"u": [raw update, ...]}
     {"q": "obj", "ids": [db_id, ...]}         -> {"u": [raw create update, ...]}
 """
@@ -49,7 +51,7 @@ class LogPage:
     epoch: bytes
     start: int
     end: int
-    updates: tuple[bytes, ...]
+    ids: tuple[bytes, ...]
 
 
 def encode_log_request(epoch: bytes, start: int, limit: int = 500) -> bytes:
@@ -83,16 +85,17 @@ def decode_request(data: bytes) -> LogRequest | FetchRequest:
 
 def encode_log_page(page: LogPage) -> bytes:
     return msgpack.packb({"e": page.epoch, "from": page.start, "end": page.end,
-                          "u": list(page.updates)}, use_bin_type=True)
+                          "ids": list(page.ids)}, use_bin_type=True)
 
 
 def decode_log_page(data: bytes) -> LogPage:
     msg = _unpack(data)
-    epoch, start, end, updates = msg.get("e"), msg.get("from"), msg.get("end"), msg.get("u")
+    epoch, start, end, ids = msg.get("e"), msg.get("from"), msg.get("end"), msg.get("ids")
     if not isinstance(epoch, bytes) or type(start) is not int or type(end) is not int \
-            or not isinstance(updates, list) or not all(isinstance(u, bytes) for u in updates):
+            or not isinstance(ids, list) or len(ids) > MAX_PAGE \
+            or not all(isinstance(u, bytes) and len(u) == 32 for u in ids):
         raise SyncMessageError("bad log page")
-    return LogPage(epoch, start, end, tuple(updates))
+    return LogPage(epoch, start, end, tuple(ids))
 
 
 def encode_updates(updates: list[bytes]) -> bytes:

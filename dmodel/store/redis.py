@@ -412,6 +412,17 @@ class RedisStore:
         with map_redis_errors():
             return self.client.hmget(self.k_updates, uids)
 
+    def missing(self, uids: Sequence[bytes]) -> list[bytes]:
+        """The ids among ``uids`` this store does not hold, in order."""
+        if not uids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for uid in uids:
+            pipe.hexists(self.k_updates, uid)
+        with map_redis_errors():
+            held = pipe.execute()
+        return [uid for uid, present in zip(uids, held, strict=True) if not present]
+
     def has_update(self, uid: bytes) -> bool:
         with map_redis_errors():
             return bool(self.client.hexists(self.k_updates, uid))
