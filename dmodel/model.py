@@ -541,12 +541,13 @@ class DModel:
         n = _node(node)
         authorized = list(authorized)
 
-        def initial(db_id: str) -> list[Op]:
+        def initial(db_id: str, readers: dict[str, bytes]) -> list[Op]:
             ops = []
             for attr, value in values.items():
                 field = fields[attr]
                 if field.encrypted:
-                    ops.append(Op(db_id, "set_enc", field.name, n.seal_value(db_id, value)))
+                    ops.append(Op(db_id, "set_enc", field.name,
+                                  n.seal_value(db_id, value, readers)))
                 else:
                     ops.append(Op(db_id, "set", field.name, value))
             return ops

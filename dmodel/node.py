@@ -601,19 +601,25 @@ class Node:
         raise decision.error
 
     def create(self, model: str, *, read: Iterable[str] = (), update: Iterable[str] = (),
-               fields: Callable[[str], Sequence[Op]] | None = None,
+               fields: Callable[[str, dict[str, bytes]], Sequence[Op]] | None = None,
                identity: Identity | None = None) -> str:
-        """Create an owned object; returns its db_id. ``fields(db_id)`` gives initial set ops."""
+        """Create an owned object; returns its db_id.
+
+        ``fields(db_id, readers)`` gives initial set ops, in the same update; ``readers``
+        (oid -> public encryption key) is who its encrypted values are sealed for.
+        """
         identity = identity or Identity.generate()
         db_id = f"{model}:{identity.oid}"
         read, update = list(dict.fromkeys(read)), list(dict.fromkeys(update))
-        for member in read:
-            self._member_keys(member)  # must be known to encrypt for it
+        readers = {identity.oid: identity.public.box_key}
+        for member in read:  # must be known, to encrypt for it
+            readers[member.partition(":")[2]] = self._member_keys(member).box_key
         self.keyring.add(identity, db_id)
         create = Op(db_id, "create", "", {"sign": identity.public.verify_key,
                                           "box": identity.public.box_key,
                                           "read": read, "update": update})
-        extra: Callable[[], Sequence[Op]] = (lambda: fields(db_id)) if fields else (lambda: ())
+        extra: Callable[[], Sequence[Op]] = (
+            (lambda: fields(db_id, readers)) if fields else (lambda: ()))
         self.write(db_id, lambda: (create, *extra()))
         return db_id
 
@@ -638,10 +644,11 @@ class Node:
                                "the key of the new value", member, db_id)
         return out
 
-    def seal_value(self, db_id: str, value: Any) -> dict[str, object]:
-        """Encrypt a plain value for ``db_id`` and its current readers."""
+    def seal_value(self, db_id: str, value: Any,
+                   readers: dict[str, bytes] | None = None) -> dict[str, object]:
+        """Encrypt a plain value for ``db_id`` and its current readers (or ``readers``)."""
         check_value(value)
-        return seal(pack_value(value), self.readers(db_id))
+        return seal(pack_value(value), self.readers(db_id) if readers is None else readers)
 
     def grant_read_op(self, db_id: str, member: str, reader: str) -> Op:
         """A grant_read op that also gives ``member`` the keys of the current encrypted values.
