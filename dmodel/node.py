@@ -128,6 +128,12 @@ class _Overlay:
 
 
 
+def _pending_key(update: Update) -> bytes:
+    """Identity of a waiting update: its id and signature, so that a copy with a bad
+    signature cannot take the place of the genuine update while both wait."""
+    return update.id + update.signature
+
+
 def default_home() -> Path:
     """``$DMODEL_HOME``, else ``$XDG_DATA_HOME/dmodel`` or ``~/.local/share/dmodel``."""
     env = os.environ.get("DMODEL_HOME")
@@ -215,6 +221,8 @@ class Node:
         self._now = now
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.node_id = self._load_node_id()
+        self.keyring = Keyring(self.home / "keys",
+                               passphrase or os.environ.get("DMODEL_PASSPHRASE") or None)
         redis_url = redis_url if redis_url is not None else os.environ.get("DMODEL_REDIS_URL")
         self._embedded: EmbeddedRedis | None = None
         if redis_url:
@@ -226,18 +234,23 @@ class Node:
             self._embedded = EmbeddedRedis(self.home)
             client = self._embedded.client()
         self.store = RedisStore(client, prefix=redis_prefix)
-        with map_redis_errors():
-            client.ping()
-        self.keyring = Keyring(self.home / "keys",
-                               passphrase or os.environ.get("DMODEL_PASSPHRASE") or None)
-        self.clock = HybridClock(now, last=self.store.last_hlc())
-        self.listeners = ListenerRegistry()
-        self.stats = Stats()
+        try:
+            with map_redis_errors():
+                client.ping()
+            self.clock = HybridClock(now, last=self.store.last_hlc())
+        except BaseException:
+            self._stop_store()
+            raise
         self._lock = threading.RLock()
+        # The registry shares the apply lock, so apply()/revoke() from other threads
+        # never race a dispatch (an RLock: callbacks may apply listeners themselves).
+        self.listeners = ListenerRegistry(lock=self._lock)
+        self.stats = Stats()
         self._heads: dict[str, bytes] = {}
         self._pending: dict[bytes | str, list[Update]] = {}
         self._pending_order: collections.deque[tuple[bytes | str, bytes]] = collections.deque()
-        self._pending_ids: set[bytes] = set()
+        self._pending_ids: set[bytes] = set()  # _pending_key of every waiting update
+        self._releasing: list[Update] | None = None  # released updates not yet re-processed
         self._model_policies: dict[str, merge.Policy] = {}
         self._on_accepted: list[Callable[[Update, bool], None]] = []
         self._closed = False
@@ -266,9 +279,7 @@ class Node:
                                           discovery=self.discovery, **options)
         except BaseException:
             self._closed = True
-            self.store.close()
-            if self._embedded is not None:
-                self._embedded.stop()
+            self._stop_store()
             raise
 
     def set_model_policy(self, model: str, policy: merge.Policy) -> None:
@@ -343,7 +354,10 @@ class Node:
         done: list[tuple[pipeline.Decision, pipeline.Snapshot, list[Change]]] = []
         decisions: list[pipeline.Decision] = []
         rest: list[Update] = []
+        held: list[Update] = []  # stored as unauthorized: later updates may chain to them
         now = self._now_ts()
+        if local:  # our own timestamps are never "from the future", even if the wall clock
+            now = max(now, self.clock.last)  # went back since they were issued
         for index, update in enumerate(updates):
             snap = overlay.patch(snaps[index], update)
             decision = pipeline.decide(update, snap, now=now, skew_ms=self.skew_ms,
@@ -363,10 +377,12 @@ class Node:
                 if self.listeners:
                     changes = self._changes(update, outcome, snap, local, "unauthorized")
                     self.listeners.observe_rejected(changes)
-                staged.append((update, None))
-                overlay.add(update, None)
                 self.stats.rejected["UnauthorizedError"] += 1
                 logger.debug("rejected %s: %s", update.hex_id[:12], decision.error)
+                if not local:  # a local caller gets the error: nothing is stored or sent
+                    staged.append((update, None))
+                    overlay.add(update, None)
+                    held.append(update)
                 continue
             changes: list[Change] = []
             if listening and outcome.events:
@@ -391,6 +407,8 @@ class Node:
             self.store.commit_many(staged, hlc=self.clock.last)
         for decision, snap, changes in done:
             self._after_commit(decision, snap, changes, local)
+        for update in held:
+            self._release_pending(update)
         if rest:
             decisions.extend(self._process_batch(rest, local=local))
         return decisions
@@ -523,16 +541,20 @@ class Node:
 
     # ------------------------------------------------------------ pending set
     def _park(self, update: Update, missing: Sequence[bytes | str]) -> None:
-        if update.id in self._pending_ids:
+        token = _pending_key(update)
+        if token in self._pending_ids:
             return
         key = missing[0]
         self._pending.setdefault(key, []).append(update)
-        self._pending_ids.add(update.id)
-        self._pending_order.append((key, update.id))
+        self._pending_ids.add(token)
+        self._pending_order.append((key, token))
+        if len(self._pending_order) > 2 * MAX_PENDING:  # forget updates released meanwhile
+            self._pending_order = collections.deque(
+                e for e in self._pending_order if e[1] in self._pending_ids)
         while len(self._pending_ids) > MAX_PENDING:
             old_key, old_id = self._pending_order.popleft()
             waiting = self._pending.get(old_key, [])
-            self._pending[old_key] = [u for u in waiting if u.id != old_id]
+            self._pending[old_key] = [u for u in waiting if _pending_key(u) != old_id]
             if not self._pending[old_key]:
                 del self._pending[old_key]
             if old_id in self._pending_ids:
@@ -546,12 +568,26 @@ class Node:
         created = update.creates()
         if created is not None:
             keys.append(update.caller)
+        ready = []
         for key in keys:
-            waiting = self._pending.pop(key, None)
-            for parked in waiting or ():
-                if parked.id in self._pending_ids:
-                    self._pending_ids.discard(parked.id)
-                    self._process(parked, local=False)
+            for parked in self._pending.pop(key, None) or ():
+                token = _pending_key(parked)
+                if token in self._pending_ids:
+                    self._pending_ids.discard(token)
+                    ready.append(parked)
+        if not ready:
+            return
+        if self._releasing is not None:  # inside a release: the outer loop takes them
+            self._releasing.extend(ready)
+            return
+        # A loop, not recursion: a long chain delivered backwards is released in one go.
+        self._releasing = ready
+        try:
+            while self._releasing:
+                batch, self._releasing = self._releasing, []
+                self._process_batch(batch, local=False)
+        finally:
+            self._releasing = None
 
     @property
     def pending_count(self) -> int:
@@ -676,12 +712,14 @@ class Node:
         return meta
 
     def exists(self, db_id: str) -> bool:
+        self._check_open()
         meta = self.store.object_meta(db_id)
         return meta is not None and meta.removed is None
 
     def read(self, db_id: str, name: str, *, reader: str | None = None,
              verified: bool = False, default: Any = None) -> Any:
         """The current value of register ``name``; decrypted as ``reader`` if encrypted."""
+        self._check_open()
         reg = self.store.register(db_id, name)
         if reg is None or reg.deleted:
             if reg is None and not self.exists(db_id):
@@ -697,6 +735,7 @@ class Node:
 
     def read_all(self, db_id: str) -> dict[str, merge.Register]:
         """Every live register of an object (raw; encrypted values stay sealed)."""
+        self._check_open()
         return {k: r for k, r in self.store.registers(db_id).items() if not r.deleted}
 
     def _value_key(self, db_id: str, name: str, reg: merge.Register, reader_oid: str) -> bytes:
@@ -862,10 +901,11 @@ class Node:
             if not self.listeners.has_listeners(model):
                 continue
             owned = owned_cache.setdefault(event.db_id, self.is_owned(event.db_id))
+            encrypted = any(r is not None and r.encrypted for r in (event.old, event.new))
             ctx = Context(caller_id=update.caller, verified=True, authorized=outcome.authorized,
                           owned=owned, timestamp=update.timestamp, update_id=update.hex_id,
                           local=local, node_id=update.node.hex(), verdict=verdict,
-                          equivocation=snap.equivocation)
+                          equivocation=snap.equivocation, encrypted=encrypted)
             if event.kind in ("create", "remove"):
                 changes.append(Change(event.kind, event.db_id, event.db_id, None, context=ctx))
                 continue
@@ -900,9 +940,12 @@ class Node:
             except DModelError:
                 logger.exception("closing the network failed")
         with self._lock:
-            self.store.close()
-            if self._embedded is not None:
-                self._embedded.stop()
+            self._stop_store()
+
+    def _stop_store(self) -> None:
+        self.store.close()
+        if self._embedded is not None:
+            self._embedded.stop()
 
     close = shutdown
 
