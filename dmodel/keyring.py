@@ -78,11 +78,12 @@ class Keyring:
                 key = nacl.pwhash.argon2id.kdf(nacl.secret.SecretBox.KEY_SIZE, passphrase,
                                                cfg["salt"], opslimit=cfg["ops"],
                                                memlimit=cfg["mem"])
+                check = cfg["check"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise KeyringError(f"keyring config {cfg_path} is unreadable: {exc}") from exc
             box = nacl.secret.SecretBox(key)
             try:
-                if box.decrypt(cfg["check"]) != _CHECK:
+                if box.decrypt(check) != _CHECK:
                     raise nacl.exceptions.CryptoError
             except nacl.exceptions.CryptoError:
                 raise KeyringError(f"wrong passphrase for the keyring at {self.path}") from None
@@ -152,6 +153,13 @@ class Keyring:
             write_private(self.path / f"{oid}.key", data)
             self._cache[oid] = identity
             self._ids[oid] = db_id
+
+    def discard(self, oid: str) -> None:
+        """Forget the keys of ``oid`` and delete its key file (for a create that was refused)."""
+        with self._lock:
+            self._cache.pop(oid, None)
+            self._ids.pop(oid, None)
+            (self.path / f"{oid}.key").unlink(missing_ok=True)
 
     def get(self, oid: str) -> Identity | None:
         """The identity of an owned object, or None."""

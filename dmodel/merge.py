@@ -9,7 +9,10 @@ with the greatest *version*, where a version is the byte string
 so versions compare as bytes and every update op has a distinct one. A delete is a
 register with ``deleted=True`` (a tombstone), so an older set arriving late cannot
 bring a deleted value back. Removing an object is final: its registers are dropped
-and every later op on it is a no-op, whatever the order of arrival.
+and every later op on it is a no-op, whatever the order of arrival, except the
+object's own grants and revokes, which are still recorded (the verdict of a
+transaction touching the removed object and others depends on them, so they must not
+depend on whether the removal arrived first).
 
 Authorization is evaluated *as of* the version of the op: grants and revokes are
 timestamped events per (object, kind, member), and a caller is authorized for an
@@ -160,9 +163,11 @@ class State:
                 self.lists.setdefault((w.db_id, w.name), set()).add(w.data)
             elif w.kind == "list_del":
                 self.lists.get((w.db_id, w.name), set()).discard(w.data)
-            elif w.kind == "drop":
+            elif w.kind == "drop":  # as the store does: registers, wrapped keys, lists
                 for key in [k for k in self.registers if k[0] == w.db_id]:
                     del self.registers[key]
+                for key in [k for k in self.wraps if k[0] == w.db_id]:
+                    del self.wraps[key]
                 for key in [k for k in self.lists if k[0] == w.db_id]:
                     del self.lists[key]
 
@@ -264,22 +269,26 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
             objects[op.obj] = ObjectMeta(meta.keys, meta.created, ver)
             out.writes.append(Write("object", op.obj, None, objects[op.obj]))
             continue
-        if meta is None or meta.removed is not None or ver < meta.created:
-            continue  # removed objects are final; nothing happens to an object before it exists
+        if meta is None or ver < meta.created:
+            continue  # nothing happens to an object before it exists
+        if op.op in _AUTH_KIND:
+            # Counted even after a removal: other updates' verdicts depend on these events,
+            # so they must not depend on whether the removal arrived first.
+            kind, granted = _AUTH_KIND[op.op]
+            member = op.value["id"]
+            _auth_event(out, state, auth, op.obj, kind, member, ver, granted)
+            if op.op == "grant_read" and meta.removed is None:
+                member_oid = member.partition(":")[2].encode()
+                for ref, wrapped in op.value["w"].items():
+                    out.writes.append(Write("wrap", op.obj, ref + member_oid, wrapped))
+            continue
+        if meta.removed is not None:
+            continue  # removed objects are final
         if op.op == "remove":
             objects[op.obj] = ObjectMeta(meta.keys, meta.created, ver)
             out.writes.append(Write("object", op.obj, None, objects[op.obj]))
             out.writes.append(Write("drop", op.obj))
             out.events.append(Event("remove", op.obj))
-            continue
-        if op.op in _AUTH_KIND:
-            kind, granted = _AUTH_KIND[op.op]
-            member = op.value["id"]
-            _auth_event(out, state, auth, op.obj, kind, member, ver, granted)
-            if op.op == "grant_read":
-                member_oid = member.partition(":")[2].encode()
-                for ref, wrapped in op.value["w"].items():
-                    out.writes.append(Write("wrap", op.obj, ref + member_oid, wrapped))
             continue
         if op.op in LIST_OPS:
             _list_op(out, op, index, ver, update.id, current, registers)
@@ -381,8 +390,8 @@ def between(low: bytes, high: bytes | None, toward: str | None = None) -> bytes:
             digit = a + 1 if toward == "low" else b - 1 if toward == "high" else (a + b) // 2
             if a < digit < b and digit > _DIGIT_MIN:
                 out.append(digit)
-            else:  # a == 0 and b is 2 or 3: digit 1, then room on both sides below
-                out.extend((1, 128))
+            else:  # a == 0 and b is 2 or 3: digit 1, then a digit on the side of ``toward``
+                out.extend((1, 2 if toward == "low" else 255 if toward == "high" else 128))
             return bytes(out)
         if b == a or a == 0:  # same digit, or (b == 1) follow high one digit deeper
             out.append(b)
@@ -414,7 +423,8 @@ def fold(updates: list[Update], *, policy: Policy = "reject") -> State:
     state = State()
     unique = {u.id: u for u in updates}.values()
     for update in sorted(unique, key=lambda u: (u.timestamp, u.caller_oid, u.id)):
-        if not all(op.obj in state.objects or op.op == "create" for op in update.ops):
+        created = {op.obj for op in update.ops if op.op == "create"}  # create + initial values
+        if not all(op.obj in state.objects or op.obj in created for op in update.ops):
             continue
         outcome = apply(update, state)
         if outcome.authorized or unauthorized_is_applied(update, policy):

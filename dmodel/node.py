@@ -43,6 +43,7 @@ from .errors import (
     KeyringError,
     NodeNotRunningError,
     ObjectNotFoundError,
+    RejectedError,
     VetoedError,
 )
 from .keyring import Keyring, write_private
@@ -656,7 +657,11 @@ class Node:
                                           "read": read, "update": update})
         extra: Callable[[], Sequence[Op]] = (
             (lambda: fields(db_id, readers)) if fields else (lambda: ()))
-        self.write(db_id, lambda: (create, *extra()))
+        try:
+            self.write(db_id, lambda: (create, *extra()))
+        except RejectedError:  # refused before anything was stored: keep no key for it
+            self.keyring.discard(identity.oid)
+            raise
         return db_id
 
     def _member_keys(self, member: str) -> PublicIdentity:

@@ -130,8 +130,9 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
         if caller is None:
             return Decision(update, MISSING, missing=(update.caller,))
         keys = caller.keys
+    created = {op.obj for op in update.ops if op.op == "create"}  # e.g. Model.create(**values)
     missing = tuple(sorted({op.obj for op in update.ops
-                            if op.op != "create" and op.obj not in state.objects}))
+                            if op.obj not in state.objects and op.obj not in created}))
     if missing:
         return Decision(update, MISSING, missing=missing)
     if not verified:

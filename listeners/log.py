@@ -7,7 +7,7 @@ from typing import Any
 
 from dmodel.actions import Context, DAction
 
-from ._values import redact, short
+from ._values import REDACTED, short
 
 __all__ = ["LogChanges"]
 
@@ -43,14 +43,13 @@ class LogChanges(DAction):
         self, object_id: str, field: str, old_value: Any, new_value: Any, context: Context
     ) -> None:
         if self.values:
-            old_value, new_value = redact(old_value, context), redact(new_value, context)
-            change = f" {short(old_value)} -> {short(new_value)}"
+            change = f" {_show(old_value, context)} -> {_show(new_value, context)}"
         else:
             change = ""
         self._log("%s.%s updated%s%s", object_id, field, change, _by(context))
 
     def on_deleted(self, object_id: str, field: str, value: Any, context: Context) -> None:
-        was = f" (was {short(redact(value, context))})" if self.values else ""
+        was = f" (was {_show(value, context)})" if self.values else ""
         self._log("%s.%s deleted%s%s", object_id, field, was, _by(context))
 
     def on_remove(self, object_id: str, context: Context) -> None:
@@ -59,6 +58,11 @@ class LogChanges(DAction):
     def _log(self, msg: str, *args: Any) -> None:
         if self.logger.isEnabledFor(self.level):
             self.logger.log(self.level, msg, *args)
+
+
+def _show(value: Any, context: Context) -> str:
+    """A short repr of ``value``, or the bare placeholder for an encrypted field's value."""
+    return REDACTED if context.encrypted else short(value)
 
 
 def _by(context: Context) -> str:

