@@ -233,16 +233,15 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
     _refuse_if_in_use(home, redis_url)
     _check_keyring(home, passphrase)
     with stop_on_signals(threading.Event()) as stopping:
-        node = Node(home, listen="", peers=[], discovery=False, redis_url=redis_url,
-                    passphrase=passphrase, unauthorized_policy=unauthorized_policy)
+        node = Node(home, redis_url=redis_url, passphrase=passphrase,
+                    unauthorized_policy=unauthorized_policy, start_network=False)
         try:
             for listener, pattern in listeners:
                 listener.apply(pattern, node=node)
             # Networking starts only now, so no update is decided before the listeners are on.
-            node.listen = listen or "tcp://127.0.0.1:*"
-            node.peers = list(peers) or _env_peers()
-            node.discovery = bool(discovery)
-            node._start_network(curve=None, broker=None, page_size=sync_page_size)
+            node.start_network(listen=listen or "tcp://127.0.0.1:*",
+                               peers=list(peers) or _env_peers(), discovery=bool(discovery),
+                               page_size=sync_page_size)
         except BaseException:
             node.shutdown()
             raise
@@ -271,8 +270,7 @@ def sync(home: Path | None, redis_url: str | None, passphrase: str | None,
         raise click.UsageError("give at least one --peer (or set DMODEL_PEERS)")
     _refuse_if_in_use(home, redis_url)
     with _open_node(home, redis_url, passphrase, unauthorized_policy) as node:
-        node.listen, node.peers = None, endpoints
-        node._start_network(curve=None, broker=None)
+        node.start_network(peers=endpoints)
         if not node.network.wait_for_peers(len(endpoints), timeout):
             ready = [p.endpoint for p in node.network.peers().values() if p.ready]
             missing = [e for e in endpoints if e not in ready]

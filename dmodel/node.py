@@ -178,6 +178,20 @@ class HistoryEntry:
     ops: tuple[Op, ...]
 
 
+def _lock_home(home: Path) -> Any:
+    """Hold an exclusive lock on ``home`` for this node's life (released if it dies)."""
+    import fcntl
+
+    handle = open(home / "node.lock", "a+")  # noqa: SIM115 - held until shutdown
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigurationError(f"the home {home} is in use by another running node "
+                                 "(one node per home)") from None
+    return handle
+
+
 def _env_bool(name: str) -> bool | None:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -205,9 +219,10 @@ class Node:
                  unauthorized_policy: str | None = None, passphrase: str | None = None,
                  skew: float = 60.0, redis_prefix: str = "dm:",
                  now: Callable[[], int] = time.time_ns, curve: Any = None,
-                 broker: Any = None, network_options: dict[str, Any] | None = None) -> None:
+                 broker: Any = None, network_options: dict[str, Any] | None = None,
+                 start_network: bool = True) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
-        self.listen = listen if listen is not None else os.environ.get("DMODEL_LISTEN") or None
+        self.listen = (listen if listen is not None else os.environ.get("DMODEL_LISTEN")) or None
         if peers is None:
             peers = [p for p in os.environ.get("DMODEL_PEERS", "").split(",") if p.strip()]
         self.peers = [p.strip() for p in peers]
@@ -221,10 +236,17 @@ class Node:
         self.skew_ms = int(skew * 1000)
         self._now = now
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.node_id = self._load_node_id()
-        self.keyring = Keyring(self.home / "keys",
-                               passphrase or os.environ.get("DMODEL_PASSPHRASE") or None)
         redis_url = redis_url if redis_url is not None else os.environ.get("DMODEL_REDIS_URL")
+        # The embedded Redis of a home belongs to one node at a time; a Redis given by URL
+        # is the operator's to share out (one node per database or prefix).
+        self._home_lock = _lock_home(self.home) if not redis_url else None
+        try:
+            self.node_id = self._load_node_id()
+            self.keyring = Keyring(self.home / "keys",
+                                   passphrase or os.environ.get("DMODEL_PASSPHRASE") or None)
+        except BaseException:
+            self._unlock_home()
+            raise
         self._embedded: EmbeddedRedis | None = None
         if redis_url:
             try:
@@ -232,7 +254,11 @@ class Node:
             except ValueError as exc:
                 raise ConfigurationError(f"bad redis_url {redis_url!r}: {exc}") from exc
         else:
-            self._embedded = EmbeddedRedis(self.home)
+            try:
+                self._embedded = EmbeddedRedis(self.home)
+            except BaseException:
+                self._unlock_home()
+                raise
             client = self._embedded.client()
         self.store = RedisStore(client, prefix=redis_prefix)
         try:
@@ -256,8 +282,9 @@ class Node:
         self._on_accepted: list[Callable[[Update, bool], None]] = []
         self._closed = False
         self.network: Any = None
-        if self.listen or self.peers or self.discovery or broker:
-            self._start_network(curve=curve, broker=broker, **(network_options or {}))
+        self._network_options = dict(network_options or {}, curve=curve, broker=broker)
+        if start_network and (self.listen or self.peers or self.discovery or broker):
+            self.start_network()
 
     # ----------------------------------------------------------------- set-up
     def _load_node_id(self) -> bytes:
@@ -272,16 +299,34 @@ class Node:
         write_private(path, data)
         return data
 
-    def _start_network(self, **options: Any) -> None:
+    def start_network(self, *, listen: str | None = None, peers: Iterable[str] | None = None,
+                      discovery: bool | None = None, **options: Any) -> Any:
+        """Start the bus, publishing and catch-up; returns ``node.network``.
+
+        ``Node(..., start_network=False)`` then this: listeners applied in between see
+        every update from the network. Arguments override the constructor's.
+        """
         from .net.service import NetworkService  # late: the core works without networking
 
+        self._check_open()
+        if self.network is not None:
+            raise ConfigurationError("the network of this node is already started")
+        if listen is not None:
+            self.listen = listen
+        if peers is not None:
+            self.peers = list(peers)
+        if discovery is not None:
+            self.discovery = discovery
+        merged = {k: v for k, v in {**self._network_options, **options}.items()
+                  if v is not None}
         try:
             self.network = NetworkService(self, listen=self.listen, peers=self.peers,
-                                          discovery=self.discovery, **options)
+                                          discovery=self.discovery, **merged)
         except BaseException:
-            self._closed = True
-            self._stop_store()
+            if not self.network:
+                self.shutdown()
             raise
+        return self.network
 
     def set_model_policy(self, model: str, policy: merge.Policy) -> None:
         """Override the unauthorized-update policy for one model (from ``Meta``)."""
@@ -951,6 +996,12 @@ class Node:
         self.store.close()
         if self._embedded is not None:
             self._embedded.stop()
+        self._unlock_home()
+
+    def _unlock_home(self) -> None:
+        if self._home_lock is not None:
+            self._home_lock.close()
+            self._home_lock = None
 
     close = shutdown
 

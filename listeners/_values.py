@@ -12,7 +12,9 @@ REDACTED = "<encrypted>"
 
 def redact(value: Any, context: Any) -> Any:
     """``value``, or a placeholder when it belongs to an encrypted field."""
-    return REDACTED if context is not None and getattr(context, "encrypted", False) else value
+    if value is None or context is None or not getattr(context, "encrypted", False):
+        return value
+    return REDACTED
 
 
 def plain(value: Any, _depth: int = 0) -> Any:

@@ -1,8 +1,9 @@
 """NetworkService: connects a Node to its peers through a Bus.
 
-- Every update the node stores and accepts (local or remote) is published: remote ones
-  are thereby relayed, so a partial mesh delivers everything; duplicates are dropped
-  by update id at the receiver and so never relayed twice.
+- Every update the node accepts, local or received live, is published: remote ones are
+  thereby relayed, so a partial mesh delivers everything; duplicates are dropped by
+  update id at the receiver and so never relayed twice. Updates pulled by catch-up are
+  not re-published: the peer they came from serves them to anyone else who lacks them.
 - Published updates from peers go into a bounded queue, drained by one apply thread
   that calls ``node.ingest``. When the queue is full, messages are dropped and
   counted (``stats["queue_dropped"]``) and a catch-up pass is scheduled: catch-up
@@ -56,6 +57,7 @@ class NetworkService:
         self._stop = threading.Event()
         self._progress: list[ProgressCallback] = []
         self._synced: dict[bytes, int] = {}
+        self._catching_up = threading.local()  # set while the sync thread ingests
         self._sync_lock = threading.Lock()
         self.epoch = self._epoch()
         if discovery and discovery_config is None:
@@ -138,6 +140,8 @@ class NetworkService:
 
     # --------------------------------------------------------------- I/O side
     def _publish(self, update: Any, local: bool) -> None:
+        if getattr(self._catching_up, "active", False):
+            return  # pulled from a peer that has it: whoever lacks it pulls it likewise
         try:
             self.bus.publish(update.raw)
             self.node.stats.published += 1
@@ -285,7 +289,11 @@ class NetworkService:
         except sync.SyncMessageError as exc:
             logger.debug("bad reply from %s: %s", peer_id.hex()[:8], exc)
             return None
-        self.node.ingest_many(raws)
+        self._catching_up.active = True
+        try:
+            self.node.ingest_many(raws)
+        finally:
+            self._catching_up.active = False
         self.stats["pulled"] += len(raws)
         return len(raws)
 

@@ -1,0 +1,578 @@
+"""The ``dmodel`` command: each command's happy path and its one-line errors.
+
+Most tests call ``dmodel.cli.main([...])`` in-process on homes filled by real nodes;
+the peer, broker and sync tests run ``python -m dmodel`` as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+import pytest
+
+import dmodel
+from dmodel import merge
+from dmodel.cli import cli, main
+from dmodel.demo import BREAKABLE
+from dmodel.peerproc import parse_listener
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Person(dmodel.DModel):
+    name = dmodel.DField("name", False)
+    salary = dmodel.DField("salary", True)
+
+
+def ship(src: dmodel.Node, dst: dmodel.Node) -> None:
+    for raw in src.updates_since(0):
+        dst.ingest(raw)
+
+
+@pytest.fixture
+def homes(tmp_path):
+    """Two homes, closed: A owns a worker (name, salary); B owns its chief and holds copies."""
+    a = dmodel.Node(tmp_path / "a", listen="", peers=[], discovery=False)
+    b = dmodel.Node(tmp_path / "b", listen="", peers=[], discovery=False)
+    try:
+        chief = Person([], node=b)
+        chief.name = "Chief"
+        ship(b, a)
+        worker = Person([chief.db_id], node=a)
+        worker.name = "Bob"
+        worker.salary = "44321"
+        ship(a, b)
+    finally:
+        a.shutdown()
+        b.shutdown()
+    return {"a": tmp_path / "a", "b": tmp_path / "b", "worker": worker.db_id,
+            "chief": chief.db_id}
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in out + err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ help
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [(), *_commands(cli)], ids=lambda p: " ".join(p) or "dmodel")
+def test_every_command_has_help(capsys, path):
+    code, out, _ = run(capsys, *path, "--help")
+    assert code == 0
+    assert "Usage: dmodel" in out
+
+
+def test_hidden_break_option_is_not_in_help(capsys):
+    _, out, _ = run(capsys, "demo", "--help")
+    assert "--break" not in out
+    option = next(p for p in cli.commands["demo"].params if p.name == "break_step")
+    assert tuple(option.type.choices) == BREAKABLE
+
+
+# ------------------------------------------------------------------ inspection
+
+
+def test_status(capsys, homes):
+    code, out, _ = run(capsys, "status", "--home", homes["a"], "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["objects"] == 2 and info["models"] == {"Person": 2}
+    assert info["owned"] == 1
+    assert info["updates"] >= 4
+    code, out, _ = run(capsys, "status", "--home", homes["a"])
+    assert code == 0 and "objects" in out
+
+
+def test_status_reads_dmodel_home_from_the_environment(capsys, homes, monkeypatch):
+    monkeypatch.setenv("DMODEL_HOME", str(homes["b"]))
+    code, out, _ = run(capsys, "status", "--json")
+    assert code == 0 and json.loads(out)["home"] == str(homes["b"])
+
+
+def test_inspection_never_starts_networking(capsys, homes, monkeypatch):
+    monkeypatch.setenv("DMODEL_PEERS", "tcp://127.0.0.1:1")
+    monkeypatch.setenv("DMODEL_LISTEN", "not-an-endpoint")
+    code, _, err = run(capsys, "ls", "--home", homes["a"])
+    assert code == 0, err
+
+
+def test_ls(capsys, homes):
+    code, out, _ = run(capsys, "ls", "--home", homes["b"], "--json")
+    rows = {r["db_id"]: r for r in json.loads(out)}
+    assert code == 0 and set(rows) == {homes["worker"], homes["chief"]}
+    assert rows[homes["chief"]]["owned"] and not rows[homes["worker"]]["owned"]
+    code, out, _ = run(capsys, "ls", "Person:*", "--home", homes["b"], "--owned", "--json")
+    assert [r["db_id"] for r in json.loads(out)] == [homes["chief"]]
+    code, out, _ = run(capsys, "ls", "Nobody:*", "--home", homes["b"], "--json")
+    assert code == 0 and json.loads(out) == []
+    code, out, _ = run(capsys, "ls", "--home", homes["b"])
+    assert homes["worker"] in out
+
+
+def test_show_decrypts_where_the_keyring_allows(capsys, homes):
+    code, out, _ = run(capsys, "show", homes["worker"], "--home", homes["a"], "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["fields"] == {"name": "Bob", "salary": "44321"} and info["owned"]
+    assert info["read_authorized"] == [homes["chief"]]
+
+    # On B the worker is not owned, but B owns the chief, whom the worker authorized.
+    code, out, _ = run(capsys, "show", homes["worker"], "--home", homes["b"], "--json")
+    assert json.loads(out)["fields"]["salary"] == "44321"
+    code, out, _ = run(capsys, "show", homes["worker"], "--home", homes["b"], "--as",
+                       homes["chief"], "--json", "--verified")
+    assert code == 0 and json.loads(out)["fields"]["salary"] == "44321"
+
+
+def test_show_encrypted_when_no_key_opens_it(capsys, homes, tmp_path):
+    b = dmodel.Node(homes["b"], listen="", peers=[], discovery=False)
+    c = dmodel.Node(tmp_path / "c", listen="", peers=[], discovery=False)
+    try:
+        ship(b, c)
+    finally:
+        b.shutdown()
+        c.shutdown()
+    code, out, _ = run(capsys, "show", homes["worker"], "--home", tmp_path / "c", "--json")
+    assert code == 0
+    assert json.loads(out)["fields"] == {"name": "Bob", "salary": "<encrypted>"}
+    code, out, _ = run(capsys, "show", homes["worker"], "--home", tmp_path / "c")
+    assert "<encrypted>" in out and "'Bob'" in out
+
+
+def test_show_as_a_caller_not_owned_here(capsys, homes):
+    code, out, err = run(capsys, "show", homes["worker"], "--home", homes["a"], "--as",
+                         homes["chief"])
+    assert_one_line_error(code, out, err, "not owned")
+
+
+def test_history(capsys, homes):
+    code, out, _ = run(capsys, "history", homes["worker"], "--home", homes["a"], "--json")
+    assert code == 0
+    rows = json.loads(out)
+    changes = [op for row in rows for op in row["ops"]]
+    assert changes[0].startswith("create")
+    assert "set name = 'Bob'" in changes
+    assert "set salary = <encrypted>" in changes
+    assert all(row["verdict"] == "accepted" for row in rows)
+    code, out, _ = run(capsys, "history", homes["worker"], "--home", homes["a"])
+    assert code == 0 and "set name = 'Bob'" in out
+
+
+@pytest.mark.parametrize("command", ["show", "history"])
+def test_unknown_id_is_a_one_line_error(capsys, homes, command):
+    code, out, err = run(capsys, command, "Person:nosuchobject", "--home", homes["a"])
+    assert_one_line_error(code, out, err, "Person:nosuchobject")
+
+
+def test_missing_home_is_a_one_line_error(capsys, tmp_path):
+    code, out, err = run(capsys, "ls", "--home", tmp_path / "nowhere")
+    assert_one_line_error(code, out, err, "no dmodel home")
+    assert not (tmp_path / "nowhere").exists()
+
+
+# ------------------------------------------------------------------ passphrase
+
+
+@pytest.fixture
+def protected_home(tmp_path):
+    node = dmodel.Node(tmp_path / "p", listen="", peers=[], discovery=False,
+                       passphrase="right horse")
+    try:
+        Person([], node=node).name = "Secret keeper"
+    finally:
+        node.shutdown()
+    return tmp_path / "p"
+
+
+def test_passphrase_from_option_and_environment(capsys, protected_home, monkeypatch):
+    code, out, _ = run(capsys, "ls", "--home", protected_home, "--passphrase", "right horse",
+                       "--json")
+    assert code == 0 and len(json.loads(out)) == 1
+    monkeypatch.setenv("DMODEL_PASSPHRASE", "right horse")
+    code, out, _ = run(capsys, "keys", "list", "--home", protected_home, "--json")
+    assert code == 0 and len(json.loads(out)) == 1
+
+
+def assert_no_store_running(home: Path) -> None:
+    # redis-server removes its pidfile when it stops.
+    assert not (home / "redis" / "redis.pid").exists()
+
+
+@pytest.mark.parametrize("command", [["ls"], ["status"], ["keys", "list"], ["peer"]])
+def test_wrong_passphrase_is_a_one_line_error(capsys, protected_home, command):
+    code, out, err = run(capsys, *command, "--home", protected_home, "--passphrase", "wrong")
+    assert_one_line_error(code, out, err, "wrong passphrase")
+    assert_no_store_running(protected_home)
+
+
+def test_missing_passphrase_is_a_one_line_error(capsys, protected_home):
+    code, out, err = run(capsys, "ls", "--home", protected_home)
+    assert_one_line_error(code, out, err, "passphrase")
+    assert_no_store_running(protected_home)
+
+
+# ------------------------------------------------------------------ verify
+
+
+def test_verify_ok(capsys, homes):
+    code, out, _ = run(capsys, "verify", "--home", homes["b"])
+    assert code == 0 and out.startswith("ok:")
+    code, out, _ = run(capsys, "verify", "--home", homes["b"], "--json")
+    assert json.loads(out)["ok"] is True
+
+
+def test_verify_detects_a_value_altered_in_redis(capsys, homes):
+    node = dmodel.Node(homes["a"], listen="", peers=[], discovery=False)
+    try:
+        key = node.store.k_reg(homes["worker"])
+        assert key == f"dm:r:{homes['worker']}"
+        reg = merge.Register.unpack(node.store.client.hget(key, "name"))
+        forged = merge.Register(reg.version, "Mallory", reg.encrypted, reg.deleted)
+        node.store.client.hset(key, "name", forged.pack())
+    finally:
+        node.shutdown()
+    code, out, err = run(capsys, "verify", "--home", homes["a"])
+    assert code == 1
+    assert "TAMPERING DETECTED" in err and f"{homes['worker']}:name" in err
+    assert "Traceback" not in out + err
+    code, out, _ = run(capsys, "verify", "--home", homes["a"], "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["ok"] and len(report["problems"]) == 1
+
+
+def test_verify_detects_a_deleted_log_entry(capsys, homes):
+    node = dmodel.Node(homes["a"], listen="", peers=[], discovery=False)
+    try:
+        uid = node.store.log_range()[-1]
+        assert node.store.client.hdel("dm:u", uid) == 1
+    finally:
+        node.shutdown()
+    code, out, err = run(capsys, "verify", "--home", homes["a"])
+    assert code == 1
+    assert uid.hex()[:12] in err and "missing update" in err
+
+
+# ------------------------------------------------------------------ keys
+
+
+def test_keys_export_import(capsys, homes, tmp_path):
+    code, out, _ = run(capsys, "keys", "list", "--home", homes["a"])
+    assert code == 0 and out.split() == [homes["worker"]]
+
+    code, out, err = run(capsys, "keys", "export", homes["worker"], "--home", homes["a"])
+    assert_one_line_error(code, out, err, "--i-know-what-i-am-doing")
+    assert out == ""
+
+    code, out, err = run(capsys, "keys", "export", homes["worker"], "--home", homes["a"],
+                         "--i-know-what-i-am-doing")
+    assert code == 0 and "warning" in err
+    exported = tmp_path / "worker.b64"
+    exported.write_text(out)
+    assert base64.b64decode(out.strip())
+
+    (tmp_path / "other").mkdir()
+    code, out, _ = run(capsys, "keys", "import", exported, "--home", tmp_path / "other")
+    assert code == 0 and homes["worker"] in out
+    code, out, _ = run(capsys, "keys", "list", "--home", tmp_path / "other", "--json")
+    assert json.loads(out) == [homes["worker"]]
+
+
+def test_keys_export_to_a_private_file(capsys, homes, tmp_path):
+    target = tmp_path / "worker.key"
+    code, out, err = run(capsys, "keys", "export", homes["worker"], "--home", homes["a"],
+                         "--i-know-what-i-am-doing", "-o", target)
+    assert code == 0 and out == "" and "warning" in err
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    (tmp_path / "other").mkdir()
+    code, out, _ = run(capsys, "keys", "import", target, "--home", tmp_path / "other")
+    assert code == 0 and homes["worker"] in out
+
+
+def test_keys_export_of_an_object_not_owned(capsys, homes):
+    code, out, err = run(capsys, "keys", "export", homes["worker"], "--home", homes["b"],
+                         "--i-know-what-i-am-doing")
+    assert_one_line_error(code, out, err)
+
+
+def test_keys_import_of_garbage(capsys, homes, tmp_path):
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x00not a key")
+    code, out, err = run(capsys, "keys", "import", junk, "--home", homes["a"])
+    assert_one_line_error(code, out, err)
+
+
+# ------------------------------------------------------------------ bad options
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("nosuchmodule.Guard:Person:*", "cannot import nosuchmodule"),
+    ("dmodel.listeners.LogChanges", "a filter must follow"),
+    ("dmodel.listeners.NoSuchListener:*", "not a DAction class"),
+    ("dmodel.listeners.ReadOnlyFields:*", "without arguments"),
+    ("dmodel.listeners.LogChanges:Person:[oid]", "placeholder"),
+    ("LogChanges:*", "expected"),
+    ("missing.py:Guard:*", "no such file"),
+])
+def test_bad_listener_spec_is_a_one_line_error(capsys, tmp_path, spec, needle):
+    code, out, err = run(capsys, "peer", "--home", tmp_path / "h", "--listener", spec)
+    assert_one_line_error(code, out, err, "bad listener spec", needle)
+    assert not (tmp_path / "h").exists()  # refused before any node started
+
+
+def test_listener_from_a_file(tmp_path):
+    source = tmp_path / "guards.py"
+    source.write_text("import dmodel\n"
+                      "class Guard(dmodel.DAction):\n"
+                      "    def on_update(self, object_id, field, old, new):\n"
+                      "        raise PermissionError('no')\n")
+    listener, pattern = parse_listener(f"{source}:Guard:Person:[id]:*")
+    assert type(listener).__name__ == "Guard" and pattern == "Person:[id]:*"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["peer", "--status-interval", "-1"], "--status-interval"),
+    (["peer", "--unauthorized-policy", "sometimes"], "--unauthorized-policy"),
+    (["peer", "--peer", "not-an-endpoint"], "not-an-endpoint"),
+    (["peer", "--listen", "udp://nowhere"], "udp://nowhere"),
+    (["peer", "--models", "nosuchmodule:Person"], "bad model spec"),
+    (["demo", "--updates", "0"], "--updates"),
+    (["nosuchcommand"], "nosuchcommand"),
+])
+def test_bad_option_values_are_one_line_errors(capsys, tmp_path, args, needle):
+    code, out, err = run(capsys, *args, *(["--home", tmp_path / "h"]
+                                          if args[0] == "peer" else []))
+    assert_one_line_error(code, out, err, needle)
+
+
+def test_unreachable_peer_is_a_one_line_error(capsys, homes):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    code, out, err = run(capsys, "sync", "--home", homes["a"], "--peer", endpoint,
+                         "--timeout", "1")
+    assert_one_line_error(code, out, err, "cannot reach peer", endpoint)
+    assert time.monotonic() - started < 30
+
+
+# ------------------------------------------------------------------ real processes
+
+
+class Child:
+    """A ``python -m dmodel ...`` subprocess, read line by line with deadlines."""
+
+    def __init__(self, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DMODEL_")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "dmodel", *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.errors: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self.errors.extend(self.proc.stderr),
+                         daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def line(self, timeout: float = 30.0) -> str:
+        line = self.lines.get(timeout=timeout)
+        assert line is not None, f"exited {self.proc.poll()}: {''.join(self.errors)}"
+        return line.strip()
+
+    def ask(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.line())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+@pytest.fixture
+def children():
+    started: list[Child] = []
+
+    def start(*args: str) -> Child:
+        child = Child(*args)
+        started.append(child)
+        return child
+
+    yield start
+    for child in reversed(started):
+        child.close()
+
+
+def peer_args(home: Path, *extra: str) -> list[str]:
+    return ["peer", "--home", str(home), "--listen", "tcp://127.0.0.1:*", "--no-discovery",
+            "--status-interval", "0", "--models", "dmodel.demo:Person", *extra]
+
+
+def test_peer_speaks_the_stdin_protocol(children, tmp_path):
+    peer = children(*peer_args(tmp_path / "p", "--stdin-commands"))
+    first = peer.line()
+    assert first.startswith("endpoint tcp://127.0.0.1:")
+    assert peer.ask(op="ping", id=7)["id"] == 7
+    db_id = peer.ask(op="create", model="Person",
+                     fields={"name": "Bob", "salary": "1"})["db_id"]
+    assert peer.ask(op="get", db_id=db_id, field="salary") == {"ok": True, "value": "1"}
+    anonymous = peer.ask(op="get", db_id=db_id, field="salary", caller="")
+    assert anonymous["error"] == "DecryptionError"
+    assert peer.ask(op="fill", db_id=db_id, field="visits", count=5)["count"] == 5
+    assert peer.ask(op="wait", db_id=db_id, field="visits", value=5)["ok"]
+    assert peer.ask(op="ls", filter="Person:*")["ids"] == [db_id]
+    assert peer.ask(op="stats")["stats"]["local"] == 7
+    assert peer.ask(op="nonsense")["error"] == "ProtocolError"
+    assert peer.ask(op="get", db_id="Person:nobody", field="name")["error"] == \
+        "ObjectNotFoundError"
+    assert peer.ask(op="quit") == {"ok": True}
+    assert peer.proc.wait(20) == 0
+
+
+def test_peer_stops_cleanly_on_sigterm_and_sigint(children, tmp_path):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        peer = children(*peer_args(tmp_path / "p"))
+        assert peer.line().startswith("endpoint ")
+        redis_pid = int((tmp_path / "p" / "redis" / "redis.pid").read_text())
+        peer.proc.send_signal(sig)
+        assert peer.proc.wait(20) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # its embedded Redis stops too
+            try:
+                os.kill(redis_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the peer's redis-server outlived it")
+
+
+def test_peer_status_line_and_listener(children, tmp_path):
+    peer = children(*peer_args(tmp_path / "p", "--stdin-commands", "--status-interval",
+                               "0.2", "--listener", "dmodel.listeners.LogChanges:Person:*",
+                               "--name", "alpha"))
+    peer.line()
+    db_id = peer.ask(op="create", model="Person", fields={"name": "Bob"})["db_id"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = "".join(peer.errors)
+        if "status peers=0" in text and f"{db_id}.name updated" in text:
+            break
+        time.sleep(0.05)
+    text = "".join(peer.errors)
+    assert " alpha INFO dmodel.peerproc: status peers=0 in=0 local=2" in text
+    assert f"{db_id}.name updated None -> 'Bob'" in text
+
+
+def test_two_peers_and_sync(children, tmp_path, capsys):
+    a = children(*peer_args(tmp_path / "a", "--stdin-commands"))
+    endpoint = a.line().split()[1]
+    b = children(*peer_args(tmp_path / "b", "--stdin-commands", "--peer", endpoint))
+    b.line()
+    assert b.ask(op="wait_peers", n=1, timeout=20)["ready"]
+    db_id = a.ask(op="create", model="Person", fields={"name": "Bob"})["db_id"]
+    assert b.ask(op="wait", db_id=db_id, field="name", value="Bob", timeout=20)["ok"]
+
+    # A third home, offline so far, pulls everything once with `dmodel sync`.
+    (tmp_path / "c").mkdir()
+    code, out, err = run(capsys, "sync", "--home", tmp_path / "c", "--peer", endpoint)
+    assert code == 0, err
+    assert "2 new updates" in out
+    code, out, _ = run(capsys, "show", db_id, "--home", tmp_path / "c", "--json")
+    assert json.loads(out)["fields"] == {"name": "Bob"}
+
+
+def test_inspecting_the_home_of_a_running_peer_leaves_it_running(children, tmp_path, capsys):
+    peer = children(*peer_args(tmp_path / "p", "--stdin-commands"))
+    peer.line()
+    db_id = peer.ask(op="create", model="Person", fields={"name": "Bob"})["db_id"]
+    code, out, _ = run(capsys, "status", "--home", tmp_path / "p", "--json")
+    assert code == 0 and "running peer" in json.loads(out)["store"]
+    code, out, _ = run(capsys, "show", db_id, "--home", tmp_path / "p", "--json")
+    assert json.loads(out)["fields"] == {"name": "Bob"}
+    peer.ask(op="set", db_id=db_id, field="name", value="Robert")
+    assert peer.ask(op="get", db_id=db_id, field="name")["value"] == "Robert"
+
+
+@pytest.mark.parametrize("command", ["peer", "sync"])
+def test_a_second_node_on_a_home_in_use_is_refused(children, tmp_path, capsys, command):
+    peer = children(*peer_args(tmp_path / "p", "--stdin-commands"))
+    endpoint = peer.line().split()[1]
+    code, out, err = run(capsys, command, "--home", tmp_path / "p", "--peer", endpoint)
+    assert_one_line_error(code, out, err, "already running")
+    assert peer.ask(op="ping")["ok"]
+
+
+def test_a_peer_restarts_on_the_home_of_a_killed_one(children, tmp_path):
+    first = children(*peer_args(tmp_path / "p", "--stdin-commands"))
+    first.line()
+    db_id = first.ask(op="create", model="Person", fields={"name": "Bob"})["db_id"]
+    first.proc.kill()  # its embedded Redis, in its own session, keeps running
+    first.proc.wait(10)
+    second = children(*peer_args(tmp_path / "p", "--stdin-commands"))
+    assert second.line().startswith("endpoint ")
+    assert second.ask(op="get", db_id=db_id, field="name")["value"] == "Bob"
+    assert second.ask(op="quit")["ok"] and second.proc.wait(20) == 0
+    assert not (tmp_path / "p" / "redis" / "redis.pid").exists()
+
+
+def test_broker_runs_until_sigterm(children):
+    broker = children("broker")
+    assert broker.line().startswith("frontend tcp://127.0.0.1:")
+    assert broker.line().startswith("backend tcp://127.0.0.1:")
+    broker.proc.send_signal(signal.SIGTERM)
+    assert broker.proc.wait(20) == 0
+
+
+def test_python_dash_m_dmodel_errors_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dmodel", "show", "Person:x", "--home",
+                             str(tmp_path / "none")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no dmodel home") and "Traceback" not in result.stderr
