@@ -44,6 +44,7 @@ from .errors import (
     NodeNotRunningError,
     ObjectNotFoundError,
     RejectedError,
+    ReplayedUpdate,
     VetoedError,
 )
 from .keyring import Keyring, write_private
@@ -76,6 +77,22 @@ def _verify_pool() -> concurrent.futures.ThreadPoolExecutor:
                 max_workers=max(2, min(8, os.cpu_count() or 2)),
                 thread_name_prefix="dmodel-verify")
         return _pool
+
+
+class _RecentIds:
+    """A bounded, insertion-ordered set of update ids (the oldest go first)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids: dict[bytes, None] = {}
+
+    def add(self, uid: bytes) -> None:
+        self._ids[uid] = None
+        if len(self._ids) > self.capacity:
+            del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._ids
 
 
 class _Overlay:
@@ -274,6 +291,7 @@ class Node:
         self.listeners = ListenerRegistry(lock=self._lock)
         self.stats = Stats()
         self._heads: dict[str, bytes] = {}
+        self._recent = _RecentIds(100_000)  # ids of updates stored lately
         self._pending: dict[bytes | str, list[Update]] = {}
         self._pending_order: collections.deque[tuple[bytes | str, bytes]] = collections.deque()
         self._pending_ids: set[bytes] = set()  # _pending_key of every waiting update
@@ -375,9 +393,17 @@ class Node:
             results.append(None)
         if updates:
             with self._lock:
-                for i, decision in zip(where, self._process_batch(updates, local=False),
-                                       strict=True):
-                    results[i] = decision
+                fresh = [(i, u) for i, u in zip(where, updates, strict=True)
+                         if u.id not in self._recent]
+                for i, update in zip(where, updates, strict=True):
+                    if update.id in self._recent:  # a relayed copy: no store round trip
+                        error = ReplayedUpdate("update already seen", update.id)
+                        self._count_drop(error, update)
+                        results[i] = pipeline.Decision(update, pipeline.DROPPED, error=error)
+                if fresh:
+                    decisions = self._process_batch([u for _, u in fresh], local=False)
+                    for (i, _), decision in zip(fresh, decisions, strict=True):
+                        results[i] = decision
         return results
 
     def _process(self, update: Update, *, local: bool) -> pipeline.Decision:
@@ -451,6 +477,8 @@ class Node:
             for update, _ in staged:
                 self.clock.observe(update.timestamp)
             self.store.commit_many(staged, hlc=self.clock.last)
+            for update, _ in staged:
+                self._recent.add(update.id)
         for decision, snap, changes in done:
             self._after_commit(decision, snap, changes, local)
         for update in held:

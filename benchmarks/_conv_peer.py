@@ -1,0 +1,346 @@
+"""A convergence-benchmark peer: one dmodel Node in its own process, driven over stdin/stdout.
+
+Private to ``bench_convergence.py`` (not a benchmark, not a tool). Started as::
+
+    python benchmarks/_conv_peer.py --home DIR [--listen EP] [--peers EP,EP] [--options JSON]
+
+it starts ``dmodel.Node(home, listen=..., peers=[...], network_options=...)`` and
+prints its ROUTER endpoint as the first line on stdout. Then it reads one JSON
+request per line on stdin (``{"op": ..., ...}``) and answers each with one JSON line:
+``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. Logging goes to stderr.
+
+``digest`` hashes the node's replicated state, read in one Redis pipeline while the
+node's apply lock is held (so no update is half-read): every known object's metadata,
+its registers (fields, DList elements, DDict entries: value, version, flags), its
+authorization events, its wrapped keys and the order of each of its DLists; and,
+separately, the set of stored update ids. Nothing that depends on arrival order (the
+log order, per-object history lists) is included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+WIDE_FIELDS = 100  # fields of the model written 100 at a time in one transaction
+
+
+class Recorder:
+    """Counts updates from peers stored after ``mark()``; first/last time_ns."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.mark()
+
+    def mark(self) -> None:
+        with self.lock:
+            self.count = 0
+            self.first_ns = 0
+            self.last_ns = 0
+
+    def __call__(self, update: Any, local: bool) -> None:
+        if local:
+            return
+        now = time.time_ns()
+        with self.lock:
+            if not self.count:
+                self.first_ns = now
+            self.last_ns = now
+            self.count += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return {"count": self.count, "first_ns": self.first_ns, "last_ns": self.last_ns}
+
+
+class Peer:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import dmodel
+
+        class ConvWriter(dmodel.DModel):
+            """The identity a peer writes as on objects it does not own."""
+
+            label = dmodel.DField("label", False)
+
+        class ConvItem(dmodel.DModel):
+            n = dmodel.DField("n", False)
+            m = dmodel.DField("m", False)
+            items = dmodel.DList("items")
+
+        wide = {f"f{k}": dmodel.DField(f"f{k}", False) for k in range(WIDE_FIELDS)}
+        self.wide_model = type("ConvWide", (dmodel.DModel,), wide)
+        self.writer_model = ConvWriter
+        self.item_model = ConvItem
+        peers = [p for p in args.peers.split(",") if p]
+        options = json.loads(args.options) if args.options else {}
+        self.node = dmodel.Node(args.home, listen=args.listen or "", peers=peers,
+                                discovery=False, redis_url="", network_options=options)
+        self.recorder = Recorder()
+        self.node.on_accepted(self.recorder)
+        self.writer: Any = None
+        self.wide: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.node.network.endpoint or ""
+
+    def cpu(self) -> dict[str, float]:
+        info = self.node.store.client.info("cpu")
+        return {"process": time.process_time(),
+                "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"])}
+
+    # ------------------------------------------------------------- commands
+    def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "node_id": self.node.node_id.hex()}
+
+    def op_wait_peers(self, req: dict[str, Any]) -> dict[str, Any]:
+        ready = self.node.network.wait_for_peers(int(req.get("n", 1)),
+                                                  float(req.get("timeout", 10)))
+        return {"ready": ready, "peers": sum(p.ready for p in
+                                             self.node.network.peers().values())}
+
+    def op_create_writer(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.writer = self.writer_model([], node=self.node)
+        return {"id": self.writer.db_id}
+
+    def op_create_items(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``count`` items owned here, ``update`` ids in their update-authorized set."""
+        update = list(req.get("update", ()))
+        ids = [self.item_model.create(update=update, node=self.node, n=0).db_id
+               for _ in range(int(req["count"]))]
+        return {"ids": ids, "log_length": self.node.log_length()}
+
+    def op_create_wide(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.wide = self.wide_model([], node=self.node)
+        return {"id": self.wide.db_id, "log_length": self.node.log_length()}
+
+    def op_wait_objects(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Wait until every object in ``ids`` is known here (or ``timeout`` s pass)."""
+        ids, timeout = list(req["ids"]), float(req.get("timeout", 30))
+        deadline = time.monotonic() + timeout
+        missing = [i for i in ids if not self.node.exists(i)]
+        while missing and time.monotonic() < deadline:
+            time.sleep(0.02)
+            missing = [i for i in missing if not self.node.exists(i)]
+        return {"reached": not missing, "missing": len(missing)}
+
+    def op_write_for(self, req: dict[str, Any]) -> dict[str, Any]:
+        """From wall time ``start_ns`` for ``seconds``: random writes to the items ``ids``.
+
+        Items this node owns are written as themselves, the others as this node's writer
+        object (which their update-authorized set names). The mix, per write: set ``n``
+        (60%), set ``m`` (20%), delete ``m`` (5%), DList append (10%), DList insert at a
+        random index (5%). Each write is one signed update.
+        """
+        ids, seconds = list(req["ids"]), float(req["seconds"])
+        rng = random.Random(int(req.get("seed", 0)))
+        tag = str(req.get("tag", "p"))
+        objs = []
+        for db_id in ids:
+            caller = db_id if self.node.is_owned(db_id) else self.writer.db_id
+            objs.append(self.item_model(db_id, caller, node=self.node))
+        counts = {"set": 0, "delete": 0, "append": 0, "insert": 0}
+        errors: dict[str, int] = {}
+        start_ns = int(req.get("start_ns", time.time_ns()))
+        wait = (start_ns - time.time_ns()) / 1e9
+        if wait > 0:
+            time.sleep(min(wait, 10.0))
+        cpu0 = self.cpu()
+        first_ns = time.time_ns()
+        end_ns = first_ns + int(seconds * 1e9)
+        i = 0
+        now = first_ns
+        while now < end_ns:
+            obj = objs[rng.randrange(len(objs))]
+            r = rng.random()
+            value = f"{tag}{i}"
+            try:
+                if r < 0.60:
+                    obj.n.set(value)
+                    counts["set"] += 1
+                elif r < 0.80:
+                    obj.m.set(value)
+                    counts["set"] += 1
+                elif r < 0.85:
+                    obj.m.delete()
+                    counts["delete"] += 1
+                elif r < 0.95:
+                    obj.items.append(value)
+                    counts["append"] += 1
+                else:
+                    lst = obj.items
+                    lst.insert(rng.randint(0, lst.length()), value)
+                    counts["insert"] += 1
+            except Exception as exc:  # counted and reported; the loop is bounded by time
+                name = type(exc).__name__
+                errors[name] = errors.get(name, 0) + 1
+            i += 1
+            now = time.time_ns()
+        cpu1 = self.cpu()
+        written = sum(counts.values())
+        return {"written": written, "counts": counts, "errors": errors, "first_ns": first_ns,
+                "last_ns": now, "elapsed": (now - first_ns) / 1e9,
+                "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0},
+                "log_length": self.node.log_length()}
+
+    def op_tx_write(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``n`` transactions, each setting all 100 fields of the wide object (one update)."""
+        n = int(req["n"])
+        obj = self.wide
+        names = [f"f{k}" for k in range(WIDE_FIELDS)]
+        cpu0 = self.cpu()
+        first_ns = time.time_ns()
+        start = time.perf_counter()
+        for t in range(n):
+            base = (t + 1) * WIDE_FIELDS
+            with obj.transaction():
+                for k, name in enumerate(names):
+                    setattr(obj, name, base + k)
+        elapsed = time.perf_counter() - start
+        cpu1 = self.cpu()
+        return {"n": n, "elapsed": elapsed, "first_ns": first_ns, "last_ns": time.time_ns(),
+                "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0},
+                "log_length": self.node.log_length()}
+
+    def op_mark(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.recorder.mark()
+        return {"log_length": self.node.log_length(), "cpu": self.cpu()}
+
+    def op_wait_log(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Wait until the log holds ``target`` updates (or ``timeout`` s pass)."""
+        target, timeout = int(req["target"]), float(req.get("timeout", 60))
+        start = time.monotonic()
+        length = self.node.log_length()
+        while length < target and time.monotonic() - start < timeout:
+            time.sleep(0.005)
+            length = self.node.log_length()
+        return {"reached": length >= target, "log_length": length,
+                "applied": self.recorder.as_dict(), "cpu": self.cpu()}
+
+    def op_read_wide(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The wide object's fields as this node sees them (a spot check of B's copy)."""
+        db_id = req["id"]
+        return {"values": [self.node.read(db_id, f"f{k}") for k in range(WIDE_FIELDS)]}
+
+    def op_digest(self, req: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        with self.node._lock:  # the apply lock: a consistent view of the store
+            taken_ns = time.time_ns()
+            result = state_digest(self.node.store)
+        result["taken_ns"] = taken_ns
+        result["seconds"] = round(time.perf_counter() - started, 4)
+        result["stats"] = self._stats()
+        return result
+
+    def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"stats": self._stats(), "cpu": self.cpu()}
+
+    def _stats(self) -> dict[str, Any]:
+        net = self.node.network
+        return {"node": self.node.stats.as_dict(), "network": dict(net.stats),
+                "log_length": self.node.log_length(), "pending": self.node.pending_count,
+                "queue": net._queue.qsize()}
+
+    def close(self) -> None:
+        self.node.shutdown()
+
+
+def state_digest(store: Any) -> dict[str, Any]:
+    """BLAKE2b digests of the replicated state of ``store`` (a dmodel RedisStore).
+
+    Reads every object's keys in one pipeline, then the DList orders in a second one.
+    """
+    client = store.client
+    ids = store.object_ids()
+    pipe = client.pipeline(transaction=False)
+    for db_id in ids:
+        pipe.get(store.k_obj(db_id))
+        pipe.hgetall(store.k_reg(db_id))
+        pipe.hgetall(store.k_auth(db_id))
+        pipe.hgetall(store.k_wrap(db_id))
+        pipe.smembers(store.k_lists(db_id))
+    pipe.lrange(store.k_log, 0, -1)
+    res = pipe.execute()
+    uids = sorted(res.pop())
+    parts = {k: hashlib.blake2b(digest_size=16) for k in
+             ("objects", "registers", "auth", "wraps", "lists")}
+    list_names: list[tuple[str, str]] = []
+    registers = 0
+    for index, db_id in enumerate(ids):
+        meta, regs, auth, wraps, lists = res[5 * index: 5 * index + 5]
+        key = db_id.encode()
+        parts["objects"].update(msgpack.packb([key, meta or b""]))
+        parts["registers"].update(msgpack.packb([key, sorted(regs.items())]))
+        parts["auth"].update(msgpack.packb([key, sorted(auth.items())]))
+        parts["wraps"].update(msgpack.packb([key, sorted(wraps.items())]))
+        registers += len(regs)
+        list_names.extend((db_id, name.decode()) for name in sorted(lists))
+    pipe = client.pipeline(transaction=False)
+    for db_id, name in list_names:
+        pipe.zrange(store.k_list(db_id, name), 0, -1)
+    elements = 0
+    for (db_id, name), keys in zip(list_names, pipe.execute() if list_names else [],
+                                   strict=True):
+        elements += len(keys)
+        parts["lists"].update(msgpack.packb([db_id, name, keys]))
+    updates = hashlib.blake2b(b"".join(uids), digest_size=16).hexdigest()
+    hexes = {k: h.hexdigest() for k, h in parts.items()}
+    state = hashlib.blake2b("".join(hexes[k] for k in sorted(hexes)).encode(),
+                            digest_size=16).hexdigest()
+    return {"state": state, "updates": updates, "parts": hexes, "objects": len(ids),
+            "registers": registers, "list_elements": elements, "update_count": len(uids)}
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s conv-peer %(name)s %(levelname)s %(message)s")
+    peer = Peer(args)
+    out = sys.stdout
+    out.write(peer.endpoint + "\n")
+    out.flush()
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+                op = req.get("op")
+                if op == "quit":
+                    out.write(json.dumps({"ok": True}) + "\n")
+                    out.flush()
+                    break
+                handler = getattr(peer, f"op_{op}", None)
+                if handler is None:
+                    raise ValueError(f"unknown op {op!r}")
+                answer = {"ok": True, **handler(req)}
+            except Exception as exc:  # answer, never die: the parent decides
+                logging.getLogger("conv-peer").exception("request failed")
+                answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+    finally:
+        peer.close()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="dmodel convergence benchmark peer (private)")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--listen", default="tcp://127.0.0.1:*")
+    parser.add_argument("--peers", default="")
+    parser.add_argument("--options", default="", help="network_options as JSON")
+    return serve(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,873 @@
+"""Network benchmark: live apply, latency, catch-up, fan-out and bursts between dmodel peers.
+
+Every peer is a separate process (``benchmarks/_peer.py``: one ``dmodel.Node`` with its
+own embedded Redis, driven by JSON lines on stdin/stdout), connected over ZeroMQ on
+tcp://127.0.0.1. What is measured, in one run:
+
+1. References: raw single-core Ed25519 verify (PyNaCl, 200-byte messages) in this
+   process, and raw pyzmq PUB/SUB between two processes (250-byte messages).
+2. Live apply. (a) Peer A writes N updates (local ``field.set``) to a few owned objects;
+   peer B (``peers=[A]``) applies them: B's rate = N / (first to last update stored at
+   B), and A's own write rate, which bounds it. (b) Not bounded by A: a publisher peer
+   that stores nothing publishes N pre-signed updates as fast as its bus takes them;
+   B (queue and HWMs large enough that nothing drops) applies them at its own pace.
+   (c) For reference, the same pre-signed updates through ``node.ingest_many`` in one
+   process, no network (the apply pipeline alone).
+3. Latency at B of updates written at A at a paced 1,000 updates/s: the value is A's
+   ``time.time_ns()`` just before the write; B's ``on_updated`` listener takes the
+   difference (one machine, one clock).
+4. Catch-up: a peer S holds M pre-signed updates (loaded with ``ingest_many``: that is
+   figure 2c); a new peer C starts with ``peers=[S]`` and converges. Time from C's
+   node being up to C holding all M, and the rate.
+5. Fan-out: A writes N updates with 2, 4 and 8 other peers connected (``peers=[A]``;
+   the bus gossip then meshes them): time until every peer has everything. Nodes relay
+   what they accept, so each peer receives every update from every peer it is
+   connected to; the duplicates are counted.
+6. Burst at the high-water mark: small HWMs and apply queue, a slow B (a listener that
+   sleeps on every update) and a burst ten times the HWM: live messages lost, and the
+   time until B has everything anyway (catch-up).
+
+Run (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_network.py            # full run (~6-9 min, 2 cores)
+    .venv/bin/python benchmarks/bench_network.py --quick    # smoke run for CI (~30 s)
+    .venv/bin/python benchmarks/bench_network.py --profile  # add a cProfile of B's apply
+
+Results go to ``benchmarks/results/bench_network.json`` (git-ignored) unless ``--json``
+says otherwise. Progress goes to stderr, the report to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import _common as common
+import msgpack
+import nacl.signing
+import zmq
+
+from dmodel.clock import HybridClock
+from dmodel.crypto import Identity
+from dmodel.update import Op, Update
+
+PEER_SCRIPT = Path(__file__).resolve().parent / "_peer.py"
+
+# Aims stated for the project (checked and reported, never enforced).
+AIM_APPLY_VS_VERIFY = 1.0      # sustained apply >= 1.0x raw single-core verify
+AIM_APPLY_FLOOR = 0.6          # ... and never below 0.6x
+AIM_P99_MS = 10.0              # p99 latency < 10 ms at 1,000 updates/s
+AIM_CATCHUP_VS_LIVE = 1.0      # catch-up at least as fast as live apply
+
+MODEL = "BenchItem"            # the model _peer.py declares
+OBJECTS = 4                    # owned objects written round-robin
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ children
+
+
+class PeerError(RuntimeError):
+    pass
+
+
+class Child:
+    """One ``_peer.py`` process: JSON requests on stdin, one JSON answer per line."""
+
+    def __init__(self, name: str, tmp: Path, *, peers: Sequence[str] = (),
+                 options: dict[str, Any] | None = None, profile: bool = False) -> None:
+        self.name = name
+        self.stderr_path = tmp / f"{name}.stderr"
+        env = dict(os.environ)
+        for key in [k for k in env if k.startswith("DMODEL_")]:
+            del env[key]  # explicit arguments only
+        if profile:
+            env["DMODEL_BENCH_PROFILE"] = "1"
+        cmd = [sys.executable, str(PEER_SCRIPT), "--home", str(tmp / name),
+               "--listen", "tcp://127.0.0.1:*", "--peers", ",".join(peers),
+               "--options", json.dumps(options or {})]
+        self._err: IO[bytes] = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, text=True, bufsize=1, env=env)
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"bench-read-{name}")
+        self._reader.start()
+        self.endpoint = ""
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def started(self, timeout: float = 60.0) -> Child:
+        """Wait for the endpoint line."""
+        line = self._next(timeout)
+        self.endpoint = line.strip()
+        if not self.endpoint.startswith("tcp://"):
+            raise PeerError(f"{self.name}: unexpected first line {line!r}{self._tail()}")
+        return self
+
+    def _next(self, timeout: float) -> str:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise PeerError(f"{self.name}: no answer within {timeout:.0f} s{self._tail()}") \
+                from None
+        if line is None:
+            raise PeerError(f"{self.name}: process ended (rc={self.proc.poll()}){self._tail()}")
+        return line
+
+    def _tail(self) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return ("\n  stderr: " + "\n  ".join(text[-15:])) if text else ""
+
+    def send(self, op: str, **args: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+
+    def recv(self, timeout: float = 60.0) -> dict[str, Any]:
+        answer = json.loads(self._next(timeout))
+        if not answer.get("ok"):
+            raise PeerError(f"{self.name}: {answer.get('error')}{self._tail()}")
+        return answer
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """One request and its answer; a ``timeout`` argument (also sent) bounds the wait."""
+        self.send(op, **args)
+        return self.recv(float(args.get("timeout", 0)) + 60.0)
+
+    def close(self) -> None:
+        """Ask it to quit; terminate, then kill, this process only if it does not."""
+        if self.proc.poll() is None:
+            try:
+                self.send("quit")
+                self.proc.wait(timeout=20)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        self._err.close()
+
+
+class Cluster:
+    """The children of one phase; all are closed when the phase ends, whatever happens."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.children: list[Child] = []
+
+    def spawn(self, name: str, **kwargs: Any) -> Child:
+        child = Child(name, self.tmp, **kwargs)
+        self.children.append(child)
+        return child
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in reversed(self.children):
+            child.close()
+
+
+# ---------------------------------------------------------------- references
+
+
+def ref_verify(n: int) -> dict[str, Any]:
+    """Single-core PyNaCl verify of 200-byte messages (one key, as in a stream of updates)."""
+    sk = nacl.signing.SigningKey.generate()
+    msg = os.urandom(200)
+    sig = sk.sign(msg).signature
+    vk = sk.verify_key
+    for _ in range(max(10, n // 10)):
+        vk.verify(msg, sig)
+    runs, cpus = [], []
+    for _ in range(3):
+        cpu0, start = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            vk.verify(msg, sig)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        runs.append(n / elapsed)
+        cpus.append(cpu * 1e6 / n)
+    return {"n": n, "ops_per_s": round(statistics.median(runs), 1),
+            "runs_ops_per_s": [round(r, 1) for r in runs],
+            "cpu_us_per_op": round(statistics.median(cpus), 2),
+            "cpu_bound_ops_per_s": round(1e6 / statistics.median(cpus), 1)}
+
+
+def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
+    """Raw pyzmq PUB (child process) -> SUB (this process) over tcp://127.0.0.1."""
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.rcvhwm = 0
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    port = sub.bind_to_random_port("tcp://127.0.0.1")
+    err = open(tmp / "zmqpub.stderr", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, str(PEER_SCRIPT), "--zmq-pub",
+                             f"tcp://127.0.0.1:{port}", "--count", str(n), "--size", str(size)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                            text=True)
+    got, first, last, lost_end = 0, 0.0, 0.0, False
+    try:
+        if not sub.poll(30_000):
+            raise PeerError("raw pyzmq publisher sent nothing")
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60 + n / 20_000
+        recv = sub.recv
+        while time.monotonic() < deadline:
+            if not sub.poll(5000):
+                lost_end = True
+                break
+            msg = recv()
+            if msg[:1] == b"d":
+                if not got:
+                    first = time.perf_counter()
+                got += 1
+                last = time.perf_counter()
+            elif msg[:1] == b"e":
+                break
+    finally:
+        sub.close()
+        ctx.term()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdin is not None:
+            proc.stdin.close()
+        err.close()
+    elapsed = last - first
+    return {"n": n, "size": size, "received": got, "lost": n - got,
+            "ops_per_s": round((got - 1) / elapsed, 1) if got > 1 and elapsed > 0 else 0.0,
+            "mb_per_s": round((got - 1) * size / elapsed / 1e6, 1) if elapsed > 0 else 0.0,
+            "end_marker_lost": lost_end}
+
+
+# --------------------------------------------------------- pre-signed updates
+
+
+def presign(path: Path, n: int, objects: int = OBJECTS) -> dict[str, Any]:
+    """``objects`` creates, then ``n`` plain sets round-robin, signed as dmodel would.
+
+    Same shape as ``BenchItem.n.set(i)`` by another node: caller = the object itself,
+    a per-(caller, node) hash chain, HLC timestamps from the wall clock.
+    """
+    start = time.perf_counter()
+    node_id = os.urandom(16)
+    clock = HybridClock(time.time_ns)
+    raws: list[bytes] = []
+    chains: list[tuple[Identity, str, bytes]] = []
+    for _ in range(objects):
+        ident = Identity.generate()
+        db_id = f"{MODEL}:{ident.oid}"
+        create = Op(db_id, "create", "", {"sign": ident.public.verify_key,
+                                          "box": ident.public.box_key,
+                                          "read": [], "update": []})
+        upd = Update.create(ident, node=node_id, caller=db_id, timestamp=clock.tick(),
+                            prev=b"", ops=(create,))
+        raws.append(upd.raw)
+        chains.append((ident, db_id, upd.id))
+    for i in range(n):
+        ident, db_id, prev = chains[i % objects]
+        upd = Update.create(ident, node=node_id, caller=db_id, timestamp=clock.tick(),
+                            prev=prev, ops=(Op(db_id, "set", "n", i),))
+        raws.append(upd.raw)
+        chains[i % objects] = (ident, db_id, upd.id)
+    path.write_bytes(msgpack.packb(raws, use_bin_type=True))
+    sizes = [len(r) for r in raws[objects:]]
+    return {"n": n, "objects": objects, "seconds": round(time.perf_counter() - start, 2),
+            "update_bytes_mean": round(statistics.mean(sizes), 1) if sizes else 0}
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def applied_rate(done: dict[str, Any]) -> tuple[float, float]:
+    """(updates/s, seconds) from first to last update stored at a peer."""
+    app = done["applied"]
+    secs = (app["last_ns"] - app["first_ns"]) / 1e9
+    return (app["count"] / secs if secs > 0 else 0.0), secs
+
+
+def window_rates(done: dict[str, Any], window: int) -> list[float]:
+    """Rates over consecutive windows of ``window`` updates (from the stride ticks)."""
+    app = done["applied"]
+    ticks = [app["first_ns"], *app["ticks"]]
+    step = max(1, window // app["stride"])
+    rates = []
+    for i in range(step, len(ticks), step):
+        secs = (ticks[i] - ticks[i - step]) / 1e9
+        count = step * app["stride"] - (1 if i == step else 0)
+        if secs > 0:
+            rates.append(count / secs)
+    return rates
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """CPU µs per update of the peer process, its apply thread(s) and its redis-server."""
+    return {f"{k}_cpu_us": round((after[k] - before[k]) * 1e6 / n, 1) for k in before} \
+        if n else {}
+
+
+def wait_timeout(n: int, floor_rate: float = 150.0) -> float:
+    return 60.0 + n / floor_rate
+
+
+def connect_pair(a: Child, b: Child, timeout: float = 30.0) -> None:
+    if not a.call("wait_peers", n=1, timeout=timeout)["ready"] or \
+            not b.call("wait_peers", n=1, timeout=timeout)["ready"]:
+        raise PeerError(f"{a.name} and {b.name} did not connect within {timeout:.0f} s")
+
+
+def peer_messages(stats: dict[str, Any], node_id: str) -> int:
+    return int(stats["bus"]["peers"].get(node_id, {}).get("messages_in", 0))
+
+
+# -------------------------------------------------------------------- phases
+
+
+def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[str, Any]:
+    """2a (A writes, B applies) and 3 (latency at a paced rate), on one pair."""
+    out: dict[str, Any] = {}
+    with Cluster(tmp) as cl:
+        a = cl.spawn("live-a").started()
+        b = cl.spawn("live-b", peers=[a.endpoint]).started()
+        connect_pair(a, b)
+        base = a.call("create", count=OBJECTS)["log_length"]
+        if not b.call("wait_log", target=base, timeout=30)["reached"]:
+            raise PeerError("B did not get A's creates")
+        log(f"  live: A writes {n:,} updates, B applies")
+        mark = b.call("mark", stride=max(50, n // 200))
+        a.send("write", n=n)
+        wrote = a.recv(timeout=wait_timeout(n, 50))
+        done = b.call("wait_log", target=base + n, timeout=wait_timeout(n))
+        a_stats = a.call("stats")
+        rate, secs = applied_rate(done)
+        windows = window_rates(done, max(500, n // 20))
+        a_id = a.call("ping")["node_id"]
+        out["live"] = {
+            "n": n, "objects": OBJECTS, "complete": done["reached"],
+            "a_write_rate": round(wrote["rate"], 1), "a_write_seconds": round(wrote["elapsed"], 3),
+            "a_cpu": cpu_delta({k: 0.0 for k in wrote["cpu"]}, wrote["cpu"], n),
+            "b_apply_rate": round(rate, 1), "b_apply_seconds": round(secs, 3),
+            "b_min_window_rate": round(min(windows), 1) if windows else None,
+            "window_updates": max(500, n // 20),
+            "b_window_rates": [round(w) for w in windows],
+            "end_to_end_seconds": round((done["applied"]["last_ns"] - wrote["first_ns"]) / 1e9, 3),
+            "b_cpu": cpu_delta(mark["cpu"], done["cpu"], n),
+            "b_received": done["stats"]["network"]["received"]
+            - mark["stats"]["network"]["received"],
+            "b_received_from_a": peer_messages(done["stats"], a_id)
+            - peer_messages(mark["stats"], a_id),
+            "b_pulled": done["stats"]["network"]["pulled"] - mark["stats"]["network"]["pulled"],
+            "b_queue_dropped": done["stats"]["network"]["queue_dropped"],
+            "b_duplicates": done["stats"]["node"]["duplicates"],
+            "a_duplicates": a_stats["stats"]["node"]["duplicates"],
+        }
+        log(f"    A wrote {wrote['rate']:,.0f}/s; B applied {rate:,.0f}/s")
+
+        base = done["log_length"]
+        for key, count, pace in (("latency", latency_n, latency_rate),
+                                 ("latency_low_rate", max(1, latency_n // 20),
+                                  latency_rate / 10)):
+            log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B listens")
+            b.call("listen_latency")
+            a.send("write", n=count, rate=pace, field="t")
+            paced = a.recv(timeout=wait_timeout(count, 50) + count / pace)
+            lat_done = b.call("wait_log", target=base + count, timeout=wait_timeout(count))
+            base = lat_done["log_length"]
+            samples = b.call("latencies")["samples_us"]
+            b.call("unlisten")
+            out[key] = {"n": count, "target_rate": pace,
+                        "a_achieved_rate": round(paced["rate"], 1),
+                        "a_late_writes": paced["behind"], "complete": lat_done["reached"],
+                        **latency_summary(samples)}
+            if out[key].get("samples"):
+                log(f"    p50 {out[key]['p50_ms']:.2f} ms, p99 {out[key]['p99_ms']:.2f} ms "
+                    f"(A achieved {paced['rate']:,.0f}/s)")
+    return out
+
+
+def latency_summary(samples_us: list[float]) -> dict[str, Any]:
+    if not samples_us:
+        return {"samples": 0}
+    s = sorted(samples_us)
+
+    def pct(p: float) -> float:
+        return round(s[min(len(s) - 1, int(p / 100 * len(s)))] / 1000, 3)
+
+    return {"samples": len(s), "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+            "max_ms": round(s[-1] / 1000, 3), "mean_ms": round(statistics.mean(s) / 1000, 3)}
+
+
+def phase_pump(tmp: Path, file: Path, n: int, *, profile: bool = False,
+               name: str = "pump") -> dict[str, Any]:
+    """2b: B's apply rate when the sender is not the bottleneck."""
+    big = n + 10_000
+    with Cluster(tmp) as cl:
+        p = cl.spawn(f"{name}-pub", options={"rcvhwm": big, "sndhwm": big,
+                                             "sync_interval": 3600.0}).started()
+        p.call("deaf")
+        b = cl.spawn(f"{name}-b", peers=[p.endpoint], profile=profile,
+                     options={"rcvhwm": big, "sndhwm": big, "queue_size": big}).started()
+        connect_pair(p, b)
+        mark = b.call("mark", stride=max(50, n // 200))
+        log(f"  {name}: publisher sends {n:,} pre-signed updates, B applies"
+            f"{' (cProfile on)' if profile else ''}")
+        sent = p.call("publish_file", path=str(file), limit=n + OBJECTS, timeout=120)
+        done = b.call("wait_log", target=n + OBJECTS, timeout=wait_timeout(n))
+        rate, secs = applied_rate(done)
+        windows = window_rates(done, max(500, n // 20))
+        p_stats = p.call("stats")["stats"]
+        out = {
+            "n": n, "complete": done["reached"], "log_length": done["log_length"],
+            "publish_seconds": round(sent["elapsed"], 3),
+            "publish_rate": round(sent["n"] / sent["elapsed"], 1) if sent["elapsed"] else 0,
+            "b_apply_rate": round(rate, 1), "b_apply_seconds": round(secs, 3),
+            "b_min_window_rate": round(min(windows), 1) if windows else None,
+            "window_updates": max(500, n // 20),
+            "b_window_rates": [round(w) for w in windows],
+            "b_cpu": cpu_delta(mark["cpu"], done["cpu"], n + OBJECTS),
+            "b_queue_dropped": done["stats"]["network"]["queue_dropped"],
+            "b_bus_dropped": done["stats"]["bus"]["dropped"],
+            "publisher_bus_dropped": p_stats["bus"]["dropped"],
+            "b_pulled": done["stats"]["network"]["pulled"],
+        }
+        if profile:
+            out["cprofile_top"] = b.call("profile", per=n + OBJECTS, top=25)["rows"]
+        log(f"    B applied {rate:,.0f}/s")
+        return out
+
+
+def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> dict[str, Any]:
+    """2c (S loads M pre-signed updates with ingest_many) and 4 (C joins S, converges)."""
+    with Cluster(tmp) as cl:
+        s = cl.spawn("catchup-s").started()
+        log(f"  catch-up: S ingests {m:,} pre-signed updates (ingest_many, no network)")
+        direct = s.call("ingest_file", path=str(file), limit=m + OBJECTS,
+                        timeout=wait_timeout(m, 100))
+        total = direct["log_length"]
+        direct_rate = direct["n"] / direct["elapsed"]
+        log(f"    S ingested {direct_rate:,.0f}/s; C joins with peers=[S]")
+        c = cl.spawn("catchup-c", peers=[s.endpoint], profile=profile).started()
+        started_ns = c.call("ping")["started_ns"]
+        done = c.call("wait_log", target=total, timeout=wait_timeout(m))
+        rate, secs = applied_rate(done)
+        converge = (done["applied"]["last_ns"] - started_ns) / 1e9
+        out = {
+            "direct_ingest": {"n": direct["n"], "seconds": round(direct["elapsed"], 3),
+                              "rate": round(direct_rate, 1),
+                              "cpu": cpu_delta({k: 0.0 for k in direct["cpu"]}, direct["cpu"],
+                                               direct["n"])},
+            "catchup": {"m": total, "complete": done["reached"],
+                        "converge_seconds": round(converge, 3),
+                        "first_update_after_seconds":
+                            round((done["applied"]["first_ns"] - started_ns) / 1e9, 3),
+                        "converge_rate": round(total / converge, 1) if converge > 0 else 0,
+                        "apply_rate": round(rate, 1), "apply_seconds": round(secs, 3),
+                        "pulled": done["stats"]["network"]["pulled"],
+                        "c_cpu": cpu_delta({"process": 0.0, "apply_thread": 0.0, "redis": 0.0},
+                                           done["cpu"], total)},
+        }
+        if profile:
+            out["cprofile_top"] = c.call("profile", per=total, top=25)["rows"]
+        log(f"    C converged in {converge:.1f} s ({total / converge:,.0f}/s)")
+        return out
+
+
+def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
+    """5: A writes n updates; k other peers apply; time until all have everything."""
+    with Cluster(tmp) as cl:
+        a = cl.spawn(f"fan{k}-a").started()
+        others = [cl.spawn(f"fan{k}-{i}", peers=[a.endpoint]) for i in range(k)]
+        for o in others:
+            o.started()
+        if not a.call("wait_peers", n=k, timeout=30)["ready"]:
+            raise PeerError(f"fan-out {k}: A did not see {k} peers")
+        meshed = []
+        for o in others:
+            meshed.append(o.call("wait_peers", n=k, timeout=15)["peers"])
+        base = a.call("create", count=OBJECTS)["log_length"]
+        for o in others:
+            if not o.call("wait_log", target=base, timeout=30)["reached"]:
+                raise PeerError(f"{o.name} did not get A's creates")
+        marks = [o.call("mark", stride=max(50, n // 100)) for o in others]
+        log(f"  fan-out {k}: A writes {n:,} updates")
+        wrote = a.call("write", n=n, timeout=wait_timeout(n, 20))
+        dones = [o.call("wait_log", target=base + n, timeout=wait_timeout(n * k, 300))
+                 for o in others]
+        last = max(d["applied"]["last_ns"] for d in dones)
+        all_secs = (last - wrote["first_ns"]) / 1e9
+        per_peer = []
+        for mark, done in zip(marks, dones, strict=True):
+            rate, _ = applied_rate(done)
+            recv = done["stats"]["network"]["received"] - mark["stats"]["network"]["received"]
+            per_peer.append({"apply_rate": round(rate, 1), "complete": done["reached"],
+                             "received_per_update": round(recv / n, 2),
+                             "duplicates": done["stats"]["node"]["duplicates"]
+                             - mark["stats"]["node"]["duplicates"],
+                             "pulled": done["stats"]["network"]["pulled"]
+                             - mark["stats"]["network"]["pulled"],
+                             "queue_dropped": done["stats"]["network"]["queue_dropped"],
+                             "cpu": cpu_delta(mark["cpu"], done["cpu"], n)})
+        out = {"k": k, "n": n, "mesh_peers_seen": meshed,
+               "complete": all(d["reached"] for d in dones),
+               "a_write_rate": round(wrote["rate"], 1),
+               "a_write_seconds": round(wrote["elapsed"], 3),
+               "all_have_everything_seconds": round(all_secs, 3),
+               "rate_until_all": round(n / all_secs, 1) if all_secs > 0 else 0,
+               "slowest_peer_rate": min(p["apply_rate"] for p in per_peer),
+               "received_per_update_mean": round(statistics.mean(
+                   p["received_per_update"] for p in per_peer), 2),
+               "peers": per_peer}
+        log(f"    all {k} had everything {all_secs:.1f} s after A's first write "
+            f"(A wrote {wrote['rate']:,.0f}/s)")
+        return out
+
+
+def phase_burst(tmp: Path, burst: int, hwm: int, sleep_ms: float) -> dict[str, Any]:
+    """6: a burst of ``burst`` updates into a slow B with HWMs and queue of ``hwm``."""
+    opts = {"rcvhwm": hwm, "sndhwm": hwm}
+    with Cluster(tmp) as cl:
+        a = cl.spawn("burst-a", options=opts).started()
+        b = cl.spawn("burst-b", peers=[a.endpoint],
+                     options={**opts, "queue_size": hwm}).started()
+        connect_pair(a, b)
+        base = a.call("create", count=OBJECTS)["log_length"]
+        if not b.call("wait_log", target=base, timeout=30)["reached"]:
+            raise PeerError("B did not get A's creates")
+        b.call("slow", sleep_ms=sleep_ms)
+        mark = b.call("mark", stride=max(10, burst // 200))
+        a_id = a.call("ping")["node_id"]
+        a0 = a.call("stats")["stats"]
+        log(f"  burst: A writes {burst:,} updates; HWMs and B's queue {hwm:,}; "
+            f"B's listener sleeps {sleep_ms:g} ms per update")
+        wrote = a.call("write", n=burst, timeout=wait_timeout(burst, 20))
+        done = b.call("wait_log", target=base + burst,
+                      timeout=wait_timeout(burst, 1000 / (sleep_ms + 1) / 2))
+        a1 = a.call("stats")["stats"]
+        b1 = done["stats"]
+        published = a1["bus"]["messages_out"] - a0["bus"]["messages_out"]
+        got_from_a = peer_messages(b1, a_id) - peer_messages(mark["stats"], a_id)
+        net0, net1 = mark["stats"]["network"], b1["network"]
+        secs = (done["applied"]["last_ns"] - wrote["first_ns"]) / 1e9
+        out = {"burst": burst, "hwm": hwm, "queue_size": hwm, "listener_sleep_ms": sleep_ms,
+               "complete": done["reached"],
+               "a_write_seconds": round(wrote["elapsed"], 3),
+               "a_write_rate": round(wrote["rate"], 1),
+               "a_published": published,
+               "lost_on_the_wire": published - got_from_a,
+               "a_bus_api_dropped": a1["bus"]["dropped"].get("hwm", 0)
+               - a0["bus"]["dropped"].get("hwm", 0),
+               "b_received": net1["received"] - net0["received"],
+               "b_queue_dropped": net1["queue_dropped"] - net0["queue_dropped"],
+               "b_pulled_by_catchup": net1["pulled"] - net0["pulled"],
+               "b_has_everything_seconds": round(secs, 3),
+               "b_rate": round(burst / secs, 1) if secs > 0 else 0,
+               "b_log_length": done["log_length"], "target": base + burst}
+        out["live_lost_total"] = out["lost_on_the_wire"] + out["b_queue_dropped"]
+        log(f"    lost live: {out['live_lost_total']:,} (wire {out['lost_on_the_wire']:,}, "
+            f"queue {out['b_queue_dropped']:,}); B had everything after {secs:.1f} s")
+        return out
+
+
+# ----------------------------------------------------------------- reporting
+
+
+def cpu_ratios(res: dict[str, Any]) -> dict[str, float]:
+    """Raw verify CPU / CPU spent per applied update (peer process + its redis-server).
+
+    Less disturbed by other load on the machine than the wall-clock rates: a ratio of
+    1.0 would mean one update costs, all told, what one raw verify costs.
+    """
+    verify_us = res["references"]["ed25519_verify"]["cpu_us_per_op"]
+    out = {}
+    for key, cpu in (("live_apply", res["live"]["b_cpu"]),
+                     ("unbounded_apply", res["pump"]["b_cpu"]),
+                     ("direct_ingest", res["catchup"]["direct_ingest"]["cpu"]),
+                     ("catchup", res["catchup"]["catchup"]["c_cpu"])):
+        spent = cpu.get("process_cpu_us", 0) + cpu.get("redis_cpu_us", 0)
+        if spent:
+            out[f"{key}_cpu_cost_vs_verify"] = round(verify_us / spent, 4)
+    return out
+
+
+def build_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
+    verify = res["references"]["ed25519_verify"]["ops_per_s"]
+    live, pump = res["live"], res["pump"]
+    aims = []
+    for key, label in (("live", "A writing"), ("pump", "not bounded by A")):
+        fig = res[key]
+        ratio = fig["b_apply_rate"] / verify
+        aims.append({"aim": f"sustained apply ({label}) >= {AIM_APPLY_VS_VERIFY}x raw verify",
+                     "ratio": round(ratio, 3), "target": AIM_APPLY_VS_VERIFY,
+                     "met": ratio >= AIM_APPLY_VS_VERIFY})
+        if fig.get("b_min_window_rate"):
+            low = fig["b_min_window_rate"] / verify
+            aims.append({"aim": f"apply ({label}) never below {AIM_APPLY_FLOOR}x raw verify "
+                                f"(slowest window of {fig['window_updates']:,})",
+                         "ratio": round(low, 3), "target": AIM_APPLY_FLOOR,
+                         "met": low >= AIM_APPLY_FLOOR})
+    lat = res["latency"]
+    if lat.get("samples"):
+        aims.append({"aim": f"p99 latency < {AIM_P99_MS:g} ms at "
+                            f"{lat['target_rate']:,.0f} updates/s",
+                     "ratio": lat["p99_ms"], "target": AIM_P99_MS, "unit": "ms",
+                     "met": lat["p99_ms"] < AIM_P99_MS and lat["complete"]})
+    cu = res["catchup"]["catchup"]["converge_rate"]
+    best_live = max(live["b_apply_rate"], pump["b_apply_rate"])
+    aims.append({"aim": "catch-up (converge rate) >= live apply (best of A-writing and "
+                        "unbounded)", "ratio": round(cu / best_live, 3),
+                 "target": AIM_CATCHUP_VS_LIVE, "met": cu / best_live >= AIM_CATCHUP_VS_LIVE})
+    return aims
+
+
+def print_report(res: dict[str, Any]) -> None:
+    refs = res["references"]
+    verify = refs["ed25519_verify"]["ops_per_s"]
+    zmq_rate = refs["zmq_pubsub"]["ops_per_s"]
+
+    def row(label: str, rate: float | None, extra: str = "") -> list[str]:
+        if rate is None:
+            return [label, "", "", "", extra]
+        return [label, f"{rate:,.0f}", common.fmt_ratio(rate / verify),
+                common.fmt_ratio(rate / zmq_rate) if zmq_rate else "", extra]
+
+    live, pump, lat = res["live"], res["pump"], res["latency"]
+    cu = res["catchup"]
+    rows = [
+        row("raw Ed25519 verify, 1 core (200 B)", verify,
+            f"{refs['ed25519_verify']['cpu_us_per_op']:.1f} µs CPU"),
+        row(f"raw pyzmq PUB->SUB, 2 processes ({refs['zmq_pubsub']['size']} B)", zmq_rate,
+            f"lost {refs['zmq_pubsub']['lost']}"),
+        row("A: local writes (field.set) while B applies", live["a_write_rate"],
+            f"{live['a_cpu'].get('process_cpu_us', 0):,.0f} µs CPU (A process)"),
+        row("B: live apply, A writing (2a)", live["b_apply_rate"],
+            f"{live['b_cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
+            f"{live['b_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
+        row("   slowest window of that", live["b_min_window_rate"],
+            f"{live['window_updates']:,} updates"),
+        row("B: live apply, not bounded by A (2b)", pump["b_apply_rate"],
+            f"{pump['b_cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
+            f"{pump['b_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
+        row("   slowest window of that", pump["b_min_window_rate"],
+            f"{pump['window_updates']:,} updates"),
+        row("ingest_many in-process, no network (2c)", cu["direct_ingest"]["rate"],
+            f"{cu['direct_ingest']['cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
+            f"{cu['direct_ingest']['cpu'].get('redis_cpu_us', 0):,.0f} redis"),
+        row(f"C: catch-up of {cu['catchup']['m']:,} (start to converged)",
+            cu["catchup"]["converge_rate"], f"{cu['catchup']['converge_seconds']:.1f} s"),
+        row("   first to last stored at C", cu["catchup"]["apply_rate"],
+            f"{cu['catchup']['c_cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
+            f"{cu['catchup']['c_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
+    ]
+    for fan in res["fanout"]:
+        rows.append(row(f"fan-out {fan['k']}: N / time until all have all",
+                        fan["rate_until_all"],
+                        f"{fan['all_have_everything_seconds']:.1f} s; "
+                        f"{fan['received_per_update_mean']:.1f} copies/update/peer"))
+    burst = res.get("burst")
+    if burst:
+        rows.append(row(f"burst {burst['burst']:,} at HWM {burst['hwm']:,}: until B has all",
+                        burst["b_rate"], f"{burst['b_has_everything_seconds']:.1f} s, "
+                                         f"{burst['live_lost_total']:,} live msgs lost"))
+    print()
+    common.print_table(["figure", "updates/s", "vs verify", "vs zmq", "notes"], rows,
+                       align="<>>><")
+    if lat.get("samples"):
+        print(f"\nLatency at B, A writing at {lat['target_rate']:,.0f}/s "
+              f"(achieved {lat['a_achieved_rate']:,.0f}/s, {lat['samples']:,} samples): "
+              f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, "
+              f"p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms")
+    low = res.get("latency_low_rate", {})
+    if low.get("samples"):
+        print(f"Latency at B, A writing at {low['target_rate']:,.0f}/s "
+              f"(achieved {low['a_achieved_rate']:,.0f}/s, {low['samples']:,} samples): "
+              f"p50 {low['p50_ms']:.2f} ms, p90 {low['p90_ms']:.2f} ms, "
+              f"p99 {low['p99_ms']:.2f} ms, max {low['max_ms']:.2f} ms")
+    cat = cu["catchup"]
+    print(f"Catch-up: C's first update {cat['first_update_after_seconds']:.2f} s after its "
+          f"node was up; {cat['apply_seconds']:.1f} s from first to last")
+    if burst:
+        print(f"Burst: A published {burst['a_published']:,}; lost on the wire (HWM) "
+              f"{burst['lost_on_the_wire']:,}, dropped at B's full queue "
+              f"{burst['b_queue_dropped']:,}; brought back by catch-up "
+              f"{burst['b_pulled_by_catchup']:,}; B complete: {burst['complete']}")
+    print(f"Live 2a: B received {live['b_received']:,} messages for {live['n']:,} updates and "
+          f"pulled {live['b_pulled']:,} by catch-up; A dropped {live['a_duplicates']:,} "
+          f"duplicates (B's relays of A's own updates)")
+    cpu = cpu_ratios(res)
+    print("CPU per applied update vs one raw verify "
+          f"({refs['ed25519_verify']['cpu_us_per_op']:.0f} µs): " + ", ".join(
+              f"{k.removesuffix('_cpu_cost_vs_verify')} {v:.2f}x" for k, v in cpu.items()))
+    print("\nAims")
+    for aim in res["aims"]:
+        unit = aim.get("unit")
+        value = f"{aim['ratio']:.2f} {unit}" if unit else f"{aim['ratio']:.2f}x"
+        print(f"  [{'MET ' if aim['met'] else 'MISS'}] {aim['aim']}: {value}")
+
+
+# ---------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=50_000,
+                        help="updates for live apply, A writing and unbounded (default 50000)")
+    parser.add_argument("--catchup", type=int, default=100_000,
+                        help="updates the catch-up source holds (default 100000)")
+    parser.add_argument("--fanout-n", type=int, default=3_000,
+                        help="updates A writes in each fan-out case (default 3000)")
+    parser.add_argument("--fanout", default="2,4,8", help="peer counts (default 2,4,8)")
+    parser.add_argument("--latency-seconds", type=float, default=10.0,
+                        help="seconds of paced writes for the latency figure (default 10)")
+    parser.add_argument("--latency-rate", type=float, default=1000.0)
+    parser.add_argument("--burst", type=int, default=10_000, help="burst size (default 10000)")
+    parser.add_argument("--hwm", type=int, default=1_000,
+                        help="HWMs and apply queue in the burst case (default 1000)")
+    parser.add_argument("--slow-ms", type=float, default=2.0,
+                        help="sleep of B's listener per update in the burst case (default 2)")
+    parser.add_argument("--verify-n", type=int, default=20_000)
+    parser.add_argument("--zmq-n", type=int, default=200_000)
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, fan-out 2,4: a smoke run for CI (~30 s)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run a cProfiled B (2b, n <= 10000) and print its hot spots")
+    parser.add_argument("--json", type=Path, default=common.RESULTS_DIR / "bench_network.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.catchup, args.fanout_n, args.fanout = 1_000, 1_500, 150, "2,4"
+        args.latency_seconds, args.burst, args.hwm = 0.5, 1_000, 100
+        args.verify_n, args.zmq_n = 3_000, 50_000
+    args.fanout_ks = [int(x) for x in args.fanout.split(",") if x.strip()]
+    if min(args.n, args.catchup, args.fanout_n, args.burst, args.hwm) < 1:
+        parser.error("sizes must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    res: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="dmnet-") as tmp_name:
+        tmp = Path(tmp_name)
+        log(f"bench_network: n={args.n:,}, catch-up {args.catchup:,}, fan-out "
+            f"{args.fanout_ks} x {args.fanout_n:,}, burst {args.burst:,} at HWM {args.hwm:,}")
+        phases: dict[str, float] = {}
+        res["phase_seconds"] = phases
+
+        def timed(phase: str, fn: Any, /, *a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            except BaseException as exc:  # keep what was measured before the failure
+                res["error"] = f"{phase}: {type(exc).__name__}: {exc}"
+                common.write_json(args.json, {"benchmark": "bench_network", "partial": True,
+                                              "params": {k: v for k, v in vars(args).items()
+                                                         if k != "json"}, **res})
+                log(f"phase {phase} failed; partial results written to {args.json}")
+                raise
+            finally:
+                phases[phase] = round(time.perf_counter() - t0, 1)
+
+        log("  references: Ed25519 verify, raw pyzmq PUB/SUB")
+        res["references"] = {"ed25519_verify": timed("verify", ref_verify, args.verify_n),
+                             "zmq_pubsub": timed("zmq", ref_zmq, tmp, args.zmq_n, 250)}
+        file = tmp / "presigned.msgpack"
+        log(f"  pre-signing {max(args.n, args.catchup):,} updates")
+        res["presigned"] = timed("presign", presign, file, max(args.n, args.catchup))
+        latency_n = max(1, int(args.latency_seconds * args.latency_rate))
+        res.update(timed("live+latency", phase_live, tmp, args.n, latency_n,
+                         args.latency_rate))
+        res["pump"] = timed("pump", phase_pump, tmp, file, args.n)
+        res["catchup"] = timed("catchup", phase_catchup, tmp, file, args.catchup)
+        res["fanout"] = [timed(f"fanout{k}", phase_fanout, tmp, args.fanout_n, k)
+                         for k in args.fanout_ks]
+        res["burst"] = timed("burst", phase_burst, tmp, args.burst, args.hwm, args.slow_ms)
+        if args.profile:
+            res["profile"] = {"pump": timed("profile", phase_pump, tmp, file,
+                                            min(args.n, 10_000), profile=True,
+                                            name="profile")}
+    res["aims"] = build_aims(res)
+    print_report(res)
+    if args.profile:
+        common.print_profile_rows(res["profile"]["pump"]["cprofile_top"],
+                                  "cProfile of B's ingest_many (apply thread), 2b: top "
+                                  "functions by own time (µs per update, profiler overhead "
+                                  "included)", limit=20)
+    verify = res["references"]["ed25519_verify"]["ops_per_s"]
+    best_live = max(res["live"]["b_apply_rate"], res["pump"]["b_apply_rate"])
+    result = {
+        "benchmark": "bench_network",
+        "date": common.utc_now(),
+        "params": {k: v for k, v in vars(args).items() if k != "json"},
+        "machine": common.machine_info({"loadavg_start": load_start}),
+        **res,
+        "ratios": {
+            "live_apply_vs_verify": round(res["live"]["b_apply_rate"] / verify, 4),
+            "live_apply_vs_a_write": round(res["live"]["b_apply_rate"]
+                                           / res["live"]["a_write_rate"], 4),
+            "unbounded_apply_vs_verify": round(res["pump"]["b_apply_rate"] / verify, 4),
+            "direct_ingest_vs_verify": round(res["catchup"]["direct_ingest"]["rate"] / verify,
+                                             4),
+            "catchup_vs_verify": round(res["catchup"]["catchup"]["converge_rate"] / verify, 4),
+            "catchup_vs_best_live_apply": round(res["catchup"]["catchup"]["converge_rate"]
+                                                / best_live, 4),
+            "zmq_vs_verify": round(res["references"]["zmq_pubsub"]["ops_per_s"] / verify, 4),
+            **cpu_ratios(res),
+        },
+        "notes": [
+            "Every peer is its own process with its own embedded redis-server (unix socket); "
+            "ZeroMQ over tcp://127.0.0.1; the machine's cores are shared by all of them.",
+            "Apply rates are N / (time of first to last update stored at the peer), taken "
+            "with time.time_ns() in an on_accepted callback of the peer's node.",
+            "CPU µs per update: the peer process (all threads), its apply thread(s) "
+            "(thread_time inside ingest_many) and its redis-server (INFO cpu).",
+            "2b: the publisher is a dmodel peer that publishes pre-signed updates it does "
+            "not store and discards what it receives; B's queue and HWMs are larger than N.",
+            "Latency includes A's own local write (sign, store) before it publishes.",
+        ],
+        "elapsed_s": round(time.perf_counter() - started, 2),
+    }
+    path = common.write_json(args.json, result)
+    print(f"\nresults written to {path}  ({result['elapsed_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
