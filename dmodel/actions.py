@@ -20,6 +20,7 @@ registration order, then callbacks in the fixed order of :data:`BEFORE_CALLBACKS
 from __future__ import annotations
 
 import difflib
+import heapq
 import inspect
 import itertools
 import logging
@@ -488,11 +489,12 @@ def _veto_message(change: Change, listener: DAction, name: str, exc: BaseExcepti
 
 
 class ListenerRegistry:
-    """The listeners applied on one node, indexed by model name.
+    """The listeners applied on one node, indexed by model name and field.
 
     Holds strong references. Dispatch touches only the applications whose filter
-    names the change's model plus those whose filter starts with a wildcard, so its
-    cost does not grow with listeners on other models. The lists are replaced, not
+    names the change's model (or, for ``Model:<id>:field`` filters, exactly its field)
+    plus those whose filter starts with a wildcard, so its cost does not grow with
+    listeners on other models or other fields. The lists are replaced, not
     mutated, on add/remove, so a callback may apply or revoke listeners while a
     dispatch is running (the running dispatch keeps the snapshot it started with).
 
@@ -505,6 +507,7 @@ class ListenerRegistry:
         self._lock: AbstractContextManager[Any] = lock if lock is not None else nullcontext()
         self._seq = itertools.count()
         self._by_model: dict[str, list[_Application]] = {}
+        self._by_field: dict[tuple[str, str], list[_Application]] = {}
         self._wildcard: list[_Application] = []
 
     # Registration.
@@ -527,6 +530,9 @@ class ListenerRegistry:
             )
             if flt.model is None:
                 self._wildcard = [*self._wildcard, app]
+            elif flt.field_name is not None:
+                key = (flt.model, flt.field_name)
+                self._by_field[key] = [*self._by_field.get(key, ()), app]
             else:
                 self._by_model[flt.model] = [*self._by_model.get(flt.model, ()), app]
 
@@ -544,17 +550,26 @@ class ListenerRegistry:
         """Like :meth:`remove`, but return False instead of raising."""
         flt = filters.compile(pattern)
         with self._lock:
-            apps = self._wildcard if flt.model is None else self._by_model.get(flt.model, [])
+            if flt.model is None:
+                index: dict[Any, list[_Application]] | None = None
+                key: Any = None
+                apps = self._wildcard
+            elif flt.field_name is not None:
+                index, key = self._by_field, (flt.model, flt.field_name)
+                apps = index.get(key, [])
+            else:
+                index, key = self._by_model, flt.model
+                apps = index.get(key, [])
             for i in range(len(apps) - 1, -1, -1):
                 app = apps[i]
                 if app.listener is listener and app.filter.pattern == flt.pattern:
                     rest = apps[:i] + apps[i + 1 :]
-                    if flt.model is None:
+                    if index is None:
                         self._wildcard = rest
                     elif rest:
-                        self._by_model[flt.model] = rest
+                        index[key] = rest
                     else:
-                        del self._by_model[flt.model]
+                        del index[key]
                     return True
             return False
 
@@ -562,34 +577,49 @@ class ListenerRegistry:
         """Revoke every listener."""
         with self._lock:
             self._by_model = {}
+            self._by_field = {}
             self._wildcard = []
 
     def __bool__(self) -> bool:
-        return bool(self._wildcard) or bool(self._by_model)
+        return bool(self._wildcard) or bool(self._by_model) or bool(self._by_field)
 
     def __len__(self) -> int:
-        return len(self._wildcard) + sum(map(len, list(self._by_model.values())))
+        return sum(1 for _ in self._all())
+
+    def _all(self) -> Iterator[_Application]:
+        return itertools.chain(self._wildcard,
+                               itertools.chain.from_iterable(list(self._by_model.values())),
+                               itertools.chain.from_iterable(list(self._by_field.values())))
 
     def __iter__(self) -> Iterator[tuple[DAction, Filter]]:
         """(listener, filter) for every application, in registration order."""
-        apps = [*self._wildcard, *itertools.chain.from_iterable(list(self._by_model.values()))]
-        apps.sort(key=lambda app: app.seq)
+        apps = sorted(self._all(), key=lambda app: app.seq)
         return iter([(app.listener, app.filter) for app in apps])
 
     def has_listeners(self, model: str) -> bool:
-        """True if some applied filter could match keys of ``model``."""
-        return bool(self._wildcard) or model in self._by_model
+        """True if some applied filter could match a key of ``model``."""
+        return (bool(self._wildcard) or model in self._by_model
+                or any(m == model for m, _ in self._by_field))
+
+    def wants(self, model: str, field: str | None) -> bool:
+        """True if some applied filter could match a change of ``field`` of a ``model``
+        object (``field=None``: the object's own key, as creates and removes have)."""
+        if self._wildcard or model in self._by_model:
+            return True
+        return field is not None and (model, field) in self._by_field
 
     def matching(self, key: str) -> list[tuple[DAction, Filter]]:
         """(listener, filter) applications whose filter matches ``key``, in order."""
-        apps = self._candidates(key.partition(":")[0])
+        model, _, rest = key.partition(":")
+        field = rest.partition(":")[2] or None
+        apps = self._candidates(model, field)
         return [(app.listener, app.filter) for app in apps if app.filter.match(key)]
 
     # Dispatch.
     def before(self, changes: Iterable[Change]) -> None:
         """Run before-callbacks; the first exception raises VetoedError from it."""
         for change in changes:
-            apps = self._candidates(change.model)
+            apps = self._candidates(change.model, change.field)
             if not apps:
                 continue
             ctx = change.context
@@ -618,7 +648,7 @@ class ListenerRegistry:
         for change in changes:
             if change.kind == "remove":
                 continue
-            apps = self._candidates(change.model)
+            apps = self._candidates(change.model, change.field)
             if not apps:
                 continue
             ctx = change.context
@@ -652,7 +682,7 @@ class ListenerRegistry:
             if not names:
                 continue
             name = names[0]
-            apps = self._candidates(change.model)
+            apps = self._candidates(change.model, change.field)
             if not apps:
                 continue
             ctx = change.context
@@ -672,23 +702,12 @@ class ListenerRegistry:
                             exc_info=exc,
                         )
 
-    def _candidates(self, model: str) -> Sequence[_Application]:
-        """Applications that may match keys of ``model``, in registration order."""
-        specific = self._by_model.get(model)
-        wildcard = self._wildcard
-        if not specific:
-            return wildcard
-        if not wildcard:
-            return specific
-        merged: list[_Application] = []
-        i = j = 0
-        while i < len(specific) and j < len(wildcard):
-            if specific[i].seq < wildcard[j].seq:
-                merged.append(specific[i])
-                i += 1
-            else:
-                merged.append(wildcard[j])
-                j += 1
-        merged += specific[i:]
-        merged += wildcard[j:]
-        return merged
+    def _candidates(self, model: str, field: str | None) -> Sequence[_Application]:
+        """Applications that may match keys of ``model`` (and ``field``), in registration
+        order: those naming the model, those naming exactly this field, and wildcards."""
+        groups = [g for g in (self._by_model.get(model),
+                              self._by_field.get((model, field)) if field else None,
+                              self._wildcard) if g]
+        if len(groups) <= 1:
+            return groups[0] if groups else ()
+        return list(heapq.merge(*groups, key=lambda app: app.seq))

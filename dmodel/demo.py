@@ -88,9 +88,13 @@ class PeerHandle:
         ]
         for reader in self._readers:
             reader.start()
-        first = self._next_line(time.monotonic() + timeout, "its endpoint")
-        if not first.startswith("endpoint "):
-            raise DemoFailure(f"host {name} printed {first!r} instead of its endpoint")
+        try:
+            first = self._next_line(time.monotonic() + timeout, "its endpoint")
+            if not first.startswith("endpoint "):
+                raise DemoFailure(f"host {name} printed {first!r} instead of its endpoint")
+        except BaseException:
+            self.close()  # the caller never gets a handle to stop it with
+            raise
         self.endpoint = first.split(None, 1)[1].strip()
         self.node_id = ""
 

@@ -22,6 +22,7 @@ run on a bit-parallel automaton, linear in the key length.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Final
@@ -58,6 +59,9 @@ class Filter:
     _text: str = field(default="", repr=False, compare=False)
     _regex: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
     _nfa: _Automaton | None = field(default=None, repr=False, compare=False)
+    field_name: str | None = field(default=None, repr=False, compare=False)
+    """The field when the pattern is ``Model:<id>:field`` with a literal field and no ``*``:
+    it then matches only keys whose field is exactly that (the registry indexes it)."""
 
     def match(self, key: str) -> bool:
         """True if ``key`` matches the whole pattern."""
@@ -98,6 +102,25 @@ def compile(pattern: str | Filter) -> Filter:
     model = _literal_model(tokens)
     stars = sum(1 for kind, _ in tokens if kind == _STAR)
     ids = sum(1 for kind, _ in tokens if kind == _ID)
+    flt = _compile(pattern, tokens, model, stars, ids)
+    name = _literal_field(tokens, model, stars)
+    return flt if name is None else dataclasses.replace(flt, field_name=name)
+
+
+def _literal_field(tokens: list[_Token], model: str | None, stars: int) -> str | None:
+    """The third segment of a three-segment pattern without '*' if it is literal."""
+    if model is None or stars or tokens[-1][0] != _LIT:
+        return None
+    if sum(text.count(":") for kind, text in tokens if kind == _LIT) != 2:
+        return None
+    last = tokens[-1][1]
+    if ":" not in last:
+        return None
+    return last.rpartition(":")[2] or None
+
+
+def _compile(pattern: str, tokens: list[_Token], model: str | None, stars: int,
+             ids: int) -> Filter:
 
     if stars == 0 and ids == 0:
         return Filter(pattern, model, _EXACT, tokens[0][1])

@@ -51,6 +51,7 @@ from .keyring import Keyring, write_private
 from .store.embedded import EmbeddedRedis
 from .store.redis import RedisStore, map_redis_errors
 from .update import (
+    FIELD_OPS,
     LIST_OPS,
     Op,
     Update,
@@ -77,6 +78,13 @@ def _verify_pool() -> concurrent.futures.ThreadPoolExecutor:
                 max_workers=max(2, min(8, os.cpu_count() or 2)),
                 thread_name_prefix="dmodel-verify")
         return _pool
+
+
+def _event_field(op: Op, update: Update, index: int) -> str | None:
+    """The field name listeners see for an op (None for object-level ops)."""
+    if op.op in FIELD_OPS:
+        return op_register(op, update.id, index)
+    return None
 
 
 class _RecentIds:
@@ -292,6 +300,7 @@ class Node:
         self.stats = Stats()
         self._heads: dict[str, bytes] = {}
         self._recent = _RecentIds(100_000)  # ids of updates stored lately
+        self._vetoed: dict[bytes, tuple[str, bytes]] = {}  # vetoed here: id -> chain
         self._pending: dict[bytes | str, list[Update]] = {}
         self._pending_order: collections.deque[tuple[bytes | str, bytes]] = collections.deque()
         self._pending_ids: set[bytes] = set()  # _pending_key of every waiting update
@@ -417,8 +426,8 @@ class Node:
         after-listener or publisher sees it.
         """
         listening = bool(self.listeners) and any(
-            self.listeners.has_listeners(op.obj.partition(":")[0])
-            for update in updates for op in update.ops)
+            self.listeners.wants(op.obj.partition(":")[0], _event_field(op, update, i))
+            for update in updates for i, op in enumerate(update.ops))
         snaps = self.store.snapshots(updates, local=local, registers=listening or not local)
         verified = [local] * len(updates) if local else self._verify_batch(updates, snaps)
         overlay = _Overlay()
@@ -426,12 +435,14 @@ class Node:
         done: list[tuple[pipeline.Decision, pipeline.Snapshot, list[Change]]] = []
         decisions: list[pipeline.Decision] = []
         rest: list[Update] = []
-        held: list[Update] = []  # stored as unauthorized: later updates may chain to them
+        held: list[Update] = []  # not applied, but later updates may chain to them
         now = self._now_ts()
         if local:  # our own timestamps are never "from the future", even if the wall clock
             now = max(now, self.clock.last)  # went back since they were issued
         for index, update in enumerate(updates):
             snap = overlay.patch(snaps[index], update)
+            if update.prev and snap.prev_chain is None and update.prev in self._vetoed:
+                snap.prev_chain = self._vetoed[update.prev]  # chained to a vetoed update
             decision = pipeline.decide(update, snap, now=now, skew_ms=self.skew_ms,
                                        policy=self.policy_for, verified=verified[index])
             decisions.append(decision)
@@ -466,6 +477,13 @@ class Node:
                     logger.info("vetoed %s: %s", update.hex_id[:12], exc)
                     decision.verdict = pipeline.DROPPED
                     decision.error = exc
+                    if not local:
+                        # Not stored, but its signed link stands: the caller's later
+                        # updates are judged on their own instead of waiting for it.
+                        self._vetoed[update.id] = (update.caller, update.node)
+                        while len(self._vetoed) > MAX_PENDING:
+                            del self._vetoed[next(iter(self._vetoed))]
+                        held.append(update)
                     continue
             staged.append((update, outcome.writes))
             overlay.add(update, outcome.writes)
@@ -976,7 +994,7 @@ class Node:
         owned_cache: dict[str, bool] = {}
         for event in outcome.events:
             model = event.db_id.partition(":")[0]
-            if not self.listeners.has_listeners(model):
+            if not self.listeners.wants(model, event.name):
                 continue
             owned = owned_cache.setdefault(event.db_id, self.is_owned(event.db_id))
             encrypted = any(r is not None and r.encrypted for r in (event.old, event.new))

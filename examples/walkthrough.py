@@ -9,6 +9,7 @@ updates from one node to the other (what the network does). Run:
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 
@@ -77,6 +78,7 @@ def main() -> int:
     finally:
         host_a.shutdown()
         host_b.shutdown()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -357,9 +357,12 @@ class RedisStore:
 
     # ---------------------------------------------------------------- reads
     def object_meta(self, db_id: str) -> merge.ObjectMeta | None:
+        meta = self.cache.objects.get(db_id)
+        if meta is not None:
+            return meta
         with map_redis_errors():
             data = self.client.get(self.k_obj(db_id))
-        return merge.ObjectMeta.unpack(data) if data else None
+        return self.cache.put_object(db_id, merge.ObjectMeta.unpack(data)) if data else None
 
     def register(self, db_id: str, name: str) -> merge.Register | None:
         with map_redis_errors():

@@ -806,3 +806,40 @@ def test_truthiness_tracks_applications(reg: ListenerRegistry) -> None:
     assert not reg
     rec.apply("*", registry=reg)
     assert reg
+
+
+def test_field_filters_are_indexed_and_dispatch_like_a_linear_scan() -> None:
+    """``Model:[id]:field`` filters sit in a per-field index: a change of another field of
+    the same model does not look at them, and results equal a scan of every filter."""
+    reg = ListenerRegistry()
+
+    class Seen(DAction):
+        def __init__(self) -> None:
+            self.fields: list[str] = []
+
+        def on_update(self, object_id, field, old_value, new_value):
+            self.fields.append(field)
+
+    listeners = []
+    for i in range(200):
+        listener = Seen()
+        listener.apply(f"Person:[id]:field{i}", registry=reg)
+        listeners.append(listener)
+    broad = Seen().apply("Person:[id]:*", registry=reg)
+    exact = Seen().apply("Person:abc:field7", registry=reg)
+    assert reg.wants("Person", "field3") and reg.wants("Person", "other")  # broad filter
+    reg.remove(broad, "Person:[id]:*")
+    assert reg.wants("Person", "field3") and not reg.wants("Person", "other")
+    assert not reg.wants("Person", None) and not reg.wants("Car", "field3")
+    assert reg.has_listeners("Person") and not reg.has_listeners("Car")
+    for key in ("Person:abc:field7", "Person:abc:field7:x", "Person:abc:other", "Person:abc"):
+        linear = [(app_listener, flt) for app_listener, flt in reg if flt.match(key)]
+        assert reg.matching(key) == linear
+    ctx = Context("Person:abc", True, True, True, 1, "00", True, "00")
+    reg.before([Change("update", "Person:abc", "Person:abc:field7", "field7", 1, 2,
+                       context=ctx)])
+    assert listeners[7].fields == ["field7"] and exact.fields == ["field7"]
+    assert all(not listener.fields for i, listener in enumerate(listeners) if i != 7)
+    assert broad.fields == []
+    reg.remove(exact, "Person:abc:field7")
+    assert [flt.pattern for _, flt in reg if flt.pattern.startswith("Person:abc")] == []
