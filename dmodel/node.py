@@ -285,7 +285,8 @@ class Node:
                 self._unlock_home()
                 raise
             client = self._embedded.client()
-        self.store = RedisStore(client, prefix=redis_prefix)
+        self.store = RedisStore(client, prefix=redis_prefix, unix_socket=(
+            str(self._embedded.socket) if self._embedded is not None else None))
         try:
             with map_redis_errors():
                 client.ping()

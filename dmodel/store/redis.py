@@ -36,6 +36,7 @@ import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import hiredis
 import msgpack
 import redis
 
@@ -43,6 +44,7 @@ from .. import merge
 from ..errors import StoreError, StoreUnavailableError
 from ..pipeline import Snapshot, needs
 from ..update import Update
+from .wire import Wire
 
 HELD_CAP = 1000
 
@@ -110,8 +112,12 @@ def map_redis_errors() -> Iterator[None]:
 class RedisStore:
     """dmodel's state in one Redis database."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "dm:") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "dm:",
+                 unix_socket: str | None = None) -> None:
         self.client = client
+        # The hot path (one script call per batch, one HGET per field read) goes over a
+        # lean connection when the server is a local unix socket (see wire.py).
+        self.wire = Wire(unix_socket) if unix_socket else None
         self.prefix = prefix
         p = prefix
         self.k_updates, self.k_chain, self.k_head = f"{p}u", f"{p}ch", f"{p}head"
@@ -312,11 +318,18 @@ class RedisStore:
         # Integers go as text: Lua numbers are doubles and would lose digits.
         packed = msgpack.packb([[str(a) if type(a) is int else a for a in cmd] for cmd in cmds],
                                use_bin_type=False)
-        try:
-            reply = self.client.evalsha(self._script_sha, 0, packed)
-        except redis.exceptions.NoScriptError:
-            self._script_sha = self.client.script_load(_BATCH_LUA)
-            reply = self.client.evalsha(self._script_sha, 0, packed)
+        if self.wire is not None:
+            reply = self.wire.call("EVALSHA", self._script_sha, 0, packed)
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                self._script_sha = self.client.script_load(_BATCH_LUA)
+                reply = self.wire.call("EVALSHA", self._script_sha, 0, packed)
+            reply = self.wire.check(reply)
+        else:
+            try:
+                reply = self.client.evalsha(self._script_sha, 0, packed)
+            except redis.exceptions.NoScriptError:
+                self._script_sha = self.client.script_load(_BATCH_LUA)
+                reply = self.client.evalsha(self._script_sha, 0, packed)
         return [None if r is False else r for r in msgpack.unpackb(reply, raw=True)]
 
     def _list_keys(self, db_ids: list[str]) -> list[str]:
@@ -365,8 +378,11 @@ class RedisStore:
         return self.cache.put_object(db_id, merge.ObjectMeta.unpack(data)) if data else None
 
     def register(self, db_id: str, name: str) -> merge.Register | None:
-        with map_redis_errors():
-            data = self.client.hget(self.k_reg(db_id), name)
+        if self.wire is not None:
+            data = self.wire.check(self.wire.call("HGET", self.k_reg(db_id), name))
+        else:
+            with map_redis_errors():
+                data = self.client.hget(self.k_reg(db_id), name)
         return merge.Register.unpack(data) if data else None
 
     def registers(self, db_id: str) -> dict[str, merge.Register]:
@@ -473,5 +489,7 @@ class RedisStore:
             self.client.hset(self.k_meta, key, value)
 
     def close(self) -> None:
+        if self.wire is not None:
+            self.wire.close()
         with contextlib.suppress(redis.RedisError):
             self.client.close()

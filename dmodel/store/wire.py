@@ -1,0 +1,85 @@
+"""A lean RESP connection for the store's hot path (one unix socket per thread).
+
+redis-py spends most of a small command's client time in its own layers (connection
+pool, retry policy, response callbacks). For the handful of calls every update and
+every field read makes (one script call, one HGET), this sends the packed command on
+a plain socket and parses the reply with hiredis, at about half the client CPU.
+Everything else keeps using redis-py. Only for servers reachable by a unix socket
+without authentication: the embedded one.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+import hiredis
+
+from ..errors import StoreError, StoreUnavailableError
+
+
+class Wire:
+    """Per-thread connections to one Redis unix socket."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._all: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _connection(self) -> tuple[socket.socket, Any]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise StoreUnavailableError("the store is closed")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+            except OSError as exc:
+                sock.close()
+                raise StoreUnavailableError(f"Redis is unreachable: {exc}") from exc
+            conn = self._local.conn = (sock, hiredis.Reader())
+            with self._lock:
+                self._all.append(sock)
+        return conn
+
+    def call(self, *args: Any) -> Any:
+        """Send one command and return its reply; a server error reply is returned as
+        ``hiredis.ReplyError`` (for the caller to decide), a broken link raises."""
+        sock, reader = self._connection()
+        try:
+            sock.sendall(hiredis.pack_command(args))
+            reply = reader.gets()
+            while reply is False:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                reader.feed(data)
+                reply = reader.gets()
+        except (OSError, hiredis.ProtocolError) as exc:
+            self._drop(sock)
+            raise StoreUnavailableError(f"Redis is unreachable: {exc}") from exc
+        return reply
+
+    def check(self, reply: Any) -> Any:
+        """Raise StoreError for an error reply."""
+        if isinstance(reply, hiredis.ReplyError):
+            raise StoreError(f"Redis error: {reply}")
+        return reply
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._local.conn = None
+        with self._lock:
+            if sock in self._all:
+                self._all.remove(sock)
+        sock.close()
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        self._closed = True
+        with self._lock:
+            socks, self._all = self._all, []
+        for sock in socks:
+            sock.close()
