@@ -185,6 +185,8 @@ class Peer:
         if wait > 0:
             time.sleep(min(wait, 10.0))
         cpu0 = self.cpu()
+        remote0 = self.node.stats.remote
+        latencies: list[int] = []
         first_ns = time.time_ns()
         end_ns = first_ns + int(seconds * 1e9)
         i = 0
@@ -214,11 +216,19 @@ class Peer:
                 name = type(exc).__name__
                 errors[name] = errors.get(name, 0) + 1
             i += 1
-            now = time.time_ns()
+            last, now = now, time.time_ns()
+            latencies.append(now - last)
         cpu1 = self.cpu()
         written = sum(counts.values())
+        latencies.sort()
+        pct = {f"p{q}_ms": round(latencies[min(len(latencies) - 1, len(latencies) * q // 100)]
+                                 / 1e6, 2) for q in (50, 90, 99)} if latencies else {}
         return {"written": written, "counts": counts, "errors": errors, "first_ns": first_ns,
                 "last_ns": now, "elapsed": (now - first_ns) / 1e9,
+                "write_ms": {"mean_ms": round(sum(latencies) / len(latencies) / 1e6, 2)
+                             if latencies else 0.0, **pct,
+                             "max_ms": round(latencies[-1] / 1e6, 1) if latencies else 0.0},
+                "remote_applied": self.node.stats.remote - remote0,
                 "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0},
                 "log_length": self.node.log_length()}
 
@@ -264,10 +274,12 @@ class Peer:
     def op_digest(self, req: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         with self.node._lock:  # the apply lock: a consistent view of the store
+            locked = time.perf_counter()
             taken_ns = time.time_ns()
             result = state_digest(self.node.store)
         result["taken_ns"] = taken_ns
-        result["seconds"] = round(time.perf_counter() - started, 4)
+        result["lock_wait_seconds"] = round(locked - started, 4)
+        result["seconds"] = round(time.perf_counter() - locked, 4)
         result["stats"] = self._stats()
         return result
 

@@ -377,6 +377,8 @@ def between(low: bytes, high: bytes | None, toward: str | None = None) -> bytes:
     (typing, or adding before the previous insert) grow positions by a byte only about
     every 250 inserts.
     """
+    if high is not None and low >= high:
+        raise ValueError("no position lies between equal or reversed positions")
     if high is None:
         toward = "low"
     elif not low:

@@ -402,8 +402,20 @@ class BoundList:
             else:
                 keys = store.list_keys_range(obj.db_id, name, 0, 0)
                 low, high = None, (keys[0] if keys else None)
-            position = merge.between(_position(low), _position(high) if high else None,
-                                     _toward(store, obj.db_id, name, low, high))
+            low_pos, high_pos = _position(low), _position(high) if high else None
+            pending = _pending_positions(obj, name)
+            if high is None and pending:  # appends in one transaction: keep them in order
+                low_pos = max(low_pos, *pending)
+            elif high_pos is not None and low_pos == high_pos:
+                # Concurrent inserts at one place may share a position; nothing fits
+                # between those two, so the new element goes just before the pair.
+                below = store.list_key_below(obj.db_id, name, high_pos)
+                low, low_pos = below, _position(below)
+            toward = _toward(store, obj.db_id, name, low, high)
+            try:
+                position = merge.between(low_pos, high_pos, toward)
+            except ValueError as exc:  # pragma: no cover - the cases above leave room
+                raise FieldValueError(f"list {name!r}: {exc}") from None
             if len(position) > MAX_POSITION:
                 raise FieldValueError(f"list {name!r}: no room left between these elements")
             return self._op("lins", position, value)
@@ -432,6 +444,15 @@ class BoundList:
 
     def __repr__(self) -> str:
         return f"<list field {self.obj.db_id}:{self.field.name}>"
+
+
+def _pending_positions(obj: DModel, name: str) -> list[bytes]:
+    """Positions of elements inserted into this list by the current transaction."""
+    tx: _Transaction | None = getattr(_tx, "current", None)
+    if tx is None or tx.node is not obj._node:
+        return []
+    return [op.value[0] for op in tx.ops
+            if op.obj == obj.db_id and op.field == name and op.op.startswith("lins")]
 
 
 def _position(key: bytes | None) -> bytes:

@@ -70,14 +70,15 @@ _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _verify_pool() -> concurrent.futures.ThreadPoolExecutor:
+def _verify_pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
+    """A process-wide pool for signature checks, and its size (cores - 1, at least 1)."""
     global _pool
+    workers = max(1, min(7, (os.cpu_count() or 2) - 1))
     with _pool_lock:
         if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(2, min(8, os.cpu_count() or 2)),
-                thread_name_prefix="dmodel-verify")
-        return _pool
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                          thread_name_prefix="dmodel-verify")
+        return _pool, workers
 
 
 def _event_field(op: Op, update: Update, index: int) -> str | None:
@@ -429,6 +430,10 @@ class Node:
         listening = bool(self.listeners) and any(
             self.listeners.wants(op.obj.partition(":")[0], _event_field(op, update, i))
             for update in updates for i, op in enumerate(update.ops))
+        if listening and len(updates) > 1:
+            # Listeners see each update's before- and after-callbacks before the next
+            # update's: one commit per update.
+            return [d for update in updates for d in self._process_batch([update], local=local)]
         snaps = self.store.snapshots(updates, local=local, registers=listening or not local)
         verified = [local] * len(updates) if local else self._verify_batch(updates, snaps)
         overlay = _Overlay()
@@ -549,17 +554,30 @@ class Node:
         if len(updates) < _PARALLEL_VERIFY_MIN:
             return [False] * len(updates)
 
-        def check(item: tuple[Update, PublicIdentity | None]) -> bool:
-            update, key = item
-            if key is None:
-                return False
-            try:
-                update.verify(key)
-            except InvalidUpdate:
-                return False
-            return True
+        def check(items: list[tuple[Update, PublicIdentity | None]]) -> list[bool]:
+            out = []
+            for update, key in items:
+                try:
+                    if key is not None:
+                        update.verify(key)
+                        out.append(True)
+                        continue
+                except InvalidUpdate:
+                    pass
+                out.append(False)
+            return out
 
-        return list(_verify_pool().map(check, zip(updates, keys, strict=True)))
+        # One chunk per pool worker plus one for this thread: a few hand-offs per batch,
+        # not one per update.
+        items = list(zip(updates, keys, strict=True))
+        pool, workers = _verify_pool()
+        size = -(-len(items) // (workers + 1))
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        futures = [pool.submit(check, chunk) for chunk in chunks[1:]]
+        results = check(chunks[0])
+        for future in futures:
+            results.extend(future.result())
+        return results
 
     def _recompute(self, seeds: set[str]) -> None:
         """Re-decide the stored updates of objects whose update-authorization changed in the

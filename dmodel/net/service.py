@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, int, int], None]
 _BATCH = 256  # updates applied (and committed) together by the apply thread
 _FETCH = 500  # updates asked for in one request
+_MAX_BUSY_SKIPS = 4  # catch-up passes skipped in a row while live updates are queued
 
 
 class NetworkService:
@@ -58,6 +59,8 @@ class NetworkService:
         self._progress: list[ProgressCallback] = []
         self._synced: dict[bytes, int] = {}
         self._catching_up = threading.local()  # set while the sync thread ingests
+        self._dropped_seen = 0
+        self._busy_passes = 0
         self._sync_lock = threading.Lock()
         self.epoch = self._epoch()
         if discovery and discovery_config is None:
@@ -113,7 +116,7 @@ class NetworkService:
     def sync_now(self) -> int:
         """Pull what every connected peer has and this node has not; returns updates pulled."""
         with self._sync_lock:
-            return self._sync_all()
+            return self._sync_all(force=True)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until the apply queue is drained (tests, demo)."""
@@ -225,12 +228,23 @@ class NetworkService:
             self._wake.wait(self.sync_interval)
             self._wake.clear()
 
-    def _sync_all(self) -> int:
+    def _sync_all(self, *, force: bool = False) -> int:
         total = 0
-        for peer_id in list(self.bus.peers()):
-            if self._stop.is_set():
-                break
-            total += self._pull_log(peer_id)
+        dropped = self.stats["queue_dropped"]
+        busy = (not self._queue.empty() and dropped == self._dropped_seen
+                and self._busy_passes < _MAX_BUSY_SKIPS)
+        self._dropped_seen = dropped
+        if busy and not force:
+            # Live updates are flowing and none were lost here: a pull now would mostly
+            # fetch what is already queued. Pull anyway every few passes, for losses on
+            # the wire that no counter sees.
+            self._busy_passes += 1
+        else:
+            self._busy_passes = 0
+            for peer_id in list(self.bus.peers()):
+                if self._stop.is_set():
+                    break
+                total += self._pull_log(peer_id)
         if self.node.pending_count:
             total += self._fetch_missing()
         return total

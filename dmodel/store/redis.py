@@ -22,9 +22,10 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P models           SET   model names
     P meta             HASH  "hlc" -> greatest timestamp, "node" -> node id
 
-Each update (or batch of updates) is committed with its log entries in one Lua script
-call, which Redis runs atomically and writes to the AOF as one unit, so a crash never
-leaves half an update. The register keeps the update's version, whose last 34
+Each update (or batch of updates) is committed with its log entries in one atomic
+step (MULTI/EXEC on the embedded server, a Lua script over redis-py), which Redis
+applies as a whole and writes to the AOF as one unit, so a crash never leaves half an
+update. The register keeps the update's version, whose last 34
 bytes are the update id and op index: that is how any read is verified against the
 signed update (``verified=True`` reads, ``dmodel verify``).
 """
@@ -36,7 +37,6 @@ import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import hiredis
 import msgpack
 import redis
 
@@ -48,10 +48,11 @@ from .wire import Wire
 
 HELD_CAP = 1000
 
-# Runs a list of commands, given as one msgpack argument, and returns their replies as
-# one msgpack reply. A script runs atomically and reaches the AOF as one unit, like
-# MULTI/EXEC, for one round trip; one argument in and one out also spares redis-py the
-# per-command packing and parsing that dominates a pipeline of small commands.
+# Over redis-py (a Redis given by URL): runs a list of commands, given as one msgpack
+# argument, and returns their replies as one msgpack reply. A script runs atomically
+# and reaches the AOF as one unit, like MULTI/EXEC, in one round trip; one argument in
+# and one out spares redis-py its per-command packing and parsing. (The embedded
+# server is reached through wire.py instead, with plain pipelines and MULTI/EXEC.)
 _BATCH_LUA = """
 local out = {}
 for i, cmd in ipairs(cmsgpack.unpack(ARGV[1])) do out[i] = redis.call(unpack(cmd)) end
@@ -200,7 +201,7 @@ class RedisStore:
             plans.append((update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
                           check_chain))
         with map_redis_errors():
-            results = iter(self._run(cmds)) if cmds else iter(())
+            results = iter(self._run(cmds, write=False)) if cmds else iter(())
         snaps = []
         for (update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
              check_chain) in plans:
@@ -260,7 +261,7 @@ class RedisStore:
                 log_positions.append(len(cmds) + 3)
                 self._update_commands(cmds, update, writes, list_keys)
             cmds.append(("HSET", self.k_meta, "hlc", hlc))
-            results = self._run(cmds)
+            results = self._run(cmds, write=True)
         for _update, writes in items:
             for w in writes or ():
                 self.cache.note(w)
@@ -313,23 +314,18 @@ class RedisStore:
         else:  # pragma: no cover - merge only emits the kinds above
             raise ValueError(f"unknown write kind {w.kind}")
 
-    def _run(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        """Run ``cmds`` in one atomic script call; replies in order (missing -> None)."""
+    def _run(self, cmds: list[tuple[Any, ...]], *, write: bool) -> list[Any]:
+        """Run ``cmds`` in one round trip, atomically if ``write``; replies in order."""
+        if self.wire is not None:
+            return self.wire.pipeline(cmds, atomic=write)
         # Integers go as text: Lua numbers are doubles and would lose digits.
         packed = msgpack.packb([[str(a) if type(a) is int else a for a in cmd] for cmd in cmds],
                                use_bin_type=False)
-        if self.wire is not None:
-            reply = self.wire.call("EVALSHA", self._script_sha, 0, packed)
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                self._script_sha = self.client.script_load(_BATCH_LUA)
-                reply = self.wire.call("EVALSHA", self._script_sha, 0, packed)
-            reply = self.wire.check(reply)
-        else:
-            try:
-                reply = self.client.evalsha(self._script_sha, 0, packed)
-            except redis.exceptions.NoScriptError:
-                self._script_sha = self.client.script_load(_BATCH_LUA)
-                reply = self.client.evalsha(self._script_sha, 0, packed)
+        try:
+            reply = self.client.evalsha(self._script_sha, 0, packed)
+        except redis.exceptions.NoScriptError:
+            self._script_sha = self.client.script_load(_BATCH_LUA)
+            reply = self.client.evalsha(self._script_sha, 0, packed)
         return [None if r is False else r for r in msgpack.unpackb(reply, raw=True)]
 
     def _list_keys(self, db_ids: list[str]) -> list[str]:
@@ -415,6 +411,13 @@ class RedisStore:
         """Order keys (position + 0x00 + element id) of a DList, ``start``..``stop``."""
         with map_redis_errors():
             return self.client.zrange(self.k_list(db_id, name), start, stop)
+
+    def list_key_below(self, db_id: str, name: str, position: bytes) -> bytes | None:
+        """The order key of the last element whose position is below ``position``."""
+        with map_redis_errors():
+            keys = self.client.zrevrangebylex(self.k_list(db_id, name), b"(" + position + b"\0",
+                                              b"-", start=0, num=1)
+        return keys[0] if keys else None
 
     def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None:
         with map_redis_errors():

@@ -500,3 +500,48 @@ def test_list_elements_released_with_a_removal_are_dropped_too(make_node, later)
     assert r.store.list_range(doc.db_id, "items") == []
     store = r.store
     assert not store.client.exists(store.k_list(doc.db_id, "items"), store.k_lists(doc.db_id))
+
+
+def test_insert_between_two_elements_that_share_a_position(make_node) -> None:
+    """Concurrent appends on two nodes can pick the same position; an insert between
+    them must not hang and lands just before the pair, the same on every node."""
+    a, b = make_node("a"), make_node("b")
+
+    class Shelf(dmodel.DModel):
+        items = dmodel.DList()
+
+    shelf, other = Shelf([], node=a), Shelf([], node=b)
+    b.ingest_many(a.updates_since(0))
+    a.ingest_many(b.updates_since(0))
+    shelf.append_update_authorized(other.db_id)
+    shelf.items.append("first")
+    b.ingest_many(a.updates_since(0))
+    shelf.items.append("A")
+    Shelf(shelf.db_id, other.db_id, node=b).items.append("B")
+    a.ingest_many(b.updates_since(0))
+    b.ingest_many(a.updates_since(0))
+    keys = a.store.list_keys_range(shelf.db_id, "items", 0, -1)
+    assert keys[1][:-35] == keys[2][:-35]  # the two concurrent appends share a position
+    pair = list(shelf.items)[1:]
+    shelf.items.insert(2, "between")
+    b.ingest_many(a.updates_since(0))
+    assert list(shelf.items) == ["first", "between", *pair]
+    assert list(Shelf(shelf.db_id, node=b).items) == list(shelf.items)
+
+
+def test_appends_in_one_transaction_keep_their_order(make_node) -> None:
+    a = make_node("a")
+
+    class Shelf(dmodel.DModel):
+        items = dmodel.DList()
+
+    shelf = Shelf([], node=a)
+    shelf.items.append(0)
+    with shelf.transaction():
+        for i in range(1, 6):
+            shelf.items.append(i)
+    assert list(shelf.items) == [0, 1, 2, 3, 4, 5]
+    positions = [k[:-35] for k in a.store.list_keys_range(shelf.db_id, "items", 0, -1)]
+    assert len(set(positions)) == 6  # distinct: later inserts between them have room
+    shelf.items.insert(3, "x")
+    assert list(shelf.items) == [0, 1, 2, "x", 3, 4, 5]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -107,3 +108,9 @@ def test_inserting_before_the_previous_insert_keeps_positions_short() -> None:
         check(position, low, high)
         high = position
     assert len(high) < 50
+
+
+def test_between_refuses_equal_or_reversed_positions_instead_of_looping() -> None:
+    for low, high in ((b"\x05", b"\x05"), (b"\x05\x80", b"\x05"), (b"\x02", b"\x02")):
+        with pytest.raises(ValueError):
+            between(low, high)
