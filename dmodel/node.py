@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import redis
 
 from . import merge, pipeline
@@ -930,6 +932,27 @@ class Node:
             expected = merge.Register(reg.version, value, op.op.endswith("_enc"))
         if expected != reg:
             raise IntegrityError(f"{db_id}:{name}: stored value differs from the signed one")
+
+    def state_digest(self) -> str:
+        """A hash of the whole merged state (objects, registers, DList order, authorization
+        events, key wraps): two nodes that hold the same state give the same digest."""
+        digest = hashlib.blake2b(digest_size=32)
+        with self._lock:
+            for db_id in self.store.object_ids():
+                meta = self.store.object_meta(db_id)
+                digest.update(msgpack.packb([db_id, meta.pack() if meta else None]))
+                registers = self.store.registers(db_id)
+                for name in sorted(registers):
+                    digest.update(msgpack.packb([name, registers[name].pack()]))
+                for name in sorted({n.partition("#")[0] for n in registers if "#" in n}):
+                    digest.update(msgpack.packb([name, self.store.list_range(db_id, name)]))
+                for kind in ("r", "u"):
+                    events = self.store.auth_events(db_id, kind)
+                    digest.update(msgpack.packb(sorted(
+                        [m, merge.pack_auth(e)] for m, e in events.items())))
+                wraps = self.store.client.hgetall(self.store.k_wrap(db_id))
+                digest.update(msgpack.packb(sorted(wraps.items())))
+        return digest.hexdigest()
 
     def verify_store(self) -> list[str]:
         """Re-check every stored value and log entry; return a list of problems (empty = ok)."""

@@ -545,3 +545,24 @@ def test_appends_in_one_transaction_keep_their_order(make_node) -> None:
     assert len(set(positions)) == 6  # distinct: later inserts between them have room
     shelf.items.insert(3, "x")
     assert list(shelf.items) == [0, 1, 2, "x", 3, 4, 5]
+
+
+def test_state_digest_is_equal_exactly_when_states_are(make_node) -> None:
+    a, b = make_node("a"), make_node("b")
+
+    class Card(dmodel.DModel):
+        title = dmodel.DField()
+        secret = dmodel.DField(encrypted=True)
+        tags = dmodel.DDict()
+        items = dmodel.DList()
+
+    card = Card.create(title="t", secret="s", node=a)
+    card.tags["k"] = 1
+    card.items.append("x")
+    updates = a.updates_since(0)
+    b.ingest_many(reversed(updates))  # another order, and parked until the create arrives
+    assert a.state_digest() == b.state_digest()
+    card.items.append("y")
+    assert a.state_digest() != b.state_digest()
+    b.ingest_many(a.updates_since(0))
+    assert a.state_digest() == b.state_digest()
