@@ -249,7 +249,7 @@ class Node:
                  now: Callable[[], int] = time.time_ns, curve: Any = None,
                  broker: Any = None, network_options: dict[str, Any] | None = None,
                  start_network: bool = True) -> None:
-        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.home = (Path(home).expanduser() if home is not None else default_home()).absolute()
         self.listen = (listen if listen is not None else os.environ.get("DMODEL_LISTEN")) or None
         if peers is None:
             peers = [p for p in os.environ.get("DMODEL_PEERS", "").split(",") if p.strip()]

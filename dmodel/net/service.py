@@ -60,6 +60,7 @@ class NetworkService:
         self._synced: dict[bytes, int] = {}
         self._catching_up = threading.local()  # set while the sync thread ingests
         self._dropped_seen = 0
+        self._force_pull = threading.Event()
         self._busy_passes = 0
         self._sync_lock = threading.Lock()
         self.epoch = self._epoch()
@@ -78,7 +79,7 @@ class NetworkService:
             options["discovery"] = discovery_config
         self.bus = Bus(node_id=node.node_id, listen=listen, peers=list(peers),
                        on_publish=self._on_publish, on_request=self._on_request,
-                       on_peer_ready=lambda _peer: self._wake.set(), **options)
+                       on_peer_ready=self._on_peer_ready, **options)
         node.on_accepted(self._publish)
         self._apply_thread = threading.Thread(target=self._apply_loop, daemon=True,
                                               name=f"dmodel-apply-{node.node_id.hex()[:6]}")
@@ -215,11 +216,17 @@ class NetworkService:
                 return
 
     # ------------------------------------------------------------- sync thread
+    def _on_peer_ready(self, peer_id: bytes) -> None:
+        self._force_pull.set()  # a peer (re)connected: catch up with it now
+        self._wake.set()
+
     def _sync_loop(self) -> None:
         while not self._stop.is_set():
             try:
+                force = self._force_pull.is_set()
+                self._force_pull.clear()
                 with self._sync_lock:
-                    self._sync_all()
+                    self._sync_all(force=force)
             except Exception:
                 if self._stop.is_set() or self.node.closed:
                     return

@@ -58,7 +58,7 @@ class EmbeddedRedis:
     """A private redis-server for one node home."""
 
     def __init__(self, home: str | os.PathLike[str], *, start_timeout: float = 10.0) -> None:
-        self.dir = Path(home) / "redis"
+        self.dir = Path(home).absolute() / "redis"  # redis-server changes into it
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pidfile = self.dir / "redis.pid"
         self.socket = self._socket_path()

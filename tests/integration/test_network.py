@@ -5,9 +5,10 @@ The bus itself (handshake, gossip, limits, CURVE handshakes) is tested in test_b
 here the subject is the node: updates published and relayed, catch-up after being away,
 convergence of what several nodes store, and hostile input on the wire.
 
-Most nodes run catch-up every 0.2 s (``sync_interval``) instead of the default 2 s, so a
-test that relies on it is quick; the relay test turns it off to show that live relay
-alone delivers.
+Most nodes run periodic catch-up every 0.2 s (``sync_interval``) instead of the default
+2 s, so a test that relies on it is quick. Some turn it off (NO_CATCH_UP): the relay
+tests, to show that live relay alone delivers, and the late joiner and restart tests, to
+show that the pass made when a peer connects brings what was missed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dmodel.update import Op
 pytestmark = pytest.mark.timeout(60)
 
 LOOPBACK = "tcp://127.0.0.1:*"
-NO_CATCH_UP = 3600.0  # a sync_interval no test outlives: only the pass at start runs
+NO_CATCH_UP = 3600.0  # no test outlives it: only the passes at start and on connect run
 
 
 class Person(dmodel.DModel):
