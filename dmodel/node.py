@@ -9,6 +9,7 @@ dropped, counted in ``node.stats`` and logged at debug level.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import hashlib
@@ -16,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +208,15 @@ class HistoryEntry:
     ops: tuple[Op, ...]
 
 
+def _shutdown_at_exit(ref: weakref.ref[Node]) -> None:
+    node = ref()
+    if node is not None and not node.closed:
+        try:
+            node.shutdown()
+        except Exception:  # at exit: nothing left to report to
+            logger.debug("shutdown at exit failed", exc_info=True)
+
+
 def _lock_home(home: Path) -> Any:
     """Hold an exclusive lock on ``home`` for this node's life (released if it dies)."""
     import fcntl
@@ -288,6 +299,8 @@ class Node:
                 self._unlock_home()
                 raise
             client = self._embedded.client()
+            # A program that ends without shutdown() still stops its Redis server.
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
         self.store = RedisStore(client, prefix=redis_prefix, unix_socket=(
             str(self._embedded.socket) if self._embedded is not None else None))
         try:
