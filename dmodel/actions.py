@@ -488,6 +488,20 @@ def _veto_message(change: Change, listener: DAction, name: str, exc: BaseExcepti
     return f"{change.object_id} {what} vetoed by {type(listener).__name__}.{name}: {text}"
 
 
+def _before_names(change: Change) -> Sequence[str]:
+    return _BEFORE[change.kind, change.context.authorized, change.context.owned]
+
+
+def _after_names(change: Change) -> Sequence[str]:
+    if change.kind == "remove":
+        return ()
+    return _AFTER[change.kind, change.context.authorized, change.context.owned]
+
+
+def _observe_names(change: Change) -> Sequence[str]:
+    return _OBSERVE[change.kind][:1]
+
+
 class ListenerRegistry:
     """The listeners applied on one node, indexed by model name and field.
 
@@ -618,89 +632,58 @@ class ListenerRegistry:
     # Dispatch.
     def before(self, changes: Iterable[Change]) -> None:
         """Run before-callbacks; the first exception raises VetoedError from it."""
-        for change in changes:
-            apps = self._candidates(change.model, change.field)
-            if not apps:
-                continue
-            ctx = change.context
-            names = _BEFORE[change.kind, ctx.authorized, ctx.owned]
-            args = _args(change)
-            key = change.key
-            for app in apps:
-                if not app.has_before or not app.filter.match(key):
-                    continue
-                callbacks = app.callbacks
-                for name in names:
-                    if name in callbacks:
-                        try:
-                            _call(app, name, args, ctx)
-                        except Exception as exc:
-                            raise VetoedError(
-                                _veto_message(change, app.listener, name, exc),
-                                db_id=change.object_id,
-                                listener=app.listener,
-                                callback=name,
-                            ) from exc
+        for change, app, name, args in self._due(changes, _before_names, "has_before"):
+            try:
+                _call(app, name, args, change.context)
+            except Exception as exc:
+                raise VetoedError(
+                    _veto_message(change, app.listener, name, exc),
+                    db_id=change.object_id,
+                    listener=app.listener,
+                    callback=name,
+                ) from exc
 
     def after(self, changes: Iterable[Change]) -> list[tuple[DAction, str, BaseException]]:
         """Run after-callbacks; return (listener, callback name, exception) for failures."""
         errors: list[tuple[DAction, str, BaseException]] = []
-        for change in changes:
-            if change.kind == "remove":
-                continue
-            apps = self._candidates(change.model, change.field)
-            if not apps:
-                continue
-            ctx = change.context
-            names = _AFTER[change.kind, ctx.authorized, ctx.owned]
-            args = _args(change)
-            key = change.key
-            for app in apps:
-                if not app.has_after or not app.filter.match(key):
-                    continue
-                callbacks = app.callbacks
-                for name in names:
-                    if name in callbacks:
-                        try:
-                            _call(app, name, args, ctx)
-                        except Exception as exc:
-                            logger.warning(
-                                "%s.%s failed on %s: %s",
-                                type(app.listener).__name__,
-                                name,
-                                key,
-                                exc,
-                                exc_info=exc,
-                            )
-                            errors.append((app.listener, name, exc))
+        for change, app, name, args in self._due(changes, _after_names, "has_after"):
+            try:
+                _call(app, name, args, change.context)
+            except Exception as exc:
+                logger.warning("%s.%s failed on %s: %s", type(app.listener).__name__, name,
+                               change.key, exc, exc_info=exc)
+                errors.append((app.listener, name, exc))
         return errors
 
     def observe_rejected(self, changes: Iterable[Change]) -> None:
         """Show policy-rejected changes to ``on_unauthorized_*``; exceptions are ignored."""
+        for change, app, name, args in self._due(changes, _observe_names, None):
+            try:
+                _call(app, name, args, change.context)
+            except Exception as exc:
+                logger.debug("%s.%s raised while observing rejected %s: %s",
+                             type(app.listener).__name__, name, change.key, exc, exc_info=exc)
+
+    def _due(self, changes: Iterable[Change], names_for: Callable[[Change], Sequence[str]],
+             flag: str | None) -> Iterator[tuple[Change, _Application, str, tuple[Any, ...]]]:
+        """Each (change, application, callback name, arguments) to call, in dispatch order:
+        changes in order, applications in registration order, callbacks in table order."""
         for change in changes:
-            names = _OBSERVE[change.kind]
+            names = names_for(change)
             if not names:
                 continue
-            name = names[0]
             apps = self._candidates(change.model, change.field)
             if not apps:
                 continue
-            ctx = change.context
             args = _args(change)
             key = change.key
             for app in apps:
-                if name in app.callbacks and app.filter.match(key):
-                    try:
-                        _call(app, name, args, ctx)
-                    except Exception as exc:
-                        logger.debug(
-                            "%s.%s raised while observing rejected %s: %s",
-                            type(app.listener).__name__,
-                            name,
-                            key,
-                            exc,
-                            exc_info=exc,
-                        )
+                if (flag is not None and not getattr(app, flag)) or not app.filter.match(key):
+                    continue
+                callbacks = app.callbacks
+                for name in names:
+                    if name in callbacks:
+                        yield change, app, name, args
 
     def _candidates(self, model: str, field: str | None) -> Sequence[_Application]:
         """Applications that may match keys of ``model`` (and ``field``), in registration

@@ -75,22 +75,16 @@ class _ModelOptions:
 # ------------------------------------------------------------------ fields
 
 
-class DField:
-    """A field: ``DField('name', encrypted)`` (PyDinemic) or ``DField(encrypted=True, type=int)``.
+class _Declared:
+    """What DField, DDict and DList share: a name (default: the attribute's) and whether
+    values are encrypted. Class access gives the declaration, instance access a handle
+    bound to the object."""
 
-    ``type`` (a type or tuple of types) is checked on every local ``set``.
-    """
-
-    encrypted: bool
-
-    def __init__(self, name: str | None = None, encrypted: bool = False, *,
-                 type: type | tuple[type, ...] | None = None, default: Any = None) -> None:
+    def __init__(self, name: str | None = None, encrypted: bool = False) -> None:
         if name is not None and not _FIELD_NAME.fullmatch(name):
             raise ModelDefinitionError(f"bad field name {name!r}: letters, digits, _ (max 64)")
         self.name = name
         self.encrypted = bool(encrypted)
-        self.type = type
-        self.default = default
         self.attr: str | None = None
 
     def __set_name__(self, owner: type, attr: str) -> None:
@@ -103,6 +97,28 @@ class DField:
     def __get__(self, obj: DModel | None, cls: type | None = None) -> Any:
         if obj is None:
             return self
+        return self._bind(obj)
+
+    def _bind(self, obj: DModel) -> Any:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}{' encrypted' if self.encrypted else ''}>"
+
+
+class DField(_Declared):
+    """A field: ``DField('name', encrypted)`` (PyDinemic) or ``DField(encrypted=True, type=int)``.
+
+    ``type`` (a type or tuple of types) is checked on every local ``set``.
+    """
+
+    def __init__(self, name: str | None = None, encrypted: bool = False, *,
+                 type: type | tuple[type, ...] | None = None, default: Any = None) -> None:
+        super().__init__(name, encrypted)
+        self.type = type
+        self.default = default
+
+    def _bind(self, obj: DModel) -> BoundField:
         return BoundField(obj, self)
 
     def __set__(self, obj: DModel, value: Any) -> None:
@@ -121,9 +137,6 @@ class DField:
                 raise FieldTypeError(f"field {self.name!r} takes {_type_names(types)}, "
                                      f"not {type(value).__name__}")
         _check_value(self.name, value)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}{' encrypted' if self.encrypted else ''}>"
 
 
 def _type_names(types: tuple[type, ...]) -> str:
@@ -184,25 +197,11 @@ class BoundField:
         return f"<field {self.obj.db_id}:{self.field.name}>"
 
 
-class DDict:
+class DDict(_Declared):
     """A last-writer-wins map field: ``p.tags.set('k', v)``, ``p.tags['k']``, ``p.tags.keys()``."""
 
-    def __init__(self, name: str | None = None, encrypted: bool = False) -> None:
-        if name is not None and not _FIELD_NAME.fullmatch(name):
-            raise ModelDefinitionError(f"bad field name {name!r}: letters, digits, _ (max 64)")
-        self.name = name
-        self.encrypted = bool(encrypted)
-        self.attr: str | None = None
-
-    __set_name__ = DField.__set_name__
-
-    def __get__(self, obj: DModel | None, cls: type | None = None) -> Any:
-        if obj is None:
-            return self
+    def _bind(self, obj: DModel) -> BoundDict:
         return BoundDict(obj, self)
-
-    def __repr__(self) -> str:
-        return f"<DDict {self.name!r}{' encrypted' if self.encrypted else ''}>"
 
 
 _MISSING = object()
@@ -290,29 +289,15 @@ class BoundDict:
 setattr(BoundDict, "del", BoundDict.del_)
 
 
-class DList:
+class DList(_Declared):
     """A list field (a sequence CRDT): ``append``, ``insert``, ``at``, ``set``, ``delete``,
     ``index``, ``length``, iteration. Indexes refer to the list as this node sees it
     when called; concurrent inserts at one place from several nodes all survive, in
     the same order on every node.
     """
 
-    def __init__(self, name: str | None = None, encrypted: bool = False) -> None:
-        if name is not None and not _FIELD_NAME.fullmatch(name):
-            raise ModelDefinitionError(f"bad field name {name!r}: letters, digits, _ (max 64)")
-        self.name = name
-        self.encrypted = bool(encrypted)
-        self.attr: str | None = None
-
-    __set_name__ = DField.__set_name__
-
-    def __get__(self, obj: DModel | None, cls: type | None = None) -> Any:
-        if obj is None:
-            return self
+    def _bind(self, obj: DModel) -> BoundList:
         return BoundList(obj, self)
-
-    def __repr__(self) -> str:
-        return f"<DList {self.name!r}{' encrypted' if self.encrypted else ''}>"
 
 
 class BoundList:
@@ -503,7 +488,7 @@ class DModel:
         fields: dict[str, DField | DDict | DList] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
-                if isinstance(value, (DField, DDict, DList)):
+                if isinstance(value, _Declared):
                     fields[attr] = value
         names = [f.name for f in fields.values()]
         if len(set(names)) != len(names):

@@ -52,20 +52,7 @@ class Wire:
     def call(self, *args: Any) -> Any:
         """Send one command and return its reply; a server error reply is returned as
         ``hiredis.ReplyError`` (for the caller to decide), a broken link raises."""
-        sock, reader = self._connection()
-        try:
-            sock.sendall(hiredis.pack_command(args))
-            reply = reader.gets()
-            while reply is False:
-                data = sock.recv(1 << 16)
-                if not data:
-                    raise ConnectionError("Redis closed the connection")
-                reader.feed(data)
-                reply = reader.gets()
-        except (OSError, hiredis.ProtocolError) as exc:
-            self._drop(sock)
-            raise StoreUnavailableError(f"Redis is unreachable: {exc}") from exc
-        return reply
+        return self._exchange([hiredis.pack_command(args)])[0]
 
     def pipeline(self, cmds: list[tuple[Any, ...]], *, atomic: bool) -> list[Any]:
         """Send ``cmds`` in one write and read their replies; ``atomic`` wraps them in
@@ -74,6 +61,20 @@ class Wire:
         if atomic:
             packed.insert(0, _MULTI)
             packed.append(_EXEC)
+        replies = self._exchange(packed)
+        if not atomic:
+            return replies
+        for reply in replies[:-1]:
+            self.check(reply)  # MULTI's OK and each QUEUED; an error here aborts EXEC
+        result = self.check(replies[-1])
+        if result is None:
+            raise StoreError("Redis aborted the transaction")
+        for item in result:
+            self.check(item)
+        return list(result)
+
+    def _exchange(self, packed: list[bytes]) -> list[Any]:
+        """Send packed commands in one write; read one reply for each."""
         sock, reader = self._connection()
         replies: list[Any] = []
         try:
@@ -90,16 +91,7 @@ class Wire:
         except (OSError, hiredis.ProtocolError) as exc:
             self._drop(sock)
             raise StoreUnavailableError(f"Redis is unreachable: {exc}") from exc
-        if not atomic:
-            return replies
-        for reply in replies[:-1]:
-            self.check(reply)  # MULTI's OK and each QUEUED; an error here aborts EXEC
-        result = self.check(replies[-1])
-        if result is None:
-            raise StoreError("Redis aborted the transaction")
-        for item in result:
-            self.check(item)
-        return list(result)
+        return replies
 
     def check(self, reply: Any) -> Any:
         """Raise StoreError for an error reply."""
