@@ -1,0 +1,32 @@
+"""The public surface is explicit: changing it is a decision, so this test names it."""
+
+from __future__ import annotations
+
+import dmodel
+from dmodel import errors
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(dmodel.__all__) == sorted([
+        "BrokenChainUpdate", "Change", "ConfigurationError", "Context", "CryptoError",
+        "DAction", "DDict", "DField", "DList", "DModel", "DModelError", "DecryptionError",
+        "EncryptedValue", "FieldError", "FieldTypeError", "FieldValueError", "ForgedUpdate",
+        "IntegrityError", "InvalidUpdate", "KeyringError", "MalformedUpdate",
+        "ModelDefinitionError", "NetworkError", "Node", "NodeNotRunningError",
+        "ObjectNotFoundError", "OversizedUpdate", "RejectedError", "ReplayedUpdate",
+        "StaleUpdate", "StoreError", "StoreUnavailableError", "UnauthorizedError",
+        "UnknownModelUpdate", "VetoedError", "default_node", "launch", "object_list",
+        "object_list_owned", "set_loglevel", "shutdown", "transaction",
+    ])
+    for name in dmodel.__all__:
+        assert getattr(dmodel, name) is not None
+
+
+def test_every_exception_derives_from_the_root() -> None:
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.DModelError), name
+        assert getattr(dmodel, name, cls) is cls
+    assert issubclass(errors.InvalidUpdate, ValueError)
+    assert issubclass(errors.ObjectNotFoundError, LookupError)
+    assert issubclass(errors.FieldTypeError, TypeError)
