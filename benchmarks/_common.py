@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: timing, stage timers, machine info, tables, JSON.
+"""Helpers shared by the benchmarks: timing, stage timers, machine info, tables, phases, JSON.
 
 Nothing here knows about dmodel; the benchmark scripts import it as ``_common``
 (they put their own directory on ``sys.path``).
@@ -6,6 +6,7 @@ Nothing here knows about dmodel; the benchmark scripts import it as ``_common``
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import cProfile
 import datetime
@@ -98,6 +99,11 @@ def _timed_run(fn: Callable[[int], object], n: int, warmup: int,
     ops = calls * batch
     srv = (server_cpu() - srv0) * 1e6 / ops if server_cpu else None
     return ops / elapsed, cpu * 1e6 / ops, srv
+
+
+def default_warmup(n: int) -> int:
+    """Untimed calls before a timed run of ``n``: a tenth of them, at least 10."""
+    return max(10, n // 10)
 
 
 def run_figures(cases: Sequence[tuple[Figure, Callable[[int], object]]], *, runs: int,
@@ -300,12 +306,16 @@ def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "python_implementation": platform.python_implementation(),
         "packages": package_versions(),
-        "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
-        else None,
+        "loadavg_end": loadavg(),
     }
     if extra:
         info.update(extra)
     return info
+
+
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, rounded (None where there are none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _cpu_model() -> str | None:
@@ -343,3 +353,52 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------- running, output
+
+
+def log(msg: str) -> None:
+    """A progress line, on stderr."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def params(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's options for the JSON: the parsed arguments but the output path."""
+    return {k: v for k, v in vars(args).items() if k != "json"}
+
+
+def phase_timer(benchmark: str, args: argparse.Namespace, res: dict[str, Any],
+                phases: dict[str, float]) -> Callable[..., Any]:
+    """``timed(phase, fn, *a, **kw)``: ``fn(*a, **kw)``, its seconds stored in ``phases``.
+
+    When a phase fails, what was measured before it (``res``, with the error) is written
+    to ``args.json`` marked ``partial``, and the exception goes on.
+    """
+
+    def timed(phase: str, fn: Callable[..., Any], /, *a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        except BaseException as exc:  # keep what was measured before the failure
+            res["error"] = f"{phase}: {type(exc).__name__}: {exc}"
+            write_json(args.json, {"benchmark": benchmark, "partial": True,
+                                   "params": params(args), **res})
+            log(f"phase {phase} failed; partial results written to {args.json}")
+            raise
+        finally:
+            phases[phase] = round(time.perf_counter() - t0, 1)
+
+    return timed
+
+
+def finish(path: Path, result: dict[str, Any], started: float) -> int:
+    """Write ``result`` as JSON to ``path``, its ``elapsed_s`` counted from ``started``.
+
+    ``started`` is a ``time.perf_counter()`` reading from the start of the run; says
+    where the results went and returns 0, the benchmark's exit status.
+    """
+    result["elapsed_s"] = round(time.perf_counter() - started, 2)
+    written = write_json(path, result)
+    print(f"\nresults written to {written}  ({result['elapsed_s']:.1f} s)")
+    return 0

@@ -1,13 +1,10 @@
 """A convergence-benchmark peer: one dmodel Node in its own process, driven over stdin/stdout.
 
-Private to ``bench_convergence.py`` (not a benchmark, not a tool). Started as::
-
-    python benchmarks/_conv_peer.py --home DIR [--listen EP] [--peers EP,EP] [--options JSON]
-
-it starts ``dmodel.Node(home, listen=..., peers=[...], network_options=...)`` and
-prints its ROUTER endpoint as the first line on stdout. Then it reads one JSON
-request per line on stdin (``{"op": ..., ...}``) and answers each with one JSON line:
-``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. Logging goes to stderr.
+Private to ``bench_convergence.py`` (not a benchmark, not a tool). Started as
+``python benchmarks/_conv_peer.py --home DIR [--listen EP] [--peers EP,EP] [--options JSON]``,
+it runs ``dmodel.Node(home, listen=..., peers=[...], network_options=...)``, prints its
+endpoint and answers JSON-line requests, as ``_children.py`` describes; the options,
+the request loop and the requests common to both peer scripts are there.
 
 ``digest`` hashes the node's replicated state, read in one Redis pipeline while the
 node's apply lock is held (so no update is half-read): every known object's metadata,
@@ -28,15 +25,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import logging
 import random
 import sys
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
+import _children  # the benchmarks folder is on sys.path (this script lives there)
 import msgpack
 
 WIDE_FIELDS = 100  # fields of the model written 100 at a time in one transaction
@@ -62,35 +56,7 @@ def guard_between() -> None:
     merge.between = between
 
 
-class Recorder:
-    """Counts updates from peers stored after ``mark()``; first/last time_ns."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.mark()
-
-    def mark(self) -> None:
-        with self.lock:
-            self.count = 0
-            self.first_ns = 0
-            self.last_ns = 0
-
-    def __call__(self, update: Any, local: bool) -> None:
-        if local:
-            return
-        now = time.time_ns()
-        with self.lock:
-            if not self.count:
-                self.first_ns = now
-            self.last_ns = now
-            self.count += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        with self.lock:
-            return {"count": self.count, "first_ns": self.first_ns, "last_ns": self.last_ns}
-
-
-class Peer:
+class Peer(_children.NodePeer):
     def __init__(self, args: argparse.Namespace) -> None:
         import dmodel
 
@@ -110,33 +76,13 @@ class Peer:
         self.wide_model = type("ConvWide", (dmodel.DModel,), wide)
         self.writer_model = ConvWriter
         self.item_model = ConvItem
-        peers = [p for p in args.peers.split(",") if p]
-        options = json.loads(args.options) if args.options else {}
-        self.node = dmodel.Node(args.home, listen=args.listen or "", peers=peers,
-                                discovery=False, redis_url="", network_options=options)
-        self.recorder = Recorder()
-        self.node.on_accepted(self.recorder)
+        super().__init__(args)
         self.writer: Any = None
         self.wide: Any = None
-
-    @property
-    def endpoint(self) -> str:
-        return self.node.network.endpoint or ""
-
-    def cpu(self) -> dict[str, float]:
-        info = self.node.store.client.info("cpu")
-        return {"process": time.process_time(),
-                "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"])}
 
     # ------------------------------------------------------------- commands
     def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "node_id": self.node.node_id.hex()}
-
-    def op_wait_peers(self, req: dict[str, Any]) -> dict[str, Any]:
-        ready = self.node.network.wait_for_peers(int(req.get("n", 1)),
-                                                  float(req.get("timeout", 10)))
-        return {"ready": ready, "peers": sum(p.ready for p in
-                                             self.node.network.peers().values())}
 
     def op_create_writer(self, req: dict[str, Any]) -> dict[str, Any]:
         self.writer = self.writer_model([], node=self.node)
@@ -257,12 +203,8 @@ class Peer:
 
     def op_wait_log(self, req: dict[str, Any]) -> dict[str, Any]:
         """Wait until the log holds ``target`` updates (or ``timeout`` s pass)."""
-        target, timeout = int(req["target"]), float(req.get("timeout", 60))
-        start = time.monotonic()
-        length = self.node.log_length()
-        while length < target and time.monotonic() - start < timeout:
-            time.sleep(0.005)
-            length = self.node.log_length()
+        target = int(req["target"])
+        length, _ = self.wait_log(target, float(req.get("timeout", 60)), poll=0.005)
         return {"reached": length >= target, "log_length": length,
                 "applied": self.recorder.as_dict(), "cpu": self.cpu()}
 
@@ -282,18 +224,6 @@ class Peer:
         result["seconds"] = round(time.perf_counter() - locked, 4)
         result["stats"] = self._stats()
         return result
-
-    def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"stats": self._stats(), "cpu": self.cpu()}
-
-    def _stats(self) -> dict[str, Any]:
-        net = self.node.network
-        return {"node": self.node.stats.as_dict(), "network": dict(net.stats),
-                "log_length": self.node.log_length(), "pending": self.node.pending_count,
-                "queue": net._queue.qsize()}
-
-    def close(self) -> None:
-        self.node.shutdown()
 
 
 def state_digest(store: Any) -> dict[str, Any]:
@@ -342,45 +272,9 @@ def state_digest(store: Any) -> dict[str, Any]:
             "registers": registers, "list_elements": elements, "update_count": len(uids)}
 
 
-def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s conv-peer %(name)s %(levelname)s %(message)s")
-    peer = Peer(args)
-    out = sys.stdout
-    out.write(peer.endpoint + "\n")
-    out.flush()
-    try:
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            try:
-                req = json.loads(line)
-                op = req.get("op")
-                if op == "quit":
-                    out.write(json.dumps({"ok": True}) + "\n")
-                    out.flush()
-                    break
-                handler = getattr(peer, f"op_{op}", None)
-                if handler is None:
-                    raise ValueError(f"unknown op {op!r}")
-                answer = {"ok": True, **handler(req)}
-            except Exception as exc:  # answer, never die: the parent decides
-                logging.getLogger("conv-peer").exception("request failed")
-                answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            out.write(json.dumps(answer) + "\n")
-            out.flush()
-    finally:
-        peer.close()
-    return 0
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description="dmodel convergence benchmark peer (private)")
-    parser.add_argument("--home", type=Path, required=True)
-    parser.add_argument("--listen", default="tcp://127.0.0.1:*")
-    parser.add_argument("--peers", default="")
-    parser.add_argument("--options", default="", help="network_options as JSON")
-    return serve(parser.parse_args())
+    parser = _children.peer_parser("dmodel convergence benchmark peer (private)")
+    return _children.serve(Peer, parser.parse_args(), "conv-peer")
 
 
 if __name__ == "__main__":

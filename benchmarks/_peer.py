@@ -1,13 +1,10 @@
 """A benchmark peer: one dmodel Node in its own process, driven over stdin/stdout.
 
-Private to ``bench_network.py`` (not a benchmark, not a tool). Started as::
-
-    python benchmarks/_peer.py --home DIR [--listen EP] [--peers EP,EP] [--options JSON]
-
-it starts ``dmodel.Node(home, listen=..., peers=[...], network_options=...)`` and
-prints its ROUTER endpoint as the first line on stdout. Then it reads one JSON
-request per line on stdin (``{"op": ..., ...}``) and answers each with one JSON line:
-``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. Logging goes to stderr.
+Private to ``bench_network.py`` (not a benchmark, not a tool). Started as
+``python benchmarks/_peer.py --home DIR [--listen EP] [--peers EP,EP] [--options JSON]``,
+it runs ``dmodel.Node(home, listen=..., peers=[...], network_options=...)``, prints its
+endpoint and answers JSON-line requests, as ``_children.py`` describes; the options,
+the request loop and the requests common to both peer scripts are there.
 
 Every update this node stores from a peer (``local=False``) after the last ``mark``
 is counted, with the wall-clock time (``time.time_ns``) of the first and the last,
@@ -26,17 +23,16 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
-import logging
 import os
 import pstats
 import select
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
+import _children  # the benchmarks folder is on sys.path (this script lives there)
+import _common
 import msgpack
 
 # -------------------------------------------------------------- raw pyzmq mode
@@ -74,39 +70,6 @@ def zmq_pub(endpoint: str, count: int, size: int) -> int:
 # ------------------------------------------------------------------ node mode
 
 
-class Recorder:
-    """Counts updates from peers stored after ``mark()``; first/last time_ns."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.mark()
-
-    def mark(self, stride: int = 500) -> None:
-        with self.lock:
-            self.count = 0
-            self.first_ns = 0
-            self.last_ns = 0
-            self.stride = max(1, stride)
-            self.ticks: list[int] = []  # time_ns of every stride-th update
-
-    def __call__(self, update: Any, local: bool) -> None:
-        if local:
-            return
-        now = time.time_ns()
-        with self.lock:
-            if not self.count:
-                self.first_ns = now
-            self.last_ns = now
-            self.count += 1
-            if self.count % self.stride == 0:
-                self.ticks.append(now)
-
-    def as_dict(self) -> dict[str, Any]:
-        with self.lock:
-            return {"count": self.count, "first_ns": self.first_ns, "last_ns": self.last_ns,
-                    "stride": self.stride, "ticks": list(self.ticks)}
-
-
 class ThreadCPU:
     """CPU seconds spent inside ``node.ingest_many`` (per calling thread, summed)."""
 
@@ -115,7 +78,7 @@ class ThreadCPU:
         self.lock = threading.Lock()
 
 
-class Peer:
+class Peer(_children.NodePeer):
     def __init__(self, args: argparse.Namespace) -> None:
         import dmodel
         from dmodel.actions import DAction
@@ -145,13 +108,8 @@ class Peer:
         self.latency_cls = LatencyListener
         self.slow_cls = SlowListener
         self.listeners: list[tuple[Any, str]] = []
-        peers = [p for p in args.peers.split(",") if p]
-        options = json.loads(args.options) if args.options else {}
-        self.node = dmodel.Node(args.home, listen=args.listen or "", peers=peers,
-                                discovery=False, redis_url="", network_options=options)
+        super().__init__(args, ticks=True)
         self.started_ns = time.time_ns()
-        self.recorder = Recorder()
-        self.node.on_accepted(self.recorder)
         self.apply_cpu = ThreadCPU()
         self.profiles: dict[int, cProfile.Profile] = {}
         self._wrap_ingest(profile=os.environ.get("DMODEL_BENCH_PROFILE") == "1")
@@ -178,14 +136,6 @@ class Peer:
 
         self.node.ingest_many = ingest_many  # type: ignore[method-assign]
 
-    @property
-    def endpoint(self) -> str:
-        return self.node.network.endpoint or ""
-
-    def redis_cpu(self) -> float:
-        info = self.node.store.client.info("cpu")
-        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
     def cpu(self) -> dict[str, float]:
         with self.apply_cpu.lock:
             apply = self.apply_cpu.seconds
@@ -196,12 +146,6 @@ class Peer:
     def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "node_id": self.node.node_id.hex(),
                 "pid": os.getpid(), "started_ns": self.started_ns}
-
-    def op_wait_peers(self, req: dict[str, Any]) -> dict[str, Any]:
-        ready = self.node.network.wait_for_peers(int(req.get("n", 1)),
-                                                  float(req.get("timeout", 10)))
-        return {"ready": ready, "peers": sum(p.ready for p in
-                                             self.node.network.peers().values())}
 
     def op_create(self, req: dict[str, Any]) -> dict[str, Any]:
         new = [self.model([], node=self.node) for _ in range(int(req.get("count", 1)))]
@@ -248,14 +192,10 @@ class Peer:
 
     def op_wait_log(self, req: dict[str, Any]) -> dict[str, Any]:
         """Wait until the log holds ``target`` updates (or ``timeout`` s pass)."""
-        target, timeout = int(req["target"]), float(req.get("timeout", 60))
-        start = time.monotonic()
-        length = self.node.log_length()
-        while length < target and time.monotonic() - start < timeout:
-            time.sleep(0.01)
-            length = self.node.log_length()
+        target = int(req["target"])
+        length, waited = self.wait_log(target, float(req.get("timeout", 60)), poll=0.01)
         return {"reached": length >= target, "log_length": length,
-                "waited": time.monotonic() - start, "applied": self.recorder.as_dict(),
+                "waited": waited, "applied": self.recorder.as_dict(),
                 "cpu": self.cpu(), "stats": self._stats()}
 
     def op_listen_latency(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -310,24 +250,15 @@ class Peer:
         return {"n": len(raws), "elapsed": elapsed, "log_length": self.node.log_length(),
                 "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0}, "stats": self._stats()}
 
-    def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"stats": self._stats(), "cpu": self.cpu()}
-
-    def _stats(self) -> dict[str, Any]:
-        net = self.node.network
-        bus = net.bus.stats
-        return {"node": self.node.stats.as_dict(), "network": dict(net.stats),
-                "bus": {"messages_in": bus["messages_in"], "messages_out": bus["messages_out"],
+    def _bus_stats(self) -> dict[str, Any]:
+        bus = self.node.network.bus.stats
+        return {"bus": {"messages_in": bus["messages_in"], "messages_out": bus["messages_out"],
                         "bytes_in": bus["bytes_in"], "dropped": bus["dropped"],
-                        "peers": {nid.hex(): dict(s) for nid, s in bus["peers"].items()}},
-                "log_length": self.node.log_length(), "pending": self.node.pending_count,
-                "queue": net._queue.qsize()}
+                        "peers": {nid.hex(): dict(s) for nid, s in bus["peers"].items()}}}
 
     def op_profile(self, req: dict[str, Any]) -> dict[str, Any]:
         if not self.profiles:
             return {"rows": [], "calls": 0}
-        import _common  # the benchmarks folder is on sys.path (this script lives there)
-
         stats = pstats.Stats(*self.profiles.values())
         per = max(1, int(req.get("per", 1)))
         rows = []
@@ -340,53 +271,14 @@ class Peer:
         return {"rows": rows[: int(req.get("top", 25))],
                 "total_s": round(sum(r[2] for r in stats.stats.values()), 3)}  # type: ignore[attr-defined]
 
-    def close(self) -> None:
-        self.node.shutdown()
-
 
 def _load(path: str) -> list[bytes]:
     with open(path, "rb") as fh:
         return msgpack.unpackb(fh.read(), raw=False)
 
 
-def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s peer %(name)s %(levelname)s %(message)s")
-    peer = Peer(args)
-    out = sys.stdout
-    out.write(peer.endpoint + "\n")
-    out.flush()
-    try:
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            try:
-                req = json.loads(line)
-                op = req.get("op")
-                if op == "quit":
-                    out.write(json.dumps({"ok": True}) + "\n")
-                    out.flush()
-                    break
-                handler = getattr(peer, f"op_{op}", None)
-                if handler is None:
-                    raise ValueError(f"unknown op {op!r}")
-                answer = {"ok": True, **handler(req)}
-            except Exception as exc:  # answer, never die: the parent decides
-                logging.getLogger("peer").exception("request failed")
-                answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            out.write(json.dumps(answer) + "\n")
-            out.flush()
-    finally:
-        peer.close()
-    return 0
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description="dmodel benchmark peer (private)")
-    parser.add_argument("--home", type=Path)
-    parser.add_argument("--listen", default="tcp://127.0.0.1:*")
-    parser.add_argument("--peers", default="")
-    parser.add_argument("--options", default="", help="network_options as JSON")
+    parser = _children.peer_parser("dmodel benchmark peer (private)", home_required=False)
     parser.add_argument("--zmq-pub", default="", help="raw pyzmq PUB mode: SUB endpoint")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--size", type=int, default=250)
@@ -395,7 +287,7 @@ def main() -> int:
         return zmq_pub(args.zmq_pub, args.count, args.size)
     if args.home is None:
         parser.error("--home is required")
-    return serve(args)
+    return _children.serve(Peer, args, "peer")
 
 
 if __name__ == "__main__":

@@ -37,22 +37,19 @@ Results go to ``benchmarks/results/bench_convergence.json`` (git-ignored) unless
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import queue
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import _common as common
+from _children import Child, Cluster, PeerError
+from _common import log
 
 import dmodel
 
@@ -63,123 +60,7 @@ WIDE_FIELDS = 100  # field changes per transaction (the width of _conv_peer's Co
 AIM_TX_VS_PYCRDT = 1.0  # replicated field changes/s >= pycrdt's, while signing and verifying
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------ children
-
-
-class PeerError(RuntimeError):
-    pass
-
-
-class Child:
-    """One ``_conv_peer.py`` process: JSON requests on stdin, one JSON answer per line."""
-
-    def __init__(self, name: str, tmp: Path, *, peers: Sequence[str] = ()) -> None:
-        self.name = name
-        self.stderr_path = tmp / f"{name}.stderr"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DMODEL_")}
-        cmd = [sys.executable, str(PEER_SCRIPT), "--home", str(tmp / name),
-               "--listen", "tcp://127.0.0.1:*", "--peers", ",".join(peers)]
-        self._err: IO[bytes] = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err, text=True, bufsize=1, env=env)
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True,
-                                        name=f"bench-read-{name}")
-        self._reader.start()
-        self.endpoint = ""
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def started(self, timeout: float = 60.0) -> Child:
-        line = self._next(timeout)
-        self.endpoint = line.strip()
-        if not self.endpoint.startswith("tcp://"):
-            raise PeerError(f"{self.name}: unexpected first line {line!r}{self._tail()}")
-        return self
-
-    def _next(self, timeout: float) -> str:
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise PeerError(f"{self.name}: no answer within {timeout:.0f} s{self._tail()}") \
-                from None
-        if line is None:
-            raise PeerError(f"{self.name}: process ended (rc={self.proc.poll()}){self._tail()}")
-        return line
-
-    def _tail(self) -> str:
-        try:
-            text = self.stderr_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return ("\n  stderr: " + "\n  ".join(text[-15:])) if text else ""
-
-    def send(self, op: str, **args: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.proc.stdin.flush()
-
-    def recv(self, timeout: float = 60.0) -> dict[str, Any]:
-        answer = json.loads(self._next(timeout))
-        if not answer.get("ok"):
-            raise PeerError(f"{self.name}: {answer.get('error')}{self._tail()}")
-        return answer
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """One request and its answer; a ``timeout`` argument (also sent) bounds the wait."""
-        self.send(op, **args)
-        return self.recv(float(args.get("timeout", 0)) + 60.0)
-
-    def close(self) -> None:
-        """Ask it to quit; terminate, then kill, this process only if it does not."""
-        if self.proc.poll() is None:
-            try:
-                self.send("quit")
-                self.proc.wait(timeout=20)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-        self._err.close()
-
-
-class Cluster:
-    """The children of one phase; all are closed when the phase ends, whatever happens."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.children: list[Child] = []
-
-    def spawn(self, name: str, **kwargs: Any) -> Child:
-        child = Child(name, self.tmp, **kwargs)
-        self.children.append(child)
-        return child
-
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for child in reversed(self.children):
-            child.close()
 
 
 def ask_all(children: Sequence[Child], op: str, timeout: float = 60.0,
@@ -195,7 +76,7 @@ def ask_all(children: Sequence[Child], op: str, timeout: float = 60.0,
 
 def phase_concurrent(tmp: Path, seconds: float, objects: int,
                      converge_timeout: float) -> dict[str, Any]:
-    with Cluster(tmp) as cl:
+    with Cluster(tmp, PEER_SCRIPT) as cl:
         a = cl.spawn("conv-a").started()
         b = cl.spawn("conv-b", peers=[a.endpoint]).started()
         c = cl.spawn("conv-c", peers=[a.endpoint, b.endpoint]).started()
@@ -407,7 +288,7 @@ def _rate_windows(per_tx: list[float], changes: int) -> dict[str, float]:
 
 def tx_network(tmp: Path, n: int) -> dict[str, Any]:
     """A writes ``n`` transactions of 100 field changes; B (``peers=[A]``) applies them."""
-    with Cluster(tmp) as cl:
+    with Cluster(tmp, PEER_SCRIPT) as cl:
         a = cl.spawn("tx-a").started()
         b = cl.spawn("tx-b", peers=[a.endpoint]).started()
         for p in (a, b):
@@ -749,7 +630,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    load_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_start = common.loadavg()
     res: dict[str, Any] = {}
     phases: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="dmconv-") as tmp_name:
@@ -757,21 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"bench_convergence: {args.seconds:g} s of concurrent writes to {args.objects} "
             f"objects; DList {args.list_small:,}/{args.list_large:,} x {args.list_n:,} ops; "
             f"{args.tx:,} transactions")
-
-        def timed(phase: str, fn: Any, /, *a: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            except BaseException as exc:  # keep what was measured before the failure
-                res["error"] = f"{phase}: {type(exc).__name__}: {exc}"
-                common.write_json(args.json, {"benchmark": "bench_convergence", "partial": True,
-                                              "params": {k: v for k, v in vars(args).items()
-                                                         if k != "json"}, **res})
-                log(f"phase {phase} failed; partial results written to {args.json}")
-                raise
-            finally:
-                phases[phase] = round(time.perf_counter() - t0, 1)
-
+        timed = common.phase_timer("bench_convergence", args, res, phases)
         res["concurrent"] = timed("concurrent", phase_concurrent, tmp, args.seconds,
                                   args.objects, args.converge_timeout)
         res["dlist"] = timed("dlist", phase_dlist, tmp, args.list_small, args.list_large,
@@ -785,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "bench_convergence",
         "date": common.utc_now(),
-        "params": {k: v for k, v in vars(args).items() if k != "json"},
+        "params": common.params(args),
         "machine": machine,
         **res,
         "phase_seconds": phases,
@@ -805,11 +672,8 @@ def main(argv: list[str] | None = None) -> int:
             "A.get_update(state) -> B.apply_update; observe: the update of each transaction "
             "from A's TransactionEvent.",
         ],
-        "elapsed_s": round(time.perf_counter() - started, 2),
     }
-    path = common.write_json(args.json, result)
-    print(f"\nresults written to {path}  ({result['elapsed_s']:.1f} s)")
-    return 0
+    return common.finish(args.json, result, started)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ Results go to ``benchmarks/results/bench_listeners.json`` (git-ignored) unless
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -166,12 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     n, runs = args.n, args.runs
-
-    def warmup(count: int) -> int:
-        return max(10, count // 10)
-
+    warmup = common.default_warmup
     started = time.perf_counter()
-    load_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_start = common.loadavg()
     setups = [(f, v) for f in FILTER_COUNTS for v in VARIANTS] + [(1000, v) for v in SPLIT]
     figs = {key(f, v): Figure(key(f, v), label(f, v), "write", n) for f, v in setups}
     base = key(0, "none")
@@ -257,11 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             "The registry is cleared and set up again before every timed run; runs are "
             "interleaved across set-ups.",
         ],
-        "elapsed_s": round(time.perf_counter() - started, 2),
     }
-    path = common.write_json(args.json, result)
-    print(f"\nresults written to {path}  ({result['elapsed_s']:.1f} s)")
-    return 0
+    return common.finish(args.json, result, started)
 
 
 if __name__ == "__main__":

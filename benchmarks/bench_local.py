@@ -523,12 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     n = args.n
     profile_n = min(n, 1000)
-
-    def warmup(count: int) -> int:
-        return max(10, count // 10)
-
+    warmup = common.default_warmup
     started = time.perf_counter()
-    load_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_start = common.loadavg()
     with tempfile.TemporaryDirectory(prefix="dmbench-") as tmp:
         env = Env(Path(tmp) / "node")
         try:
@@ -566,11 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             "io_dmodel_* replay the Redis commands of one dmodel plain write with redis-py; "
             "floor_lean_write adds msgpack+sign+BLAKE2b of an update body to the EVALSHA.",
         ],
-        "elapsed_s": round(time.perf_counter() - started, 2),
     }
-    path = common.write_json(args.json, result)
-    print(f"\nresults written to {path}  ({result['elapsed_s']:.1f} s)")
-    return 0
+    return common.finish(args.json, result, started)
 
 
 if __name__ == "__main__":

@@ -40,23 +40,21 @@ says otherwise. Progress goes to stderr, the report to stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import _common as common
 import msgpack
 import nacl.signing
 import zmq
+from _children import Child, Cluster, PeerError
+from _common import log
 
 from dmodel.clock import HybridClock
 from dmodel.crypto import Identity
@@ -72,132 +70,6 @@ AIM_CATCHUP_VS_LIVE = 1.0      # catch-up at least as fast as live apply
 
 MODEL = "BenchItem"            # the model _peer.py declares
 OBJECTS = 4                    # owned objects written round-robin
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------ children
-
-
-class PeerError(RuntimeError):
-    pass
-
-
-class Child:
-    """One ``_peer.py`` process: JSON requests on stdin, one JSON answer per line."""
-
-    def __init__(self, name: str, tmp: Path, *, peers: Sequence[str] = (),
-                 options: dict[str, Any] | None = None, profile: bool = False) -> None:
-        self.name = name
-        self.stderr_path = tmp / f"{name}.stderr"
-        env = dict(os.environ)
-        for key in [k for k in env if k.startswith("DMODEL_")]:
-            del env[key]  # explicit arguments only
-        if profile:
-            env["DMODEL_BENCH_PROFILE"] = "1"
-        cmd = [sys.executable, str(PEER_SCRIPT), "--home", str(tmp / name),
-               "--listen", "tcp://127.0.0.1:*", "--peers", ",".join(peers),
-               "--options", json.dumps(options or {})]
-        self._err: IO[bytes] = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err, text=True, bufsize=1, env=env)
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True,
-                                        name=f"bench-read-{name}")
-        self._reader.start()
-        self.endpoint = ""
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def started(self, timeout: float = 60.0) -> Child:
-        """Wait for the endpoint line."""
-        line = self._next(timeout)
-        self.endpoint = line.strip()
-        if not self.endpoint.startswith("tcp://"):
-            raise PeerError(f"{self.name}: unexpected first line {line!r}{self._tail()}")
-        return self
-
-    def _next(self, timeout: float) -> str:
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise PeerError(f"{self.name}: no answer within {timeout:.0f} s{self._tail()}") \
-                from None
-        if line is None:
-            raise PeerError(f"{self.name}: process ended (rc={self.proc.poll()}){self._tail()}")
-        return line
-
-    def _tail(self) -> str:
-        try:
-            text = self.stderr_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return ("\n  stderr: " + "\n  ".join(text[-15:])) if text else ""
-
-    def send(self, op: str, **args: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
-        self.proc.stdin.flush()
-
-    def recv(self, timeout: float = 60.0) -> dict[str, Any]:
-        answer = json.loads(self._next(timeout))
-        if not answer.get("ok"):
-            raise PeerError(f"{self.name}: {answer.get('error')}{self._tail()}")
-        return answer
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """One request and its answer; a ``timeout`` argument (also sent) bounds the wait."""
-        self.send(op, **args)
-        return self.recv(float(args.get("timeout", 0)) + 60.0)
-
-    def close(self) -> None:
-        """Ask it to quit; terminate, then kill, this process only if it does not."""
-        if self.proc.poll() is None:
-            try:
-                self.send("quit")
-                self.proc.wait(timeout=20)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-        self._err.close()
-
-
-class Cluster:
-    """The children of one phase; all are closed when the phase ends, whatever happens."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.children: list[Child] = []
-
-    def spawn(self, name: str, **kwargs: Any) -> Child:
-        child = Child(name, self.tmp, **kwargs)
-        self.children.append(child)
-        return child
-
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for child in reversed(self.children):
-            child.close()
 
 
 # ---------------------------------------------------------------- references
@@ -363,7 +235,7 @@ def peer_messages(stats: dict[str, Any], node_id: str) -> int:
 def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[str, Any]:
     """2a (A writes, B applies) and 3 (latency at a paced rate), on one pair."""
     out: dict[str, Any] = {}
-    with Cluster(tmp) as cl:
+    with Cluster(tmp, PEER_SCRIPT) as cl:
         a = cl.spawn("live-a").started()
         b = cl.spawn("live-b", peers=[a.endpoint]).started()
         connect_pair(a, b)
@@ -438,7 +310,7 @@ def phase_pump(tmp: Path, file: Path, n: int, *, profile: bool = False,
                name: str = "pump") -> dict[str, Any]:
     """2b: B's apply rate when the sender is not the bottleneck."""
     big = n + 10_000
-    with Cluster(tmp) as cl:
+    with Cluster(tmp, PEER_SCRIPT) as cl:
         p = cl.spawn(f"{name}-pub", options={"rcvhwm": big, "sndhwm": big,
                                              "sync_interval": 3600.0}).started()
         p.call("deaf")
@@ -475,7 +347,7 @@ def phase_pump(tmp: Path, file: Path, n: int, *, profile: bool = False,
 
 def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> dict[str, Any]:
     """2c (S loads M pre-signed updates with ingest_many) and 4 (C joins S, converges)."""
-    with Cluster(tmp) as cl:
+    with Cluster(tmp, PEER_SCRIPT) as cl:
         s = cl.spawn("catchup-s").started()
         log(f"  catch-up: S ingests {m:,} pre-signed updates (ingest_many, no network)")
         direct = s.call("ingest_file", path=str(file), limit=m + OBJECTS,
@@ -511,7 +383,7 @@ def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> di
 
 def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
     """5: A writes n updates; k other peers apply; time until all have everything."""
-    with Cluster(tmp) as cl:
+    with Cluster(tmp, PEER_SCRIPT) as cl:
         a = cl.spawn(f"fan{k}-a").started()
         others = [cl.spawn(f"fan{k}-{i}", peers=[a.endpoint]) for i in range(k)]
         for o in others:
@@ -562,7 +434,7 @@ def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
 def phase_burst(tmp: Path, burst: int, hwm: int, sleep_ms: float) -> dict[str, Any]:
     """6: a burst of ``burst`` updates into a slow B with HWMs and queue of ``hwm``."""
     opts = {"rcvhwm": hwm, "sndhwm": hwm}
-    with Cluster(tmp) as cl:
+    with Cluster(tmp, PEER_SCRIPT) as cl:
         a = cl.spawn("burst-a", options=opts).started()
         b = cl.spawn("burst-b", peers=[a.endpoint],
                      options={**opts, "queue_size": hwm}).started()
@@ -782,7 +654,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    load_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    load_start = common.loadavg()
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="dmnet-") as tmp_name:
         tmp = Path(tmp_name)
@@ -790,20 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.fanout_ks} x {args.fanout_n:,}, burst {args.burst:,} at HWM {args.hwm:,}")
         phases: dict[str, float] = {}
         res["phase_seconds"] = phases
-
-        def timed(phase: str, fn: Any, /, *a: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            except BaseException as exc:  # keep what was measured before the failure
-                res["error"] = f"{phase}: {type(exc).__name__}: {exc}"
-                common.write_json(args.json, {"benchmark": "bench_network", "partial": True,
-                                              "params": {k: v for k, v in vars(args).items()
-                                                         if k != "json"}, **res})
-                log(f"phase {phase} failed; partial results written to {args.json}")
-                raise
-            finally:
-                phases[phase] = round(time.perf_counter() - t0, 1)
+        timed = common.phase_timer("bench_network", args, res, phases)
 
         log("  references: Ed25519 verify, raw pyzmq PUB/SUB")
         res["references"] = {"ed25519_verify": timed("verify", ref_verify, args.verify_n),
@@ -835,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "bench_network",
         "date": common.utc_now(),
-        "params": {k: v for k, v in vars(args).items() if k != "json"},
+        "params": common.params(args),
         "machine": common.machine_info({"loadavg_start": load_start}),
         **res,
         "ratios": {
@@ -862,11 +721,8 @@ def main(argv: list[str] | None = None) -> int:
             "not store and discards what it receives; B's queue and HWMs are larger than N.",
             "Latency includes A's own local write (sign, store) before it publishes.",
         ],
-        "elapsed_s": round(time.perf_counter() - started, 2),
     }
-    path = common.write_json(args.json, result)
-    print(f"\nresults written to {path}  ({result['elapsed_s']:.1f} s)")
-    return 0
+    return common.finish(args.json, result, started)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ back from its append-only file.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import queue
 import signal
 import subprocess
@@ -19,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from peer_driver import kill_redis, redis_pid
 
 import dmodel
 from dmodel import clock
@@ -33,27 +32,6 @@ class Person(dmodel.DModel):
     name = dmodel.DField("name", False)
     salary = dmodel.DField("salary", True)
     tags = dmodel.DDict()
-
-
-def redis_pid(home: Path) -> int | None:
-    try:
-        return int((home / "redis" / "redis.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def kill_redis(home: Path) -> None:
-    """SIGKILL the home's redis-server, by the pid in its pidfile (never by name)."""
-    pid = redis_pid(home)
-    if pid is None:
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        cmdline = b"redis-server"  # no procfs: trust the pidfile
-    if b"redis-server" in cmdline:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
