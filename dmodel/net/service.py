@@ -2,8 +2,10 @@
 
 - Every update the node accepts, local or received live, is published: remote ones are
   thereby relayed, so a partial mesh delivers everything; duplicates are dropped by
-  update id at the receiver and so never relayed twice. Updates pulled by catch-up are
-  not re-published: the peer they came from serves them to anyone else who lacks them.
+  update id at the receiver and so never relayed twice. A node whose only peer is the
+  update's signing node does not relay it (it would only echo it back). Updates pulled
+  by catch-up are not re-published: the peer they came from serves them to anyone else
+  who lacks them.
 - Published updates from peers go into a bounded queue, drained by one apply thread
   that calls ``node.ingest``. When the queue is full, messages are dropped and
   counted (``stats["queue_dropped"]``) and a catch-up pass is scheduled: catch-up
@@ -61,6 +63,7 @@ class NetworkService:
         self._catching_up = threading.local()  # set while the sync thread ingests
         self._dropped_seen = 0
         self._force_pull = threading.Event()
+        self._ready_peers: frozenset[bytes] = frozenset()  # every peer that became ready
         self._busy_passes = 0
         self._sync_lock = threading.Lock()
         self.epoch = self._epoch()
@@ -146,6 +149,8 @@ class NetworkService:
     def _publish(self, update: Any, local: bool) -> None:
         if getattr(self._catching_up, "active", False):
             return  # pulled from a peer that has it: whoever lacks it pulls it likewise
+        if not local and not (self._ready_peers - {update.node}):
+            return  # its signing node is our only peer: a relay would only echo it back
         try:
             self.bus.publish(update.raw)
             self.node.stats.published += 1
@@ -217,6 +222,7 @@ class NetworkService:
 
     # ------------------------------------------------------------- sync thread
     def _on_peer_ready(self, peer_id: bytes) -> None:
+        self._ready_peers = self._ready_peers | {peer_id}  # replaced, read without a lock
         self._force_pull.set()  # a peer (re)connected: catch up with it now
         self._wake.set()
 
