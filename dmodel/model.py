@@ -318,15 +318,13 @@ class BoundList:
 
     __len__ = length
 
-    def _index(self, index: int, *, insert: bool = False) -> int:
+    def _index(self, index: int) -> int:
         if not isinstance(index, int) or isinstance(index, bool):
             raise FieldTypeError("list indexes are integers")
         n = self.length()
         if index < 0:
             index += n
-        if not (0 <= index <= n if insert else 0 <= index < n):
-            if insert:
-                return max(0, min(index, n))
+        if not 0 <= index < n:
             raise IndexError("list index out of range")
         return index
 
@@ -374,19 +372,12 @@ class BoundList:
     def insert(self, index: int, value: Any) -> None:
         """Insert ``value`` before position ``index`` (at the end if ``index >= len``)."""
         _check_value(self.field.name, value)
-        self._index(index, insert=True)  # type check
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise FieldTypeError("list indexes are integers")
         obj, name, store = self.obj, self.field.name, self._store
 
         def build() -> Op:
-            n = store.list_length(obj.db_id, name)
-            i = index + n if index < 0 else index
-            i = max(0, min(i, n))
-            if i > 0:
-                keys = store.list_keys_range(obj.db_id, name, i - 1, i)
-                low, high = keys[0], (keys[1] if len(keys) > 1 else None)
-            else:
-                keys = store.list_keys_range(obj.db_id, name, 0, 0)
-                low, high = None, (keys[0] if keys else None)
+            low, high = _neighbours(store, obj.db_id, name, index)
             low_pos, high_pos = _position(low), _position(high) if high else None
             pending = _pending_positions(obj, name)
             if high is None and pending:  # appends in one transaction: keep them in order
@@ -409,7 +400,7 @@ class BoundList:
 
     def append(self, value: Any) -> None:
         """Add ``value`` at the end."""
-        self.insert(self.length(), value)
+        self.insert(_END, value)
 
     def set(self, index: int, value: Any) -> None:
         """Replace the value at ``index`` (last writer wins)."""
@@ -429,6 +420,24 @@ class BoundList:
 
     def __repr__(self) -> str:
         return f"<list field {self.obj.db_id}:{self.field.name}>"
+
+
+_END = 1 << 62  # an insert index past any list: append
+
+
+def _neighbours(store: Any, db_id: str, name: str,
+                index: int) -> tuple[bytes | None, bytes | None]:
+    """Order keys of the elements a new one inserted at ``index`` goes between."""
+    if index < 0:
+        index = max(0, store.list_length(db_id, name) + index)
+    if index == 0:
+        first = store.list_keys_range(db_id, name, 0, 0)
+        return None, (first[0] if first else None)
+    keys = store.list_keys_range(db_id, name, index - 1, index) if index < _END else []
+    if not keys:  # past the end: append after the last element
+        last = store.list_keys_range(db_id, name, -1, -1)
+        return (last[0] if last else None), None
+    return keys[0], (keys[1] if len(keys) > 1 else None)
 
 
 def _pending_positions(obj: DModel, name: str) -> list[bytes]:

@@ -43,7 +43,7 @@ import redis
 from .. import merge
 from ..errors import StoreError, StoreUnavailableError
 from ..pipeline import Snapshot, needs
-from ..update import Update
+from ..update import Update, op_register
 from .wire import Wire
 
 HELD_CAP = 1000
@@ -183,7 +183,10 @@ class RedisStore:
             known_auth = {a: cache.auth[a] for a in auth if a in cache.auth}
             objects_l = sorted(objects - known_objects.keys())
             if local and not registers:
-                regs = {r for r in regs if "#" in r[1]}  # list elements need their position
+                fresh = {(op.obj, op_register(op, update.id, i))
+                         for i, op in enumerate(update.ops) if op.op.startswith("lins")}
+                # set/delete of a list element needs its position; a new element does not
+                regs = {r for r in regs if "#" in r[1] and r not in fresh}
             regs_l = sorted(regs)
             auth_l = sorted(auth - known_auth.keys())
             last_l = [] if local else sorted(a for a in auth if a[1] == "u")
@@ -365,20 +368,22 @@ class RedisStore:
             pipe.execute()
 
     # ---------------------------------------------------------------- reads
+    def _call(self, *cmd: Any) -> Any:
+        """One command; over the lean connection when there is one (see wire.py)."""
+        if self.wire is not None:
+            return self.wire.check(self.wire.call(*cmd))
+        with map_redis_errors():
+            return self.client.execute_command(*cmd)
+
     def object_meta(self, db_id: str) -> merge.ObjectMeta | None:
         meta = self.cache.objects.get(db_id)
         if meta is not None:
             return meta
-        with map_redis_errors():
-            data = self.client.get(self.k_obj(db_id))
+        data = self._call("GET", self.k_obj(db_id))
         return self.cache.put_object(db_id, merge.ObjectMeta.unpack(data)) if data else None
 
     def register(self, db_id: str, name: str) -> merge.Register | None:
-        if self.wire is not None:
-            data = self.wire.check(self.wire.call("HGET", self.k_reg(db_id), name))
-        else:
-            with map_redis_errors():
-                data = self.client.hget(self.k_reg(db_id), name)
+        data = self._call("HGET", self.k_reg(db_id), name)
         return merge.Register.unpack(data) if data else None
 
     def registers(self, db_id: str) -> dict[str, merge.Register]:
@@ -398,25 +403,20 @@ class RedisStore:
         return out
 
     def list_length(self, db_id: str, name: str) -> int:
-        with map_redis_errors():
-            return int(self.client.zcard(self.k_list(db_id, name)))
+        return int(self._call("ZCARD", self.k_list(db_id, name)))
 
     def list_range(self, db_id: str, name: str, start: int = 0, stop: int = -1) -> list[bytes]:
         """Element ids of a DList in list order, ``start``..``stop`` inclusive."""
-        with map_redis_errors():
-            keys = self.client.zrange(self.k_list(db_id, name), start, stop)
-        return [key[-34:] for key in keys]
+        return [key[-34:] for key in self.list_keys_range(db_id, name, start, stop)]
 
     def list_keys_range(self, db_id: str, name: str, start: int, stop: int) -> list[bytes]:
         """Order keys (position + 0x00 + element id) of a DList, ``start``..``stop``."""
-        with map_redis_errors():
-            return self.client.zrange(self.k_list(db_id, name), start, stop)
+        return list(self._call("ZRANGE", self.k_list(db_id, name), start, stop))
 
     def list_key_below(self, db_id: str, name: str, position: bytes) -> bytes | None:
         """The order key of the last element whose position is below ``position``."""
-        with map_redis_errors():
-            keys = self.client.zrevrangebylex(self.k_list(db_id, name), b"(" + position + b"\0",
-                                              b"-", start=0, num=1)
+        keys = self._call("ZREVRANGEBYLEX", self.k_list(db_id, name), b"(" + position + b"\0",
+                          b"-", "LIMIT", 0, 1)
         return keys[0] if keys else None
 
     def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None:
