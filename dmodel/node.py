@@ -1,7 +1,7 @@
 """Node: one peer. Wires the store, keyring, clock, listeners and bus; runs the pipeline.
 
-Local writes and remote updates go through one function, ``Node._process``, under the
-node's apply lock: snapshot -> ``pipeline.decide`` -> before-listeners -> atomic
+Local writes and remote updates go through one function, ``Node._process_batch``, under
+the node's apply lock: snapshot -> ``pipeline.decide`` -> before-listeners -> atomic
 commit -> after-listeners -> publish/relay. A local write that is not accepted raises
 in the caller and nothing is stored or sent; a remote update that is not accepted is
 dropped, counted in ``node.stats`` and logged at debug level.
@@ -92,20 +92,17 @@ def _event_field(op: Op, update: Update, index: int) -> str | None:
     return None
 
 
-class _RecentIds:
-    """A bounded, insertion-ordered set of update ids (the oldest go first)."""
+class _Bounded(dict):  # type: ignore[type-arg]
+    """An insertion-ordered map that forgets its oldest entries past ``capacity``."""
 
     def __init__(self, capacity: int) -> None:
+        super().__init__()
         self.capacity = capacity
-        self._ids: dict[bytes, None] = {}
 
-    def add(self, uid: bytes) -> None:
-        self._ids[uid] = None
-        if len(self._ids) > self.capacity:
-            del self._ids[next(iter(self._ids))]
-
-    def __contains__(self, uid: object) -> bool:
-        return uid in self._ids
+    def add(self, key: Any, value: Any = None) -> None:
+        self[key] = value
+        if len(self) > self.capacity:
+            del self[next(iter(self))]
 
 
 class _Overlay:
@@ -152,11 +149,11 @@ class _Overlay:
         for key in auth:
             if key in over.auth:
                 mine.auth[key] = over.auth[key]
-        for key, ms in over.last_write.items():
-            if ms > mine.last_write.get(key, -1):
-                mine.last_write[key] = ms
+            if key[1] == "u":  # a grant/revoke: did the member write earlier in the batch?
+                ms = over.last_write.get((key[0], key[2]), -1)
+                if ms > mine.last_write.get((key[0], key[2]), -1):
+                    mine.last_write[(key[0], key[2])] = ms
         return snap
-
 
 
 def _pending_key(update: Update) -> bytes:
@@ -316,8 +313,8 @@ class Node:
         self.listeners = ListenerRegistry(lock=self._lock)
         self.stats = Stats()
         self._heads: dict[str, bytes] = {}
-        self._recent = _RecentIds(100_000)  # ids of updates stored lately
-        self._vetoed: dict[bytes, tuple[str, bytes]] = {}  # vetoed here: id -> chain
+        self._recent = _Bounded(100_000)  # ids of updates stored lately
+        self._vetoed = _Bounded(MAX_PENDING)  # ids of updates vetoed here -> their chain
         self._pending: dict[bytes | str, list[Update]] = {}
         self._pending_order: collections.deque[tuple[bytes | str, bytes]] = collections.deque()
         self._pending_ids: set[bytes] = set()  # _pending_key of every waiting update
@@ -501,9 +498,7 @@ class Node:
                     if not local:
                         # Not stored, but its signed link stands: the caller's later
                         # updates are judged on their own instead of waiting for it.
-                        self._vetoed[update.id] = (update.caller, update.node)
-                        while len(self._vetoed) > MAX_PENDING:
-                            del self._vetoed[next(iter(self._vetoed))]
+                        self._vetoed.add(update.id, (update.caller, update.node))
                         held.append(update)
                     continue
             staged.append((update, outcome.writes))
