@@ -59,7 +59,6 @@ class NetworkService:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: list[ProgressCallback] = []
-        self._synced: dict[bytes, int] = {}
         self._catching_up = threading.local()  # set while the sync thread ingests
         self._dropped_seen = 0
         self._force_pull = threading.Event()
