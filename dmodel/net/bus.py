@@ -135,6 +135,8 @@ class PeerInfo:
     last_seen: float | None
     connected: bool
     ready: bool
+    neighbours: frozenset[bytes] = frozenset()
+    """Node ids of the peers it said (in its last WELCOME) it is connected to."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -298,6 +300,7 @@ class _Peer:
         "ready",
         "stats",
         "sub_seen",
+        "neighbours",
     )
 
     def __init__(self, node_id: bytes) -> None:
@@ -311,6 +314,7 @@ class _Peer:
         self.ready = False
         self.stats: Counter[str] = Counter()
         self.sub_seen = 0.0
+        self.neighbours: frozenset[bytes] = frozenset()
 
 
 @dataclass(slots=True)
@@ -1140,6 +1144,7 @@ class _Actor:
             link.backoff = _FIRST_BACKOFF
             link.next_hello = now + link.backoff
             self._schedule(link.next_hello)
+        peer.neighbours = frozenset(gid for gid, _ in hello.peers)
         for gid, gep in hello.peers:
             self._heard(gid, gep, now)
 
@@ -1257,6 +1262,7 @@ class _Actor:
                 last_seen=None if p.last_seen is None else wall - (mono - p.last_seen),
                 connected=p.connected,
                 ready=p.connected and p.ready,
+                neighbours=p.neighbours,
             )
             for nid, p in self.peers.items()
         }

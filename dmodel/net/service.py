@@ -2,10 +2,11 @@
 
 - Every update the node accepts, local or received live, is published: remote ones are
   thereby relayed, so a partial mesh delivers everything; duplicates are dropped by
-  update id at the receiver and so never relayed twice. A node whose only peer is the
-  update's signing node does not relay it (it would only echo it back). Updates pulled
-  by catch-up are not re-published: the peer they came from serves them to anyone else
-  who lacks them.
+  update id at the receiver and so never relayed twice. It is not relayed when every
+  other peer said it is connected to the update's signing node (peers tell each other
+  whom they are connected to), so a full mesh does not echo every update n times.
+  Updates pulled by catch-up are not re-published: the peer they came from serves them
+  to anyone else who lacks them. A missed relay is made up by the next catch-up pass.
 - Published updates from peers go into a bounded queue, drained by one apply thread
   that calls ``node.ingest``. When the queue is full, messages are dropped and
   counted (``stats["queue_dropped"]``) and a catch-up pass is scheduled: catch-up
@@ -62,7 +63,7 @@ class NetworkService:
         self._catching_up = threading.local()  # set while the sync thread ingests
         self._dropped_seen = 0
         self._force_pull = threading.Event()
-        self._ready_peers: frozenset[bytes] = frozenset()  # every peer that became ready
+        self._mesh: dict[bytes, frozenset[bytes]] = {}  # ready peer -> peers it hears
         self._busy_passes = 0
         self._sync_lock = threading.Lock()
         self.epoch = self._epoch()
@@ -148,8 +149,8 @@ class NetworkService:
     def _publish(self, update: Any, local: bool) -> None:
         if getattr(self._catching_up, "active", False):
             return  # pulled from a peer that has it: whoever lacks it pulls it likewise
-        if not local and not (self._ready_peers - {update.node}):
-            return  # its signing node is our only peer: a relay would only echo it back
+        if not local and not self._relay_targets(update.node):
+            return  # every other peer hears the signing node directly: no relay needed
         try:
             self.bus.publish(update.raw)
             self.node.stats.published += 1
@@ -220,8 +221,20 @@ class NetworkService:
                 return
 
     # ------------------------------------------------------------- sync thread
+    def _relay_targets(self, origin: bytes) -> list[bytes]:
+        """Peers that may not hear ``origin`` directly (from the last known mesh)."""
+        return [peer for peer, neighbours in self._mesh.items()
+                if peer != origin and origin not in neighbours]
+
+    def _refresh_mesh(self) -> None:
+        # Replaced whole, so the publisher reads it without a lock. A stale view costs
+        # an extra relay, or a missing one that the next catch-up pass makes up for.
+        self._mesh = {nid: info.neighbours for nid, info in self.bus.peers().items()
+                      if info.ready}
+
     def _on_peer_ready(self, peer_id: bytes) -> None:
-        self._ready_peers = self._ready_peers | {peer_id}  # replaced, read without a lock
+        # Until the next refresh, assume the new peer hears nobody else directly.
+        self._mesh = {**self._mesh, peer_id: frozenset()}
         self._force_pull.set()  # a peer (re)connected: catch up with it now
         self._wake.set()
 
@@ -241,6 +254,7 @@ class NetworkService:
             self._wake.clear()
 
     def _sync_all(self, *, force: bool = False) -> int:
+        self._refresh_mesh()
         total = 0
         dropped = self.stats["queue_dropped"]
         busy = (not self._queue.empty() and dropped == self._dropped_seen
@@ -294,12 +308,13 @@ class NetworkService:
                 pulled += got
             pos = page.start + len(page.ids)
             self._save_cursor(peer_id, epoch, pos)
-            if missing:
+            if page.ids:  # progress through that peer's log, whether or not we lacked them
                 for callback in self._progress:
                     try:
                         callback(peer_id.hex(), pos, page.end)
                     except Exception:
                         logger.exception("progress callback failed")
+            if missing:
                 logger.info("catch-up from %s: %d/%d", peer_id.hex()[:8], pos, page.end)
             if not page.ids or pos >= page.end:
                 break
