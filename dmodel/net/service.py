@@ -49,7 +49,7 @@ class NetworkService:
 
     def __init__(self, node: Node, *, listen: str | None, peers: Iterable[str] = (),
                  discovery: bool = False, curve: Any = None, broker: Any = None,
-                 sync_interval: float = 2.0, queue_size: int = 10_000, page_size: int = 500,
+                 sync_interval: float = 2.0, queue_size: int = 10_000, page_size: int = 2000,
                  discovery_config: Any = None, **bus_options: Any) -> None:
         self.node = node
         self.sync_interval = sync_interval

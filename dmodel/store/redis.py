@@ -431,18 +431,13 @@ class RedisStore:
         uids = list(uids)
         if not uids:
             return []
-        with map_redis_errors():
-            return self.client.hmget(self.k_updates, uids)
+        return list(self._call("HMGET", self.k_updates, *uids))
 
     def missing(self, uids: Sequence[bytes]) -> list[bytes]:
         """The ids among ``uids`` this store does not hold, in order."""
         if not uids:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for uid in uids:
-            pipe.hexists(self.k_updates, uid)
-        with map_redis_errors():
-            held = pipe.execute()
+        held = self._run([("HEXISTS", self.k_updates, uid) for uid in uids], write=False)
         return [uid for uid, present in zip(uids, held, strict=True) if not present]
 
     def has_update(self, uid: bytes) -> bool:
@@ -459,8 +454,7 @@ class RedisStore:
 
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]:
         """Update ids in store order, ``start``..``stop`` inclusive (LRANGE semantics)."""
-        with map_redis_errors():
-            return self.client.lrange(self.k_log, start, stop)
+        return list(self._call("LRANGE", self.k_log, start, stop))
 
     def history(self, db_id: str, held: bool = False) -> list[bytes]:
         with map_redis_errors():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ def test_the_tour_runs(tmp_path, monkeypatch) -> None:
     code = code.replace("q.salary.get()", "_raises(q.salary.get)").replace(
         "dmodel.shutdown()", "")
     scope: dict = {"_raises": _raises_decryption}
+    level = logging.getLogger("dmodel").level  # the tour calls set_loglevel('error')
     try:
         exec(compile(code, "README", "exec"), scope)
         person, bob, other = scope["Person"], scope["bob"], scope["other"]
@@ -32,6 +34,7 @@ def test_the_tour_runs(tmp_path, monkeypatch) -> None:
         assert bob.get_db_id() in dmodel.object_list("Person:*")
     finally:
         dmodel.shutdown()
+        logging.getLogger("dmodel").setLevel(level)
 
 
 def _raises_decryption(call) -> None:
