@@ -164,9 +164,9 @@ class DAction:
     veto a change by raising; the first raise wins, later before-callbacks don't run,
     and a local writer gets :class:`~dmodel.errors.VetoedError` whose ``__cause__`` is
     the raised exception (a remote update is dropped as vetoed). They run before
-    anything is stored and may run more than once for the same update (the node
-    retries when the store changed under it), so keep them free of side effects, and
-    decide from the change and its context only, so every peer decides alike.
+    anything is stored, once per update and node (an update fetched again after a
+    restart is decided again), so keep them free of side effects, and decide from the
+    change and its context only, so every peer decides alike.
     After-callbacks run once the change is committed; their exceptions are logged
     and counted, never propagated. All callbacks run synchronously on the thread
     that applies the update.

@@ -325,7 +325,11 @@ class Node:
         self.network: Any = None
         self._network_options = dict(network_options or {}, curve=curve, broker=broker)
         if start_network and (self.listen or self.peers or self.discovery or broker):
-            self.start_network()
+            try:
+                self.start_network()
+            except BaseException:
+                self.shutdown()  # a node half set up keeps no Redis server running
+                raise
 
     # ----------------------------------------------------------------- set-up
     def _load_node_id(self) -> bytes:
@@ -360,13 +364,8 @@ class Node:
             self.discovery = discovery
         merged = {k: v for k, v in {**self._network_options, **options}.items()
                   if v is not None}
-        try:
-            self.network = NetworkService(self, listen=self.listen, peers=self.peers,
-                                          discovery=self.discovery, **merged)
-        except BaseException:
-            if not self.network:
-                self.shutdown()
-            raise
+        self.network = NetworkService(self, listen=self.listen, peers=self.peers,
+                                      discovery=self.discovery, **merged)
         return self.network
 
     def set_model_policy(self, model: str, policy: merge.Policy) -> None:
@@ -454,7 +453,7 @@ class Node:
         decisions: list[pipeline.Decision] = []
         rest: list[Update] = []
         held: list[Update] = []  # not applied, but later updates may chain to them
-        now = self._now_ts()
+        now = self.clock.now()
         if local:  # our own timestamps are never "from the future", even if the wall clock
             now = max(now, self.clock.last)  # went back since they were issued
         for index, update in enumerate(updates):
@@ -548,6 +547,8 @@ class Node:
     def _verify_batch(self, updates: list[Update], snaps: list[pipeline.Snapshot]) -> list[bool]:
         """Check the signatures whose keys are at hand, on a thread pool (the Ed25519
         verify releases the GIL). An update left unchecked here is checked by decide."""
+        if len(updates) < _PARALLEL_VERIFY_MIN:
+            return [False] * len(updates)
         keys: list[PublicIdentity | None] = []
         created: dict[str, PublicIdentity] = {}
         for update, snap in zip(updates, snaps, strict=True):
@@ -561,8 +562,6 @@ class Node:
                 continue
             meta = snap.state.objects.get(update.caller)
             keys.append(meta.keys if meta is not None else created.get(update.caller))
-        if len(updates) < _PARALLEL_VERIFY_MIN:
-            return [False] * len(updates)
 
         def check(items: list[tuple[Update, PublicIdentity | None]]) -> list[bool]:
             out = []
@@ -645,13 +644,6 @@ class Node:
             self.stats.recomputed += 1
             logger.info("re-decided %d updates of %s after a late authorization change",
                         len(uids), db_id)
-
-    def _now_ts(self) -> int:
-        return self.clock.now()
-
-    def _observe(self, update: Update) -> int:
-        self.clock.observe(update.timestamp)
-        return self.clock.last
 
     def _count_drop(self, error: Exception | None, update: Update | None) -> None:
         name = type(error).__name__ if error else "Unknown"
@@ -1041,12 +1033,11 @@ class Node:
     def _changes(self, update: Update, outcome: merge.Outcome, snap: pipeline.Snapshot,
                  local: bool, verdict: str) -> list[Change]:
         changes = []
-        owned_cache: dict[str, bool] = {}
         for event in outcome.events:
             model = event.db_id.partition(":")[0]
             if not self.listeners.wants(model, event.name):
                 continue
-            owned = owned_cache.setdefault(event.db_id, self.is_owned(event.db_id))
+            owned = self.is_owned(event.db_id)  # a dict lookup in the keyring
             encrypted = any(r is not None and r.encrypted for r in (event.old, event.new))
             ctx = Context(caller_id=update.caller, verified=True, authorized=outcome.authorized,
                           owned=owned, timestamp=update.timestamp, update_id=update.hex_id,

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .. import merge
+from ..crypto import SIGNATURE_SIZE
 from ..errors import NetworkError
+from ..update import update_id
 from . import sync
 from .bus import Bus
 
@@ -66,6 +68,8 @@ class NetworkService:
         self._mesh: dict[bytes, frozenset[bytes]] = {}  # ready peer -> peers it hears
         self._busy_passes = 0
         self._sync_lock = threading.Lock()
+        limit = bus_options.get("max_message_size", 1 << 20)
+        self._reply_budget = max(limit - (64 << 10), limit // 2)  # room for framing
         self.epoch = self._epoch()
         if discovery and discovery_config is None:
             from .discovery import DiscoveryConfig
@@ -191,10 +195,22 @@ class NetworkService:
                     if meta is not None:
                         uids.append(merge.version_ref(meta.created)[:32])
                 raws = store.raw_updates(uids)
-            return sync.encode_updates([r for r in raws if r is not None])
+            return sync.encode_updates(self._within_budget(r for r in raws if r is not None))
         except Exception:
             logger.exception("serving a sync request failed")
             return None
+
+    def _within_budget(self, raws: Iterable[bytes]) -> list[bytes]:
+        """As many updates as fit in one reply under the bus's message size limit (at
+        least one); the asker asks again for the rest."""
+        out: list[bytes] = []
+        size = 0
+        for raw in raws:
+            size += len(raw) + 8
+            if out and size > self._reply_budget:
+                break
+            out.append(raw)
+        return out
 
     # ------------------------------------------------------------ apply thread
     def _apply_loop(self) -> None:
@@ -301,11 +317,15 @@ class NetworkService:
             if page.epoch != epoch:
                 epoch, pos = page.epoch, page.start
             missing = self.node.store.missing(page.ids)
-            for i in range(0, len(missing), _FETCH):
-                got = self._fetch(peer_id, "get", missing[i:i + _FETCH])
+            while missing:
+                got = self._fetch(peer_id, "get", missing[:_FETCH])
                 if got is None:
                     return pulled  # the peer went away: keep the cursor, retry next pass
-                pulled += got
+                if not got:
+                    break  # the peer no longer has them
+                pulled += len(got)
+                # A reply holds what fits under the size limit: ask again for the rest.
+                missing = [uid for uid in missing if uid not in got]
             pos = page.start + len(page.ids)
             self._save_cursor(peer_id, epoch, pos)
             if page.ids:  # progress through that peer's log, whether or not we lacked them
@@ -320,8 +340,9 @@ class NetworkService:
                 break
         return pulled
 
-    def _fetch(self, peer_id: bytes, kind: str, wanted: list[Any]) -> int | None:
-        """Ask one peer for updates (by id) or creates (by db_id); ingest them."""
+    def _fetch(self, peer_id: bytes, kind: str, wanted: list[Any]) -> set[bytes] | None:
+        """Ask one peer for updates (by id) or creates (by db_id) and ingest them;
+        returns the ids received (None if the peer did not answer)."""
         reply = self.bus.request(peer_id, sync.encode_fetch(kind, wanted))
         if reply is None:
             return None
@@ -336,7 +357,7 @@ class NetworkService:
         finally:
             self._catching_up.active = False
         self.stats["pulled"] += len(raws)
-        return len(raws)
+        return {update_id(raw[SIGNATURE_SIZE:]) for raw in raws}
 
     def _fetch_missing(self) -> int:
         needs = self.node.pending_needs()
@@ -346,7 +367,7 @@ class NetworkService:
         for peer_id in list(self.bus.peers()):
             for kind, wanted in (("get", ids), ("obj", objs)):
                 if wanted:
-                    got += self._fetch(peer_id, kind, wanted) or 0
+                    got += len(self._fetch(peer_id, kind, wanted) or ())
             if not self.node.pending_count:
                 break
         return got

@@ -20,7 +20,9 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P lf:{db_id}       SET   names of the object's DList fields
     P m:{Model}        SET   oids of known objects of that model
     P models           SET   model names
-    P meta             HASH  "hlc" -> greatest timestamp, "node" -> node id
+    P meta             HASH  "hlc" -> greatest timestamp, "epoch" -> random id of this store
+                             (catch-up), "cursor:<peer hex>" -> [epoch, position] read
+                             so far in that peer's log
 
 Each update (or batch of updates) is committed with its log entries in one atomic
 step (MULTI/EXEC on the embedded server, a Lua script over redis-py), which Redis
@@ -61,11 +63,22 @@ return cmsgpack.pack(out)
 _BATCH_SHA = hashlib.sha1(_BATCH_LUA.encode()).hexdigest()
 
 
-class StoreCache:
-    """What the node knows it wrote: object metadata and authorization events.
+def _trim(cache: dict[Any, Any], limit: int) -> None:
+    """Drop the oldest entries past ``limit`` (tolerating another thread doing the same)."""
+    while len(cache) >= limit:
+        try:
+            del cache[next(iter(cache))]
+        except (KeyError, StopIteration, RuntimeError):
+            return
 
-    Valid because one node is the only writer of its keys (its prefix in its Redis).
-    Bounded: past ``limit`` entries the oldest is dropped.
+
+class StoreCache:
+    """Object metadata and authorization events, as last read or written by this node.
+
+    Valid because one node is the only writer of its keys (its prefix in its Redis) and
+    every write goes through ``note`` under the node's apply lock. Readers outside the
+    lock only ``fill_object`` an empty slot, so a value read before a commit can never
+    replace the one the commit noted. Bounded: past ``limit`` entries the oldest go.
     """
 
     def __init__(self, limit: int = 200_000) -> None:
@@ -74,14 +87,17 @@ class StoreCache:
         self.auth: dict[tuple[str, str, str], merge.AuthEvents] = {}
 
     def put_object(self, db_id: str, meta: merge.ObjectMeta) -> merge.ObjectMeta:
-        if len(self.objects) >= self.limit:
-            del self.objects[next(iter(self.objects))]  # the oldest entry
+        _trim(self.objects, self.limit)
         self.objects[db_id] = meta
         return meta
 
+    def fill_object(self, db_id: str, meta: merge.ObjectMeta) -> merge.ObjectMeta:
+        """Cache what a reader found, unless a writer has noted the object meanwhile."""
+        _trim(self.objects, self.limit)
+        return self.objects.setdefault(db_id, meta)
+
     def put_auth(self, key: tuple[str, str, str], events: merge.AuthEvents) -> merge.AuthEvents:
-        if len(self.auth) >= self.limit:
-            del self.auth[next(iter(self.auth))]
+        _trim(self.auth, self.limit)
         self.auth[key] = events
         return events
 
@@ -159,21 +175,16 @@ class RedisStore:
         return f"{self.prefix}m:{model}"
 
     # ------------------------------------------------------------- pipeline
-    def snapshot(self, update: Update, *, local: bool = False,
-                 registers: bool = True) -> Snapshot:
-        """Read everything ``decide`` needs for ``update`` in one round trip.
+    def snapshots(self, updates: Sequence[Update], *, local: bool = False,
+                  registers: bool = True) -> list[Snapshot]:
+        """What ``decide`` needs for each update, read in one round trip (each as if alone).
 
         Object metadata and authorization events come from the cache when present. For
-        a ``local`` update (just signed here, so new, correctly chained, and newer than
+        ``local`` updates (just signed here, so new, correctly chained, and newer than
         every stored version because the node's clock is ahead of all it stored) the
         replay, chain and late-grant reads are skipped, and with ``registers=False`` so
         are the current values of plain fields (only listeners need those).
         """
-        return self.snapshots([update], local=local, registers=registers)[0]
-
-    def snapshots(self, updates: Sequence[Update], *, local: bool = False,
-                  registers: bool = True) -> list[Snapshot]:
-        """``snapshot`` for several updates, read in one round trip (each as if alone)."""
         cache = self.cache
         cmds: list[tuple[Any, ...]] = []
         plans = []
@@ -235,13 +246,6 @@ class RedisStore:
                     state.last_write[(db_id, member)] = int(last)
             snaps.append(snap)
         return snaps
-
-    def commit(self, update: Update, writes: list[merge.Write] | None, *, hlc: int) -> int:
-        """Store ``update`` atomically with its writes (None = held as unauthorized).
-
-        Returns the update's sequence number in the log.
-        """
-        return self.commit_many([(update, writes)], hlc=hlc)[0]
 
     def commit_many(self, items: list[tuple[Update, list[merge.Write] | None]], *,
                     hlc: int) -> list[int]:
@@ -380,7 +384,7 @@ class RedisStore:
         if meta is not None:
             return meta
         data = self._call("GET", self.k_obj(db_id))
-        return self.cache.put_object(db_id, merge.ObjectMeta.unpack(data)) if data else None
+        return self.cache.fill_object(db_id, merge.ObjectMeta.unpack(data)) if data else None
 
     def register(self, db_id: str, name: str) -> merge.Register | None:
         data = self._call("HGET", self.k_reg(db_id), name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import weakref
 from typing import Any
 
 import hiredis
@@ -29,7 +30,8 @@ class Wire:
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
-        self._all: list[socket.socket] = []
+        self._all: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # a dead thread's
+        # socket is closed when its thread-local goes
         self._lock = threading.Lock()
         self._closed = False
 
@@ -46,7 +48,7 @@ class Wire:
                 raise StoreUnavailableError(f"Redis is unreachable: {exc}") from exc
             conn = self._local.conn = (sock, hiredis.Reader())
             with self._lock:
-                self._all.append(sock)
+                self._all.add(sock)
         return conn
 
     def call(self, *args: Any) -> Any:
@@ -91,6 +93,9 @@ class Wire:
         except (OSError, hiredis.ProtocolError) as exc:
             self._drop(sock)
             raise StoreUnavailableError(f"Redis is unreachable: {exc}") from exc
+        except BaseException:
+            self._drop(sock)  # replies may be left unread: never reuse this connection
+            raise
         return replies
 
     def check(self, reply: Any) -> Any:
@@ -102,14 +107,14 @@ class Wire:
     def _drop(self, sock: socket.socket) -> None:
         self._local.conn = None
         with self._lock:
-            if sock in self._all:
-                self._all.remove(sock)
+            self._all.discard(sock)
         sock.close()
 
     def close(self) -> None:
         """Close every thread's connection."""
         self._closed = True
         with self._lock:
-            socks, self._all = self._all, []
+            socks = list(self._all)
+            self._all.clear()
         for sock in socks:
             sock.close()

@@ -390,3 +390,21 @@ def test_curve_outsiders_get_nothing(net) -> None:
         assert outsider.log_length() == 0 and not outsider.exists(p.db_id)
         assert not peer_ids(outsider)
     assert peer_ids(a) == {b.node_id} and peer_ids(b) == {a.node_id}
+
+
+def test_catch_up_of_more_than_one_message_worth_of_updates(make_node) -> None:
+    """Replies are cut to the bus's message size limit; the asker asks for the rest."""
+
+    class Blob(dmodel.DModel):
+        data = dmodel.DField()
+
+    a = make_node("a", listen="tcp://127.0.0.1:*", network_options={"sync_interval": 60})
+    blob = Blob([], node=a)
+    for i in range(15):  # ~1.8 MB in all, over the 1 MiB message limit
+        blob.data.set(bytes([i]) * 120_000)
+    b = make_node("b", listen="tcp://127.0.0.1:*", peers=[a.network.endpoint],
+                  network_options={"sync_interval": 60})
+    assert b.network.wait_for_peers(1, timeout=10)
+    b.network.sync_now()
+    assert b.log_length() == a.log_length()
+    assert Blob(blob.db_id, node=b).data.get() == bytes([14]) * 120_000
