@@ -417,6 +417,11 @@ def _auth_event(out: Outcome, state: State, pending: dict, db_id: str, kind: str
         out.retroactive.add(db_id)  # member already wrote after this event: re-decide those
 
 
+def order_key(update: Update) -> tuple[int, str, bytes]:
+    """The merge order of updates: (timestamp, caller oid, update id)."""
+    return update.timestamp, update.caller_oid, update.id
+
+
 def fold(updates: list[Update], *, policy: Policy = "reject") -> State:
     """State from a set of updates applied in version order: the reference every node matches.
 
@@ -424,7 +429,7 @@ def fold(updates: list[Update], *, policy: Policy = "reject") -> State:
     """
     state = State()
     unique = {u.id: u for u in updates}.values()
-    for update in sorted(unique, key=lambda u: (u.timestamp, u.caller_oid, u.id)):
+    for update in sorted(unique, key=order_key):
         created = {op.obj for op in update.ops if op.op == "create"}  # create + initial values
         if not all(op.obj in state.objects or op.obj in created for op in update.ops):
             continue

@@ -28,7 +28,7 @@ import redis
 
 from . import merge, pipeline
 from .actions import Change, Context, ListenerRegistry
-from .clock import HybridClock
+from .clock import HybridClock, physical_ms
 from .crypto import (
     EncryptedValue,
     Identity,
@@ -59,7 +59,6 @@ from .update import (
     LIST_OPS,
     Op,
     Update,
-    check_value,
     decode,
     op_register,
     pack_value,
@@ -119,7 +118,7 @@ class _Overlay:
         self.chain[update.id] = (update.caller, update.node)
         if update.prev:
             self.next.setdefault(update.prev, update.id)
-        ms = update.timestamp >> 16
+        ms = physical_ms(update.timestamp)
         for op in update.ops:
             if op.obj != update.caller:
                 key = (op.obj, update.caller)
@@ -629,7 +628,7 @@ class Node:
         for db_id in scope:
             uids = uids_of[db_id]
             ordered = sorted((updates[u] for u in uids if verdicts.get(u)),
-                             key=lambda u: (u.timestamp, u.caller_oid, u.id))
+                             key=merge.order_key)
             state = merge.State()
             for update in ordered:
                 state.apply(merge.apply(update, state, authorized=True).writes)
@@ -799,8 +798,8 @@ class Node:
 
     def seal_value(self, db_id: str, value: Any,
                    readers: dict[str, bytes] | None = None) -> dict[str, object]:
-        """Encrypt a plain value for ``db_id`` and its current readers (or ``readers``)."""
-        check_value(value)
+        """Encrypt a plain value (checked by the caller) for ``db_id`` and its current
+        readers (or ``readers``)."""
         return seal(pack_value(value), self.readers(db_id) if readers is None else readers)
 
     def grant_read_op(self, db_id: str, member: str, reader: str) -> Op:
@@ -950,8 +949,7 @@ class Node:
                     events = self.store.auth_events(db_id, kind)
                     digest.update(msgpack.packb(sorted(
                         [m, merge.pack_auth(e)] for m, e in events.items())))
-                wraps = self.store.client.hgetall(self.store.k_wrap(db_id))
-                digest.update(msgpack.packb(sorted(wraps.items())))
+                digest.update(msgpack.packb(sorted(self.store.wraps(db_id).items())))
         return digest.hexdigest()
 
     def verify_store(self) -> list[str]:
@@ -1016,7 +1014,7 @@ class Node:
                 if ops:
                     entries.append((update, HistoryEntry(update.hex_id, update.caller,
                                                          update.timestamp, verdict, ops)))
-        entries.sort(key=lambda e: (e[0].timestamp, e[0].caller_oid, e[0].id))
+        entries.sort(key=lambda e: merge.order_key(e[0]))
         return [e for _, e in entries]
 
     # --------------------------------------------------------------- shipping

@@ -43,6 +43,7 @@ import msgpack
 import redis
 
 from .. import merge
+from ..clock import physical_ms
 from ..errors import StoreError, StoreUnavailableError
 from ..pipeline import Snapshot, needs
 from ..update import Update, op_register
@@ -284,7 +285,7 @@ class RedisStore:
         cmds.append(("RPUSH", self.k_log, uid))  # index 3 of this update's commands
         if update.prev:
             cmds.append(("HSETNX", self.k_next, update.prev, uid))
-        ms = update.timestamp >> 16
+        ms = physical_ms(update.timestamp)
         for db_id in sorted({op.obj for op in update.ops if op.obj != update.caller}):
             cmds.append(("ZADD", self.k_last(db_id), "GT", ms, update.caller))
         if writes is None:
@@ -422,6 +423,11 @@ class RedisStore:
         keys = self._call("ZREVRANGEBYLEX", self.k_list(db_id, name), b"(" + position + b"\0",
                           b"-", "LIMIT", 0, 1)
         return keys[0] if keys else None
+
+    def wraps(self, db_id: str) -> dict[bytes, bytes]:
+        """Key wraps given by later read grants: value ref + reader oid -> wrapped key."""
+        with map_redis_errors():
+            return dict(self.client.hgetall(self.k_wrap(db_id)))
 
     def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None:
         with map_redis_errors():
