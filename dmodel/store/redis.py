@@ -353,28 +353,26 @@ class RedisStore:
         self.cache.forget(db_id)
         with map_redis_errors():
             old_lists = self._list_keys([db_id])
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(self.k_reg(db_id), self.k_wrap(db_id), self.k_hist(db_id),
-                        self.k_held(db_id), *old_lists)
-            for name, members in lists.items():
-                if members:
-                    pipe.zadd(self.k_list(db_id, name), dict.fromkeys(members, 0))
-                    pipe.sadd(self.k_lists(db_id), name)
-            if meta is not None:
-                pipe.set(self.k_obj(db_id), meta.pack())
-            if registers:
-                pipe.hset(self.k_reg(db_id), mapping={k: r.pack() for k, r in registers.items()})
-            if wraps:
-                pipe.hset(self.k_wrap(db_id), mapping=wraps)
-            if accepted:
-                pipe.rpush(self.k_hist(db_id), *accepted)
-            if held:
-                pipe.rpush(self.k_held(db_id), *held[-HELD_CAP:])
-            pipe.execute()
+        cmds: list[tuple[Any, ...]] = [("DEL", self.k_reg(db_id), self.k_wrap(db_id),
+                                        self.k_hist(db_id), self.k_held(db_id), *old_lists)]
+        writes = [merge.Write("list_add", db_id, name, key)
+                  for name, keys in lists.items() for key in sorted(keys)]
+        if meta is not None:
+            cmds.append(("SET", self.k_obj(db_id), meta.pack()))
+        writes += [merge.Write("register", db_id, name, reg) for name, reg in registers.items()]
+        writes += [merge.Write("wrap", db_id, name, wrapped) for name, wrapped in wraps.items()]
+        for w in writes:
+            self._write_commands(cmds, w)
+        if accepted:
+            cmds.append(("RPUSH", self.k_hist(db_id), *accepted))
+        if held:
+            cmds.append(("RPUSH", self.k_held(db_id), *held[-HELD_CAP:]))
+        self._run(cmds, write=True)
 
     # ---------------------------------------------------------------- reads
     def _call(self, *cmd: Any) -> Any:
-        """One command; over the lean connection when there is one (see wire.py)."""
+        """One command whose reply is a value or a list (the two connections shape maps
+        differently); over the lean connection when there is one (see wire.py)."""
         if self.wire is not None:
             return self.wire.check(self.wire.call(*cmd))
         with map_redis_errors():
