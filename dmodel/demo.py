@@ -57,6 +57,31 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def stop_child(proc: subprocess.Popen[str], timeout: float = 10.0) -> bool:
+    """Stop a ``dmodel peer --stdin-commands`` child by its handle: ``quit``, then
+    SIGTERM, then SIGKILL, each with a deadline. True if it had to be killed."""
+    if proc.poll() is not None:
+        return False
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+        proc.stdin.flush()
+    except (BrokenPipeError, ValueError, OSError):
+        pass
+    try:
+        proc.wait(timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+        return True
+
+
 class PeerHandle:
     """One ``dmodel peer --stdin-commands`` child process and its command channel."""
 
@@ -162,23 +187,8 @@ class PeerHandle:
     def close(self, timeout: float = 10.0) -> None:
         """Stop the child: ``quit``, then SIGTERM, then SIGKILL, each with a deadline."""
         proc = self.proc
-        if proc.poll() is None:
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                proc.stdin.flush()
-            except (BrokenPipeError, ValueError, OSError):
-                pass
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout)
-                    self._stop_orphaned_store()
+        if stop_child(proc, timeout):
+            self._stop_orphaned_store()
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             try:
                 if stream is not None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import dmodel
+from dmodel.demo import stop_child
 
 DRIVER = Path(__file__).resolve()
 MODELS = f"{DRIVER}:Person"
@@ -193,21 +194,7 @@ class PeerProc:
 
     def close(self, timeout: float = 10.0) -> None:
         """``quit``, then SIGTERM, then SIGKILL, each with a deadline. Idempotent."""
-        proc = self.proc
-        if proc.poll() is None:
-            with contextlib.suppress(OSError, ValueError):
-                assert proc.stdin is not None
-                proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                proc.stdin.flush()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout)
+        stop_child(self.proc, timeout)
         self._close_streams()
 
     def _close_streams(self) -> None:
