@@ -16,9 +16,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
-import nacl.secret
 import nacl.signing
 import nacl.utils
 
@@ -128,7 +128,7 @@ class Identity:
 
 def new_value_key() -> bytes:
     """A fresh symmetric key for one encrypted value."""
-    return nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
+    return nacl.utils.random(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_KEYBYTES)
 
 
 def wrap_key(value_key: bytes, box_key: bytes) -> bytes:
@@ -136,14 +136,33 @@ def wrap_key(value_key: bytes, box_key: bytes) -> bytes:
     return nacl.public.SealedBox(nacl.public.PublicKey(box_key)).encrypt(value_key)
 
 
-def seal(plaintext: bytes, readers: Mapping[str, bytes]) -> dict[str, object]:
-    """Encrypt ``plaintext`` for every reader (oid -> box public key).
+def place(db_id: str, register: str) -> bytes:
+    """The place an encrypted value is bound to: its object and register.
 
-    Returns the envelope stored in the update: ``{"c": ciphertext, "k": {oid: wrapped key}}``.
+    A DList element is bound to its list (``field#``): an insert cannot know its own
+    element id, which is the hash of the update that carries the sealed value.
+    """
+    name, sep, _element = register.partition("#")
+    return b"dmodel-sealed-v2\0" + db_id.encode() + b"\0" + (name + sep).encode()
+
+
+def seal(plaintext: bytes, readers: Mapping[str, bytes], where: bytes) -> dict[str, object]:
+    """Encrypt ``plaintext`` for every reader (oid -> box public key), bound to ``where``.
+
+    Returns the envelope stored in the update: ``{"b": nonce || ciphertext, "k": {oid:
+    wrapped key}}``. The ciphertext is XChaCha20-Poly1305 with ``where`` (see ``place``)
+    as authenticated data, so the envelope copied into another object or register does
+    not open there.
     """
     value_key = new_value_key()
-    ciphertext = bytes(nacl.secret.SecretBox(value_key).encrypt(plaintext))
-    return {"c": ciphertext, "k": {oid: wrap_key(value_key, box) for oid, box in readers.items()}}
+    nonce = nacl.utils.random(_NONCE)
+    ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        plaintext, where, nonce, value_key)
+    return {"b": nonce + ciphertext,
+            "k": {oid: wrap_key(value_key, box) for oid, box in readers.items()}}
+
+
+_NONCE = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 
 
 def open_value_key(envelope: Mapping[str, object], reader: Identity,
@@ -158,15 +177,24 @@ def open_value_key(envelope: Mapping[str, object], reader: Identity,
     return reader.unwrap(wrapped)
 
 
-def open_sealed(envelope: Mapping[str, object], value_key: bytes) -> bytes:
-    """Decrypt an envelope's ciphertext with its symmetric key."""
-    ciphertext = envelope.get("c")
-    if not isinstance(ciphertext, bytes):
+def open_sealed(envelope: Mapping[str, object], value_key: bytes, where: bytes) -> bytes:
+    """Decrypt an envelope's ciphertext with its symmetric key, at place ``where``.
+
+    Envelopes of protocol version 1 (``"c"``, secretbox) were not bound to their place,
+    so anyone who could write a field could copy one there; they are refused.
+    """
+    if "c" in envelope:
+        raise DecryptionError("encrypted value uses the format of protocol version 1, which "
+                              "is not bound to its field; its owner must write it again")
+    sealed = envelope.get("b")
+    if not isinstance(sealed, bytes) or len(sealed) < _NONCE:
         raise DecryptionError("encrypted value is damaged")
     try:
-        return nacl.secret.SecretBox(value_key).decrypt(ciphertext)
-    except nacl.exceptions.CryptoError as exc:
-        raise DecryptionError("encrypted value does not open with its key") from exc
+        return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            sealed[_NONCE:], where, sealed[:_NONCE], value_key)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError) as exc:
+        raise DecryptionError("encrypted value does not open here (damaged, or copied from "
+                              "another field or object)") from exc
 
 
 class EncryptedValue:

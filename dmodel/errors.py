@@ -16,7 +16,8 @@
     │   ├── OversizedUpdate                    over a size limit
     │   ├── ForgedUpdate                       bad signature, or oid != H(public key)
     │   ├── ReplayedUpdate                     already seen (same update id)
-    │   ├── StaleUpdate                        timestamp too far in the future / chain misuse
+    │   ├── StaleUpdate                        held too long for its future timestamp
+    │   ├── ConflictingCreate                  a second create of an id, with other keys
     │   ├── BrokenChainUpdate                  previous-update link points outside its chain
     │   └── UnknownModelUpdate                 refers to a model or object this node cannot use
     ├── RejectedError                          a valid update that was not accepted
@@ -102,7 +103,11 @@ class ReplayedUpdate(InvalidUpdate):
 
 
 class StaleUpdate(InvalidUpdate):
-    """The timestamp is outside what the node accepts (too far in the future)."""
+    """A future-dated update that did not fit among the held ones (catch-up brings it again)."""
+
+
+class ConflictingCreate(InvalidUpdate):
+    """A create of an existing id with other public keys: the identity equivocated."""
 
 
 class BrokenChainUpdate(InvalidUpdate):
@@ -159,6 +164,7 @@ class NetworkError(DModelError):
 __all__ = [
     "BrokenChainUpdate",
     "ConfigurationError",
+    "ConflictingCreate",
     "CryptoError",
     "DModelError",
     "DecryptionError",

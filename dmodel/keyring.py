@@ -7,7 +7,10 @@ with Argon2id (``nacl.pwhash``) and every key file is sealed with it (secretbox)
 wrong passphrase is reported as such instead of as a damaged file.
 
 File format: ``b"DMK0" + msgpack`` (plain) or ``b"DMK1" + secretbox(msgpack)``,
-where the msgpack map is ``{"id": db_id, "sign": seed, "box": secret}``.
+where the msgpack map is ``{"id": db_id, "sign": seed, "box": secret}``. A
+passphrase-protected keyring refuses to open when it finds a plain key file (someone
+put it there, or it was copied in by hand): keys at rest are all sealed or all plain.
+``secure_home`` tightens a node's home to 0700.
 """
 
 from __future__ import annotations
@@ -45,6 +48,24 @@ def write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def secure_home(home: Path) -> None:
+    """Create ``home`` as 0700, or tighten an existing one that others can read.
+
+    A home holds the keyring and the store's data: nobody but its user should list it.
+    Raises KeyringError when the mode cannot be set (a home owned by someone else).
+    """
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mode = home.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(home, mode & 0o700 | 0o700)
+            logger.warning("home %s was readable by others (mode %o); tightened to 700",
+                           home, mode)
+    except OSError as exc:
+        raise KeyringError(f"cannot secure home {home}: {exc}; it must be a directory "
+                           "that only its user can read (chmod 700)") from exc
 
 
 class Keyring:
@@ -106,6 +127,7 @@ class Keyring:
     def _scan(self) -> None:
         for file in self.path.glob("*.key"):
             oid = file.stem
+            self._refuse_plain(file)
             try:
                 identity, db_id = self._load(file)
             except KeyringError as exc:
@@ -116,6 +138,21 @@ class Keyring:
                 continue
             self._cache[oid] = identity
             self._ids[oid] = db_id
+
+    def _refuse_plain(self, file: Path) -> None:
+        """A plain key file in a sealed keyring is refused, never skipped quietly."""
+        if self._box is None:
+            return
+        try:
+            with open(file, "rb") as fh:
+                head = fh.read(4)
+        except OSError:
+            return  # reported by _load
+        if head == _PLAIN:
+            raise KeyringError(
+                f"{file} is not encrypted, but the keyring at {self.path} is "
+                "passphrase-protected: move the file away, then add the key with "
+                "'dmodel keys import' so that it is sealed like the others")
 
     def _load(self, file: Path) -> tuple[Identity, str]:
         try:

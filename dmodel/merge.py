@@ -14,11 +14,38 @@ object's own grants and revokes, which are still recorded (the verdict of a
 transaction touching the removed object and others depends on them, so they must not
 depend on whether the removal arrived first).
 
-Authorization is evaluated *as of* the version of the op: grants and revokes are
-timestamped events per (object, kind, member), and a caller is authorized for an
-op if it is the object itself or the latest event strictly before the op's version
-is a grant. A create's ``read``/``update`` lists are grants at the create's version.
-Only the object itself may grant or revoke.
+Authorization never trusts a timestamp, a node id or a chain: a signer writes those
+itself. It depends only on signed content that the object itself wrote:
+
+* The object's grants and revokes form, per (object, kind, member), a list of events
+  ordered by their versions. Only the object itself may grant or revoke; its own clock
+  orders its own events (a create's ``read``/``update`` lists are grants at the
+  create's version).
+* An update-grant opens a *window*; further grants keep it open; the first revoke after
+  them closes it, and revokes up to the next grant belong to that close. A revoke of an
+  update right names its *frontier*: the ids of the member's updates on the object
+  that the revoking node had accepted when it revoked.
+* Every update by a member names, per object it changes, the grant it writes under
+  (``Update.grants``: the grant op's ref). It is authorized on that object iff the
+  named event is an update-grant of that member, and either its window is still open,
+  or the update's id is in the frontier of a revoke that closed the window.
+
+So a revoked member cannot write again, whatever timestamp, device or chain it uses:
+an update the revoking node had not accepted is in no frontier; naming an older grant
+leads to a closed window; naming no grant is unauthorized. Writes the owner had
+accepted before the revoke stay valid everywhere (they are in the frontier, which no
+one can forge: it lists ids). A node that accepted a member's update while the window
+was open to it re-decides when the revoke arrives, as every node does (the node's
+re-decision, ``Outcome.retroactive``). A new grant opens a new window; updates that
+named the closed one stay refused.
+
+What must be kept to judge any update, also after pruning: every grant and revoke
+(events and frontiers), and the creates. Pruning a superseded update never changes a
+verdict, because verdicts look at nothing but the update itself and those events.
+
+Read rights use the same events without frontiers: readers are the members whose last
+event is a grant; a revoke stops new values from being sealed for them, and removes
+nothing they could already read.
 
 ``apply`` returns the writes and the events; callers apply the writes to their own
 state (a dict in tests, Redis in the node).
@@ -26,13 +53,13 @@ state (a dict in tests, Redis in the node).
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgpack
 
-from .clock import physical_ms
 from .crypto import PublicIdentity
 from .update import LIST_OPS, Op, Update, op_register
 
@@ -94,34 +121,49 @@ class ObjectMeta:
         return cls(PublicIdentity(sign, box), created, removed)
 
 
-AuthEvents = tuple[tuple[bytes, bool], ...]
+AuthEvent = tuple[bytes, bool, frozenset[bytes]]   # (version, granted, revoke frontier)
+AuthEvents = tuple[AuthEvent, ...]
+NO_FRONTIER: frozenset[bytes] = frozenset()
 
 
 def pack_auth(events: AuthEvents) -> bytes:
-    return msgpack.packb([list(e) for e in events], use_bin_type=True)
+    return msgpack.packb([[ver, granted, sorted(frontier)] for ver, granted, frontier in events],
+                         use_bin_type=True)
 
 
 def unpack_auth(data: bytes | None) -> AuthEvents:
     if not data:
         return ()
-    return tuple((ver, bool(granted)) for ver, granted in msgpack.unpackb(data, raw=False))
+    return tuple((e[0], bool(e[1]), frozenset(e[2]) if len(e) > 2 else NO_FRONTIER)
+                 for e in msgpack.unpackb(data, raw=False))
 
 
-def authorized_as_of(events: AuthEvents, at: bytes) -> bool:
-    """Whether the latest event strictly before version ``at`` is a grant."""
-    verdict = False
-    for ver, granted in events:  # sorted by version
-        if ver >= at:
-            break
-        verdict = granted
-    return verdict
+def member_authorized(events: AuthEvents, grant_ref: bytes | None, update_id: bytes) -> bool:
+    """Whether a member's update, naming grant ``grant_ref``, is authorized (see above)."""
+    if grant_ref is None:
+        return False
+    at = next((i for i, (ver, granted, _) in enumerate(events)
+               if granted and version_ref(ver) == grant_ref), None)
+    if at is None:
+        return False
+    closing = itertools.dropwhile(lambda e: e[1], events[at + 1:])
+    revokes = list(itertools.takewhile(lambda e: not e[1], closing))
+    return not revokes or any(update_id in frontier for _, _, frontier in revokes)
 
 
-def add_auth_event(events: AuthEvents, ver: bytes, granted: bool) -> AuthEvents:
+def open_grant(events: AuthEvents) -> bytes | None:
+    """The ref of the grant a member writes under now: the last event, if a grant."""
+    if events and events[-1][1]:
+        return version_ref(events[-1][0])
+    return None
+
+
+def add_auth_event(events: AuthEvents, ver: bytes, granted: bool,
+                   frontier: frozenset[bytes] = NO_FRONTIER) -> AuthEvents:
     """Insert an event, keeping version order; idempotent."""
-    if any(v == ver for v, _ in events):
+    if any(v == ver for v, _, _ in events):
         return events
-    return tuple(sorted((*events, (ver, granted))))
+    return tuple(sorted((*events, (ver, granted, frontier))))
 
 
 def current_members(events_by_member: dict[str, AuthEvents]) -> set[str]:
@@ -215,15 +257,15 @@ _AUTH_KIND = {"grant_read": ("r", True), "revoke_read": ("r", False),
 
 
 def is_authorized(update: Update, state: State) -> bool:
-    """Whether every op of ``update`` is made by an authorized caller, as of its version."""
-    caller, caller_oid = update.caller, update.caller_oid
-    for index, op in enumerate(update.ops):
+    """Whether every op of ``update`` is made by the object itself or an authorized member."""
+    caller = update.caller
+    for op in update.ops:
         if op.obj == caller:
             continue
         if op.op in _AUTH_KIND or op.op == "create":
             return False
         events = state.auth.get((op.obj, "u", caller), ())
-        if not authorized_as_of(events, version(update.timestamp, caller_oid, update.id, index)):
+        if not member_authorized(events, update.grant_for(op.obj), update.id):
             return False
     return True
 
@@ -252,6 +294,8 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
         meta = objects.get(op.obj)
         if op.op == "create":
             keys = PublicIdentity(op.value["sign"], op.value["box"])
+            if meta is not None and meta.keys != keys:
+                continue  # a second create with other keys: refused (pipeline.decide counts it)
             if meta is None or ver < meta.created:
                 new_meta = ObjectMeta(keys, ver, meta.removed if meta else None)
                 objects[op.obj] = new_meta
@@ -276,7 +320,8 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
             # so they must not depend on whether the removal arrived first.
             kind, granted = _AUTH_KIND[op.op]
             member = op.value["id"]
-            _auth_event(out, state, auth, op.obj, kind, member, ver, granted)
+            _auth_event(out, state, auth, op.obj, kind, member, ver, granted,
+                        frozenset(op.value.get("f", ())))
             if op.op == "grant_read" and meta.removed is None:
                 member_oid = member.partition(":")[2].encode()
                 for ref, wrapped in op.value["w"].items():
@@ -404,17 +449,16 @@ def between(low: bytes, high: bytes | None, toward: str | None = None) -> bytes:
 
 
 def _auth_event(out: Outcome, state: State, pending: dict, db_id: str, kind: str, member: str,
-                ver: bytes, granted: bool) -> None:
+                ver: bytes, granted: bool, frontier: frozenset[bytes] = NO_FRONTIER) -> None:
     key = (db_id, kind, member)
     events = pending.get(key, state.auth.get(key, ()))
-    new_events = add_auth_event(events, ver, granted)
+    new_events = add_auth_event(events, ver, granted, frontier)
     if new_events is events:
         return
     pending[key] = new_events
     out.writes.append(Write("auth", db_id, f"{kind}:{member}", new_events))
-    if kind == "u" and state.last_write.get((db_id, member), -1) >= physical_ms(
-            version_timestamp(ver)):
-        out.retroactive.add(db_id)  # member already wrote after this event: re-decide those
+    if kind == "u" and (db_id, member) in state.last_write:
+        out.retroactive.add(db_id)  # the member wrote here already: re-decide those updates
 
 
 def order_key(update: Update) -> tuple[int, str, bytes]:
@@ -425,17 +469,26 @@ def order_key(update: Update) -> tuple[int, str, bytes]:
 def fold(updates: list[Update], *, policy: Policy = "reject") -> State:
     """State from a set of updates applied in version order: the reference every node matches.
 
-    Updates whose object is unknown (no create among ``updates``) are skipped.
+    Verdicts are taken against the authorization events of the whole set (a revoke
+    decides about updates with any timestamp), found as a fixed point: fold with the
+    events of the previous round until they no longer change. Updates whose object is
+    unknown (no create among ``updates``) are skipped.
     """
-    state = State()
-    unique = {u.id: u for u in updates}.values()
-    for update in sorted(unique, key=order_key):
-        created = {op.obj for op in update.ops if op.op == "create"}  # create + initial values
-        if not all(op.obj in state.objects or op.obj in created for op in update.ops):
-            continue
-        outcome = apply(update, state)
-        if outcome.authorized or unauthorized_is_applied(update, policy):
-            state.apply(outcome.writes)
+    ordered = sorted({u.id: u for u in updates}.values(), key=order_key)
+    auth: dict[tuple[str, str, str], AuthEvents] = {}
+    for _ in range(8):  # a round changes events only through creates inside member updates
+        judge = State(auth=auth)
+        state = State()
+        for update in ordered:
+            created = {op.obj for op in update.ops if op.op == "create"}
+            if not all(op.obj in state.objects or op.obj in created for op in update.ops):
+                continue
+            outcome = apply(update, state, authorized=is_authorized(update, judge))
+            if outcome.authorized or unauthorized_is_applied(update, policy):
+                state.apply(outcome.writes)
+        if state.auth == auth:
+            break
+        auth = state.auth
     return state
 
 
@@ -449,6 +502,6 @@ def unauthorized_is_applied(update: Update, policy: Policy) -> bool:
 
 __all__ = [
     "Event", "ObjectMeta", "Op", "Outcome", "Register", "State", "Write",
-    "add_auth_event", "apply", "authorized_as_of", "fold", "is_authorized",
+    "add_auth_event", "apply", "fold", "is_authorized", "member_authorized", "open_grant",
     "unauthorized_is_applied", "version",
 ]

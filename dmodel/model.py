@@ -179,8 +179,8 @@ class BoundField:
         self.field.check(value)
         obj, name = self.obj, self.field.name
         if self.field.encrypted:
-            obj._submit(lambda: Op(obj.db_id, "set_enc", name, obj._node.seal_value(obj.db_id,
-                                                                                     value)))
+            obj._submit(lambda: Op(obj.db_id, "set_enc", name,
+                                   obj._node.seal_value(obj.db_id, name, value)))
         else:
             obj._submit(lambda: Op(obj.db_id, "set", name, value))
 
@@ -232,7 +232,8 @@ class BoundDict:
         obj, name = self.obj, self.field.name
         if self.field.encrypted:
             obj._submit(lambda: Op(obj.db_id, "dset_enc", name,
-                                   [key, obj._node.seal_value(obj.db_id, value)]))
+                                   [key, obj._node.seal_value(obj.db_id, f"{name}:{key}",
+                                                              value)]))
         else:
             obj._submit(lambda: Op(obj.db_id, "dset", name, [key, value]))
 
@@ -366,7 +367,7 @@ class BoundList:
         obj = self.obj
         if self.field.encrypted:
             return Op(obj.db_id, f"{kind}_enc", self.field.name,
-                      [first, obj._node.seal_value(obj.db_id, value)])
+                      [first, obj._node.seal_value(obj.db_id, f"{self.field.name}#", value)])
         return Op(obj.db_id, kind, self.field.name, [first, value])
 
     def insert(self, index: int, value: Any) -> None:
@@ -562,7 +563,7 @@ class DModel:
                 field = fields[attr]
                 if field.encrypted:
                     ops.append(Op(db_id, "set_enc", field.name,
-                                  n.seal_value(db_id, value, readers)))
+                                  n.seal_value(db_id, field.name, value, readers)))
                 else:
                     ops.append(Op(db_id, "set", field.name, value))
             return ops
@@ -686,7 +687,9 @@ class DModel:
         self._submit(lambda: Op(self.db_id, "grant_update", "", {"id": object_id}))
 
     def revoke_update_authorized(self, object_id: str) -> None:
-        self._submit(lambda: Op(self.db_id, "revoke_update", "", {"id": object_id}))
+        """Stop ``object_id`` from changing this object: only its updates accepted here so
+        far stay valid, on every node (see the security model in README)."""
+        self._submit(lambda: self._node.revoke_update_op(self.db_id, object_id))
 
     # --------------------------------------------------------------- misc
     def history(self, field: str | None = None, include_rejected: bool = False) -> list:

@@ -35,6 +35,7 @@ from .crypto import (
     PublicIdentity,
     open_sealed,
     open_value_key,
+    place,
     seal,
     wrap_key,
 )
@@ -51,12 +52,13 @@ from .errors import (
     ReplayedUpdate,
     VetoedError,
 )
-from .keyring import Keyring, write_private
+from .keyring import Keyring, secure_home, write_private
 from .store.embedded import EmbeddedRedis
 from .store.redis import RedisStore, map_redis_errors
 from .update import (
     FIELD_OPS,
     LIST_OPS,
+    MAX_FRONTIER,
     Op,
     Update,
     decode,
@@ -68,6 +70,9 @@ from .update import (
 logger = logging.getLogger(__name__)
 
 MAX_PENDING = 10_000
+MAX_FUTURE = 10_000            # future-dated updates held until their time comes
+MAX_FUTURE_BYTES = 64 << 20
+_FUTURE_TICK_S = 0.1
 _PARALLEL_VERIFY_MIN = 16
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -184,13 +189,14 @@ class Stats:
     listener_errors: int = 0
     equivocations: int = 0
     recomputed: int = 0
+    held_future: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"applied": self.applied, "local": self.local, "remote": self.remote,
                 "duplicates": self.duplicates, "published": self.published,
                 "dropped": dict(self.dropped), "rejected": dict(self.rejected),
                 "listener_errors": self.listener_errors, "equivocations": self.equivocations,
-                "recomputed": self.recomputed}
+                "recomputed": self.recomputed, "held_future": self.held_future}
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +258,7 @@ class Node:
                  listen: str | None = None, peers: Iterable[str] | None = None,
                  discovery: bool | None = None, redis_url: str | None = None,
                  unauthorized_policy: str | None = None, passphrase: str | None = None,
-                 skew: float = 60.0, redis_prefix: str = "dm:",
+                 skew: float | None = None, redis_prefix: str = "dm:",
                  now: Callable[[], int] = time.time_ns, curve: Any = None,
                  broker: Any = None, network_options: dict[str, Any] | None = None,
                  start_network: bool = True) -> None:
@@ -268,9 +274,20 @@ class Node:
             raise ConfigurationError(
                 f"unauthorized_policy must be 'reject' or 'listeners', not {policy!r}")
         self.unauthorized_policy: merge.Policy = policy  # type: ignore[assignment]
+        if skew is None:
+            try:
+                skew = float(os.environ.get("DMODEL_SKEW") or
+                             pipeline.DEFAULT_SKEW_MS / 1000)
+            except ValueError as exc:
+                raise ConfigurationError(f"DMODEL_SKEW must be seconds: {exc}") from None
+        if not 0 < skew <= 3600:
+            raise ConfigurationError(f"skew must be between 0 and 3600 s, not {skew}")
         self.skew_ms = int(skew * 1000)
         self._now = now
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            secure_home(self.home)
+        except KeyringError as exc:
+            raise ConfigurationError(str(exc)) from None
         redis_url = redis_url if redis_url is not None else os.environ.get("DMODEL_REDIS_URL")
         # The embedded Redis of a home belongs to one node at a time; a Redis given by URL
         # is the operator's to share out (one node per database or prefix).
@@ -302,7 +319,13 @@ class Node:
         try:
             with map_redis_errors():
                 client.ping()
-            self.clock = HybridClock(now, last=self.store.last_hlc())
+            self.clock = HybridClock(now, last=self.store.last_hlc(),
+                                     max_ahead_ms=self.skew_ms)
+            if self.clock.ahead_ms() > self.skew_ms:
+                logger.warning(
+                    "this host's clock is %.0f s behind the timestamps this node issued "
+                    "before; peers hold its new updates until their clocks catch up: fix "
+                    "the clock (NTP)", self.clock.ahead_ms() / 1000)
         except BaseException:
             self._stop_store()
             raise
@@ -318,11 +341,15 @@ class Node:
         self._pending_order: collections.deque[tuple[bytes | str, bytes]] = collections.deque()
         self._pending_ids: set[bytes] = set()  # _pending_key of every waiting update
         self._releasing: list[Update] | None = None  # released updates not yet re-processed
+        self._future: dict[bytes, tuple[int, Update]] = {}  # held: id -> (release ms, update)
+        self._future_bytes = 0
+        self._future_thread: threading.Thread | None = None
         self._model_policies: dict[str, merge.Policy] = {}
         self._on_accepted: list[Callable[[Update, bool], None]] = []
         self._closed = False
         self.network: Any = None
         self._network_options = dict(network_options or {}, curve=curve, broker=broker)
+        self._load_future()
         if start_network and (self.listen or self.peers or self.discovery or broker):
             try:
                 self.start_network()
@@ -470,6 +497,9 @@ class Node:
                 if not local:
                     self._park(update, decision.missing)
                 continue
+            if verdict == pipeline.HELD:
+                self._hold_future(update, decision.release_at)
+                continue
             outcome = decision.outcome
             assert outcome is not None
             if verdict == pipeline.UNAUTHORIZED:
@@ -491,7 +521,7 @@ class Node:
                 except VetoedError as exc:
                     self.stats.rejected["VetoedError"] += 1
                     logger.info("vetoed %s: %s", update.hex_id[:12], exc)
-                    decision.verdict = pipeline.DROPPED
+                    decision.verdict = pipeline.VETOED
                     decision.error = exc
                     if not local:
                         # Not stored, but its signed link stands: the caller's later
@@ -506,8 +536,9 @@ class Node:
                 rest = updates[index + 1:]  # re-decided against the store once this is in
                 break
         if staged:
-            for update, _ in staged:
-                self.clock.observe(update.timestamp)
+            for update, writes in staged:
+                if writes is not None:  # held unauthorized updates move no clock
+                    self.clock.observe(update.timestamp)
             self.store.commit_many(staged, hlc=self.clock.last)
             for update, _ in staged:
                 self._recent.add(update.id)
@@ -648,8 +679,74 @@ class Node:
         name = type(error).__name__ if error else "Unknown"
         if name == "ReplayedUpdate":
             self.stats.duplicates += 1
+        elif name == "ConflictingCreate":
+            self.stats.equivocations += 1
+            logger.warning("equivocation: %s", error)
         self.stats.dropped[name] += 1
         logger.debug("dropped %s: %s", update.hex_id[:12] if update else "bytes", error)
+
+    # ------------------------------------------------------ future-dated updates
+    def _hold_future(self, update: Update, release_at: int) -> None:
+        """Keep an update timestamped beyond the skew bound until its time comes.
+
+        Held in memory and in the store (so a restart keeps it), bounded by count and
+        bytes: past the bound the update furthest in the future is let go (counted as
+        StaleUpdate; catch-up brings it again).
+        """
+        if update.id in self._future:
+            return
+        self._future[update.id] = (release_at, update)
+        self._future_bytes += len(update.raw)
+        self.store.hold_future(update.id, update.raw)
+        self.stats.held_future += 1
+        logger.info("holding %s until its timestamp is within %g s of this clock",
+                    update.hex_id[:12], self.skew_ms / 1000)
+        while len(self._future) > MAX_FUTURE or self._future_bytes > MAX_FUTURE_BYTES:
+            uid = max(self._future, key=lambda u: self._future[u][0])
+            self._drop_future([uid])
+            self.stats.dropped["StaleUpdate"] += 1
+        if self._future_thread is None or not self._future_thread.is_alive():
+            self._future_thread = threading.Thread(target=self._release_future_loop,
+                                                   name="dmodel-future", daemon=True)
+            self._future_thread.start()
+
+    def _drop_future(self, uids: Iterable[bytes]) -> list[Update]:
+        out = []
+        for uid in uids:
+            _, update = self._future.pop(uid)
+            self._future_bytes -= len(update.raw)
+            out.append(update)
+        self.store.release_future([u.id for u in out])
+        return out
+
+    def _release_future_loop(self) -> None:
+        """The node's timer thread: decides held updates again once their time comes."""
+        while not self._closed:
+            time.sleep(_FUTURE_TICK_S)
+            with self._lock:
+                if self._closed or not self._future:
+                    self._future_thread = None
+                    return
+                now = physical_ms(self.clock.now())
+                due = sorted((u for u, (at, _) in self._future.items() if at <= now),
+                             key=lambda u: self._future[u][0])
+                if due:
+                    try:
+                        self._process_batch(self._drop_future(due), local=False)
+                    except DModelError:
+                        logger.exception("deciding held updates failed")
+
+    def _load_future(self) -> None:
+        """Held updates kept by an earlier run are decided again."""
+        raws = self.store.future_updates()
+        if raws:
+            self.store.release_future([decode(r).id for r in raws])
+            self.ingest_many(raws)
+
+    @property
+    def future_count(self) -> int:
+        """Updates held because their timestamps are beyond the skew bound."""
+        return len(self._future)
 
     # ------------------------------------------------------------ pending set
     def _park(self, update: Update, missing: Sequence[bytes | str]) -> None:
@@ -733,11 +830,13 @@ class Node:
         signer = self.identity(caller)
         with self._lock:
             op_list = tuple(ops() if callable(ops) else ops)
+            grants = self._grants_for(caller, op_list)
             head = self._heads.get(caller)
             if head is None:
                 head = self.store.chain_head(caller, self.node_id)
             update = Update.create(signer, node=self.node_id, caller=caller,
-                                   timestamp=self.clock.tick(), prev=head, ops=op_list)
+                                   timestamp=self.clock.tick(), prev=head, ops=op_list,
+                                   grants=grants)
             decision = self._process(update, local=True)
             if decision.verdict == pipeline.ACCEPTED:
                 self._heads[caller] = update.id
@@ -747,6 +846,37 @@ class Node:
             raise ObjectNotFoundError(f"not known to this node: {missing}")
         assert decision.error is not None
         raise decision.error
+
+    def _grants_for(self, caller: str, ops: Sequence[Op]) -> dict[str, bytes]:
+        """The update-grant ``caller`` writes under, for each other object ``ops`` change.
+
+        Raises ObjectNotFoundError for an object removed here: nobody would apply it.
+        """
+        grants = {}
+        for db_id in dict.fromkeys(op.obj for op in ops if op.op != "create"):
+            meta = self.store.object_meta(db_id)
+            if meta is not None and meta.removed is not None:
+                raise ObjectNotFoundError(f"{db_id} was removed; it cannot be changed")
+            if db_id == caller:
+                continue
+            ref = merge.open_grant(self.store.member_events(db_id, "u", caller))
+            if ref is not None:
+                grants[db_id] = ref
+        return grants
+
+    def revoke_update_op(self, db_id: str, member: str) -> Op:
+        """A revoke_update op naming its frontier: ``member``'s updates of ``db_id``
+        accepted here (they stay valid everywhere; any other update of the member is
+        refused, whatever its timestamp)."""
+        uids = self.store.history(db_id)
+        frontier = sorted(uid for uid, raw in zip(uids, self.store.raw_updates(uids),
+                                                  strict=True)
+                          if raw is not None and decode(raw).caller == member)
+        if len(frontier) > MAX_FRONTIER:
+            raise ConfigurationError(
+                f"{member} has {len(frontier)} accepted updates of {db_id}; one revoke can "
+                f"name at most {MAX_FRONTIER}")
+        return Op(db_id, "revoke_update", "", {"id": member, "f": frontier})
 
     def create(self, model: str, *, read: Iterable[str] = (), update: Iterable[str] = (),
                fields: Callable[[str, dict[str, bytes]], Sequence[Op]] | None = None,
@@ -796,11 +926,12 @@ class Node:
                                "the key of the new value", member, db_id)
         return out
 
-    def seal_value(self, db_id: str, value: Any,
+    def seal_value(self, db_id: str, register: str, value: Any,
                    readers: dict[str, bytes] | None = None) -> dict[str, object]:
         """Encrypt a plain value (checked by the caller) for ``db_id`` and its current
-        readers (or ``readers``)."""
-        return seal(pack_value(value), self.readers(db_id) if readers is None else readers)
+        readers (or ``readers``), bound to register ``register`` of ``db_id``."""
+        return seal(pack_value(value), self.readers(db_id) if readers is None else readers,
+                    place(db_id, register))
 
     def grant_read_op(self, db_id: str, member: str, reader: str) -> Op:
         """A grant_read op that also gives ``member`` the keys of the current encrypted values.
@@ -814,6 +945,10 @@ class Node:
             if reg.encrypted and not reg.deleted:
                 try:
                     value_key = self._value_key(db_id, name, reg, reader_oid)
+                    # Only a value that opens in its own place: a sealed value someone
+                    # copied here from elsewhere is never handed to a new reader.
+                    open_sealed(merge.element_value(name, reg), value_key,
+                                place(db_id, name))
                 except DecryptionError:
                     continue
                 wraps[merge.version_ref(reg.version)] = wrap_key(value_key, box_key)
@@ -867,7 +1002,8 @@ class Node:
 
     def _open(self, db_id: str, name: str, reg: merge.Register, reader_oid: str) -> Any:
         value_key = self._value_key(db_id, name, reg, reader_oid)
-        return unpack_value(open_sealed(merge.element_value(name, reg), value_key))
+        return unpack_value(open_sealed(merge.element_value(name, reg), value_key,
+                                        place(db_id, name)))
 
     def display_value(self, db_id: str, name: str | None, reg: merge.Register | None) -> Any:
         """A register's value for listeners: decrypted if any owned key opens it."""

@@ -2,17 +2,23 @@
 
 The node runs the same steps for local and remote updates:
 
-    decode+validate (update.decode) -> replay check -> freshness -> chain link ->
-    dependencies (caller and objects known) -> signature -> merge (authorization as of
-    the update's version) -> policy
+    decode+validate (update.decode) -> replay check -> chain link -> dependencies
+    (caller, objects and named grants known) -> signature -> one identity per id ->
+    timestamp within the skew bound -> merge (authorization, see merge.py) -> policy
 
 and then, outside this module, before-listeners, an atomic commit, after-listeners
-and publishing. A Decision is one of: accepted (with the merge outcome), unauthorized
-(valid but rejected by policy), missing (waits for a dependency) or dropped (invalid).
+and publishing. The verdict is one of ``Verdict``: accepted (with the merge outcome),
+unauthorized (valid but rejected by policy), missing (waits for a dependency), held
+(validly signed but timestamped beyond the skew bound: applied when its time comes),
+dropped (invalid) or vetoed (a before-listener refused it; set by the node).
+
+The skew bound is the only authority a timestamp has: an update from further in the
+future than ``skew_ms`` waits, so no writer wins last-writer-wins by more than it.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,16 +26,32 @@ from . import merge
 from .clock import physical_ms
 from .errors import (
     BrokenChainUpdate,
+    ConflictingCreate,
     InvalidUpdate,
     ReplayedUpdate,
-    StaleUpdate,
     UnauthorizedError,
 )
 from .update import FIELD_OPS, Update, op_register
 
-DEFAULT_SKEW_MS = 60_000
+# NTP keeps hosts within milliseconds of each other, a second at worst; 5 s leaves room
+# for a laptop waking from sleep. Larger tolerates worse clocks and lets a writer win
+# last-writer-wins by more; smaller makes updates from fast clocks wait longer.
+DEFAULT_SKEW_MS = 5_000
 
-ACCEPTED, UNAUTHORIZED, MISSING, DROPPED = "accepted", "unauthorized", "missing", "dropped"
+
+class Verdict(enum.StrEnum):
+    """What becomes of an update (a ``str``, so it compares equal to its value)."""
+
+    ACCEPTED = "accepted"
+    UNAUTHORIZED = "unauthorized"
+    MISSING = "missing"
+    HELD = "held"
+    DROPPED = "dropped"
+    VETOED = "vetoed"
+
+
+ACCEPTED, UNAUTHORIZED, MISSING = Verdict.ACCEPTED, Verdict.UNAUTHORIZED, Verdict.MISSING
+HELD, DROPPED, VETOED = Verdict.HELD, Verdict.DROPPED, Verdict.VETOED
 
 
 @dataclass(slots=True)
@@ -39,12 +61,14 @@ class Snapshot:
     ``prev_chain`` is the (caller, node) of the update named by ``update.prev``, or None
     when that update is not stored. ``equivocation``: the chain forks at ``update.prev``
     (two updates of one caller and node name the same previous update). Both still merge.
+    ``stored``: which of the updates named by ``update.grants`` are stored here.
     """
 
     state: merge.State = field(default_factory=merge.State)
     seen: bool = False
     prev_chain: tuple[str, bytes] | None = None
     equivocation: bool = False  # another update already names the same previous update
+    stored: set[bytes] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -52,10 +76,11 @@ class Decision:
     """The verdict on one update, with the merge outcome when it is applied."""
 
     update: Update
-    verdict: str
+    verdict: Verdict
     outcome: merge.Outcome | None = None
     error: Exception | None = None
     missing: tuple[str | bytes, ...] = ()
+    release_at: int = 0  # HELD: the physical ms at which it may be decided again
 
     @property
     def applied(self) -> bool:
@@ -76,7 +101,7 @@ def needs(update: Update) -> tuple[set[str], set[tuple[str, str]], set[tuple[str
         if op.op in FIELD_OPS:
             registers.add((op.obj, op_register(op, update.id, index)))
         if op.obj != update.caller:
-            auth.add((op.obj, "u", update.caller))
+            auth.add((op.obj, "u", update.caller))  # with the grant it names (update.grants)
         elif op.op in ("grant_read", "revoke_read", "grant_update", "revoke_update"):
             # (object, "r"|"u", member); for "u" the store also reads the member's last write
             auth.add((op.obj, "r" if op.op.endswith("_read") else "u", op.value["id"]))
@@ -86,6 +111,22 @@ def needs(update: Update) -> tuple[set[str], set[tuple[str, str]], set[tuple[str
             for member in op.value["update"]:
                 auth.add((op.obj, "u", member))
     return objects, registers, auth
+
+
+def unknown_grants(update: Update, snap: Snapshot) -> tuple[bytes, ...]:
+    """Ids of the updates named by ``update.grants`` that this node has not stored.
+
+    A grant named but not found among the object's events is waited for only while its
+    update is missing; once stored, it is simply not a grant of this member (refused).
+    """
+    out = []
+    for obj, ref in update.grants:
+        events = snap.state.auth.get((obj, "u", update.caller), ())
+        if any(granted and merge.version_ref(ver) == ref for ver, granted, _ in events):
+            continue
+        if ref[:32] not in snap.stored:
+            out.append(ref[:32])
+    return tuple(out)
 
 
 def is_applied(update: Update, authorized: bool,
@@ -116,8 +157,6 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
             policy: Callable[[str], merge.Policy], verified: bool) -> Decision:
     if snap.seen:
         return Decision(update, DROPPED, error=ReplayedUpdate("update already seen", update.id))
-    if physical_ms(update.timestamp) > physical_ms(now) + skew_ms:
-        raise StaleUpdate(f"timestamp is more than {skew_ms / 1000:g} s in the future")
     state = snap.state
     if update.prev:
         if snap.prev_chain is None:
@@ -135,8 +174,19 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
                             if op.obj not in state.objects and op.obj not in created}))
     if missing:
         return Decision(update, MISSING, missing=missing)
+    grants = unknown_grants(update, snap)
+    if grants:
+        return Decision(update, MISSING, missing=grants)
     if not verified:
         update.verify(keys)
+    if update.creates() is not None:
+        known = state.objects.get(update.caller)
+        if known is not None and known.keys != keys:
+            raise ConflictingCreate(f"{update.caller} was created here with other keys; "
+                                    "the first create seen stays")
+    release_at = physical_ms(update.timestamp) - skew_ms
+    if release_at > physical_ms(now):
+        return Decision(update, HELD, release_at=release_at)
     outcome = merge.apply(update, state)
     if is_applied(update, outcome.authorized, policy):
         return Decision(update, ACCEPTED, outcome)

@@ -1,15 +1,18 @@
 """The Update message: the unit that is signed, sent, stored and merged.
 
-Wire format (protocol version 1)::
+Wire format (protocol version 2)::
 
     raw = signature (64 bytes, Ed25519) || body
     body = msgpack map, exactly these keys:
-        "v": 1                     protocol version
+        "v": 2                     protocol version
         "n": bin(16)               id of the node that signed it (one device of the caller)
         "c": str                   caller db_id ("Model:oid"), whose key signed the body
         "t": int                   hybrid-logical-clock timestamp
         "p": bin(32) | bin(0)      id of the caller's previous update from the same node
         "o": [[obj, op, field, value], ...]   1..MAX_OPS operations, applied all-or-nothing
+        "g": {obj: ref}            only when the caller changes objects other than itself:
+                                   for each, the update-grant it writes under (ref = the
+                                   granting update's id + op index, 34 bytes; see merge.py)
 
     update id = BLAKE2b-256(body)
 
@@ -18,7 +21,7 @@ re-encode anything to verify. Operations (``op``, ``field``, ``value``):
 
     create          ""      {"sign": bin32, "box": bin32, "read": [db_id], "update": [db_id]}
     set             name    plain value
-    set_enc         name    {"c": bin, "k": {oid: bin}}   (see crypto.seal)
+    set_enc         name    {"b": bin, "k": {oid: bin}}   (see crypto.seal)
     del             name    nil
     dset / dset_enc name    [key, value]                  (DDict entry)
     ddel            name    key
@@ -29,11 +32,18 @@ re-encode anything to verify. Operations (``op``, ``field``, ``value``):
     grant_read      ""      {"id": db_id, "w": {ref: bin}}  ref = update id + op index (34 bytes)
     revoke_read     ""      {"id": db_id}
     grant_update    ""      {"id": db_id}
-    revoke_update   ""      {"id": db_id}
+    revoke_update   ""      {"id": db_id, "f": [update id]}   f = the member's updates on
+                                                          this object accepted by the revoking
+                                                          node (its frontier, see merge.py)
     remove          ""      nil
 
 A ``create`` must be the first operation, on the caller itself. An update with a
-grant or revoke touches one object only. Plain values are nil,
+grant or revoke touches one object only.
+
+Version 1 (no ``"g"``, revokes without a frontier, envelopes ``{"c": secretbox, "k"}``
+not bound to their place) is still decoded, so old logs stay readable; a version-1
+write by a member names no grant and so is unauthorized, and a version-1 envelope does
+not open (crypto.open_sealed). Plain values are nil,
 bool, int (64-bit), float, str, bytes, and lists and str-keyed maps of those.
 
 Limits (an update over any of them is an OversizedUpdate): see the constants below.
@@ -52,7 +62,8 @@ import msgpack
 from .crypto import KEY_SIZE, SIGNATURE_SIZE, Identity, PublicIdentity, split_db_id
 from .errors import ForgedUpdate, MalformedUpdate, OversizedUpdate
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+PROTOCOL_VERSIONS = (1, 2)          # decoded
 
 MAX_UPDATE_SIZE = 512 * 1024        # whole raw message
 MAX_VALUE_SIZE = 128 * 1024         # one packed value
@@ -67,6 +78,7 @@ NODE_ID_SIZE = 16
 UPDATE_ID_SIZE = 32
 REF_SIZE = UPDATE_ID_SIZE + 2
 
+MAX_FRONTIER = 10_000               # update ids named by one revoke_update
 MAX_POSITION = 4096                 # bytes of a DList position
 LIST_OPS = frozenset({"lins", "lins_enc", "lset", "lset_enc", "ldel"})
 FIELD_OPS = frozenset({"set", "set_enc", "del", "dset", "dset_enc", "ddel"}) | LIST_OPS
@@ -76,6 +88,7 @@ ALL_OPS = FIELD_OPS | AUTH_OPS | OBJECT_OPS
 
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _BODY_KEYS = frozenset("vnctpo")
+_BODY_KEYS_GRANTS = frozenset("vnctpog")
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
 
 
@@ -135,24 +148,32 @@ class Update:
     signature: bytes
     body: bytes = field(repr=False)
     id: bytes = field(repr=False)
+    grants: tuple[tuple[str, bytes], ...] = ()   # (object, grant ref), sorted by object
+    version: int = PROTOCOL_VERSION
 
     @classmethod
     def create(cls, signer: Identity, *, node: bytes, caller: str, timestamp: int,
-               prev: bytes, ops: Iterable[Op]) -> Update:
-        """Sign a new update with ``signer`` (the caller's identity)."""
+               prev: bytes, ops: Iterable[Op],
+               grants: dict[str, bytes] | None = None) -> Update:
+        """Sign a new update with ``signer`` (the caller's identity).
+
+        ``grants`` names, for each object other than the caller that ``ops`` change, the
+        ref of the update-grant the caller writes under.
+        """
         ops = tuple(ops)
         _check_header(node, timestamp, prev)
         if not ops:
             raise MalformedUpdate("operations must be a non-empty list")
         if len(ops) > MAX_OPS:
             raise OversizedUpdate(f"{len(ops)} operations, limit {MAX_OPS}")
-        body = msgpack.packb(
-            {"v": PROTOCOL_VERSION, "n": node, "c": caller, "t": timestamp, "p": prev,
-             "o": [[o.obj, o.op, o.field, o.value] for o in ops]},
-            use_bin_type=True,
-        )
+        content: dict[str, Any] = {
+            "v": PROTOCOL_VERSION, "n": node, "c": caller, "t": timestamp, "p": prev,
+            "o": [[o.obj, o.op, o.field, o.value] for o in ops]}
+        if grants:
+            content["g"] = dict(sorted(grants.items()))
+        body = msgpack.packb(content, use_bin_type=True)
         update = cls(node, caller, timestamp, prev, ops, signer.sign(body), body,
-                     update_id(body))
+                     update_id(body), tuple(sorted((grants or {}).items())))
         _check_envelope(update)
         if len(update.raw) > MAX_UPDATE_SIZE:
             raise OversizedUpdate(f"update is {len(update.raw)} bytes, limit {MAX_UPDATE_SIZE}")
@@ -174,6 +195,13 @@ class Update:
     def verify(self, key: PublicIdentity) -> None:
         """Raise ForgedUpdate unless the signature is ``key``'s."""
         key.verify(self.body, self.signature)
+
+    def grant_for(self, db_id: str) -> bytes | None:
+        """The ref of the update-grant this update names for object ``db_id``."""
+        for obj, ref in self.grants:
+            if obj == db_id:
+                return ref
+        return None
 
     def creates(self) -> PublicIdentity | None:
         """The public keys carried by a create op, if this update creates the caller."""
@@ -214,10 +242,16 @@ def decode(raw: bytes) -> Update:
         raise MalformedUpdate(f"body is not valid msgpack: {exc}", uid) from None
     except Exception as exc:  # msgpack can raise other errors on crafted input
         raise MalformedUpdate(f"body is not valid msgpack: {type(exc).__name__}", uid) from None
-    if not isinstance(data, dict) or set(data) != _BODY_KEYS:
-        raise MalformedUpdate("body must be a map with keys v, n, c, t, p, o", uid)
-    if data["v"] != PROTOCOL_VERSION or type(data["v"]) is not int:
+    if not isinstance(data, dict) or (set(data) != _BODY_KEYS
+                                      and set(data) != _BODY_KEYS_GRANTS):
+        raise MalformedUpdate("body must be a map with keys v, n, c, t, p, o (and g)", uid)
+    if type(data["v"]) is not int or data["v"] not in PROTOCOL_VERSIONS:
         raise MalformedUpdate(f"unsupported protocol version {data['v']!r}", uid)
+    try:
+        grants = _check_grants(data.get("g"), data["v"])
+    except MalformedUpdate as exc:
+        exc.update_id = uid
+        raise
     node, caller, ts, prev, ops = data["n"], data["c"], data["t"], data["p"], data["o"]
     try:
         _check_header(node, ts, prev)
@@ -239,13 +273,26 @@ def decode(raw: bytes) -> Update:
             raise
     if not isinstance(caller, str):
         raise MalformedUpdate("caller must be a db_id string", uid)
-    update = Update(node, caller, ts, prev, tuple(parsed), signature, body, uid)
+    update = Update(node, caller, ts, prev, tuple(parsed), signature, body, uid, grants,
+                    data["v"])
     try:
         _check_envelope(update)
     except MalformedUpdate as exc:
         exc.update_id = uid
         raise
     return update
+
+
+def _check_grants(grants: Any, version: int) -> tuple[tuple[str, bytes], ...]:
+    if grants is None:
+        return ()
+    if version < 2 or not isinstance(grants, dict) or not grants or len(grants) > MAX_OPS:
+        raise MalformedUpdate("g must be a non-empty map of object id -> grant ref")
+    for obj, ref in grants.items():
+        _check_db_id(obj)
+        if not isinstance(ref, bytes) or len(ref) != REF_SIZE:
+            raise MalformedUpdate("a grant ref is 34 bytes")
+    return tuple(sorted(grants.items()))
 
 
 def _check_header(node: Any, ts: Any, prev: Any) -> None:
@@ -272,6 +319,26 @@ def _check_envelope(update: Update) -> None:
         # Keeps authorization state independent of other updates' verdicts (see merge.py).
         if len({op.obj for op in update.ops}) > 1:
             raise MalformedUpdate("an update that grants or revokes changes only one object")
+    others = {op.obj for op in update.ops} - {update.caller}
+    if not {obj for obj, _ in update.grants} <= others:
+        raise MalformedUpdate("g names an object the update does not change")
+    for op in update.ops:  # the shapes that changed between protocol versions
+        if op.op == "revoke_update" and ("f" in op.value) != (update.version >= 2):
+            raise MalformedUpdate(f"a revoke_update of protocol version {update.version} "
+                                  f"{'must name' if update.version >= 2 else 'has no'} "
+                                  "a frontier (f)")
+        envelope = _envelope_of(op)
+        if envelope is not None and ("b" in envelope) != (update.version >= 2):
+            raise MalformedUpdate(f"an encrypted value of protocol version {update.version} "
+                                  f"is a map with keys {'b' if update.version >= 2 else 'c'}, k")
+
+
+def _envelope_of(op: Op) -> Any:
+    if op.op == "set_enc":
+        return op.value
+    if op.op in ("dset_enc", "lins_enc", "lset_enc"):
+        return op.value[1]
+    return None
 
 
 def _check_db_id(db_id: Any) -> None:
@@ -328,9 +395,13 @@ def _check_op(op: Op) -> None:
         _check_create_value(value)
     elif kind in AUTH_OPS:
         expected = {"id", "w"} if kind == "grant_read" else {"id"}
+        if kind == "revoke_update" and isinstance(value, dict) and "f" in value:
+            expected = {"id", "f"}
         if not isinstance(value, dict) or set(value) != expected:
             raise MalformedUpdate(f"{kind} value must be a map with keys {sorted(expected)}")
         _check_db_id(value["id"])
+        if "f" in value:
+            _check_frontier(value["f"])
         if kind == "grant_read":
             wraps = value["w"]
             if not isinstance(wraps, dict) or len(wraps) > MAX_OPS * 4:
@@ -340,6 +411,17 @@ def _check_op(op: Op) -> None:
                     raise MalformedUpdate("a value reference is 34 bytes")
                 if not isinstance(wrapped, bytes) or len(wrapped) > 128:
                     raise MalformedUpdate("a wrapped key is at most 128 bytes")
+
+
+def _check_frontier(frontier: Any) -> None:
+    if not isinstance(frontier, list):
+        raise MalformedUpdate("a revoke's frontier is a list of update ids")
+    if len(frontier) > MAX_FRONTIER:
+        raise OversizedUpdate(f"a revoke names {len(frontier)} updates, limit {MAX_FRONTIER}")
+    if any(not isinstance(uid, bytes) or len(uid) != UPDATE_ID_SIZE for uid in frontier):
+        raise MalformedUpdate("a frontier entry is a 32-byte update id")
+    if len(set(frontier)) != len(frontier) or frontier != sorted(frontier):
+        raise MalformedUpdate("a frontier is sorted and names each update once")
 
 
 def _check_position(pos: Any) -> None:
@@ -376,11 +458,12 @@ def _check_create_value(value: Any) -> None:
 
 
 def _check_envelope_value(value: Any) -> None:
-    if not isinstance(value, dict) or set(value) != {"c", "k"}:
-        raise MalformedUpdate("an encrypted value is a map with keys c, k")
-    if not isinstance(value["c"], bytes):
+    if not isinstance(value, dict) or (set(value) != {"b", "k"} and set(value) != {"c", "k"}):
+        raise MalformedUpdate("an encrypted value is a map with keys b, k")
+    sealed = value.get("b", value.get("c"))
+    if not isinstance(sealed, bytes):
         raise MalformedUpdate("ciphertext must be bytes")
-    if len(value["c"]) > MAX_VALUE_SIZE + 64:
+    if len(sealed) > MAX_VALUE_SIZE + 64:
         raise OversizedUpdate(f"ciphertext over {MAX_VALUE_SIZE} bytes")
     wraps = value["k"]
     if not isinstance(wraps, dict) or len(wraps) > MAX_READERS:

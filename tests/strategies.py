@@ -28,10 +28,17 @@ def create_op(identity: Identity, model: str = "Person", read=(), update=()) -> 
 
 
 def signed(identity: Identity, ops, *, ts: int = T0, prev: bytes = b"", node: bytes = NODE,
-           model: str = "Person", caller: str | None = None) -> Update:
-    """An update signed by ``identity`` as caller ``caller`` (default: its own db_id)."""
+           model: str = "Person", caller: str | None = None,
+           grants: dict[str, bytes] | None = None) -> Update:
+    """An update signed by ``identity`` as caller ``caller`` (default: its own db_id),
+    naming ``grants`` (object -> grant ref) for the objects it changes as a member."""
     return Update.create(identity, node=node, caller=caller or db_id(identity, model),
-                         timestamp=ts, prev=prev, ops=ops)
+                         timestamp=ts, prev=prev, ops=ops, grants=grants)
+
+
+def grant_ref(update: Update, index: int = 0) -> bytes:
+    """The ref of op ``index`` of ``update``: what a member names to write under a grant."""
+    return update.id + index.to_bytes(2, "big")
 
 
 def body_raw(body: object, signature: bytes = bytes(64)) -> bytes:

@@ -20,6 +20,7 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P lf:{db_id}       SET   names of the object's DList fields
     P m:{Model}        SET   oids of known objects of that model
     P models           SET   model names
+    P fut              HASH  update id -> raw update held for its future timestamp
     P meta             HASH  "hlc" -> greatest timestamp, "epoch" -> random id of this store
                              (catch-up), "cursor:<peer hex>" -> [epoch, position] read
                              so far in that peer's log
@@ -140,7 +141,7 @@ class RedisStore:
         p = prefix
         self.k_updates, self.k_chain, self.k_head = f"{p}u", f"{p}ch", f"{p}head"
         self.k_log, self.k_models, self.k_meta = f"{p}log", f"{p}models", f"{p}meta"
-        self.k_next = f"{p}next"
+        self.k_next, self.k_future = f"{p}next", f"{p}fut"
         self.cache = StoreCache()
         self._script_sha = _BATCH_SHA
 
@@ -201,7 +202,11 @@ class RedisStore:
                 regs = {r for r in regs if "#" in r[1] and r not in fresh}
             regs_l = sorted(regs)
             auth_l = sorted(auth - known_auth.keys())
-            last_l = [] if local else sorted(a for a in auth if a[1] == "u")
+            # Which members wrote the object (a grant or revoke re-decides their updates);
+            # for a local update only its own grants and revokes need it.
+            last_l = sorted(a for a in auth if a[1] == "u"
+                            and (not local or a[2] != update.caller))
+            grants_l = [] if local else [ref[:32] for _, ref in update.grants]
             check_chain = bool(update.prev) and not local
             if not local:
                 cmds.append(("HEXISTS", self.k_updates, update.id))
@@ -213,13 +218,14 @@ class RedisStore:
             cmds.extend(("HGET", self.k_auth(db_id), f"{kind}:{member}")
                         for db_id, kind, member in auth_l)
             cmds.extend(("ZSCORE", self.k_last(db_id), member) for db_id, _, member in last_l)
+            cmds.extend(("HEXISTS", self.k_updates, uid) for uid in grants_l)
             plans.append((update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
-                          check_chain))
+                          grants_l, check_chain))
         with map_redis_errors():
             results = iter(self._run(cmds, write=False)) if cmds else iter(())
         snaps = []
         for (update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
-             check_chain) in plans:
+             grants_l, check_chain) in plans:
             snap = Snapshot(seen=False if local else bool(next(results)))
             if local and update.prev:
                 snap.prev_chain = (update.caller, update.node)
@@ -245,6 +251,9 @@ class RedisStore:
                 last = next(results)
                 if last is not None:
                     state.last_write[(db_id, member)] = int(last)
+            for uid in grants_l:
+                if next(results):
+                    snap.stored.add(uid)
             snaps.append(snap)
         return snaps
 
@@ -404,6 +413,27 @@ class RedisStore:
             if k == kind:
                 out[member] = merge.unpack_auth(value)
         return out
+
+    def member_events(self, db_id: str, kind: str, member: str) -> merge.AuthEvents:
+        """The authorization events of one member (cached like the snapshots' reads)."""
+        key = (db_id, kind, member)
+        if key in self.cache.auth:
+            return self.cache.auth[key]
+        return self.cache.put_auth(key, merge.unpack_auth(
+            self._call("HGET", self.k_auth(db_id), f"{kind}:{member}")))
+
+    def hold_future(self, uid: bytes, raw: bytes) -> None:
+        """Keep an update whose timestamp is beyond the skew bound, until it is released."""
+        self._call("HSET", self.k_future, uid, raw)
+
+    def release_future(self, uids: Sequence[bytes]) -> None:
+        if uids:
+            self._call("HDEL", self.k_future, *uids)
+
+    def future_updates(self) -> list[bytes]:
+        """The held future-dated updates (kept across restarts)."""
+        with map_redis_errors():
+            return list(self.client.hvals(self.k_future))
 
     def list_length(self, db_id: str, name: str) -> int:
         return int(self._call("ZCARD", self.k_list(db_id, name)))

@@ -93,8 +93,10 @@ class World:
 
     def node(self, name: str, now: Callable[[], int], policy: str) -> dmodel.Node:
         home = self.root / f"ex{self.example}" / name
+        # Writers' clocks drift apart by up to ~30 s over a history; a skew bound above
+        # that keeps their exchanges immediate (holding is tested on its own).
         node = dmodel.Node(home, redis_url=self.url, redis_prefix=f"ex{self.example}:{name}:",
-                           now=now, unauthorized_policy=policy)
+                           now=now, unauthorized_policy=policy, skew=60)
         self.nodes.append(node)
         return node
 
@@ -190,7 +192,7 @@ def build_history(data: Any, world: World) -> tuple[list[bytes], list[str], list
 
     for _ in range(data.draw(st.integers(4, 22), label="steps")):
         w = data.draw(st.sampled_from(writers), label="writer")
-        # Small steps: writers' clocks stay well within the 60 s skew of each other.
+        # Small steps: writers' clocks stay well within their 60 s skew of each other.
         w.clock.ms += data.draw(st.sampled_from([0, 0, 1, 7, 400, 1500]), label="advance")
         step = data.draw(st.sampled_from(["sync", "sync", "change", "change", "change",
                                           "auth", "tx", "remove", "fork"]), label="step")

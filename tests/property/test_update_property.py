@@ -14,7 +14,7 @@ SIGNERS = [ident(i) for i in range(1, 5)]
 OTHERS = [db_id(s) for s in SIGNERS] + [f"Company:{SIGNERS[0].oid}"]
 
 envelopes = st.builds(
-    lambda c, readers: {"c": c, "k": {s.oid: w for s, w in readers}},
+    lambda c, readers: {"b": c, "k": {s.oid: w for s, w in readers}},
     st.binary(max_size=64),
     st.lists(st.tuples(st.sampled_from(SIGNERS), st.binary(min_size=1, max_size=80)),
              max_size=3),
@@ -39,7 +39,8 @@ def auth_op(obj: str) -> st.SearchStrategy[Op]:
                   st.sampled_from(OTHERS),
                   st.dictionaries(st.binary(min_size=REF_SIZE, max_size=REF_SIZE),
                                   st.binary(max_size=80), max_size=2)),
-        *(st.builds(lambda m, k=kind: Op(obj, k, "", {"id": m}), st.sampled_from(OTHERS))
+        *(st.builds(lambda m, k=kind: Op(obj, k, "", {"id": m, "f": []} if k == "revoke_update"
+                                                 else {"id": m}), st.sampled_from(OTHERS))
           for kind in ("revoke_read", "grant_update", "revoke_update")),
         st.just(Op(obj, "remove")),
     )

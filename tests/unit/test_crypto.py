@@ -88,30 +88,33 @@ def test_sign_and_verify() -> None:
         a.public.verify(b"message", bytes(64))
 
 
+HERE = crypto.place("Person:x", "salary")
+
+
 def test_seal_opens_for_every_reader_and_nobody_else() -> None:
     a, b, c, d = ident(1), ident(2), ident(3), ident(4)
     envelope = crypto.seal(b"secret", {a.oid: a.public.box_key, b.oid: b.public.box_key,
-                                       c.oid: c.public.box_key})
+                                       c.oid: c.public.box_key}, HERE)
     assert set(envelope["k"]) == {a.oid, b.oid, c.oid}
-    assert b"secret" not in envelope["c"]
+    assert b"secret" not in envelope["b"]
     for reader in (a, b, c):
         key = crypto.open_value_key(envelope, reader)
-        assert crypto.open_sealed(envelope, key) == b"secret"
+        assert crypto.open_sealed(envelope, key, HERE) == b"secret"
     with pytest.raises(DecryptionError, match="no decryption key found"):
         crypto.open_value_key(envelope, d)
 
 
 def test_each_seal_uses_a_fresh_key() -> None:
     a = ident(1)
-    e1 = crypto.seal(b"same", {a.oid: a.public.box_key})
-    e2 = crypto.seal(b"same", {a.oid: a.public.box_key})
-    assert e1["c"] != e2["c"]
+    e1 = crypto.seal(b"same", {a.oid: a.public.box_key}, HERE)
+    e2 = crypto.seal(b"same", {a.oid: a.public.box_key}, HERE)
+    assert e1["b"] != e2["b"]
     assert crypto.open_value_key(e1, a) != crypto.open_value_key(e2, a)
 
 
 def test_wrapped_key_under_the_wrong_name_does_not_open() -> None:
     a, d = ident(1), ident(4)
-    envelope = crypto.seal(b"secret", {a.oid: a.public.box_key})
+    envelope = crypto.seal(b"secret", {a.oid: a.public.box_key}, HERE)
     envelope["k"][d.oid] = envelope["k"][a.oid]  # a's wrap, filed under d's id
     with pytest.raises(DecryptionError):
         crypto.open_value_key(envelope, d)
@@ -119,25 +122,28 @@ def test_wrapped_key_under_the_wrong_name_does_not_open() -> None:
 
 def test_extra_wraps_grant_a_later_reader() -> None:
     a, d = ident(1), ident(4)
-    envelope = crypto.seal(b"secret", {a.oid: a.public.box_key})
+    envelope = crypto.seal(b"secret", {a.oid: a.public.box_key}, HERE)
     value_key = crypto.open_value_key(envelope, a)
     extra = {d.oid: crypto.wrap_key(value_key, d.public.box_key)}
-    assert crypto.open_sealed(envelope, crypto.open_value_key(envelope, d, extra)) == b"secret"
+    opened = crypto.open_sealed(envelope, crypto.open_value_key(envelope, d, extra), HERE)
+    assert opened == b"secret"
     with pytest.raises(DecryptionError):
         crypto.open_value_key(envelope, ident(5), extra)
 
 
 def test_damaged_envelopes_raise_decryption_error() -> None:
     a = ident(1)
-    envelope = crypto.seal(b"secret", {a.oid: a.public.box_key})
+    envelope = crypto.seal(b"secret", {a.oid: a.public.box_key}, HERE)
     key = crypto.open_value_key(envelope, a)
-    damaged = dict(envelope, c=envelope["c"][:-1] + bytes([envelope["c"][-1] ^ 1]))
+    damaged = dict(envelope, b=envelope["b"][:-1] + bytes([envelope["b"][-1] ^ 1]))
     with pytest.raises(DecryptionError):
-        crypto.open_sealed(damaged, key)
+        crypto.open_sealed(damaged, key, HERE)
     with pytest.raises(DecryptionError):
-        crypto.open_sealed({"k": {}}, key)
+        crypto.open_sealed({"k": {}}, key, HERE)
     with pytest.raises(DecryptionError):
-        crypto.open_sealed(envelope, bytes(32))
+        crypto.open_sealed({"b": b"short", "k": {}}, key, HERE)
+    with pytest.raises(DecryptionError):
+        crypto.open_sealed(envelope, bytes(32), HERE)
     with pytest.raises(DecryptionError):
         crypto.open_value_key({"c": b"", "k": {a.oid: b"garbage"}}, a)
     with pytest.raises(DecryptionError):
@@ -152,3 +158,25 @@ def test_encrypted_value_placeholder() -> None:
     assert e == crypto.EncryptedValue("Person:x", "salary")
     assert e != crypto.EncryptedValue("Person:x", "name")
     assert hash(e) == hash(crypto.EncryptedValue("Person:x", "salary"))
+
+
+def test_a_sealed_value_opens_only_in_its_place() -> None:
+    a = ident(1)
+    envelope = crypto.seal(b"secret", {a.oid: a.public.box_key}, HERE)
+    key = crypto.open_value_key(envelope, a)
+    assert crypto.open_sealed(envelope, key, crypto.place("Person:x", "salary")) == b"secret"
+    for elsewhere in (crypto.place("Person:y", "salary"), crypto.place("Person:x", "note"),
+                      crypto.place("Person:x", "salary:k"), crypto.place("Person:xs", "alary")):
+        with pytest.raises(DecryptionError, match="copied from another field"):
+            crypto.open_sealed(envelope, key, elsewhere)
+
+
+def test_list_values_are_bound_to_their_list() -> None:
+    assert crypto.place("P:x", "items#" + "ab" * 34) == crypto.place("P:x", "items#")
+    assert crypto.place("P:x", "items#") != crypto.place("P:x", "items")
+    assert crypto.place("P:x", "tags:colour") != crypto.place("P:x", "tags:size")
+
+
+def test_protocol_1_envelopes_are_refused() -> None:
+    with pytest.raises(DecryptionError, match="protocol version 1"):
+        crypto.open_sealed({"c": bytes(40), "k": {}}, bytes(32), HERE)

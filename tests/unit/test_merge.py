@@ -6,7 +6,7 @@ import random
 
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import T0, create_op, db_id, ident, signed
+from strategies import NODE, T0, create_op, db_id, grant_ref, ident, signed
 
 from dmodel import merge
 from dmodel.merge import Register, State
@@ -57,7 +57,8 @@ def test_later_timestamp_wins_in_any_order() -> None:
 def test_equal_timestamps_are_ordered_by_caller_oid() -> None:
     grants = [signed(OBJ, [Op(OBJ_ID, "grant_update", "", {"id": m})], ts=T0 + 1)
               for m in (X_ID, Y_ID)]
-    wx, wy = set_(X, "by-x", T0 + 50), set_(Y, "by-y", T0 + 50)
+    wx, wy = (member_set(X, "by-x", T0 + 50, grants[0]),
+              member_set(Y, "by-y", T0 + 50, grants[1]))
     winner = "by-x" if X.oid > Y.oid else "by-y"
     s1, s2 = fresh(*grants, wx, wy), fresh(*grants, wy, wx)
     assert value(s1, "name") == value(s2, "name") == winner
@@ -125,7 +126,7 @@ def test_dict_entries_are_independent_registers() -> None:
 
 
 def test_encrypted_flag_is_kept() -> None:
-    envelope = {"c": b"x", "k": {}}
+    envelope = {"b": b"x" * 30, "k": {}}
     state = fresh(signed(OBJ, [Op(OBJ_ID, "set_enc", "salary", envelope)], ts=T0 + 1))
     reg = state.registers[(OBJ_ID, "salary")]
     assert reg.encrypted and reg.value == envelope
@@ -159,51 +160,111 @@ def test_ops_before_the_create_are_no_ops() -> None:
 # ------------------------------------------------------------------ authorization
 
 
-def grant(kind: str, member: str, ts: int, *, signer=OBJ, obj: str = OBJ_ID) -> Update:
-    return signed(signer, [Op(obj, kind, "", {"id": member})], ts=ts)
+def grant(kind: str, member: str, ts: int, *, signer=OBJ, obj: str = OBJ_ID,
+          frontier: list[bytes] | None = None) -> Update:
+    value: dict = {"id": member}
+    if kind == "revoke_update":
+        value["f"] = sorted(frontier or [])
+    return signed(signer, [Op(obj, kind, "", value)], ts=ts)
 
 
-def test_a_caller_is_authorized_after_a_grant() -> None:
-    state = fresh(grant("grant_update", X_ID, T0 + 10))
-    assert merge.is_authorized(set_(X, "x", T0 + 20), state)
-    assert not merge.is_authorized(set_(X, "x", T0 + 5), state)  # before the grant
-    assert not merge.is_authorized(set_(Y, "y", T0 + 20), state)  # never granted
+def member_set(signer, val, ts, g: Update, *, obj: str = OBJ_ID, name: str = "name",
+               node: bytes = NODE) -> Update:
+    """A member's write naming the grant ``g`` it writes under."""
+    return signed(signer, [Op(obj, "set", name, val)], ts=ts, node=node,
+                  grants={obj: grant_ref(g)})
+
+
+def test_a_member_writes_under_the_grant_it_names() -> None:
+    g = grant("grant_update", X_ID, T0 + 10)
+    state = fresh(g)
+    assert merge.is_authorized(member_set(X, "x", T0 + 20, g), state)
+    # The timestamp is the signer's word: naming the grant is what counts.
+    assert merge.is_authorized(member_set(X, "x", T0 + 5, g), state)
+    assert not merge.is_authorized(set_(X, "x", T0 + 20), state)  # names no grant
+    assert not merge.is_authorized(member_set(Y, "y", T0 + 20, g), state)  # not Y's grant
     assert merge.is_authorized(set_(OBJ, "o", T0 + 1), state)  # the object itself
 
 
-def test_a_revoke_before_the_update_makes_it_unauthorized() -> None:
-    state = fresh(grant("grant_update", X_ID, T0 + 10), grant("revoke_update", X_ID, T0 + 30))
-    assert merge.is_authorized(set_(X, "x", T0 + 20), state)
-    assert not merge.is_authorized(set_(X, "x", T0 + 40), state)
+def test_a_revoke_keeps_only_the_writes_in_its_frontier() -> None:
+    g = grant("grant_update", X_ID, T0 + 10)
+    seen = member_set(X, "seen", T0 + 20, g)
+    unseen = member_set(X, "unseen", T0 + 21, g)
+    late_clock = member_set(X, "late clock", T0 + 11, g)  # dated before the revoke
+    other_device = member_set(X, "fresh node", T0 + 12, g, node=b"\x09" * 16)
+    r = grant("revoke_update", X_ID, T0 + 30, frontier=[seen.id])
+    state = fresh(g, r)
+    assert merge.is_authorized(seen, state)
+    for refused in (unseen, late_clock, other_device):
+        assert not merge.is_authorized(refused, state)
+    far_past = member_set(X, "x", T0 - 1000, g)
+    assert not merge.is_authorized(far_past, state)
+
+
+def test_a_new_grant_opens_a_new_window() -> None:
+    g1 = grant("grant_update", X_ID, T0 + 10)
+    r1 = grant("revoke_update", X_ID, T0 + 20)
+    g2 = grant("grant_update", X_ID, T0 + 30)
+    state = fresh(g1, r1, g2)
+    assert not merge.is_authorized(member_set(X, "old window", T0 + 40, g1), state)
+    assert merge.is_authorized(member_set(X, "new window", T0 + 40, g2), state)
+    assert merge.open_grant(state.auth[(OBJ_ID, "u", X_ID)]) == grant_ref(g2)
+    assert merge.open_grant(fresh(g1, r1).auth[(OBJ_ID, "u", X_ID)]) is None
+
+
+def test_grants_keep_a_window_open_and_revokes_close_it_together() -> None:
+    g1, g1b = grant("grant_update", X_ID, T0 + 10), grant("grant_update", X_ID, T0 + 11)
+    w1, w2 = member_set(X, "w1", T0 + 12, g1), member_set(X, "w2", T0 + 13, g1)
+    # Two devices of the owner revoke, each having accepted one write.
+    ra = grant("revoke_update", X_ID, T0 + 20, frontier=[w1.id])
+    rb = grant("revoke_update", X_ID, T0 + 21, frontier=[w2.id])
+    assert merge.is_authorized(w1, fresh(g1, g1b))  # a second grant keeps it open
+    state = fresh(g1, g1b, ra, rb)
+    assert merge.is_authorized(w1, state) and merge.is_authorized(w2, state)
+    assert not merge.is_authorized(member_set(X, "w3", T0 + 14, g1b), state)
 
 
 def test_authorization_does_not_depend_on_arrival_order() -> None:
-    g, r = grant("grant_update", X_ID, T0 + 10), grant("revoke_update", X_ID, T0 + 30)
+    g = grant("grant_update", X_ID, T0 + 10)
+    w = member_set(X, "w", T0 + 20, g)
+    r = grant("revoke_update", X_ID, T0 + 30, frontier=[w.id])
     s1, s2 = fresh(g, r), fresh(r, g)
     assert s1.auth == s2.auth
-    for ts, expected in ((T0 + 5, False), (T0 + 20, True), (T0 + 40, False)):
-        assert merge.is_authorized(set_(X, "x", ts), s1) is expected
-        assert merge.is_authorized(set_(X, "x", ts), s2) is expected
+    for update, expected in ((w, True), (member_set(X, "v", T0 + 25, g), False)):
+        assert merge.is_authorized(update, s1) is expected
+        assert merge.is_authorized(update, s2) is expected
 
 
 def test_create_lists_grant_at_the_create() -> None:
     owner = ident(9)
     create = signed(owner, [create_op(owner, read=[X_ID], update=[X_ID])], ts=T0 + 100)
     state = fresh(create)
-    write = set_(X, "x", T0 + 200, obj=db_id(owner))
+    write = member_set(X, "x", T0 + 200, create, obj=db_id(owner))
     assert merge.is_authorized(write, state)
     assert merge.current_members({"m": state.auth[(db_id(owner), "r", X_ID)]}) == {"m"}
-    assert not merge.is_authorized(set_(Y, "y", T0 + 200, obj=db_id(owner)), state)
+    assert not merge.is_authorized(member_set(Y, "y", T0 + 200, create, obj=db_id(owner)),
+                                   state)
+
+
+def test_a_second_create_with_other_keys_changes_nothing() -> None:
+    other_box = signed(OBJ, [Op(OBJ_ID, "create", "", {
+        "sign": OBJ.public.verify_key, "box": X.public.box_key, "read": [], "update": []})],
+        ts=T0 - 50)
+    state = fresh(other_box)
+    assert state.objects[OBJ_ID].keys == OBJ.public
+    assert merge.version_timestamp(state.objects[OBJ_ID].created) == T0
 
 
 def test_only_the_object_itself_may_grant() -> None:
-    state = fresh(grant("grant_update", X_ID, T0 + 10))
-    by_x = grant("grant_update", Y_ID, T0 + 20, signer=X)  # X may update OBJ, but not grant
+    g = grant("grant_update", X_ID, T0 + 10)
+    state = fresh(g)
+    by_x = signed(X, [Op(OBJ_ID, "grant_update", "", {"id": Y_ID})], ts=T0 + 20,
+                  grants={OBJ_ID: grant_ref(g)})  # X may update OBJ, but not grant
     assert not merge.is_authorized(by_x, state)
     assert not merge.unauthorized_is_applied(by_x, "listeners")
     deliver(state, by_x, "listeners")
     assert (OBJ_ID, "u", Y_ID) not in state.auth
-    assert not merge.is_authorized(set_(Y, "y", T0 + 30), state)
+    assert not merge.is_authorized(member_set(Y, "y", T0 + 30, by_x), state)
 
 
 def test_unauthorized_writes_are_applied_only_under_the_listeners_policy() -> None:
@@ -226,13 +287,15 @@ def test_grant_read_records_wraps() -> None:
 
 def test_auth_events_round_trip() -> None:
     events = merge.add_auth_event((), b"\x02", True)
-    events = merge.add_auth_event(events, b"\x01", False)
-    assert events == ((b"\x01", False), (b"\x02", True))
+    events = merge.add_auth_event(events, b"\x01", False, frozenset({b"\x07" * 32}))
+    assert events == ((b"\x01", False, frozenset({b"\x07" * 32})),
+                      (b"\x02", True, frozenset()))
     assert merge.add_auth_event(events, b"\x01", False) is events  # idempotent
     assert merge.unpack_auth(merge.pack_auth(events)) == events
-    assert merge.authorized_as_of(events, b"\x03") is True
-    assert merge.authorized_as_of(events, b"\x02") is False  # strictly before
-    assert merge.authorized_as_of((), b"\x09") is False
+    # Events stored before frontiers existed read as revokes with an empty frontier.
+    import msgpack
+    assert merge.unpack_auth(msgpack.packb([[b"\x01", False]])) == (
+        (b"\x01", False, frozenset()),)
 
 
 # ------------------------------------------------------------------ fold
@@ -243,8 +306,14 @@ CALLERS = [OBJ, X, Y]
 
 @st.composite
 def histories(draw: st.DrawFn) -> list[Update]:
-    """Creates of OBJ, X, Y, then a few writes, deletes, grants, revokes and removes."""
+    """Creates of OBJ, X, Y, then a few writes, deletes, grants, revokes and removes.
+
+    A member's write names one of the grants made so far to it (or none); a revoke's
+    frontier is any subset of the member's writes made so far on the object.
+    """
     updates = list(CREATES)
+    grants: dict[tuple[str, str], list[bytes]] = {}
+    writes: dict[tuple[str, str], list[bytes]] = {}
     for _ in range(draw(st.integers(1, 8))):
         signer = draw(st.sampled_from(CALLERS))
         target = draw(st.sampled_from([OBJ_ID, X_ID, Y_ID]))
@@ -258,10 +327,25 @@ def histories(draw: st.DrawFn) -> list[Update]:
         elif kind == "dset":
             op = Op(target, "dset", "d", [draw(st.sampled_from(["k", "l"])), ts])
         elif kind in ("grant", "revoke"):
-            op = Op(me, f"{kind}_update", "", {"id": draw(st.sampled_from([OBJ_ID, X_ID, Y_ID]))})
+            member = draw(st.sampled_from([OBJ_ID, X_ID, Y_ID]))
+            value: dict = {"id": member}
+            if kind == "revoke":
+                done = writes.get((me, member), [])
+                value["f"] = sorted(draw(st.sets(st.sampled_from(done))) if done else set())
+            op = Op(me, f"{kind}_update", "", value)
         else:
             op = Op(me, "remove")
-        updates.append(signed(signer, [op], ts=ts))
+        named = None
+        if op.obj != me:
+            choices = grants.get((op.obj, me), [])
+            if choices and draw(st.booleans()):
+                named = {op.obj: draw(st.sampled_from(choices))}
+        update = signed(signer, [op], ts=ts, grants=named)
+        if op.op == "grant_update":
+            grants.setdefault((me, op.value["id"]), []).append(grant_ref(update))
+        if op.obj != me:
+            writes.setdefault((op.obj, me), []).append(update.id)
+        updates.append(update)
     return updates
 
 

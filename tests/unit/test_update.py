@@ -24,7 +24,8 @@ from dmodel.update import (
 
 A, B = ident(1), ident(2)
 A_ID, B_ID = db_id(A), db_id(B)
-ENVELOPE = crypto.seal(b"\x92\x01\x02", {A.oid: A.public.box_key, B.oid: B.public.box_key})
+ENVELOPE = crypto.seal(b"\x92\x01\x02", {A.oid: A.public.box_key, B.oid: B.public.box_key},
+                       crypto.place("Person:x", "salary"))
 
 
 def nested(depth: int) -> object:
@@ -73,7 +74,7 @@ ROUND_TRIP_OPS = {
     "grant_read_no_wraps": [Op(A_ID, "grant_read", "", {"id": B_ID, "w": {}})],
     "revoke_read": [Op(A_ID, "revoke_read", "", {"id": B_ID})],
     "grant_update": [Op(A_ID, "grant_update", "", {"id": B_ID})],
-    "revoke_update": [Op(A_ID, "revoke_update", "", {"id": B_ID})],
+    "revoke_update": [Op(A_ID, "revoke_update", "", {"id": B_ID, "f": [bytes(32)]})],
     "remove": [Op(A_ID, "remove")],
     "transaction": [create_op(A), Op(A_ID, "set", "name", "Bob"),
                     Op(A_ID, "set_enc", "salary", ENVELOPE), Op(A_ID, "dset", "tags", ["k", 1]),
@@ -171,7 +172,7 @@ def test_decode_rejects_non_map_body(body: object) -> None:
 
 
 def test_body_errors_carry_the_update_id() -> None:
-    raw = body_raw(good_body(v=2))
+    raw = body_raw(good_body(v=3))
     with pytest.raises(MalformedUpdate) as info:
         decode(raw)
     assert info.value.update_id == update_id(raw[64:])
@@ -191,7 +192,7 @@ def test_decode_rejects_binary_keys() -> None:
         decode(body_raw(body))
 
 
-@pytest.mark.parametrize("version", [0, 2, True, "1", 1.0, None])
+@pytest.mark.parametrize("version", [0, 3, True, "1", 1.0, None])
 def test_decode_rejects_wrong_version(version: object) -> None:
     with pytest.raises(MalformedUpdate, match="version"):
         decode(body_raw(good_body(v=version)))
