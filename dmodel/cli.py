@@ -210,7 +210,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--status-interval", type=click.FloatRange(min=0), default=30.0,
               show_default=True, help="Seconds between status lines on stderr (0 = off).")
 @click.option("--stdin-commands", is_flag=True,
-              help="Answer JSON commands read from stdin (see dmodel/peerproc.py).")
+              help="Answer JSON commands read from stdin (see dmodel/tools/peer.py).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--sync-page-size", type=click.IntRange(min=1), default=500, show_default=True,
@@ -224,7 +224,7 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
 
     The first line on stdout is `endpoint tcp://HOST:PORT`; logs go to stderr.
     """
-    from .peerproc import Peer, configure_logging, load_models, parse_listener, stop_on_signals
+    from .tools.peer import Peer, configure_logging, load_models, parse_listener, stop_on_signals
 
     for spec in model_specs:
         load_models(spec)
@@ -565,7 +565,7 @@ def broker(frontend: str, backend: str) -> int:
     Prints `frontend ENDPOINT` and `backend ENDPOINT` first.
     """
     from .net.broker import Broker
-    from .peerproc import stop_on_signals
+    from .tools.peer import stop_on_signals
 
     with stop_on_signals(threading.Event()) as stopping, Broker(frontend, backend) as relay:
         click.echo(f"frontend {relay.frontend_endpoint}")
@@ -596,7 +596,7 @@ def demo(home: Path | None, updates: int, timeout: float, keep: bool,
 
     Exits non-zero if any step does not behave as narrated.
     """
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(home=home, updates=updates, timeout=timeout, keep=keep,
                     break_step=break_step)

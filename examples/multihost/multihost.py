@@ -99,7 +99,7 @@ def check_environment() -> str | None:
 
 def story(net: Net, root: Path, timeout: float) -> None:
     """Create on A, read on B and C; the salary opens only for the chief on C."""
-    from dmodel.demo import DemoFailure, PeerHandle
+    from dmodel.tools.demo import DemoFailure, PeerHandle
 
     hosts: dict[str, Any] = {}
 
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "remove it with --cleanup", file=sys.stderr)
         return 2
     # Imported only now, so the checks above answer even where dmodel cannot load.
-    from dmodel.demo import DemoFailure
+    from dmodel.tools.demo import DemoFailure
 
     root = Path(tempfile.mkdtemp(prefix="dmodel-multihost-"))
     started = time.monotonic()

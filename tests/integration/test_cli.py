@@ -25,8 +25,8 @@ import pytest
 import dmodel
 from dmodel import merge
 from dmodel.cli import cli, main
-from dmodel.demo import BREAKABLE
-from dmodel.peerproc import parse_listener
+from dmodel.tools.demo import BREAKABLE
+from dmodel.tools.peer import parse_listener
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -451,7 +451,7 @@ def children():
 
 def peer_args(home: Path, *extra: str) -> list[str]:
     return ["peer", "--home", str(home), "--listen", "tcp://127.0.0.1:*", "--no-discovery",
-            "--status-interval", "0", "--models", "dmodel.demo:Person", *extra]
+            "--status-interval", "0", "--models", "dmodel.tools.demo:Person", *extra]
 
 
 def test_peer_speaks_the_stdin_protocol(children, tmp_path):
@@ -506,7 +506,7 @@ def test_peer_status_line_and_listener(children, tmp_path):
             break
         time.sleep(0.05)
     text = "".join(peer.errors)
-    assert " alpha INFO dmodel.peerproc: status peers=0 in=0 local=2" in text
+    assert " alpha INFO dmodel.tools.peer: status peers=0 in=0 local=2" in text
     assert f"{db_id}.name updated None -> 'Bob'" in text
 
 

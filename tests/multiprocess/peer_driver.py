@@ -8,7 +8,7 @@ beacon address)::
                                [--sync-interval S] [--name NAME]
 
 starts a :class:`dmodel.Node` with these options, prints ``endpoint <ep>`` as its first
-stdout line, then answers the JSON-lines protocol of :mod:`dmodel.peerproc` (one JSON
+stdout line, then answers the JSON-lines protocol of :mod:`dmodel.tools.peer` (one JSON
 answer per JSON request on stdin: ``create``, ``set``, ``get``, ``wait``, ``stats``,
 ``ls``, ``sync``, ``wait_peers``, ``quit`` ...), the same protocol as
 ``dmodel peer --stdin-commands``.
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import dmodel
-from dmodel.demo import stop_child
+from dmodel.tools.demo import stop_child
 
 DRIVER = Path(__file__).resolve()
 MODELS = f"{DRIVER}:Person"
@@ -211,7 +211,7 @@ class PeerProc:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from dmodel.net.discovery import DEFAULT_PORT, DiscoveryConfig
-    from dmodel.peerproc import Peer, configure_logging
+    from dmodel.tools.peer import Peer, configure_logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("home", type=Path)

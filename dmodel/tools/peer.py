@@ -46,12 +46,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .actions import DAction
-from .crypto import EncryptedValue
-from .errors import ConfigurationError, DecryptionError, DModelError
-from .filters import compile as compile_filter
-from .model import BoundDict, BoundField, DDict, DField, DModel, model_class, transaction
-from .node import Node
+from ..actions import DAction
+from ..crypto import EncryptedValue
+from ..errors import ConfigurationError, DecryptionError, DModelError
+from ..filters import compile as compile_filter
+from ..model import BoundDict, BoundField, DDict, DField, DModel, model_class, transaction
+from ..node import Node
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Each host is ``python -m dmodel peer --stdin-commands`` with its own home (keyring and
 embedded Redis), listening on 127.0.0.1 and connected to the others by explicit
 ``--peer`` endpoints (no discovery). The demo drives them with the JSON-lines protocol
-of :mod:`dmodel.peerproc` and checks every step: it returns 1 as soon as one step
+of :mod:`dmodel.tools.peer` and checks every step: it returns 1 as soon as one step
 does not behave as narrated, so it doubles as an end-to-end smoke test.
 
 Every child is cleaned up through its handle (quit, then terminate, then kill), and
@@ -28,8 +28,8 @@ from typing import IO, Any
 
 import redis
 
-from .errors import ConfigurationError
-from .model import DField, DModel
+from ..errors import ConfigurationError
+from ..model import DField, DModel
 
 BREAKABLE = ("chief", "intruder", "listener", "catchup")
 
@@ -100,7 +100,7 @@ class PeerHandle:
         self._stderr_lock = threading.Lock()
         argv = [*prefix, sys.executable, "-m", "dmodel", "peer", "--stdin-commands",
                 "--home", str(home), "--name", name, "--listen", listen,
-                "--no-discovery", "--status-interval", "0", "--models", "dmodel.demo:Person",
+                "--no-discovery", "--status-interval", "0", "--models", "dmodel.tools.demo:Person",
                 "--sync-page-size", "100", *options]
         for endpoint in peers:
             argv += ["--peer", endpoint]
