@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import redis
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, DemoFailure
 from ..model import DField, DModel
 
 BREAKABLE = ("chief", "intruder", "listener", "catchup")
@@ -40,10 +40,6 @@ class Person(DModel):
     name = DField("name", False)
     salary = DField("salary", True)
     visits = DField(type=int)
-
-
-class DemoFailure(Exception):
-    """A step did not behave as narrated."""
 
 
 # ------------------------------------------------------------------ child peers

@@ -48,20 +48,12 @@ from typing import IO, Any
 
 from ..actions import DAction
 from ..crypto import EncryptedValue
-from ..errors import ConfigurationError, DecryptionError, DModelError
+from ..errors import CommandError, ConfigurationError, DecryptionError, DModelError
 from ..filters import compile as compile_filter
 from ..model import BoundDict, BoundField, DDict, DField, DModel, model_class, transaction
 from ..node import Node
 
 logger = logging.getLogger(__name__)
-
-
-class CommandError(Exception):
-    """A request that failed for a reason of the protocol itself (not a DModelError)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # ------------------------------------------------------------ loading code
