@@ -37,6 +37,7 @@ from .errors import (
 )
 from .keyring import Keyring, write_private
 from .node import Node, default_home
+from .tools.home import RedisLayout
 from .update import Op
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,19 +87,7 @@ def _live_store_url(home: Path) -> str | None:
     Opening such a home as a second embedded node would, on shutdown, stop the server
     the running peer still uses; connecting by URL leaves it alone.
     """
-    rdir = home / "redis"
-    try:
-        pid = int((rdir / "redis.pid").read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    link = rdir / "socket-dir"
-    sock = Path(os.readlink(link)) / "redis.sock" if link.is_symlink() else rdir / "redis.sock"
-    try:
-        redis.Redis(unix_socket_path=str(sock), socket_timeout=2).ping()
-    except (redis.RedisError, OSError):
-        return None
-    return f"unix://{sock}"
+    return RedisLayout.of(home).live_url()
 
 
 def _refuse_if_in_use(home: Path | None, redis_url: str | None) -> None:
@@ -143,6 +132,16 @@ def _open_node(home: Path | None, redis_url: str | None, passphrase: str | None,
         yield node
     finally:
         node.shutdown()
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("a JSON object is expected", param_hint=option)
+    return value
 
 
 def _env_peers() -> list[str]:
@@ -215,20 +214,33 @@ def cli(ctx: click.Context, debug: bool) -> None:
               default="info", show_default=True)
 @click.option("--sync-page-size", type=click.IntRange(min=1), default=500, show_default=True,
               help="Updates per catch-up request.")
+@click.option("--commands", "commands_spec", metavar="MODULE:CLASS|FILE.py:CLASS",
+              help="Add the op_* methods of CLASS(peer) to the --stdin-commands protocol.")
+@click.option("--network-options", metavar="JSON", hidden=True,
+              help="More network options (a JSON object), e.g. '{\"rcvhwm\": 100000}'.")
 def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
          unauthorized_policy: str | None, listen: str | None, peers: Sequence[str],
          discovery: bool | None, model_specs: Sequence[str], listener_specs: Sequence[str],
          name: str, status_interval: float, stdin_commands: bool, log_level: str,
-         sync_page_size: int) -> int:
+         sync_page_size: int, commands_spec: str | None, network_options: str | None) -> int:
     """Run a long-lived peer until SIGINT/SIGTERM.
 
     The first line on stdout is `endpoint tcp://HOST:PORT`; logs go to stderr.
     """
-    from .tools.peer import Peer, configure_logging, load_models, parse_listener, stop_on_signals
+    from .tools.peer import (
+        Peer,
+        configure_logging,
+        load_commands,
+        load_models,
+        parse_listener,
+        stop_on_signals,
+    )
 
     for spec in model_specs:
         load_models(spec)
     listeners = [parse_listener(spec) for spec in listener_specs]
+    commands = load_commands(commands_spec) if commands_spec else None
+    extra = _json_object(network_options, "--network-options") if network_options else {}
     configure_logging(name, log_level)
     _refuse_if_in_use(home, redis_url)
     _check_keyring(home, passphrase)
@@ -241,11 +253,13 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
             # Networking starts only now, so no update is decided before the listeners are on.
             node.start_network(listen=listen or "tcp://127.0.0.1:*",
                                peers=list(peers) or _env_peers(), discovery=bool(discovery),
-                               page_size=sync_page_size)
+                               page_size=sync_page_size, **extra)
+            process = Peer(node, name=name, stopping=stopping)
+            if commands is not None:
+                process.add_commands(commands(process))
         except BaseException:
             node.shutdown()
             raise
-        process = Peer(node, name=name, stopping=stopping)
         click.echo(f"endpoint {process.endpoint}")
         sys.stdout.flush()
         process.run(stdin_commands=stdin_commands, status_interval=status_interval)
