@@ -384,11 +384,9 @@ def test_bad_option_values_are_one_line_errors(capsys, tmp_path, args, needle):
 
 def test_unreachable_peer_is_a_one_line_error(capsys, homes):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     code, out, err = run(capsys, "sync", "--home", homes["a"], "--peer", endpoint,
                          "--timeout", "1")
     assert_one_line_error(code, out, err, "cannot reach peer", endpoint)
-    assert time.monotonic() - started < 30
 
 
 # ------------------------------------------------------------------ real processes
