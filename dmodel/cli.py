@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import json
 import os
 import sys
@@ -151,10 +152,56 @@ def _env_peers() -> list[str]:
 # ------------------------------------------------------------------ options
 
 
+def _keyring_protected(home: Path | None) -> bool:
+    return ((home if home is not None else default_home()) / "keys" / "keyring.cfg").exists()
+
+
+def _resolve_passphrase(home: Path | None, passphrase: str | None, file: Path | None,
+                        prompt: bool) -> str | None:
+    """The passphrase from --passphrase-file, a prompt without echo, or as given.
+
+    Without any, the prompt comes when the keyring is protected and stdin is a terminal.
+    """
+    if file is not None and prompt:
+        raise click.UsageError("give --passphrase-file or --passphrase-prompt, not both")
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {file}: {exc.strerror}",
+                                     param_hint="--passphrase-file") from None
+        return text.rstrip("\r\n")
+    if prompt or (passphrase is None and sys.stdin.isatty() and _keyring_protected(home)):
+        return str(click.prompt("Keyring passphrase", hide_input=True))
+    return passphrase
+
+
+def passphrase_options(f: F) -> F:
+    """--passphrase (or DMODEL_PASSPHRASE), --passphrase-file, --passphrase-prompt.
+
+    The command gets one ``passphrase`` argument.
+    """
+    @functools.wraps(f)
+    def resolved(*args: Any, passphrase_file: Path | None, passphrase_prompt: bool,
+                 **kwargs: Any) -> Any:
+        kwargs["passphrase"] = _resolve_passphrase(kwargs.get("home"), kwargs.get("passphrase"),
+                                                   passphrase_file, passphrase_prompt)
+        return f(*args, **kwargs)
+
+    g: Any = resolved
+    g = click.option("--passphrase-prompt", is_flag=True,
+                     help="Ask for the keyring passphrase (no echo).")(g)
+    g = click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Read the keyring passphrase from this file (its first line).")(g)
+    g = click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True,
+                     help="Passphrase of the keyring (visible to other users of this "
+                          "machine: prefer the file, the prompt or the variable).")(g)
+    return g  # type: ignore[no-any-return]
+
+
 def store_options(f: F) -> F:
-    """--home, --redis-url, --passphrase."""
-    f = click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True,
-                     help="Passphrase of the keyring.")(f)
+    """--home, --redis-url and the passphrase options."""
+    f = passphrase_options(f)
     f = click.option("--redis-url", envvar="DMODEL_REDIS_URL", show_envvar=True,
                      help="Use this Redis instead of the embedded one.")(f)
     f = click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
@@ -510,7 +557,7 @@ def _keyring(home: Path | None, passphrase: str | None) -> Keyring:
 @keys.command("list")
 @click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
               type=click.Path(file_okay=False, path_type=Path))
-@click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True)
+@passphrase_options
 @json_option
 def keys_list(home: Path | None, passphrase: str | None, as_json: bool) -> int:
     """db_ids of the objects whose private keys this home holds."""
@@ -526,7 +573,7 @@ def keys_list(home: Path | None, passphrase: str | None, as_json: bool) -> int:
 @keys.command("export")
 @click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
               type=click.Path(file_okay=False, path_type=Path))
-@click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True)
+@passphrase_options
 @click.argument("db_id")
 @click.option("--i-know-what-i-am-doing", "confirmed", is_flag=True,
               help="Required: the keys are written in clear.")
@@ -551,7 +598,7 @@ def keys_export(home: Path | None, passphrase: str | None, db_id: str, confirmed
 @keys.command("import")
 @click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
               type=click.Path(file_okay=False, path_type=Path))
-@click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True)
+@passphrase_options
 @click.argument("file", type=click.File("rb"))
 def keys_import(home: Path | None, passphrase: str | None, file: Any) -> int:
     """Import keys written by `dmodel keys export` (FILE, or - for stdin)."""

@@ -231,6 +231,37 @@ def test_passphrase_from_option_and_environment(capsys, protected_home, monkeypa
     assert code == 0 and len(json.loads(out)) == 1
 
 
+def test_passphrase_from_a_file(capsys, protected_home, tmp_path):
+    secret = tmp_path / "passphrase"
+    secret.write_text("right horse\n")
+    for command in (["ls"], ["keys", "list"]):
+        code, out, err = run(capsys, *command, "--home", protected_home, "--passphrase-file",
+                             secret, "--json")
+        assert code == 0 and len(json.loads(out)) == 1, err
+    code, out, err = run(capsys, "ls", "--home", protected_home, "--passphrase-file",
+                         tmp_path / "missing")
+    assert_one_line_error(code, out, err, "--passphrase-file")
+
+
+def test_passphrase_prompt_does_not_echo(protected_home):
+    from click.testing import CliRunner
+
+    from dmodel.cli import cli
+
+    result = CliRunner().invoke(cli, ["ls", "--home", str(protected_home), "--json",
+                                      "--passphrase-prompt"], input="right horse\n")
+    assert result.exit_code == 0, result.output
+    assert "Keyring passphrase" in result.output and "right horse" not in result.output
+    assert len(json.loads(result.output.partition("\n")[2])) == 1
+
+
+def test_passphrase_file_and_prompt_are_exclusive(capsys, protected_home, tmp_path):
+    (tmp_path / "pw").write_text("right horse")
+    code, out, err = run(capsys, "ls", "--home", protected_home, "--passphrase-prompt",
+                         "--passphrase-file", tmp_path / "pw")
+    assert_one_line_error(code, out, err, "not both")
+
+
 def assert_no_store_running(home: Path) -> None:
     # redis-server removes its pidfile when it stops.
     assert not (home / "redis" / "redis.pid").exists()
