@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from .errors import (
 )
 from .keyring import Keyring, write_private
 from .node import Node, default_home
+from .tools.home import RedisLayout
 from .update import Op
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,19 +88,7 @@ def _live_store_url(home: Path) -> str | None:
     Opening such a home as a second embedded node would, on shutdown, stop the server
     the running peer still uses; connecting by URL leaves it alone.
     """
-    rdir = home / "redis"
-    try:
-        pid = int((rdir / "redis.pid").read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    link = rdir / "socket-dir"
-    sock = Path(os.readlink(link)) / "redis.sock" if link.is_symlink() else rdir / "redis.sock"
-    try:
-        redis.Redis(unix_socket_path=str(sock), socket_timeout=2).ping()
-    except (redis.RedisError, OSError):
-        return None
-    return f"unix://{sock}"
+    return RedisLayout.of(home).live_url()
 
 
 def _refuse_if_in_use(home: Path | None, redis_url: str | None) -> None:
@@ -145,6 +135,16 @@ def _open_node(home: Path | None, redis_url: str | None, passphrase: str | None,
         node.shutdown()
 
 
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("a JSON object is expected", param_hint=option)
+    return value
+
+
 def _env_peers() -> list[str]:
     return [p.strip() for p in os.environ.get("DMODEL_PEERS", "").split(",") if p.strip()]
 
@@ -152,10 +152,56 @@ def _env_peers() -> list[str]:
 # ------------------------------------------------------------------ options
 
 
+def _keyring_protected(home: Path | None) -> bool:
+    return ((home if home is not None else default_home()) / "keys" / "keyring.cfg").exists()
+
+
+def _resolve_passphrase(home: Path | None, passphrase: str | None, file: Path | None,
+                        prompt: bool) -> str | None:
+    """The passphrase from --passphrase-file, a prompt without echo, or as given.
+
+    Without any, the prompt comes when the keyring is protected and stdin is a terminal.
+    """
+    if file is not None and prompt:
+        raise click.UsageError("give --passphrase-file or --passphrase-prompt, not both")
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {file}: {exc.strerror}",
+                                     param_hint="--passphrase-file") from None
+        return text.rstrip("\r\n")
+    if prompt or (passphrase is None and sys.stdin.isatty() and _keyring_protected(home)):
+        return str(click.prompt("Keyring passphrase", hide_input=True))
+    return passphrase
+
+
+def passphrase_options(f: F) -> F:
+    """--passphrase (or DMODEL_PASSPHRASE), --passphrase-file, --passphrase-prompt.
+
+    The command gets one ``passphrase`` argument.
+    """
+    @functools.wraps(f)
+    def resolved(*args: Any, passphrase_file: Path | None, passphrase_prompt: bool,
+                 **kwargs: Any) -> Any:
+        kwargs["passphrase"] = _resolve_passphrase(kwargs.get("home"), kwargs.get("passphrase"),
+                                                   passphrase_file, passphrase_prompt)
+        return f(*args, **kwargs)
+
+    g: Any = resolved
+    g = click.option("--passphrase-prompt", is_flag=True,
+                     help="Ask for the keyring passphrase (no echo).")(g)
+    g = click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Read the keyring passphrase from this file (its first line).")(g)
+    g = click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True,
+                     help="Passphrase of the keyring (visible to other users of this "
+                          "machine: prefer the file, the prompt or the variable).")(g)
+    return g  # type: ignore[no-any-return]
+
+
 def store_options(f: F) -> F:
-    """--home, --redis-url, --passphrase."""
-    f = click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True,
-                     help="Passphrase of the keyring.")(f)
+    """--home, --redis-url and the passphrase options."""
+    f = passphrase_options(f)
     f = click.option("--redis-url", envvar="DMODEL_REDIS_URL", show_envvar=True,
                      help="Use this Redis instead of the embedded one.")(f)
     f = click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
@@ -210,25 +256,38 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--status-interval", type=click.FloatRange(min=0), default=30.0,
               show_default=True, help="Seconds between status lines on stderr (0 = off).")
 @click.option("--stdin-commands", is_flag=True,
-              help="Answer JSON commands read from stdin (see dmodel/peerproc.py).")
+              help="Answer JSON commands read from stdin (see dmodel/tools/peer.py).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--sync-page-size", type=click.IntRange(min=1), default=500, show_default=True,
               help="Updates per catch-up request.")
+@click.option("--commands", "commands_spec", metavar="MODULE:CLASS|FILE.py:CLASS",
+              help="Add the op_* methods of CLASS(peer) to the --stdin-commands protocol.")
+@click.option("--network-options", metavar="JSON", hidden=True,
+              help="More network options (a JSON object), e.g. '{\"rcvhwm\": 100000}'.")
 def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
          unauthorized_policy: str | None, listen: str | None, peers: Sequence[str],
          discovery: bool | None, model_specs: Sequence[str], listener_specs: Sequence[str],
          name: str, status_interval: float, stdin_commands: bool, log_level: str,
-         sync_page_size: int) -> int:
+         sync_page_size: int, commands_spec: str | None, network_options: str | None) -> int:
     """Run a long-lived peer until SIGINT/SIGTERM.
 
     The first line on stdout is `endpoint tcp://HOST:PORT`; logs go to stderr.
     """
-    from .peerproc import Peer, configure_logging, load_models, parse_listener, stop_on_signals
+    from .tools.peer import (
+        Peer,
+        configure_logging,
+        load_commands,
+        load_models,
+        parse_listener,
+        stop_on_signals,
+    )
 
     for spec in model_specs:
         load_models(spec)
     listeners = [parse_listener(spec) for spec in listener_specs]
+    commands = load_commands(commands_spec) if commands_spec else None
+    extra = _json_object(network_options, "--network-options") if network_options else {}
     configure_logging(name, log_level)
     _refuse_if_in_use(home, redis_url)
     _check_keyring(home, passphrase)
@@ -241,11 +300,13 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
             # Networking starts only now, so no update is decided before the listeners are on.
             node.start_network(listen=listen or "tcp://127.0.0.1:*",
                                peers=list(peers) or _env_peers(), discovery=bool(discovery),
-                               page_size=sync_page_size)
+                               page_size=sync_page_size, **extra)
+            process = Peer(node, name=name, stopping=stopping)
+            if commands is not None:
+                process.add_commands(commands(process))
         except BaseException:
             node.shutdown()
             raise
-        process = Peer(node, name=name, stopping=stopping)
         click.echo(f"endpoint {process.endpoint}")
         sys.stdout.flush()
         process.run(stdin_commands=stdin_commands, status_interval=status_interval)
@@ -496,7 +557,7 @@ def _keyring(home: Path | None, passphrase: str | None) -> Keyring:
 @keys.command("list")
 @click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
               type=click.Path(file_okay=False, path_type=Path))
-@click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True)
+@passphrase_options
 @json_option
 def keys_list(home: Path | None, passphrase: str | None, as_json: bool) -> int:
     """db_ids of the objects whose private keys this home holds."""
@@ -512,7 +573,7 @@ def keys_list(home: Path | None, passphrase: str | None, as_json: bool) -> int:
 @keys.command("export")
 @click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
               type=click.Path(file_okay=False, path_type=Path))
-@click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True)
+@passphrase_options
 @click.argument("db_id")
 @click.option("--i-know-what-i-am-doing", "confirmed", is_flag=True,
               help="Required: the keys are written in clear.")
@@ -537,7 +598,7 @@ def keys_export(home: Path | None, passphrase: str | None, db_id: str, confirmed
 @keys.command("import")
 @click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
               type=click.Path(file_okay=False, path_type=Path))
-@click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True)
+@passphrase_options
 @click.argument("file", type=click.File("rb"))
 def keys_import(home: Path | None, passphrase: str | None, file: Any) -> int:
     """Import keys written by `dmodel keys export` (FILE, or - for stdin)."""
@@ -565,7 +626,7 @@ def broker(frontend: str, backend: str) -> int:
     Prints `frontend ENDPOINT` and `backend ENDPOINT` first.
     """
     from .net.broker import Broker
-    from .peerproc import stop_on_signals
+    from .tools.peer import stop_on_signals
 
     with stop_on_signals(threading.Event()) as stopping, Broker(frontend, backend) as relay:
         click.echo(f"frontend {relay.frontend_endpoint}")
@@ -596,7 +657,7 @@ def demo(home: Path | None, updates: int, timeout: float, keep: bool,
 
     Exits non-zero if any step does not behave as narrated.
     """
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(home=home, updates=updates, timeout=timeout, keep=keep,
                     break_step=break_step)

@@ -26,7 +26,11 @@
     ├── StoreError                             wraps redis-py errors (__cause__ kept)
     │   ├── StoreUnavailableError              Redis cannot be reached / started
     │   └── IntegrityError                     stored data does not match its signed update
-    └── NetworkError                           bind failure, bus thread died
+    ├── NetworkError                           bind failure, bus thread died
+    │   └── ProtocolError (ValueError)         a peer's sync message that breaks the protocol
+    └── ToolError                              the tools of the `dmodel` command (dmodel.tools)
+        ├── CommandError                       a `dmodel peer` command that failed (.code)
+        └── DemoFailure                        a `dmodel demo` step did not behave as narrated
 """
 
 from __future__ import annotations
@@ -161,13 +165,42 @@ class NetworkError(DModelError):
     """A socket could not be bound, or the bus thread died."""
 
 
+class ProtocolError(NetworkError, ValueError):
+    """A message from a peer (sync request or reply) that does not follow the protocol."""
+
+
+class ToolError(DModelError):
+    """A failure of one of the tools behind the ``dmodel`` command (``dmodel.tools``)."""
+
+
+class CommandError(ToolError):
+    """A ``dmodel peer`` command that failed for a reason of the protocol itself.
+
+    ``code`` is the ``error`` of the answer (``ProtocolError``, ``Timeout``,
+    ``UnknownModel`` ...); a driver raises it for an answer that is not ok.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.code, str(self))
+
+
+class DemoFailure(ToolError):
+    """A step of ``dmodel demo`` did not behave as narrated."""
+
+
 __all__ = [
     "BrokenChainUpdate",
+    "CommandError",
     "ConfigurationError",
     "ConflictingCreate",
     "CryptoError",
     "DModelError",
     "DecryptionError",
+    "DemoFailure",
     "FieldError",
     "FieldTypeError",
     "FieldValueError",
@@ -181,11 +214,13 @@ __all__ = [
     "NodeNotRunningError",
     "ObjectNotFoundError",
     "OversizedUpdate",
+    "ProtocolError",
     "RejectedError",
     "ReplayedUpdate",
     "StaleUpdate",
     "StoreError",
     "StoreUnavailableError",
+    "ToolError",
     "UnauthorizedError",
     "UnknownModelUpdate",
     "VetoedError",

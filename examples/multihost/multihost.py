@@ -99,12 +99,12 @@ def check_environment() -> str | None:
 
 def story(net: Net, root: Path, timeout: float) -> None:
     """Create on A, read on B and C; the salary opens only for the chief on C."""
-    from dmodel.demo import DemoFailure, PeerHandle
+    from dmodel.tools.demo import DemoFailure, start_host
 
     hosts: dict[str, Any] = {}
 
     def start(host: str, peers: Sequence[str]) -> Any:
-        handle = PeerHandle(host.upper(), root / f"host-{host}", peers=peers,
+        handle = start_host(host.upper(), root / f"host-{host}", peers=peers,
                             listen=f"tcp://{net.address(host)}:{PORT}",
                             prefix=["ip", "netns", "exec", net.ns(host)], timeout=timeout)
         hosts[host] = handle
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "remove it with --cleanup", file=sys.stderr)
         return 2
     # Imported only now, so the checks above answer even where dmodel cannot load.
-    from dmodel.demo import DemoFailure
+    from dmodel.errors import ToolError
 
     root = Path(tempfile.mkdtemp(prefix="dmodel-multihost-"))
     started = time.monotonic()
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         story(net, root, args.timeout)
         print(f"done in {time.monotonic() - started:.1f} s")
         return 0
-    except (DemoFailure, RuntimeError) as exc:
+    except (ToolError, RuntimeError) as exc:  # DemoFailure, a host's CommandError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

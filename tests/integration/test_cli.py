@@ -25,8 +25,8 @@ import pytest
 import dmodel
 from dmodel import merge
 from dmodel.cli import cli, main
-from dmodel.demo import BREAKABLE
-from dmodel.peerproc import parse_listener
+from dmodel.tools.demo import BREAKABLE
+from dmodel.tools.peer import parse_listener
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -231,6 +231,37 @@ def test_passphrase_from_option_and_environment(capsys, protected_home, monkeypa
     assert code == 0 and len(json.loads(out)) == 1
 
 
+def test_passphrase_from_a_file(capsys, protected_home, tmp_path):
+    secret = tmp_path / "passphrase"
+    secret.write_text("right horse\n")
+    for command in (["ls"], ["keys", "list"]):
+        code, out, err = run(capsys, *command, "--home", protected_home, "--passphrase-file",
+                             secret, "--json")
+        assert code == 0 and len(json.loads(out)) == 1, err
+    code, out, err = run(capsys, "ls", "--home", protected_home, "--passphrase-file",
+                         tmp_path / "missing")
+    assert_one_line_error(code, out, err, "--passphrase-file")
+
+
+def test_passphrase_prompt_does_not_echo(protected_home):
+    from click.testing import CliRunner
+
+    from dmodel.cli import cli
+
+    result = CliRunner().invoke(cli, ["ls", "--home", str(protected_home), "--json",
+                                      "--passphrase-prompt"], input="right horse\n")
+    assert result.exit_code == 0, result.output
+    assert "Keyring passphrase" in result.output and "right horse" not in result.output
+    assert len(json.loads(result.output.partition("\n")[2])) == 1
+
+
+def test_passphrase_file_and_prompt_are_exclusive(capsys, protected_home, tmp_path):
+    (tmp_path / "pw").write_text("right horse")
+    code, out, err = run(capsys, "ls", "--home", protected_home, "--passphrase-prompt",
+                         "--passphrase-file", tmp_path / "pw")
+    assert_one_line_error(code, out, err, "not both")
+
+
 def assert_no_store_running(home: Path) -> None:
     # redis-server removes its pidfile when it stops.
     assert not (home / "redis" / "redis.pid").exists()
@@ -384,11 +415,9 @@ def test_bad_option_values_are_one_line_errors(capsys, tmp_path, args, needle):
 
 def test_unreachable_peer_is_a_one_line_error(capsys, homes):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     code, out, err = run(capsys, "sync", "--home", homes["a"], "--peer", endpoint,
                          "--timeout", "1")
     assert_one_line_error(code, out, err, "cannot reach peer", endpoint)
-    assert time.monotonic() - started < 30
 
 
 # ------------------------------------------------------------------ real processes
@@ -451,7 +480,7 @@ def children():
 
 def peer_args(home: Path, *extra: str) -> list[str]:
     return ["peer", "--home", str(home), "--listen", "tcp://127.0.0.1:*", "--no-discovery",
-            "--status-interval", "0", "--models", "dmodel.demo:Person", *extra]
+            "--status-interval", "0", "--models", "dmodel.tools.demo:Person", *extra]
 
 
 def test_peer_speaks_the_stdin_protocol(children, tmp_path):
@@ -506,7 +535,7 @@ def test_peer_status_line_and_listener(children, tmp_path):
             break
         time.sleep(0.05)
     text = "".join(peer.errors)
-    assert " alpha INFO dmodel.peerproc: status peers=0 in=0 local=2" in text
+    assert " alpha INFO dmodel.tools.peer: status peers=0 in=0 local=2" in text
     assert f"{db_id}.name updated None -> 'Bob'" in text
 
 

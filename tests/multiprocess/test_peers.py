@@ -1,7 +1,7 @@
 """Peers on several hosts, played by separate processes on 127.0.0.1.
 
 Each peer is ``python -m dmodel peer --stdin-commands`` with its own home (keyring,
-embedded redis-server), driven with the JSON-lines protocol of dmodel.peerproc through
+embedded redis-server), driven with the JSON-lines protocol of dmodel.tools.peer through
 :class:`peer_driver.PeerProc`. Waits for a value happen inside the child (its ``wait``
 command is a bounded loop), so nothing here sleeps.
 """

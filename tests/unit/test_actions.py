@@ -479,8 +479,10 @@ def test_good_signatures_are_accepted(reg: ListenerRegistry, source: str) -> Non
     namespace: dict[str, Any] = {}
     exec(source, namespace)
     cls = type("Good", (DAction,), {k: v for k, v in namespace.items() if k.startswith("on_")})
-    cls().apply("*", registry=reg)
-    reg.before([make_change("update"), make_change("remove")])
+    listener = cls().apply("*", registry=reg)
+    update = make_change("update")
+    assert [app for app, _ in reg.matching(update.key)] == [listener]
+    reg.before([update, make_change("remove")])
 
 
 def test_non_daction_is_rejected(reg: ListenerRegistry) -> None:

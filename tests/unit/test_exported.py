@@ -30,3 +30,14 @@ def test_every_exception_derives_from_the_root() -> None:
     assert issubclass(errors.InvalidUpdate, ValueError)
     assert issubclass(errors.ObjectNotFoundError, LookupError)
     assert issubclass(errors.FieldTypeError, TypeError)
+    assert issubclass(errors.ProtocolError, errors.NetworkError)
+    assert issubclass(errors.ProtocolError, ValueError)
+
+
+def test_the_tools_raise_from_the_tree() -> None:
+    from dmodel.tools import demo, peer
+
+    assert issubclass(errors.CommandError, errors.ToolError)
+    assert issubclass(errors.DemoFailure, errors.ToolError)
+    assert peer.CommandError is errors.CommandError
+    assert demo.DemoFailure is errors.DemoFailure

@@ -156,3 +156,12 @@ def test_adjacent_ids_on_a_long_key() -> None:
     assert not filters.compile("[id]a[id]a[id]a[id]b").match(key)
     assert filters.compile("[id]a[id]a[id]a[id]").match(key)
     assert not filters.compile("[id][id][id][id][id]:").match(key)
+
+
+@pytest.mark.parametrize("pattern", ["Person:*", "Person:abc*"])
+def test_prefix_matches_only_at_the_start(pattern: str) -> None:
+    matcher = filters.compile(pattern)
+    head = pattern[:-1]
+    assert matcher.match(head + "tail")
+    for key in ("Other" + head + "tail", "Manager:" + head + "tail", " " + head):
+        assert not matcher.match(key), key  # the prefix somewhere inside is not a match

@@ -517,3 +517,26 @@ def test_timestamps_and_prev_are_signed() -> None:
 def _create_item(identity) -> tuple:
     op = create_op(identity)
     return (op.obj, op.op, op.field, op.value)
+
+
+def _raw_of_size(size: int) -> bytes:
+    """A valid raw update (dummy signature) of exactly ``size`` bytes."""
+    chunk = "x" * 100_000
+
+    def build(pad: int) -> bytes:
+        ops = [[A_ID, "set", f"f{i}", chunk] for i in range(4)]
+        return body_raw(good_body(o=[*ops, [A_ID, "set", "pad", "y" * pad]]))
+
+    pad = 100_000
+    for _ in range(3):  # msgpack headers grow in steps: converge on the exact size
+        pad += size - len(build(pad))
+    raw = build(pad)
+    assert len(raw) == size
+    return raw
+
+
+def test_update_size_limit_boundary() -> None:
+    update = decode(_raw_of_size(MAX_UPDATE_SIZE))  # exactly the limit passes
+    assert len(update.raw) == MAX_UPDATE_SIZE
+    with pytest.raises(OversizedUpdate):
+        decode(_raw_of_size(MAX_UPDATE_SIZE + 1))  # one byte more does not

@@ -12,7 +12,7 @@ answers each with one JSON object per line on stdout, in order. A request has an
 request that cannot be understood). Values are JSON; bytes come back as hex.
 
     op          arguments (defaults)                          answer fields
-    ping                                                      node_id, endpoint
+    ping                                                      node_id, endpoint, name, pid
     create      model, fields ({}), authorized ([]),          db_id
                 read ([]), update ([])
     set         db_id, field, value, caller (the object)      -
@@ -24,8 +24,16 @@ request that cannot be understood). Values are JSON; bytes come back as hex.
     ls          filter ("*")                                  ids
     stats                                                     stats   (see Peer.stats)
     sync                                                      pulled
-    wait_peers  n (1), timeout (10)                           ready   (bool)
+    wait_peers  n (1), timeout (10)                           ready (bool), peers (ready now)
+    digest                                                    state (Node.state_digest()),
+                                                              log_length
     quit                                                      -       (then the peer stops)
+
+``dmodel peer --commands FILE.py:CLASS`` (or ``module:CLASS``) adds commands:
+``CLASS(peer)`` is built once the node runs, and each of its ``op_<name>(request) ->
+dict`` methods answers the op ``<name>`` (an op of the table above cannot be replaced).
+The benchmarks' peers are such classes. An exception a command does not expect is
+logged and answered with its class name as ``error``; the peer keeps serving.
 
 ``wait`` returns once ``db_id`` is known here, ``field`` (if given) holds a value and
 that value equals ``value`` (if given), read as ``caller``.
@@ -38,6 +46,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -46,22 +55,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .actions import DAction
-from .crypto import EncryptedValue
-from .errors import ConfigurationError, DecryptionError, DModelError
-from .filters import compile as compile_filter
-from .model import BoundDict, BoundField, DDict, DField, DModel, model_class, transaction
-from .node import Node
+from ..actions import DAction
+from ..crypto import EncryptedValue
+from ..errors import CommandError, ConfigurationError, DecryptionError, DModelError
+from ..filters import compile as compile_filter
+from ..model import BoundDict, BoundField, DDict, DField, DModel, model_class, transaction
+from ..node import Node
 
 logger = logging.getLogger(__name__)
-
-
-class CommandError(Exception):
-    """A request that failed for a reason of the protocol itself (not a DModelError)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # ------------------------------------------------------------ loading code
@@ -117,6 +118,21 @@ def load_models(spec: str) -> list[type[DModel]]:
     if not found:
         raise ConfigurationError(f"bad model spec {spec!r}: it defines no DModel class")
     return found
+
+
+def load_commands(spec: str) -> type:
+    """``'module:Class'`` or ``'file.py:Class'`` -> the class (see ``--commands``)."""
+    where, _, cls_name = spec.rpartition(":")
+    try:
+        if not where or not cls_name:
+            raise ConfigurationError("expected 'module:Class' or 'file.py:Class'")
+        module = _load_file(Path(where)) if where.endswith(".py") else _import(where)
+        cls = getattr(module, cls_name, None)
+        if not isinstance(cls, type):
+            raise ConfigurationError(f"{cls_name!r} is not a class of {where}")
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"bad commands spec {spec!r}: {exc}") from exc
+    return cls
 
 
 def parse_listener(spec: str) -> tuple[DAction, str]:
@@ -193,8 +209,19 @@ class Peer:
             "ping": self._ping, "create": self._create, "set": self._set, "fill": self._fill,
             "get": self._get, "wait": self._wait, "grant": self._grant, "ls": self._ls,
             "stats": lambda req: {"stats": self.stats()}, "sync": self._sync,
-            "wait_peers": self._wait_peers, "quit": self._quit,
+            "wait_peers": self._wait_peers, "digest": self._digest, "quit": self._quit,
         }
+
+    def add_commands(self, commands: object) -> None:
+        """Answer the ops of ``commands``' ``op_<name>(request) -> dict`` methods too."""
+        for attr in dir(commands):
+            if not attr.startswith("op_"):
+                continue
+            op = attr[3:]
+            if op in self._ops:
+                raise ConfigurationError(f"{type(commands).__name__}.{attr}: the op {op!r} "
+                                         "is already answered by the peer")
+            self._ops[op] = getattr(commands, attr)
 
     def _on_progress(self, peer: str, done: int, total: int) -> None:
         self.progress[peer] = (done, total)
@@ -225,6 +252,9 @@ class Peer:
         except (KeyError, TypeError, ValueError) as exc:
             answer.update(ok=False, error="ProtocolError",
                           message=f"bad request for {op!r}: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # answer, never die: the parent decides what it means
+            logger.exception("%s failed", op)
+            answer.update(ok=False, error=type(exc).__name__, message=str(exc))
         return answer
 
     def handle_line(self, line: str) -> dict[str, Any]:
@@ -326,7 +356,8 @@ class Peer:
             bound.set(value)
 
     def _ping(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"node_id": self.node.node_id.hex(), "endpoint": self.endpoint, "name": self.name}
+        return {"node_id": self.node.node_id.hex(), "endpoint": self.endpoint,
+                "name": self.name, "pid": os.getpid()}
 
     def _create(self, req: dict[str, Any]) -> dict[str, Any]:
         cls = self._model(req["model"])
@@ -414,7 +445,12 @@ class Peer:
         if self.node.network is None:
             raise CommandError("NoNetwork", "this peer has no network")
         n, timeout = int(req.get("n", 1)), float(req.get("timeout", 10.0))
-        return {"ready": self.node.network.wait_for_peers(n, timeout)}
+        ready = self.node.network.wait_for_peers(n, timeout)
+        return {"ready": ready,
+                "peers": sum(1 for p in self.node.network.peers().values() if p.ready)}
+
+    def _digest(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"state": self.node.state_digest(), "log_length": self.node.log_length()}
 
     def _quit(self, req: dict[str, Any]) -> dict[str, Any]:
         self._quit_requested = True  # serve() stops once the answer is written
@@ -460,5 +496,5 @@ def configure_logging(name: str, level: str = "info") -> None:
     logging.getLogger("dmodel").setLevel(numeric)
 
 
-__all__ = ["CommandError", "Peer", "configure_logging", "encode", "load_models",
+__all__ = ["CommandError", "Peer", "configure_logging", "encode", "load_commands", "load_models",
            "parse_listener", "stop_on_signals"]

@@ -3,7 +3,7 @@
 Each host is ``python -m dmodel peer --stdin-commands`` with its own home (keyring and
 embedded Redis), listening on 127.0.0.1 and connected to the others by explicit
 ``--peer`` endpoints (no discovery). The demo drives them with the JSON-lines protocol
-of :mod:`dmodel.peerproc` and checks every step: it returns 1 as soon as one step
+of :mod:`dmodel.tools.peer` and checks every step: it returns 1 as soon as one step
 does not behave as narrated, so it doubles as an end-to-end smoke test.
 
 Every child is cleaned up through its handle (quit, then terminate, then kill), and
@@ -12,24 +12,16 @@ every wait is a bounded loop.
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
-import queue
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import redis
-
-from .errors import ConfigurationError
-from .model import DField, DModel
+from ..errors import ConfigurationError, DemoFailure, ToolError
+from ..model import DField, DModel
+from .driver import PeerProcess, peer_argv
 
 BREAKABLE = ("chief", "intruder", "listener", "catchup")
 
@@ -42,172 +34,22 @@ class Person(DModel):
     visits = DField(type=int)
 
 
-class DemoFailure(Exception):
-    """A step did not behave as narrated."""
-
-
 # ------------------------------------------------------------------ child peers
 
 
-def _child_env() -> dict[str, str]:
-    # The demo's peers are configured by their options only: a DMODEL_REDIS_URL or
-    # DMODEL_PEERS meant for the user's own node must not leak into them.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DMODEL_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+MODELS = "dmodel.tools.demo:Person"
 
 
-def stop_child(proc: subprocess.Popen[str], timeout: float = 10.0) -> bool:
-    """Stop a ``dmodel peer --stdin-commands`` child by its handle: ``quit``, then
-    SIGTERM, then SIGKILL, each with a deadline. True if it had to be killed."""
-    if proc.poll() is not None:
-        return False
-    try:
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-        proc.stdin.flush()
-    except (BrokenPipeError, ValueError, OSError):
-        pass
-    try:
-        proc.wait(timeout)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-    try:
-        proc.wait(timeout)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
-        return True
-
-
-class PeerHandle:
-    """One ``dmodel peer --stdin-commands`` child process and its command channel."""
-
-    def __init__(self, name: str, home: Path, *, peers: Sequence[str] = (),
-                 options: Sequence[str] = (), timeout: float = 30.0,
-                 listen: str = "tcp://127.0.0.1:*", prefix: Sequence[str] = ()) -> None:
-        """Start the peer and read its endpoint. ``prefix`` goes before the command,
-        e.g. ``["ip", "netns", "exec", "dm-a"]``.
-        """
-        self.name = name
-        self.home = home
-        self.timeout = timeout
-        self._ids = itertools.count(1)
-        self._answers: queue.Queue[str | None] = queue.Queue()
-        self._stderr: list[str] = []
-        self._stderr_lock = threading.Lock()
-        argv = [*prefix, sys.executable, "-m", "dmodel", "peer", "--stdin-commands",
-                "--home", str(home), "--name", name, "--listen", listen,
-                "--no-discovery", "--status-interval", "0", "--models", "dmodel.demo:Person",
-                "--sync-page-size", "100", *options]
-        for endpoint in peers:
-            argv += ["--peer", endpoint]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1,
-                                     env=_child_env())
-        self._readers = [
-            threading.Thread(target=self._read_stdout, args=(self.proc.stdout,), daemon=True),
-            threading.Thread(target=self._read_stderr, args=(self.proc.stderr,), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-        try:
-            first = self._next_line(time.monotonic() + timeout, "its endpoint")
-            if not first.startswith("endpoint "):
-                raise DemoFailure(f"host {name} printed {first!r} instead of its endpoint")
-        except BaseException:
-            self.close()  # the caller never gets a handle to stop it with
-            raise
-        self.endpoint = first.split(None, 1)[1].strip()
-        self.node_id = ""
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _read_stdout(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._answers.put(line)
-        self._answers.put(None)
-
-    def _read_stderr(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._stderr_lock:
-                self._stderr.append(line.rstrip("\n"))
-
-    def stderr_lines(self) -> list[str]:
-        with self._stderr_lock:
-            return list(self._stderr)
-
-    def stderr_tail(self, n: int = 8) -> str:
-        return "\n".join(f"    {self.name}| {line}" for line in self.stderr_lines()[-n:])
-
-    def _next_line(self, deadline: float, what: str) -> str:
-        try:
-            line = self._answers.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise DemoFailure(f"host {self.name} gave no {what} in time") from None
-        if line is None:
-            self.proc.wait(5)
-            raise DemoFailure(f"host {self.name} exited (status {self.proc.returncode}) "
-                              f"before giving {what}:\n{self.stderr_tail()}")
-        return line
-
-    def call(self, op: str, *, reply_timeout: float | None = None,
-             **args: Any) -> dict[str, Any]:
-        """Send one request and return its answer (``ok`` true or false)."""
-        request_id = next(self._ids)
-        line = json.dumps({"op": op, "id": request_id, **args})
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(line + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            raise DemoFailure(f"host {self.name} is gone:\n{self.stderr_tail()}") from None
-        deadline = time.monotonic() + (reply_timeout or self.timeout)
-        while True:
-            answer = json.loads(self._next_line(deadline, f"answer to {op!r}"))
-            if answer.get("id") == request_id:
-                return answer  # type: ignore[no-any-return]
-
-    def ok(self, op: str, *, reply_timeout: float | None = None,
-           **args: Any) -> dict[str, Any]:
-        """Like call(), but a failed answer is a DemoFailure."""
-        answer = self.call(op, reply_timeout=reply_timeout, **args)
-        if not answer.get("ok"):
-            raise DemoFailure(f"host {self.name}: {op} failed: {answer.get('error')}: "
-                              f"{answer.get('message')}")
-        return answer
-
-    def stats(self) -> dict[str, Any]:
-        return self.ok("stats")["stats"]  # type: ignore[no-any-return]
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the child: ``quit``, then SIGTERM, then SIGKILL, each with a deadline."""
-        proc = self.proc
-        if stop_child(proc, timeout):
-            self._stop_orphaned_store()
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-        for reader in self._readers:
-            reader.join(2)
-
-    def _stop_orphaned_store(self) -> None:
-        # A killed peer cannot stop its embedded Redis (its own session, by design):
-        # stop it through this home's socket, the one we know is ours.
-        rdir = self.home / "redis"
-        link = rdir / "socket-dir"
-        sock = Path(os.readlink(link)) / "redis.sock" if link.is_symlink() else rdir / "redis.sock"
-        try:
-            redis.Redis(unix_socket_path=str(sock), socket_timeout=5).shutdown(nosave=False)
-        except (redis.RedisError, OSError):
-            pass
+def start_host(name: str, home: Path, *, peers: Sequence[str] = (),
+               options: Sequence[str] = (), timeout: float = 30.0,
+               listen: str = "tcp://127.0.0.1:*", prefix: Sequence[str] = ()) -> PeerProcess:
+    """Start one demo host, ``dmodel peer --stdin-commands`` with this module's Person,
+    and read its endpoint. ``prefix`` goes before the command (``ip netns exec ...``).
+    """
+    argv = peer_argv(home, name=name, listen=listen, peers=peers, models=[MODELS],
+                     options=["--sync-page-size", "100", *options], prefix=prefix,
+                     log_level="info")
+    return PeerProcess(argv, name=name, home=home, timeout=timeout)
 
 
 # ------------------------------------------------------------------ the story
@@ -235,7 +77,8 @@ class _Story:
         self.updates = updates
         self.timeout = timeout
         self.broken = break_step
-        self.hosts: dict[str, PeerHandle] = {}
+        self.hosts: dict[str, PeerProcess] = {}
+        self.node_ids: dict[str, str] = {}
         self.step_no = 0
         self.current = ""
 
@@ -252,23 +95,23 @@ class _Story:
         self.out.print(f"  [green]✓[/] {text}")
 
     def start(self, name: str, *, peers: Sequence[str] = (), options: Sequence[str] = (),
-              note: str = "") -> PeerHandle:
-        host = PeerHandle(name, self.root / f"host-{name.lower()}", peers=peers,
+              note: str = "") -> PeerProcess:
+        host = start_host(name, self.root / f"host-{name.lower()}", peers=peers,
                           options=options, timeout=self.timeout)
         self.hosts[name] = host
-        host.node_id = host.ok("ping")["node_id"]
+        self.node_ids[name] = host.ok("ping")["node_id"]
         self.say(f"host {name}  {host.endpoint}  pid {host.pid}{note}")
         return host
 
     # --------------------------------------------------------------- checks
-    def get(self, host: PeerHandle, db_id: str, field: str, caller: str | None = None
+    def get(self, host: PeerProcess, db_id: str, field: str, caller: str | None = None
             ) -> dict[str, Any]:
         args: dict[str, Any] = {"db_id": db_id, "field": field}
         if caller is not None:
             args["caller"] = caller
         return host.call("get", **args)
 
-    def arrive(self, host: PeerHandle, db_id: str, field: str | None = None,
+    def arrive(self, host: PeerProcess, db_id: str, field: str | None = None,
                **extra: Any) -> float:
         """Wait until ``db_id`` (and ``field``) reached ``host``; returns seconds waited."""
         args: dict[str, Any] = {"db_id": db_id, "timeout": self.timeout, **extra}
@@ -397,7 +240,7 @@ class _Story:
         self.good(f"C's RejectUnauthorized listener vetoed the intruder's update "
                   f"(C's rejected count {vetoed})")
 
-    def catch_up(self, c: PeerHandle, a: PeerHandle, total: int) -> None:
+    def catch_up(self, c: PeerProcess, a: PeerProcess, total: int) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -415,7 +258,7 @@ class _Story:
                 catchup = c.stats()["catchup"]
                 done = max((pos for pos, _ in catchup.values()), default=0)
                 progress.update(task, completed=min(done, total))
-                if catchup.get(a.node_id, [0])[0] >= total:
+                if catchup.get(self.node_ids[a.name], [0])[0] >= total:
                     break
                 if time.monotonic() >= deadline:
                     raise DemoFailure(f"C caught up {done} of A's {total} updates within "
@@ -463,7 +306,7 @@ def run_demo(*, home: Path | None = None, updates: int = 1000, timeout: float = 
         story.summary(time.monotonic() - started)
         out.print("[bold green]Every step behaved as narrated.[/]")
         status = 0
-    except DemoFailure as exc:
+    except ToolError as exc:  # DemoFailure, or a CommandError of a host
         out.print(f"  [bold red]✗ step {story.step_no} ({story.current}) failed:[/] {exc}")
         for host in story.hosts.values():
             tail = host.stderr_tail(5)
@@ -482,4 +325,4 @@ def run_demo(*, home: Path | None = None, updates: int = 1000, timeout: float = 
     return status
 
 
-__all__ = ["BREAKABLE", "DemoFailure", "PeerHandle", "Person", "run_demo"]
+__all__ = ["BREAKABLE", "DemoFailure", "Person", "run_demo", "start_host"]
