@@ -17,20 +17,12 @@ from typing import Any
 import zmq
 
 from dmodel.errors import ConfigurationError, NetworkError
-from dmodel.net.curve import ZAP_DOMAIN, CurveConfig
+from dmodel.net.curve import CurveConfig, make_server, start_authenticator
+from dmodel.net.frames import DEFAULT_MAX_MESSAGE_SIZE, check_endpoint, hard_limit
 
 logger = logging.getLogger(__name__)
 
 _CONTROL_ENDPOINT = "inproc://dmodel-broker-control"
-_HARD_LIMIT_SLACK = 64 * 1024
-
-
-class _AllowList:
-    def __init__(self, config: CurveConfig) -> None:
-        self._config = config
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return self._config.is_allowed(key)
 
 
 class Broker:
@@ -42,12 +34,11 @@ class Broker:
         backend: str = "tcp://127.0.0.1:*",
         *,
         curve: CurveConfig | None = None,
-        max_message_size: int = 1 << 20,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         hwm: int = 10000,
     ) -> None:
         for endpoint in (frontend, backend):
-            if not isinstance(endpoint, str) or "://" not in endpoint:
-                raise ConfigurationError(f"not a ZeroMQ endpoint: {endpoint!r}")
+            check_endpoint(endpoint)
         if curve is not None and not isinstance(curve, CurveConfig):
             raise ConfigurationError("curve must be a CurveConfig")
         self._frontend_bind = frontend
@@ -96,13 +87,7 @@ class Broker:
         auth: Any = None
         try:
             if self._curve is not None:
-                from zmq.auth.thread import ThreadAuthenticator
-
-                auth = ThreadAuthenticator(self._ctx, log=logger.getChild("zap"))
-                auth.start()
-                auth.configure_curve_callback(
-                    domain=ZAP_DOMAIN, credentials_provider=_AllowList(self._curve)
-                )
+                auth = start_authenticator(self._ctx, self._curve, logger.getChild("zap"))
             xsub = self._ctx.socket(zmq.XSUB)
             xpub = self._ctx.socket(zmq.XPUB)
             control = self._ctx.socket(zmq.PAIR)
@@ -112,12 +97,8 @@ class Broker:
             for sock in (xsub, xpub):
                 sock.rcvhwm = self._hwm
                 sock.sndhwm = self._hwm
-                if self._curve is not None:
-                    sock.curve_server = True
-                    sock.curve_secretkey = self._curve.server_secret
-                    sock.curve_publickey = self._curve.server_public
-                    sock.zap_domain = ZAP_DOMAIN.encode()
-            xsub.maxmsgsize = self._max_message_size + _HARD_LIMIT_SLACK
+                make_server(sock, self._curve)
+            xsub.maxmsgsize = hard_limit(self._max_message_size)
             # Pass every subscription upstream, so each bus sees its own probe
             # subscription even when another bus already subscribed the same topic.
             xpub.setsockopt(zmq.XPUB_VERBOSE, 1)

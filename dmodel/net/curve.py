@@ -21,6 +21,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -117,6 +118,46 @@ class CurveConfig:
         if secret is None:
             raise ConfigurationError(f"{path} holds no secret key")
         return cls.cluster(public, secret)
+
+
+class AllowList:
+    """ZAP credentials provider: accept the client keys a CurveConfig allows."""
+
+    def __init__(self, config: CurveConfig) -> None:
+        self._config = config
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return self._config.is_allowed(key)
+
+
+def start_authenticator(ctx: zmq.Context, config: CurveConfig, log: Any) -> Any:
+    """A started ZAP authenticator on ``ctx`` enforcing ``config``'s allow-list.
+
+    It runs its own thread; the caller stops it (``.stop()``) after closing its sockets.
+    """
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx, log=log)
+    auth.start()
+    auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=AllowList(config))
+    return auth
+
+
+def make_server(sock: zmq.Socket, config: CurveConfig | None) -> None:
+    """Make a listening socket a CURVE server with the cluster pair (no-op without CURVE)."""
+    if config is not None:
+        sock.curve_server = True
+        sock.curve_secretkey = config.server_secret
+        sock.curve_publickey = config.server_public
+        sock.zap_domain = ZAP_DOMAIN.encode()
+
+
+def make_client(sock: zmq.Socket, config: CurveConfig | None) -> None:
+    """Make a connecting socket a CURVE client (no-op without CURVE)."""
+    if config is not None:
+        sock.curve_serverkey = config.server_public
+        sock.curve_publickey = config.client_public
+        sock.curve_secretkey = config.client_secret
 
 
 def write_key_file(

@@ -1,4 +1,4 @@
-"""LAN discovery: a UDP beacon codec (pure) and the beacon socket the bus polls.
+"""LAN discovery: a UDP beacon codec (pure) and the beacon socket the bus I/O thread polls.
 
 Wire format of a beacon (network byte order), after pyre's ``'ZRE' + version +
 uuid + port``::
@@ -28,16 +28,16 @@ import struct
 from dataclasses import dataclass
 
 from dmodel.errors import ConfigurationError, DModelError
+from dmodel.update import NODE_ID_SIZE
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"DMD"
 VERSION = 1
-NODE_ID_SIZE = 16
 CLUSTER_TAG_SIZE = 8
 DEFAULT_PORT = 7699
 
-_HEADER = struct.Struct("!3sB16sH")
+_HEADER = struct.Struct(f"!3sB{NODE_ID_SIZE}sH")
 BEACON_SIZE = _HEADER.size
 BEACON_SIZE_WITH_CLUSTER = _HEADER.size + CLUSTER_TAG_SIZE
 

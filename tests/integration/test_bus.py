@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import stat
 import threading
@@ -14,7 +15,7 @@ import zmq
 from helpers import wait_until
 
 from dmodel.errors import ConfigurationError, NetworkError
-from dmodel.net.bus import Bus, PeerInfo
+from dmodel.net.bus import Bus, DeferredReply, PeerInfo
 from dmodel.net.curve import CurveConfig, read_key_file
 
 pytestmark = pytest.mark.timeout(60)
@@ -536,3 +537,64 @@ def test_curve_config_validates_keys():
     with pytest.raises(ConfigurationError):
         CurveConfig(public, secret, client_public=public)
     assert CurveConfig.cluster(public.decode(), secret.decode()).server_public == public
+
+
+def test_deferred_replies_are_sent_from_another_thread(make_bus):
+    jobs: queue.Queue = queue.Queue()
+
+    def on_request(payload: bytes, sender: bytes) -> DeferredReply:
+        deferred = DeferredReply()
+        if payload == b"now":
+            deferred.resolve(b"at once")  # resolved before the bus routes it
+        else:
+            jobs.put((payload, deferred))
+        return deferred
+
+    def worker() -> None:
+        for _ in range(2):
+            payload, deferred = jobs.get(timeout=10)
+            deferred.resolve(None if payload == b"none" else b"later:" + payload)
+            deferred.resolve(b"ignored")  # only the first answer counts
+
+    a = make_bus(on_request=on_request)
+    b = make_bus(peers=[a.bus.endpoint])
+    assert a.bus.wait_for_peers(1, timeout=10) and b.bus.wait_for_peers(1, timeout=10)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert b.bus.request(a.bus.node_id, b"x", timeout=10) == b"later:x"
+        assert b.bus.request(a.bus.node_id, b"none", timeout=10) is None
+        assert b.bus.request(a.bus.node_id, b"now", timeout=10) == b"at once"
+    finally:
+        thread.join(10)
+    stats = a.bus.stats
+    assert stats["replies_out"] == 2 and stats["requests_in"] == 3
+    assert stats["callback_errors"] == 0
+
+
+def test_request_worker_drops_when_its_queue_is_full():
+    from dmodel.net.replication import RequestWorker
+
+    started, release = threading.Event(), threading.Event()
+    answers: list[bytes | None] = []
+
+    def serve(payload: bytes, sender: bytes) -> bytes:
+        started.set()
+        assert release.wait(10)
+        return b"re:" + payload
+
+    worker = RequestWorker(serve, size=1, name="dmodel-serve-test")
+    try:
+        first = worker.submit(b"1", b"s")
+        assert started.wait(10)  # the worker holds the first one
+        second = worker.submit(b"2", b"s")  # fills the queue
+        assert worker.submit(b"3", b"s") is None and worker.dropped == 1
+        for deferred in (first, second):
+            deferred._attach(answers.append)
+        release.set()
+        wait_until(lambda: len(answers) == 2)
+        assert answers == [b"re:1", b"re:2"]
+    finally:
+        release.set()
+        worker.close()
+    assert not any(t.name == "dmodel-serve-test" for t in threading.enumerate())

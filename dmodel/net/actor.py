@@ -1,0 +1,593 @@
+"""The bus actor: every ZeroMQ socket of a node and the one loop that polls them.
+
+Everything here runs on the **bus I/O thread** (``dmodel-bus-<id>``), except the
+command dataclasses and :class:`DeferredReply`, which API threads and the request
+worker build and hand over. The API side (:class:`dmodel.net.bus.Bus`) talks to the
+loop over an inproc PAIR pipe (publishes, wake-ups) plus a queue of typed commands.
+The codecs live in :mod:`~dmodel.net.frames`, links and the handshake in
+:mod:`~dmodel.net.mesh`; this module binds, polls, decodes and dispatches.
+
+Limits. Payloads over ``max_message_size`` are dropped and counted
+(``stats["dropped"]["oversize"]``); ZMQ_MAXMSGSIZE is the hard bound above it (a
+bigger frame makes ZeroMQ drop the connection, which then reconnects by itself).
+Malformed and unknown frames are counted and dropped, and feed the flood guard.
+
+Requests. ``on_request`` runs on this thread, so it must be quick: it returns the
+reply, None (NO_REPLY), or a :class:`DeferredReply` that another thread resolves
+later; the reply then comes back as a :class:`SendReply` command.
+
+Records are logged as ``dmodel.net.bus``, the transport's one logger name.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from dmodel.errors import NetworkError
+from dmodel.net import frames as fr
+from dmodel.net.commands import (
+    Ask,
+    Command,
+    Connect,
+    DeferredReply,
+    GetPeers,
+    SendReply,
+    Settings,
+    Stop,
+)
+from dmodel.net.curve import make_client, make_server, start_authenticator
+from dmodel.net.mesh import Mesh, SocketSet
+from dmodel.net.peers import Link, Peer, PeerInfo
+
+logger = logging.getLogger("dmodel.net.bus")
+
+PIPE_ENDPOINT = "inproc://dmodel-bus-pipe"
+PIPE_PUBLISH = b"P"
+PIPE_WAKE = b"W"
+_BATCH = 256
+
+_COUNTERS = ("messages_in", "messages_out", "bytes_in", "bytes_out", "requests_in",
+             "requests_out", "replies_in", "replies_out", "request_timeouts",
+             "requests_unroutable", "callback_errors", "bans", "relinks", "resubscribes")
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: Future[bytes | None]
+    deadline: float
+    link: Link
+
+
+# ---------------------------------------------------------------------- actor
+
+
+class Actor:
+    """Everything that runs on the bus I/O thread. Only that thread touches it,
+    except the few attributes the API reads after ``started`` is set."""
+
+    def __init__(self, settings: Settings, ctx: zmq.Context, cmds: queue.SimpleQueue,
+                 cond: threading.Condition, post: Callable[[Command], None]) -> None:
+        self.s = settings
+        self.ctx = ctx
+        self.cmds = cmds
+        self.cond = cond
+        self.post = post
+        self.node_id = settings.node_id
+        self.hard_limit = fr.hard_limit(settings.max_message_size)
+
+        # handshake results, read by the API thread after `started` is set
+        self.started = threading.Event()
+        self.startup_error: BaseException | None = None
+        self.failure: BaseException | None = None
+        self.endpoint: str | None = None
+        self.pub_endpoint: str | None = None
+        # guarded by `cond`
+        self.ready_count = 0
+        self.broker_ready = False
+        self.finished = False
+
+        self.counters: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.io = SocketSet(ctx, settings.rcvhwm, settings.sndhwm)
+        self.mesh = Mesh(
+            settings, self.io, self.counters, self.dropped, schedule=self._schedule,
+            on_usable=self._on_usable, on_link_closed=self._on_link_closed,
+            read_dealer=lambda link: functools.partial(self._on_dealer, link),
+            read_sub=lambda peer, sock: functools.partial(self._on_sub, peer, sock),
+        )
+        self.table = self.mesh.table
+        self.flood = self.mesh.flood
+        self.auth: Any = None
+        self.pipe: zmq.Socket | None = None
+        self.router: zmq.Socket | None = None
+        self.xpub: zmq.Socket | None = None
+        self.broker_pub: zmq.Socket | None = None
+        self.broker_sub: zmq.Socket | None = None
+        self.next_broker_probe = 0.0
+
+        self.pending: dict[bytes, _Pending] = {}
+        self.req_ids = itertools.count(1)
+        self.next_timer = 0.0
+        self.stopping = False
+
+    # ------------------------------------------------------------ socket setup
+
+    def _advertised(self, bound: str) -> str:
+        if self.s.advertise_host and fr.is_wildcard(bound):
+            return fr.with_host(bound, self.s.advertise_host)
+        return bound
+
+    def _setup(self) -> None:
+        s = self.s
+        if s.curve is not None:
+            self.auth = start_authenticator(self.ctx, s.curve, logger.getChild("zap"))
+
+        self.pipe = self.io.open(zmq.PAIR)
+        self.pipe.connect(PIPE_ENDPOINT)
+        self.io.watch(self.pipe, self._on_pipe)
+
+        if s.listen is not None:
+            self.router = self.io.open(zmq.ROUTER)
+            self.router.maxmsgsize = self.hard_limit
+            make_server(self.router, s.curve)
+            self.xpub = self.io.open(zmq.XPUB)
+            self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+            make_server(self.xpub, s.curve)
+            try:
+                self.router.bind(s.listen)
+                self.xpub.bind(fr.pub_bind_endpoint(s.listen))
+            except zmq.ZMQError as exc:
+                raise NetworkError(f"cannot bind {s.listen}: {exc}") from exc
+            self.endpoint = self._advertised(self.router.LAST_ENDPOINT.decode())
+            self.pub_endpoint = self._advertised(self.xpub.LAST_ENDPOINT.decode())
+            self.io.watch(self.router, self._on_router)
+            self.io.watch(self.xpub, functools.partial(self._on_xpub, self.xpub, False))
+
+        if s.broker is not None:
+            self.broker_pub = self.io.open(zmq.XPUB)
+            self.broker_pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+            make_client(self.broker_pub, s.curve)
+            self.broker_sub = self.io.open(zmq.SUB)
+            self.broker_sub.maxmsgsize = self.hard_limit
+            make_client(self.broker_sub, s.curve)
+            try:
+                self.broker_pub.connect(s.broker[0])
+                self.broker_sub.connect(s.broker[1])
+            except zmq.ZMQError as exc:
+                raise NetworkError(f"cannot connect to broker {s.broker}: {exc}") from exc
+            self.broker_sub.subscribe(fr.MESSAGE)
+            self.broker_sub.subscribe(fr.ACK + self.node_id)
+            self.io.watch(self.broker_pub, functools.partial(self._on_xpub, self.broker_pub, True))
+            self.io.watch(self.broker_sub, functools.partial(self._on_sub, None, self.broker_sub))
+
+        self.mesh.endpoint, self.mesh.pub_endpoint = self.endpoint, self.pub_endpoint
+        if s.discovery is not None and s.discovery.enabled:
+            self.mesh.open_discovery(s.discovery)
+        now = time.monotonic()
+        for endpoint in s.peers:
+            self.mesh.open_link(endpoint, expected=None, explicit=True, now=now)
+
+    # --------------------------------------------------------------- main loop
+
+    def run(self) -> None:
+        try:
+            self._setup()
+        except BaseException as exc:
+            self.startup_error = exc
+            self._teardown()
+            self.started.set()
+            return
+        self.started.set()
+        try:
+            self._loop()
+        except BaseException as exc:
+            logger.exception("bus I/O thread of %s died", self.node_id.hex())
+            self.failure = exc
+        finally:
+            self._teardown()
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= self.next_timer:
+                self._timers(now)
+            timeout_ms = max(0, int((self.next_timer - time.monotonic()) * 1000) + 1)
+            try:
+                events = self.io.poller.poll(timeout_ms)
+            except zmq.ZMQError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            for sock, _ in events:
+                handler = self.io.handlers.get(sock)
+                if handler is not None:  # None: closed by an earlier handler this round
+                    handler()
+                if self.stopping:
+                    break
+
+    def _teardown(self) -> None:
+        error = NetworkError("bus closed" if self.failure is None else "bus I/O thread died")
+        for pending in self.pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self.pending.clear()
+        while True:
+            try:
+                cmd = self.cmds.get_nowait()
+            except queue.Empty:
+                break
+            fut = getattr(cmd, "future", None)
+            if fut is not None and not fut.done():
+                fut.set_exception(error)
+        self.io.close_all()
+        self.mesh.close_discovery()
+        if self.auth is not None:
+            try:
+                self.auth.stop()
+            except Exception:
+                logger.debug("ZAP authenticator did not stop cleanly", exc_info=True)
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+
+    def _schedule(self, when: float) -> None:
+        if when < self.next_timer:
+            self.next_timer = when
+
+    def _timers(self, now: float) -> None:
+        s = self.s
+        nxt = self.mesh.timers(now)
+        for req_id, pending in list(self.pending.items()):
+            if now >= pending.deadline:
+                del self.pending[req_id]
+                self.counters["request_timeouts"] += 1
+                if not pending.future.done():
+                    pending.future.set_result(None)
+            else:
+                nxt = min(nxt, pending.deadline)
+        if self.broker_pub is not None and not self.broker_ready:
+            if now >= self.next_broker_probe:
+                self._ack(self.broker_pub, self.node_id)  # probe our own broker path
+                self.next_broker_probe = now + s.hello_interval
+            nxt = min(nxt, self.next_broker_probe)
+        self.next_timer = nxt
+
+    # ------------------------------------------------------------- bookkeeping
+
+    def _on_usable(self, peer: Peer, usable: bool) -> None:
+        with self.cond:
+            self.ready_count += 1 if usable else -1
+            self.cond.notify_all()
+        if usable and self.s.on_peer_ready is not None:
+            try:
+                self.s.on_peer_ready(peer.node_id)
+            except Exception:
+                self.counters["callback_errors"] += 1
+                logger.exception("on_peer_ready callback failed")
+
+    def _on_link_closed(self, link: Link) -> None:
+        for req_id, pending in list(self.pending.items()):
+            if pending.link is link:
+                del self.pending[req_id]
+                if not pending.future.done():
+                    pending.future.set_result(None)
+
+    def _ack(self, sock: zmq.Socket | None, subscriber: bytes) -> None:
+        if sock is not None:
+            sock.send_multipart(fr.ack_frames(subscriber, self.node_id), zmq.NOBLOCK)
+
+    def _deliver(self, payload: bytes, sender: bytes, peer: Peer | None) -> None:
+        self.counters["messages_in"] += 1
+        self.counters["bytes_in"] += len(payload)
+        if peer is not None:
+            peer.stats["messages_in"] += 1
+            peer.stats["bytes_in"] += len(payload)
+        try:
+            self.s.on_publish(payload, sender)
+        except Exception:
+            self.counters["callback_errors"] += 1
+            logger.exception("on_publish callback failed")
+
+    # ------------------------------------------------------- pipe and commands
+
+    def _on_pipe(self) -> None:
+        assert self.pipe is not None
+        for _ in range(_BATCH):
+            try:
+                frames = self.pipe.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if frames[0] == PIPE_PUBLISH:
+                self._publish(frames[1])
+        while not self.stopping:
+            try:
+                cmd = self.cmds.get_nowait()
+            except queue.Empty:
+                break
+            self._command(cmd)
+
+    def _publish(self, payload: bytes) -> None:
+        self.counters["messages_out"] += 1
+        self.counters["bytes_out"] += len(payload)
+        for sock in (self.xpub, self.broker_pub):
+            if sock is not None:
+                sock.send_multipart(fr.message_frames(self.node_id, payload), zmq.NOBLOCK)
+        if self.xpub is None:
+            # A client-only node has no PUB: push to the peers it is connected to.
+            for peer in self.table.push_targets():
+                assert peer.link is not None
+                try:
+                    peer.link.sock.send_multipart(fr.push_frames(payload), zmq.NOBLOCK)
+                    peer.stats["messages_out"] += 1
+                except zmq.Again:
+                    self.dropped["hwm"] += 1
+
+    def _command(self, cmd: Command) -> None:
+        if isinstance(cmd, Stop):
+            self.stopping = True
+            return
+        if isinstance(cmd, SendReply):
+            self._send_reply(cmd.ident, cmd.req_id, cmd.payload)
+            return
+        fut = cmd.future
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            if isinstance(cmd, Ask):
+                self._start_request(cmd)
+                return
+            if isinstance(cmd, Connect):
+                self.mesh.open_link(cmd.endpoint, expected=None, explicit=True,
+                                    now=time.monotonic())
+                result: Any = None
+            elif isinstance(cmd, GetPeers):
+                result = self.peer_snapshot()
+            else:
+                result = self.stats_snapshot()
+        except Exception as exc:
+            fut.set_exception(exc)
+            return
+        fut.set_result(result)
+
+    def _start_request(self, cmd: Ask) -> None:
+        peer = self.table.peers.get(cmd.node_id)
+        if peer is None or peer.link is None or not peer.connected:
+            self.counters["requests_unroutable"] += 1
+            cmd.future.set_result(None)
+            return
+        req_id = next(self.req_ids).to_bytes(fr.REQ_ID_SIZE, "big")
+        try:
+            peer.link.sock.send_multipart(fr.request_frames(req_id, cmd.payload), zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["requests_unroutable"] += 1
+            cmd.future.set_result(None)
+            return
+        self.counters["requests_out"] += 1
+        peer.stats["requests_out"] += 1
+        deadline = time.monotonic() + cmd.timeout
+        self.pending[req_id] = _Pending(cmd.future, deadline, peer.link)
+        self._schedule(deadline)
+
+    # ---------------------------------------------------------------- handlers
+
+    def _on_router(self) -> None:
+        assert self.router is not None
+        for _ in range(_BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._router_message(frames)
+            if self.stopping:
+                break
+
+    def _router_message(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0].bytes
+        node_id = fr.routing_node_id(ident)
+        src = ident if node_id is None else node_id
+        if self.flood.banned(src):
+            self.dropped["banned"] += 1
+            return
+        if node_id is None or len(frames) < 2:
+            self.mesh.bad(src, "malformed")
+            return
+        peer = self.table.peers.get(node_id)
+        try:
+            msg = fr.decode_router([f.bytes for f in frames[1:]])
+        except fr.MalformedFrame as exc:
+            self.mesh.bad(src, exc.reason, peer)
+            return
+        if isinstance(msg, fr.Hello):
+            self._hello(ident, node_id, msg, frames[2], peer)
+        elif isinstance(msg, fr.Request):
+            if len(msg.payload) > self.s.max_message_size:
+                self.mesh.bad(src, "oversize", peer)
+                self._send_reply(ident, msg.req_id, None)
+                return
+            self.counters["requests_in"] += 1
+            self.counters["bytes_in"] += len(msg.payload)
+            if peer is not None:
+                peer.stats["requests_in"] += 1
+            self._answer(ident, msg.req_id, msg.payload, node_id)
+        else:
+            if len(msg.payload) > self.s.max_message_size:
+                self.mesh.bad(src, "oversize", peer)
+                return
+            self._deliver(msg.payload, node_id, peer)
+
+    def _hello(self, ident: bytes, node_id: bytes, hello: fr.Hello, body: zmq.Frame,
+               peer: Peer | None) -> None:
+        assert self.router is not None
+        if hello.node_id != node_id:
+            self.mesh.bad(node_id, "malformed", peer)
+            return
+        self.router.send_multipart(fr.welcome_frames(ident, self.mesh.hello_body()), zmq.NOBLOCK)
+        self._ack(self.xpub, node_id)
+        try:
+            address = body.get("Peer-Address")
+        except (zmq.ZMQError, AttributeError):
+            address = None
+        self.mesh.hello_from(node_id, hello, address, time.monotonic())
+
+    def _answer(self, ident: bytes, req_id: bytes, payload: bytes, sender: bytes) -> None:
+        reply: Any = None
+        try:
+            reply = self.s.on_request(payload, sender)
+            if isinstance(reply, DeferredReply):
+                post = self.post
+                done, reply = reply._attach(
+                    lambda answer: post(SendReply(ident, req_id, answer)))
+                if not done:
+                    return  # answered later, through a SendReply command
+            if reply is not None and not isinstance(reply, bytes | bytearray | memoryview):
+                raise TypeError(f"on_request returned {type(reply).__name__}, not bytes")
+        except Exception:
+            reply = None
+            self.counters["callback_errors"] += 1
+            logger.exception("on_request callback failed")
+        self._send_reply(ident, req_id, reply)
+
+    def _send_reply(self, ident: bytes, req_id: bytes, reply: bytes | None) -> None:
+        if self.router is None:
+            return
+        if reply is not None:
+            self.counters["replies_out"] += 1
+            self.counters["bytes_out"] += len(reply)
+        self.router.send_multipart(fr.reply_frames(ident, req_id, reply), zmq.NOBLOCK)
+
+    def _on_dealer(self, link: Link) -> None:
+        for _ in range(_BATCH):
+            if link.sock.closed:
+                return
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._dealer_message(link, frames)
+
+    def _dealer_message(self, link: Link, frames: list[bytes]) -> None:
+        src = link.source
+        if self.flood.banned(src):
+            self.dropped["banned"] += 1
+            return
+        peer = self.table.peer_of(link)
+        try:
+            msg = fr.decode_dealer(frames)
+        except fr.MalformedFrame as exc:
+            self.mesh.bad(src, exc.reason, peer)
+            return
+        now = time.monotonic()
+        if isinstance(msg, fr.Hello):
+            self.mesh.welcomed(link, msg, now)
+            return
+        pending = self.pending.get(msg.req_id)
+        if pending is None or pending.link is not link:
+            self.dropped["late_reply"] += 1
+            return
+        del self.pending[msg.req_id]
+        reply = msg.payload
+        if reply is not None:
+            if len(reply) > self.s.max_message_size:
+                self.mesh.bad(src, "oversize", peer)
+                reply = None
+            else:
+                self.counters["replies_in"] += 1
+                self.counters["bytes_in"] += len(reply)
+        if peer is not None:
+            peer.last_seen = now
+        if not pending.future.done():
+            pending.future.set_result(reply)
+
+    def _on_sub(self, peer: Peer | None, sock: zmq.Socket) -> None:
+        for _ in range(_BATCH):
+            if sock.closed:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._sub_message(peer, frames)
+            if self.stopping:
+                return
+
+    def _sub_message(self, peer: Peer | None, frames: list[bytes]) -> None:
+        src: bytes | str = peer.node_id if peer is not None else "broker"
+        if self.flood.banned(src):
+            self.dropped["banned"] += 1
+            return
+        if peer is not None:
+            peer.sub_seen = time.monotonic()
+        try:
+            msg = fr.decode_sub(frames, self.node_id)
+        except fr.MalformedFrame as exc:
+            self.mesh.bad(src, exc.reason, peer)
+            return
+        if isinstance(msg, fr.Message):
+            if msg.sender == self.node_id:
+                self.dropped["echo"] += 1  # our own message back through the broker
+                return
+            if peer is not None and msg.sender != peer.node_id:
+                self.mesh.bad(src, "spoofed", peer)
+                return
+            if len(msg.payload) > self.s.max_message_size:
+                self.mesh.bad(src, "oversize", peer)
+                return
+            if peer is not None:
+                peer.last_seen = time.monotonic()
+            origin = self.table.peers.get(msg.sender) if peer is None else peer
+            self._deliver(msg.payload, msg.sender, origin)
+        elif peer is None:
+            if msg.sender == self.node_id and not self.broker_ready:
+                with self.cond:
+                    self.broker_ready = True
+                    self.cond.notify_all()
+                logger.debug("broker path ready")
+        elif msg.sender == peer.node_id:
+            peer.last_seen = time.monotonic()
+            if not peer.ready:
+                self.mesh.set_state(peer, ready=True)
+                if peer.link is not None and peer.link.welcomed:
+                    peer.link.next_hello = time.monotonic() + self.s.ping_interval
+        else:
+            self.mesh.bad(src, "spoofed", peer)
+
+    def _on_xpub(self, sock: zmq.Socket, only_self: bool) -> None:
+        for _ in range(_BATCH):
+            try:
+                data = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            # A new subscriber on its ACK topic: acknowledge it. Through the broker we
+            # only probe our own path; peers ack each other directly.
+            subscriber = fr.ack_subscriber(data)
+            if subscriber is not None and (not only_self or subscriber == self.node_id):
+                self._ack(sock, subscriber)
+
+    # --------------------------------------------------------------- snapshots
+
+    def peer_snapshot(self) -> dict[bytes, PeerInfo]:
+        return self.table.snapshot(time.monotonic(), time.time())
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {key: self.counters[key] for key in _COUNTERS}
+        out["dropped"] = dict(self.dropped)
+        out["banned"] = self.flood.bans
+        out["pending_requests"] = len(self.pending)
+        out["links"] = len(self.table.links)
+        out["self_endpoints"] = sorted(self.table.self_endpoints)
+        out["broker_ready"] = self.broker_ready
+        out["peers"] = self.table.stats()
+        return out

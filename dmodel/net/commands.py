@@ -1,0 +1,126 @@
+"""What crosses into the bus I/O thread: its settings and typed commands.
+
+:class:`Settings` are the bus options, validated once by :class:`dmodel.net.bus.Bus`
+and read-only after. API threads put commands on the actor's queue and wake it; the
+actor (:mod:`dmodel.net.actor`) runs them on the I/O thread and answers through each
+command's future. A :class:`DeferredReply` is what an ``on_request`` handler returns
+to answer later from another thread (the replication request worker does): its
+:meth:`~DeferredReply.resolve` posts a :class:`SendReply` command.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from dmodel.net.curve import CurveConfig
+from dmodel.net.discovery import DiscoveryConfig
+
+PublishCallback = Callable[[bytes, bytes], None]
+RequestCallback = Callable[[bytes, bytes], "bytes | DeferredReply | None"]
+PeerCallback = Callable[[bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Leave the loop and close everything."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    endpoint: str
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Send a request to a peer; the future gets its reply or None."""
+
+    node_id: bytes
+    payload: bytes
+    timeout: float
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class GetPeers:
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class GetStats:
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class SendReply:
+    """The answer to a request that was deferred (None sends NO_REPLY)."""
+
+    ident: bytes
+    req_id: bytes
+    payload: bytes | None
+
+
+Command = Stop | Connect | Ask | GetPeers | GetStats | SendReply
+
+
+class DeferredReply:
+    """Returned by ``on_request`` to answer later, from any thread, with :meth:`resolve`."""
+
+    __slots__ = ("_lock", "_send", "_reply", "_resolved")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._send: Callable[[bytes | None], None] | None = None
+        self._reply: bytes | None = None
+        self._resolved = False
+
+    def resolve(self, reply: bytes | None) -> None:
+        """Send ``reply`` (bytes, or None for no reply) to the asker. Only the first counts."""
+        if reply is not None:
+            if not isinstance(reply, bytes | bytearray | memoryview):
+                raise TypeError(f"reply must be bytes or None, not {type(reply).__name__}")
+            reply = bytes(reply)
+        with self._lock:
+            if self._resolved:
+                return
+            self._resolved, self._reply, send = True, reply, self._send
+        if send is not None:
+            send(reply)
+
+    def _attach(self, send: Callable[[bytes | None], None]) -> tuple[bool, bytes | None]:
+        """Route the reply through ``send``; (True, reply) if it was resolved already."""
+        with self._lock:
+            if self._resolved:
+                return True, self._reply
+            self._send = send
+            return False, None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The bus options, validated once by :class:`dmodel.net.bus.Bus`."""
+
+    node_id: bytes
+    listen: str | None
+    peers: tuple[str, ...]
+    on_publish: PublishCallback
+    on_request: RequestCallback
+    on_peer_ready: PeerCallback | None
+    curve: CurveConfig | None
+    advertise_host: str | None
+    max_message_size: int
+    rcvhwm: int
+    sndhwm: int
+    discovery: DiscoveryConfig | None
+    broker: tuple[str, str] | None
+    hello_interval: float
+    ping_interval: float
+    peer_timeout: float
+    flood_threshold: int
+    flood_window: float
+    flood_ban: float
+    max_peers: int
