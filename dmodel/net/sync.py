@@ -25,11 +25,13 @@ from typing import Any
 
 import msgpack
 
+from ..errors import ProtocolError
+
 MAX_PAGE = 2000
 MAX_IDS = 1000
 
 
-class SyncMessageError(ValueError):
+class SyncMessageError(ProtocolError):
     """A sync message that does not follow the protocol."""
 
 
