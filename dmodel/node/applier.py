@@ -20,7 +20,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,24 @@ class Applier:
         """Apply an update this node just signed (the caller holds the lock)."""
         with self.lock:
             return self._process_batch([update], local=True)[0]
+
+    def ingest_raw(self, raws: Iterable[bytes]) -> list[pipeline.Decision | None]:
+        """Decode and apply updates from elsewhere; None for bytes that are no update
+        (counted as dropped, never raised)."""
+        results: list[pipeline.Decision | None] = []
+        updates: list[Update] = []
+        where: list[int] = []
+        for raw in raws:
+            try:
+                updates.append(decode(raw))
+                where.append(len(results))
+            except InvalidUpdate as exc:
+                self.count_drop(exc, None)
+            results.append(None)
+        if updates:
+            for i, decision in zip(where, self.ingest(updates), strict=True):
+                results[i] = decision
+        return results
 
     def ingest(self, updates: list[Update]) -> list[pipeline.Decision]:
         """Apply updates from elsewhere, in order, as one batch; one decision each.

@@ -18,10 +18,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
-
-import redis
 
 from .. import host, merge, pipeline
 from ..clock import HybridClock
@@ -31,19 +28,16 @@ from ..errors import (
     ConfigurationError,
     DecryptionError,
     DModelError,
-    InvalidUpdate,
     KeyringError,
     NodeNotRunningError,
     ObjectNotFoundError,
     RejectedError,
 )
-from ..keyring import Keyring, write_private
-from ..store.embedded import EmbeddedRedis
-from ..store.redis import RedisStore, map_redis_errors
-from ..update import Op, Update, decode
+from ..update import Op, Update
 from . import audit
 from .applier import Applier
 from .audit import HistoryEntry
+from .home import open_home
 from .sealing import Sealer, live_meta
 
 logger = logging.getLogger(__name__)
@@ -56,20 +50,6 @@ def _shutdown_at_exit(ref: weakref.ref[Node]) -> None:
             node.shutdown()
         except Exception:  # at exit: nothing left to report to
             logger.debug("shutdown at exit failed", exc_info=True)
-
-
-def _lock_home(home: Path) -> Any:
-    """Hold an exclusive lock on ``home`` for this node's life (released if it dies)."""
-    import fcntl
-
-    handle = open(home / "node.lock", "a+")  # noqa: SIM115 - held until shutdown
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise ConfigurationError(f"the home {home} is in use by another running node "
-                                 "(one node per home)") from None
-    return handle
 
 
 class Node:
@@ -102,41 +82,18 @@ class Node:
         self.unauthorized_policy: merge.Policy = config.unauthorized_policy
         self.skew_ms = config.skew_ms
         self._now = now
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        redis_url = config.redis_url
-        # The embedded Redis of a home belongs to one node at a time; a Redis given by URL
-        # is the operator's to share out (one node per database or prefix).
-        self._home_lock = _lock_home(self.home) if not redis_url else None
+        self._home = open_home(config)
+        self.node_id, self.keyring, self.store = (
+            self._home.node_id, self._home.keyring, self._home.store)
+        self._embedded = self._home.embedded
         try:
-            self.node_id = self._load_node_id()
-            self.keyring = Keyring(self.home / "keys", config.passphrase)
-        except BaseException:
-            self._unlock_home()
-            raise
-        self._embedded: EmbeddedRedis | None = None
-        if redis_url:
-            try:
-                client = redis.Redis.from_url(redis_url)
-            except ValueError as exc:
-                raise ConfigurationError(f"bad redis_url {redis_url!r}: {exc}") from exc
-        else:
-            try:
-                self._embedded = EmbeddedRedis(self.home)
-            except BaseException:
-                self._unlock_home()
-                raise
-            client = self._embedded.client()
-            # A program that ends without shutdown() still stops its Redis server.
-            atexit.register(_shutdown_at_exit, weakref.ref(self))
-        self.store = RedisStore(client, prefix=config.redis_prefix, unix_socket=(
-            str(self._embedded.socket) if self._embedded is not None else None))
-        try:
-            with map_redis_errors():
-                client.ping()
             self.clock = HybridClock(now, last=self.store.last_hlc())
         except BaseException:
-            self._stop_store()
+            self._home.close()
             raise
+        if self._embedded is not None:
+            # A program that ends without shutdown() still stops its Redis server.
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
         self.sealer = Sealer(self.store, self.keyring)
         # The applier's lock is the apply lock; the listener registry shares it, so
         # apply()/revoke() from other threads never race a dispatch (an RLock:
@@ -159,18 +116,6 @@ class Node:
                 raise
 
     # ----------------------------------------------------------------- set-up
-    def _load_node_id(self) -> bytes:
-        path = self.home / "node.id"
-        try:
-            data = path.read_bytes()
-            if len(data) == 16:
-                return data
-        except FileNotFoundError:
-            pass
-        data = os.urandom(16)
-        write_private(path, data)
-        return data
-
     def start_network(self, *, listen: str | None = None, peers: Iterable[str] | None = None,
                       discovery: bool | None = None, **options: Any) -> Any:
         """Start the bus, publishing and catch-up; returns ``node.network``.
@@ -219,20 +164,7 @@ class Node:
         the result is the same as ingesting them one by one.
         """
         self._check_open()
-        results: list[pipeline.Decision | None] = []
-        updates: list[Update] = []
-        where: list[int] = []
-        for raw in raws:
-            try:
-                updates.append(decode(raw))
-                where.append(len(results))
-            except InvalidUpdate as exc:
-                self.applier.count_drop(exc, None)
-            results.append(None)
-        if updates:
-            for i, decision in zip(where, self.applier.ingest(updates), strict=True):
-                results[i] = decision
-        return results
+        return self.applier.ingest_raw(raws)
 
     @property
     def pending_count(self) -> int:
@@ -441,18 +373,7 @@ class Node:
             except DModelError:
                 logger.exception("closing the network failed")
         with self._lock:
-            self._stop_store()
-
-    def _stop_store(self) -> None:
-        self.store.close()
-        if self._embedded is not None:
-            self._embedded.stop()
-        self._unlock_home()
-
-    def _unlock_home(self) -> None:
-        if self._home_lock is not None:
-            self._home_lock.close()
-            self._home_lock = None
+            self._home.close()
 
     close = shutdown
 
