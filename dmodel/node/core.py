@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import host, merge, pipeline
 from ..clock import HybridClock
-from ..config import NodeConfig
+from ..config import DEFAULT_PREFIX, DEFAULT_SKEW, NodeConfig
 from ..crypto import Identity
 from ..errors import (
     ConfigurationError,
@@ -67,7 +67,7 @@ class Node:
                  listen: str | None = None, peers: Iterable[str] | None = None,
                  discovery: bool | None = None, redis_url: str | None = None,
                  unauthorized_policy: str | None = None, passphrase: str | None = None,
-                 skew: float = 60.0, redis_prefix: str = "dm:",
+                 skew: float = DEFAULT_SKEW, redis_prefix: str = DEFAULT_PREFIX,
                  now: Callable[[], int] = time.time_ns, curve: Any = None,
                  broker: Any = None, network_options: dict[str, Any] | None = None,
                  start_network: bool = True) -> None:
@@ -81,7 +81,6 @@ class Node:
         self.discovery = config.discovery
         self.unauthorized_policy: merge.Policy = config.unauthorized_policy
         self.skew_ms = config.skew_ms
-        self._now = now
         self._home = open_home(config)
         self.node_id, self.keyring, self.store = (
             self._home.node_id, self._home.keyring, self._home.store)

