@@ -60,7 +60,8 @@ class Node:
     (DMODEL_LISTEN), ``peers`` (DMODEL_PEERS, comma-separated), ``discovery``
     (DMODEL_DISCOVERY), ``redis_url`` (DMODEL_REDIS_URL), ``passphrase``
     (DMODEL_PASSPHRASE), ``unauthorized_policy`` (DMODEL_UNAUTHORIZED_POLICY:
-    ``"reject"`` or ``"listeners"``).
+    ``"reject"`` or ``"listeners"``). ``config=`` (a resolved ``NodeConfig``) takes the
+    place of all of those.
     """
 
     def __init__(self, home: str | os.PathLike[str] | None = None, *,
@@ -70,11 +71,13 @@ class Node:
                  skew: float = DEFAULT_SKEW, redis_prefix: str = DEFAULT_PREFIX,
                  now: Callable[[], int] = time.time_ns, curve: Any = None,
                  broker: Any = None, network_options: dict[str, Any] | None = None,
-                 start_network: bool = True) -> None:
-        config = self.config = NodeConfig.resolve(
-            home, listen=listen, peers=peers, discovery=discovery, redis_url=redis_url,
-            unauthorized_policy=unauthorized_policy, passphrase=passphrase, skew=skew,
-            redis_prefix=redis_prefix)
+                 start_network: bool = True, config: NodeConfig | None = None) -> None:
+        if config is None:
+            config = NodeConfig.resolve(
+                home, listen=listen, peers=peers, discovery=discovery, redis_url=redis_url,
+                unauthorized_policy=unauthorized_policy, passphrase=passphrase, skew=skew,
+                redis_prefix=redis_prefix)
+        self.config = config
         self.home = config.home
         self.listen = config.listen
         self.peers = list(config.peers)
