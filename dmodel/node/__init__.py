@@ -7,6 +7,7 @@
     pending.py  the bounded set of updates waiting for a missing dependency
     sealing.py  encrypted values: readers, sealing, grant_read wraps, opening
     audit.py    verify_register, verify_store, state_digest, history
+    home.py     the home: its lock, node id, keyring and store (embedded or by URL)
     default.py  the default node of ``dmodel.launch()``
 
 Only ``dmodel/__init__.py``, ``dmodel/cli.py`` and ``dmodel/tools/`` import this package;
