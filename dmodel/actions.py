@@ -33,10 +33,10 @@ from dmodel import filters
 from dmodel.errors import (
     ConfigurationError,
     ModelDefinitionError,
-    NodeNotRunningError,
     VetoedError,
 )
 from dmodel.filters import Filter
+from dmodel.host import default_host
 
 __all__ = [
     "AFTER_CALLBACKS",
@@ -316,13 +316,9 @@ _ARITY: Final = {
 
 
 def _resolve_registry() -> ListenerRegistry:
-    """The default node's registry, looked up late to keep actions independent of node."""
-    try:
-        import dmodel.node as node_module
-
-        return node_module.default_node().listeners  # type: ignore[no-any-return]
-    except (ImportError, AttributeError) as exc:
-        raise NodeNotRunningError("call dmodel.launch() first") from exc
+    """The default node's registry (found through ``dmodel.host``: actions never import
+    the node)."""
+    return default_host().listeners  # type: ignore[no-any-return]
 
 
 def _pick_registry(registry: ListenerRegistry | None, node: Any) -> ListenerRegistry:

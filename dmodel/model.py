@@ -12,7 +12,10 @@
     q = Person(db_id, caller_id)    # an existing object, read and written as caller_id
 
 Declaring a class does no I/O. An instance finds its node through ``node=`` or the
-default node started by ``dmodel.launch()``.
+default node started by ``dmodel.launch()``, and talks to it only through the
+``dmodel.host.ModelHost`` protocol (never to its store). A model's
+``Meta.unauthorized_policy`` is registered with ``dmodel.host`` when the class is
+defined; the node reads it from there. Everything runs on the caller's thread.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
-from . import merge
+from . import host, merge
 from .errors import (
     ConfigurationError,
     FieldTypeError,
@@ -49,16 +52,13 @@ def model_class(name: str) -> type[DModel] | None:
 
 def model_policy(name: str) -> merge.Policy | None:
     """The ``Meta.unauthorized_policy`` of a model, if it sets one."""
-    cls = _models.get(name)
-    return cls._meta.policy if cls is not None else None
+    return host.model_policy(name)
 
 
-def _node(node: Any) -> Any:
+def _node(node: Any) -> host.ModelHost:
     if node is not None:
-        return node
-    from .node import default_node
-
-    return default_node()
+        return node  # type: ignore[no-any-return]
+    return host.default_host()  # type: ignore[no-any-return]
 
 
 class _ModelOptions:
@@ -311,11 +311,11 @@ class BoundList:
         self.field = field
 
     @property
-    def _store(self) -> Any:
-        return self.obj._node.store
+    def _host(self) -> host.ModelHost:
+        return self.obj._node  # its list reads
 
     def length(self) -> int:
-        return self._store.list_length(self.obj.db_id, self.field.name)
+        return self._host.list_length(self.obj.db_id, self.field.name)
 
     __len__ = length
 
@@ -330,7 +330,7 @@ class BoundList:
         return index
 
     def _element(self, index: int) -> bytes:
-        ids = self._store.list_range(self.obj.db_id, self.field.name, index, index)
+        ids = self._host.list_range(self.obj.db_id, self.field.name, index, index)
         if not ids:
             raise IndexError("list index out of range")
         return ids[0]
@@ -348,7 +348,7 @@ class BoundList:
 
     def __iter__(self) -> Iterator[Any]:
         return iter([self._read(e) for e in
-                     self._store.list_range(self.obj.db_id, self.field.name)])
+                     self._host.list_range(self.obj.db_id, self.field.name)])
 
     def to_list(self) -> list[Any]:
         return list(self)
@@ -375,10 +375,10 @@ class BoundList:
         _check_value(self.field.name, value)
         if not isinstance(index, int) or isinstance(index, bool):
             raise FieldTypeError("list indexes are integers")
-        obj, name, store = self.obj, self.field.name, self._store
+        obj, name, lists = self.obj, self.field.name, self._host
 
         def build() -> Op:
-            low, high = _neighbours(store, obj.db_id, name, index)
+            low, high = _neighbours(lists, obj.db_id, name, index)
             low_pos, high_pos = _position(low), _position(high) if high else None
             pending = _pending_positions(obj, name)
             if high is None and pending:  # appends in one transaction: keep them in order
@@ -386,9 +386,9 @@ class BoundList:
             elif high_pos is not None and low_pos == high_pos:
                 # Concurrent inserts at one place may share a position; nothing fits
                 # between those two, so the new element goes just before the pair.
-                below = store.list_key_below(obj.db_id, name, high_pos)
+                below = lists.list_key_below(obj.db_id, name, high_pos)
                 low, low_pos = below, _position(below)
-            toward = _toward(store, obj.db_id, name, low, high)
+            toward = _toward(lists, obj.db_id, name, low, high)
             try:
                 position = merge.between(low_pos, high_pos, toward)
             except ValueError as exc:  # pragma: no cover - the cases above leave room
@@ -426,17 +426,17 @@ class BoundList:
 _END = 1 << 62  # an insert index past any list: append
 
 
-def _neighbours(store: Any, db_id: str, name: str,
+def _neighbours(lists: host.ModelHost, db_id: str, name: str,
                 index: int) -> tuple[bytes | None, bytes | None]:
     """Order keys of the elements a new one inserted at ``index`` goes between."""
     if index < 0:
-        index = max(0, store.list_length(db_id, name) + index)
+        index = max(0, lists.list_length(db_id, name) + index)
     if index == 0:
-        first = store.list_keys_range(db_id, name, 0, 0)
+        first = lists.list_keys_range(db_id, name, 0, 0)
         return None, (first[0] if first else None)
-    keys = store.list_keys_range(db_id, name, index - 1, index) if index < _END else []
+    keys = lists.list_keys_range(db_id, name, index - 1, index) if index < _END else []
     if not keys:  # past the end: append after the last element
-        last = store.list_keys_range(db_id, name, -1, -1)
+        last = lists.list_keys_range(db_id, name, -1, -1)
         return (last[0] if last else None), None
     return keys[0], (keys[1] if len(keys) > 1 else None)
 
@@ -454,14 +454,14 @@ def _position(key: bytes | None) -> bytes:
     return key[:-35] if key else b""
 
 
-def _toward(store: Any, db_id: str, name: str, low: bytes | None,
+def _toward(lists: host.ModelHost, db_id: str, name: str, low: bytes | None,
             high: bytes | None) -> str | None:
     """Which neighbour was inserted last: new positions hug it (see merge.between)."""
     if low is None or high is None:
         return None
     versions = []
     for key in (low, high):
-        reg = store.register(db_id, element_register(name, key[-34:]))
+        reg = lists.raw_register(db_id, element_register(name, key[-34:]))
         versions.append(reg.version if reg is not None else b"")
     return "low" if versions[0] > versions[1] else "high"
 
@@ -515,6 +515,7 @@ class DModel:
         if name in _models and _models[name] is not cls:
             logger.debug("model %s redefined; the latest definition is used", name)
         _models[name] = cls
+        host.register_model_policy(name, cls._meta.policy)
 
     def __init__(self, authorized_or_id: Iterable[str] | str | None = None,
                  caller_id: str | None = None, *, node: Any = None) -> None:
@@ -661,18 +662,16 @@ class DModel:
 
     # ------------------------------------------------------- authorization
     def is_read_authorized(self, object_id: str) -> bool:
-        return object_id == self.db_id or object_id in merge.current_members(
-            self._node.store.auth_events(self.db_id, "r"))
+        return object_id == self.db_id or object_id in self._node.members(self.db_id, "r")
 
     def is_update_authorized(self, object_id: str) -> bool:
-        return object_id == self.db_id or object_id in merge.current_members(
-            self._node.store.auth_events(self.db_id, "u"))
+        return object_id == self.db_id or object_id in self._node.members(self.db_id, "u")
 
     def read_authorized(self) -> list[str]:
-        return sorted(merge.current_members(self._node.store.auth_events(self.db_id, "r")))
+        return sorted(self._node.members(self.db_id, "r"))
 
     def update_authorized(self) -> list[str]:
-        return sorted(merge.current_members(self._node.store.auth_events(self.db_id, "u")))
+        return sorted(self._node.members(self.db_id, "u"))
 
     def append_read_authorized(self, object_id: str) -> None:
         """Let ``object_id`` read encrypted fields, including the current values."""

@@ -48,9 +48,8 @@ from ..clock import physical_ms
 from ..errors import StoreError, StoreUnavailableError
 from ..pipeline import Snapshot, needs
 from ..update import Update, op_register
+from .base import HELD_CAP
 from .wire import Wire
-
-HELD_CAP = 1000
 
 # Over redis-py (a Redis given by URL): runs a list of commands, given as one msgpack
 # argument, and returns their replies as one msgpack reply. A script runs atomically
@@ -226,9 +225,8 @@ class RedisStore:
         snaps = []
         for (update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
              grants_l, check_chain) in plans:
+            # A local update's seen/chain facts come from the applier's local rule.
             snap = Snapshot(seen=False if local else bool(next(results)))
-            if local and update.prev:
-                snap.prev_chain = (update.caller, update.node)
             if check_chain:
                 link, sibling = next(results), next(results)
                 if link:

@@ -459,9 +459,9 @@ def test_local_callers_get_typed_errors(make_node) -> None:
 
 
 def test_pending_set_is_bounded(make_node, monkeypatch) -> None:
-    import dmodel.node
+    import dmodel.node.pending
 
-    monkeypatch.setattr(dmodel.node, "MAX_PENDING", 5)
+    monkeypatch.setattr(dmodel.node.pending, "MAX_PENDING", 5)
     a, b = make_node("a"), make_node("b")
     objects = [Victim.create(name="v0", node=a) for _ in range(12)]
     for p in objects:

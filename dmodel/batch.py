@@ -1,0 +1,102 @@
+"""Pure pieces of applying a batch of updates: the overlay, bounded id maps, key lookup.
+
+A batch is decided update by update, each against the store's snapshot plus what the
+earlier updates of the same batch wrote (``Overlay``); it is committed in one atomic
+step. Nothing here does I/O or starts a thread: the node's ``Applier`` runs it, under
+its apply lock, on whichever thread is applying (see ``dmodel.node.applier``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from . import merge, pipeline
+from .clock import physical_ms
+from .crypto import PublicIdentity
+from .update import FIELD_OPS, Op, Update, op_register
+
+
+def event_field(op: Op, update: Update, index: int) -> str | None:
+    """The field name listeners see for an op (None for object-level ops)."""
+    if op.op in FIELD_OPS:
+        return op_register(op, update.id, index)
+    return None
+
+
+def signing_key(update: Update,
+                meta_of: Callable[[str], merge.ObjectMeta | None]) -> PublicIdentity | None:
+    """The key that must have signed ``update``: the one it creates, else its caller's
+    (``meta_of(db_id)`` gives what is known of an object); None if the caller is unknown."""
+    keys = update.creates()
+    if keys is not None:
+        return keys
+    meta = meta_of(update.caller)
+    return meta.keys if meta is not None else None
+
+
+class Bounded(dict):  # type: ignore[type-arg]
+    """An insertion-ordered map that forgets its oldest entries past ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def add(self, key: Any, value: Any = None) -> None:
+        self[key] = value
+        if len(self) > self.capacity:
+            del self[next(iter(self))]
+
+
+class Overlay:
+    """What earlier updates of a batch wrote, laid over each later update's snapshot."""
+
+    def __init__(self) -> None:
+        self.state = merge.State()
+        self.seen: set[bytes] = set()
+        self.chain: dict[bytes, tuple[str, bytes]] = {}
+        self.next: dict[bytes, bytes] = {}
+
+    def add(self, update: Update, writes: list[merge.Write] | None) -> None:
+        self.seen.add(update.id)
+        self.chain[update.id] = (update.caller, update.node)
+        if update.prev:
+            self.next.setdefault(update.prev, update.id)
+        ms = physical_ms(update.timestamp)
+        for op in update.ops:
+            if op.obj != update.caller:
+                key = (op.obj, update.caller)
+                self.state.last_write[key] = max(self.state.last_write.get(key, -1), ms)
+        if writes:
+            self.state.apply(writes)
+
+    def patch(self, snap: pipeline.Snapshot, update: Update) -> pipeline.Snapshot:
+        if not self.seen:
+            return snap
+        if update.id in self.seen:
+            snap.seen = True
+        if update.prev in self.chain:
+            snap.prev_chain = self.chain[update.prev]
+        if update.prev in self.next and self.next[update.prev] != update.id:
+            snap.equivocation = True
+        mine, over = snap.state, self.state
+        objects, registers, auth = pipeline.needs(update)
+        for db_id in objects:
+            if db_id in over.objects:
+                mine.objects[db_id] = over.objects[db_id]
+        for key in registers:
+            if key in over.registers:
+                mine.registers[key] = over.registers[key]
+            elif key[0] in over.objects and over.objects[key[0]].removed is not None:
+                mine.registers.pop(key, None)
+        for key in auth:
+            if key in over.auth:
+                mine.auth[key] = over.auth[key]
+            if key[1] == "u":  # a grant/revoke: did the member write earlier in the batch?
+                ms = over.last_write.get((key[0], key[2]), -1)
+                if ms > mine.last_write.get((key[0], key[2]), -1):
+                    mine.last_write[(key[0], key[2])] = ms
+        return snap
+
+
+__all__ = ["Bounded", "Overlay", "event_field", "signing_key"]

@@ -1,0 +1,120 @@
+"""NodeConfig: the one place where the ``DMODEL_*`` environment variables and defaults are read.
+
+    DMODEL_HOME                 keyring + embedded data (default under the user's data dir)
+    DMODEL_LISTEN               endpoint to bind, e.g. ``tcp://0.0.0.0:7600``
+    DMODEL_PEERS                comma-separated endpoints
+    DMODEL_DISCOVERY            ``0``/``1`` (also true/false, yes/no, on/off)
+    DMODEL_REDIS_URL            a Redis server instead of the embedded one
+    DMODEL_PASSPHRASE           the keyring's passphrase
+    DMODEL_UNAUTHORIZED_POLICY  ``reject`` (default) or ``listeners``
+
+An explicit argument always wins over the variable; an empty variable counts as unset.
+Reading the environment is all this module does (no files, no threads).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import merge
+from .errors import ConfigurationError
+
+# Seconds an update's timestamp may run ahead of this node's clock before it is held
+# (see pipeline.DEFAULT_SKEW_MS for the trade-off).
+DEFAULT_SKEW = 5.0
+DEFAULT_PREFIX = "dm:"
+
+
+def default_home(environ: Mapping[str, str] | None = None) -> Path:
+    """``$DMODEL_HOME``, else ``$XDG_DATA_HOME/dmodel`` or ``~/.local/share/dmodel``."""
+    env = os.environ if environ is None else environ
+    home = env.get("DMODEL_HOME")
+    if home:
+        return Path(home).expanduser()
+    base = env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "dmodel"
+
+
+def env_bool(name: str, environ: Mapping[str, str] | None = None) -> bool | None:
+    """A ``0``/``1`` variable; None when unset or empty; ConfigurationError otherwise."""
+    value = (os.environ if environ is None else environ).get(name)
+    if value is None or value == "":
+        return None
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name} must be 0 or 1, not {value!r}")
+
+
+def env_peers(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``DMODEL_PEERS`` split on commas, blanks left out."""
+    value = (os.environ if environ is None else environ).get("DMODEL_PEERS", "")
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def check_policy(policy: str) -> merge.Policy:
+    if policy not in merge.POLICIES:
+        raise ConfigurationError(
+            f"unauthorized_policy must be 'reject' or 'listeners', not {policy!r}")
+    return policy  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything a node is configured with; build it with ``NodeConfig.resolve(...)``."""
+
+    home: Path
+    listen: str | None = None
+    peers: tuple[str, ...] = ()
+    discovery: bool = False
+    redis_url: str | None = None
+    unauthorized_policy: merge.Policy = "reject"
+    passphrase: str | None = None
+    skew: float = DEFAULT_SKEW
+    redis_prefix: str = DEFAULT_PREFIX
+
+    @property
+    def skew_ms(self) -> int:
+        return int(self.skew * 1000)
+
+    @classmethod
+    def resolve(cls, home: str | os.PathLike[str] | None = None, *,
+                listen: str | None = None, peers: Iterable[str] | None = None,
+                discovery: bool | None = None, redis_url: str | None = None,
+                unauthorized_policy: str | None = None, passphrase: str | None = None,
+                skew: float | None = None, redis_prefix: str = DEFAULT_PREFIX,
+                environ: Mapping[str, str] | None = None) -> NodeConfig:
+        """Arguments given win; the rest come from ``environ`` (default ``os.environ``).
+
+        Raises ConfigurationError for a bad policy or ``DMODEL_DISCOVERY`` value.
+        """
+        env = os.environ if environ is None else environ
+        path = (Path(home).expanduser() if home is not None else default_home(env)).absolute()
+        if listen is None:
+            listen = env.get("DMODEL_LISTEN")
+        peer_list = env_peers(env) if peers is None else [p.strip() for p in peers]
+        if discovery is None:
+            discovery = bool(env_bool("DMODEL_DISCOVERY", env))
+        policy = check_policy(unauthorized_policy or env.get("DMODEL_UNAUTHORIZED_POLICY")
+                              or "reject")
+        if redis_url is None:
+            redis_url = env.get("DMODEL_REDIS_URL")
+        if skew is None:
+            try:
+                skew = float(env.get("DMODEL_SKEW") or DEFAULT_SKEW)
+            except ValueError:
+                raise ConfigurationError("DMODEL_SKEW must be a number of seconds") from None
+        if not 0 < skew <= 3600:
+            raise ConfigurationError(f"skew must be more than 0 and at most 3600 s, not {skew}")
+        return cls(home=path, listen=listen or None, peers=tuple(peer_list),
+                   discovery=discovery, redis_url=redis_url or None,
+                   unauthorized_policy=policy,
+                   passphrase=passphrase or env.get("DMODEL_PASSPHRASE") or None,
+                   skew=skew, redis_prefix=redis_prefix)
+
+
+__all__ = ["NodeConfig", "default_home", "env_bool", "env_peers"]

@@ -1,0 +1,427 @@
+"""Applier: the one path every update takes into the store, under the node's apply lock.
+
+    snapshot -> decide -> before-listeners -> commit -> after-listeners -> notify
+
+Threads: a local write runs on the caller's thread (``Node.write``); live updates from
+peers on the network's apply thread, updates pulled by catch-up on its sync thread
+(both through ``Node.ingest_many``). Whichever it is holds the apply lock (an RLock,
+shared with the listener registry) for the whole batch, so two batches never run at
+once; listeners and ``on_accepted`` callbacks run on that thread, inside the lock.
+
+"Local" is decided once, at the entry: ``apply_local`` for an update this node just
+signed, ``ingest`` for anything else. The snapshot of a local update is built by the
+local rule here (``_local_snapshot``), never inferred from what the store holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import merge, pipeline, redecide
+from ..actions import Change, Context, ListenerRegistry
+from ..batch import Bounded, Overlay, event_field, signing_key
+from ..clock import HybridClock
+from ..crypto import PublicIdentity
+from ..errors import InvalidUpdate, ReplayedUpdate, VetoedError
+from ..store.base import Store
+from ..update import Update, decode
+from . import pending as pending_module
+from .future import FutureSet
+from .pending import PendingSet
+
+logger = logging.getLogger(__name__)
+
+_PARALLEL_VERIFY_MIN = 16
+_RECENT = 100_000  # ids of updates stored lately: a relayed copy costs no store round trip
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _verify_pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
+    """A process-wide pool for signature checks, and its size (cores - 1, at least 1)."""
+    global _pool
+    workers = max(1, min(7, (os.cpu_count() or 2) - 1))
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                          thread_name_prefix="dmodel-verify")
+        return _pool, workers
+
+
+@dataclass
+class Stats:
+    """Counters of what the node did. ``dropped``/``rejected`` are keyed by error class name."""
+
+    applied: int = 0
+    local: int = 0
+    remote: int = 0
+    duplicates: int = 0
+    published: int = 0
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    listener_errors: int = 0
+    equivocations: int = 0
+    recomputed: int = 0
+    held_future: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied, "local": self.local, "remote": self.remote,
+                "duplicates": self.duplicates, "published": self.published,
+                "dropped": dict(self.dropped), "rejected": dict(self.rejected),
+                "listener_errors": self.listener_errors, "equivocations": self.equivocations,
+                "recomputed": self.recomputed, "held_future": self.held_future}
+
+
+def _local_snapshot(snap: pipeline.Snapshot, update: Update) -> pipeline.Snapshot:
+    """The local rule: an update just signed here is new and chained to this caller's
+    and node's previous update (the store need not be asked)."""
+    snap.seen = False
+    if update.prev:
+        snap.prev_chain = (update.caller, update.node)
+    return snap
+
+
+def _plain_value(db_id: str, name: str | None, reg: merge.Register | None) -> Any:
+    """A register's value as stored (encrypted values stay sealed)."""
+    return None if reg is None or reg.deleted else merge.element_value(name or "", reg)
+
+
+class Applier:
+    """Decides and commits updates over a ``Store``; owns the apply lock and the pending set.
+
+    ``is_owned(db_id)`` and ``display_value(db_id, name, reg)`` come from the node (the
+    keyring and the encrypted-value helpers): listeners see them in their changes.
+    """
+
+    def __init__(self, store: Store, clock: HybridClock, *,
+                 policy: Callable[[str], merge.Policy], skew_ms: int,
+                 lock: Any = None, listeners: ListenerRegistry | None = None,
+                 stats: Stats | None = None,
+                 is_owned: Callable[[str], bool] = lambda db_id: False,
+                 display_value: Callable[[str, str | None, merge.Register | None], Any]
+                 | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.policy = policy
+        self.skew_ms = skew_ms
+        self.lock = lock if lock is not None else threading.RLock()
+        self.listeners = listeners if listeners is not None else ListenerRegistry(lock=self.lock)
+        self.stats = stats if stats is not None else Stats()
+        self.is_owned = is_owned
+        self.display_value = display_value or _plain_value
+        self.pending = PendingSet(self.stats.dropped)
+        self.future = FutureSet(store, clock, self.lock,
+                                lambda batch: self._process_batch(batch, local=False),
+                                self.stats)
+        self._recent = Bounded(_RECENT)  # ids of updates stored lately
+        self._vetoed = Bounded(pending_module.MAX_PENDING)  # vetoed here -> their chain
+        self._on_accepted: list[Callable[[Update, bool], None]] = []
+
+    def on_accepted(self, callback: Callable[[Update, bool], None]) -> None:
+        """Call ``callback(update, local)`` after every stored update (the bus publishes)."""
+        self._on_accepted.append(callback)
+
+    # ------------------------------------------------------------ entries
+    def apply_local(self, update: Update) -> pipeline.Decision:
+        """Apply an update this node just signed (the caller holds the lock)."""
+        with self.lock:
+            return self._process_batch([update], local=True)[0]
+
+    def ingest_raw(self, raws: Iterable[bytes]) -> list[pipeline.Decision | None]:
+        """Decode and apply updates from elsewhere; None for bytes that are no update
+        (counted as dropped, never raised)."""
+        results: list[pipeline.Decision | None] = []
+        updates: list[Update] = []
+        where: list[int] = []
+        for raw in raws:
+            try:
+                updates.append(decode(raw))
+                where.append(len(results))
+            except InvalidUpdate as exc:
+                self.count_drop(exc, None)
+            results.append(None)
+        if updates:
+            for i, decision in zip(where, self.ingest(updates), strict=True):
+                results[i] = decision
+        return results
+
+    def ingest(self, updates: list[Update]) -> list[pipeline.Decision]:
+        """Apply updates from elsewhere, in order, as one batch; one decision each.
+
+        The one dedupe point before the store: an update stored lately is dropped as
+        replayed without a round trip (the snapshot's ``seen`` catches the rest).
+        """
+        results: list[pipeline.Decision | None] = [None] * len(updates)
+        with self.lock:
+            fresh = []
+            for i, update in enumerate(updates):
+                if update.id in self._recent:  # a relayed copy: no store round trip
+                    error = ReplayedUpdate("update already seen", update.id)
+                    self.count_drop(error, update)
+                    results[i] = pipeline.Decision(update, pipeline.DROPPED, error=error)
+                else:
+                    fresh.append((i, update))
+            if fresh:
+                decisions = self._process_batch([u for _, u in fresh], local=False)
+                for (i, _), decision in zip(fresh, decisions, strict=True):
+                    results[i] = decision
+        return results  # type: ignore[return-value]
+
+    # ----------------------------------------------------------- pipeline
+    def _process_batch(self, updates: list[Update], *, local: bool) -> list[pipeline.Decision]:
+        """The pipeline for a batch of updates, under the apply lock.
+
+        Each update is decided against the store plus what earlier updates of the batch
+        wrote (the overlay); the batch is committed in one atomic step before any
+        after-listener or publisher sees it.
+        """
+        listening = bool(self.listeners) and any(
+            self.listeners.wants(op.obj.partition(":")[0], event_field(op, update, i))
+            for update in updates for i, op in enumerate(update.ops))
+        if listening and len(updates) > 1:
+            # Listeners see each update's before- and after-callbacks before the next
+            # update's: one commit per update.
+            return [d for update in updates for d in self._process_batch([update], local=local)]
+        snaps = self.store.snapshots(updates, local=local, registers=listening or not local)
+        if local:
+            snaps = [_local_snapshot(s, u) for s, u in zip(snaps, updates, strict=True)]
+        verified = [local] * len(updates) if local else self._verify_batch(updates, snaps)
+        overlay = Overlay()
+        staged: list[tuple[Update, list[merge.Write] | None]] = []
+        done: list[tuple[pipeline.Decision, pipeline.Snapshot, list[Change]]] = []
+        decisions: list[pipeline.Decision] = []
+        rest: list[Update] = []
+        held: list[Update] = []  # not applied, but later updates may chain to them
+        now = self.clock.now()
+        if local:  # our own timestamps are never "from the future", even if the wall clock
+            now = max(now, self.clock.last)  # went back since they were issued
+        for index, update in enumerate(updates):
+            snap = overlay.patch(snaps[index], update)
+            if update.prev and snap.prev_chain is None and update.prev in self._vetoed:
+                snap.prev_chain = self._vetoed[update.prev]  # chained to a vetoed update
+            decision = pipeline.decide(update, snap, now=now, skew_ms=self.skew_ms,
+                                       policy=self.policy, verified=verified[index])
+            decisions.append(decision)
+            verdict = decision.verdict
+            if verdict == pipeline.DROPPED:
+                self.count_drop(decision.error, update)
+                continue
+            if verdict == pipeline.MISSING:
+                if not local:
+                    self.pending.park(update, decision.missing)
+                continue
+            if verdict == pipeline.HELD:
+                self.future.hold(update, decision.release_at)
+                continue
+            outcome = decision.outcome
+            assert outcome is not None
+            if verdict == pipeline.UNAUTHORIZED:
+                if self.listeners:
+                    changes = self._changes(update, outcome, snap, local, "unauthorized")
+                    self.listeners.observe_rejected(changes)
+                self.stats.rejected["UnauthorizedError"] += 1
+                logger.debug("rejected %s: %s", update.hex_id[:12], decision.error)
+                if not local:  # a local caller gets the error: nothing is stored or sent
+                    staged.append((update, None))
+                    overlay.add(update, None)
+                    held.append(update)
+                continue
+            changes: list[Change] = []
+            if listening and outcome.events:
+                changes = self._changes(update, outcome, snap, local, "accepted")
+                try:
+                    self.listeners.before(changes)
+                except VetoedError as exc:
+                    self.stats.rejected["VetoedError"] += 1
+                    logger.info("vetoed %s: %s", update.hex_id[:12], exc)
+                    decision.verdict = pipeline.VETOED
+                    decision.error = exc
+                    if not local:
+                        # Not stored, but its signed link stands: the caller's later
+                        # updates are judged on their own instead of waiting for it.
+                        self._vetoed.add(update.id, (update.caller, update.node))
+                        held.append(update)
+                    continue
+            staged.append((update, outcome.writes))
+            overlay.add(update, outcome.writes)
+            done.append((decision, snap, changes))
+            if outcome.retroactive:
+                rest = updates[index + 1:]  # re-decided against the store once this is in
+                break
+        if staged:
+            for update, writes in staged:
+                if writes is not None:  # held unauthorized updates move no clock
+                    self.clock.observe(update.timestamp)
+            self.store.commit_many(staged, hlc=self.clock.last)
+            for update, _ in staged:
+                self._recent.add(update.id)
+        for decision, snap, changes in done:
+            self._after_commit(decision, snap, changes, local)
+        for update in held:
+            self._release_pending(update)
+        if rest:
+            decisions.extend(self._process_batch(rest, local=local))
+        return decisions
+
+    def _after_commit(self, decision: pipeline.Decision, snap: pipeline.Snapshot,
+                      changes: list[Change], local: bool) -> None:
+        update, outcome = decision.update, decision.outcome
+        assert outcome is not None
+        if snap.equivocation:
+            self.stats.equivocations += 1
+            logger.warning("equivocation: %s signed two updates after %s on node %s",
+                           update.caller, update.prev.hex()[:12], update.node.hex()[:8])
+        if outcome.retroactive:
+            self._recompute(outcome.retroactive)
+        self.stats.applied += 1
+        if local:
+            self.stats.local += 1
+        else:
+            self.stats.remote += 1
+        if changes:
+            self.stats.listener_errors += len(self.listeners.after(changes))
+        for callback in self._on_accepted:
+            try:
+                callback(update, local)
+            except Exception:
+                logger.exception("on_accepted callback failed")
+        self._release_pending(update)
+
+    def _release_pending(self, update: Update) -> None:
+        self.pending.release(update, lambda batch: self._process_batch(batch, local=False))
+
+    def _verify_batch(self, updates: list[Update], snaps: list[pipeline.Snapshot]) -> list[bool]:
+        """Check the signatures whose keys are at hand, on a thread pool (the Ed25519
+        verify releases the GIL). An update left unchecked here is checked by decide."""
+        if len(updates) < _PARALLEL_VERIFY_MIN:
+            return [False] * len(updates)
+        keys: list[PublicIdentity | None] = []
+        created: dict[str, PublicIdentity] = {}
+        for update, snap in zip(updates, snaps, strict=True):
+            if snap.seen:
+                keys.append(None)  # a duplicate: dropped without a signature check
+                continue
+            own = update.creates()
+            if own is not None:
+                created.setdefault(update.caller, own)
+            keys.append(signing_key(update, snap.state.objects.get)
+                        or created.get(update.caller))
+
+        def check(items: list[tuple[Update, PublicIdentity | None]]) -> list[bool]:
+            out = []
+            for update, key in items:
+                try:
+                    if key is not None:
+                        update.verify(key)
+                        out.append(True)
+                        continue
+                except InvalidUpdate:
+                    pass
+                out.append(False)
+            return out
+
+        # One chunk per pool worker plus one for this thread: a few hand-offs per batch,
+        # not one per update.
+        items = list(zip(updates, keys, strict=True))
+        pool, workers = _verify_pool()
+        size = -(-len(items) // (workers + 1))
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        futures = [pool.submit(check, chunk) for chunk in chunks[1:]]
+        results = check(chunks[0])
+        for future in futures:
+            results.extend(future.result())
+        return results
+
+    def _recompute(self, seeds: set[str]) -> None:
+        """Re-decide the stored updates of objects whose update-authorization changed after
+        a member's updates were decided (a grant or revoke that arrived late).
+
+        Verdicts are evaluated against the complete authorization state
+        (``redecide.verdict``), and every object whose set of accepted updates changes is
+        rebuilt from its updates in version order
+        (``redecide.rebuild``): the state ``merge.fold`` gives, whatever the arrival
+        order. Listeners are not called for these corrections.
+        """
+        updates: dict[bytes, Update] = {}
+        verdicts: dict[bytes, bool] = {}
+        uids_of: dict[str, list[bytes]] = {}
+        auth_cache: dict[str, dict[str, merge.AuthEvents]] = {}
+
+        def auth_of(db_id: str) -> dict[str, merge.AuthEvents]:
+            if db_id not in auth_cache:
+                auth_cache[db_id] = self.store.auth_events(db_id, "u")
+            return auth_cache[db_id]
+
+        scope, todo = set(seeds), list(seeds)
+        while todo:
+            db_id = todo.pop()
+            accepted = self.store.history(db_id)
+            uids = list(dict.fromkeys(accepted + self.store.history(db_id, held=True)))
+            uids_of[db_id] = uids
+            was_accepted = set(accepted)
+            for uid, raw in zip(uids, self.store.raw_updates(uids), strict=True):
+                if raw is None or uid in verdicts:
+                    continue
+                update = updates[uid] = decode(raw)
+                ok = verdicts[uid] = redecide.verdict(update, auth_of, self.policy)
+                if ok != (uid in was_accepted):
+                    for other in {op.obj for op in update.ops} - scope:
+                        scope.add(other)
+                        todo.append(other)
+        for db_id in scope:
+            uids = uids_of[db_id]
+            state = redecide.rebuild(db_id, (updates[u] for u in uids if verdicts.get(u)))
+            self.store.replace_object(db_id, state.meta, state.registers, state.wraps,
+                                      state.lists, [u for u in uids if verdicts.get(u)],
+                                      [u for u in uids if u in verdicts and not verdicts[u]])
+            self.stats.recomputed += 1
+            logger.info("re-decided %d updates of %s after a late authorization change",
+                        len(uids), db_id)
+
+    def count_drop(self, error: Exception | None, update: Update | None) -> None:
+        name = type(error).__name__ if error else "Unknown"
+        if name == "ReplayedUpdate":
+            self.stats.duplicates += 1
+        elif name == "ConflictingCreate":
+            self.stats.equivocations += 1
+            logger.warning("equivocation: %s", error)
+        self.stats.dropped[name] += 1
+        logger.debug("dropped %s: %s", update.hex_id[:12] if update else "bytes", error)
+
+    # ------------------------------------------------------------ listeners
+    def _changes(self, update: Update, outcome: merge.Outcome, snap: pipeline.Snapshot,
+                 local: bool, verdict: str) -> list[Change]:
+        changes = []
+        for event in outcome.events:
+            model = event.db_id.partition(":")[0]
+            if not self.listeners.wants(model, event.name):
+                continue
+            owned = self.is_owned(event.db_id)  # a dict lookup in the keyring
+            encrypted = any(r is not None and r.encrypted for r in (event.old, event.new))
+            ctx = Context(caller_id=update.caller, verified=True, authorized=outcome.authorized,
+                          owned=owned, timestamp=update.timestamp, update_id=update.hex_id,
+                          local=local, node_id=update.node.hex(), verdict=verdict,
+                          equivocation=snap.equivocation, encrypted=encrypted)
+            if event.kind in ("create", "remove"):
+                changes.append(Change(event.kind, event.db_id, event.db_id, None, context=ctx))
+                continue
+            old = self.display_value(event.db_id, event.name, event.old)
+            key = f"{event.db_id}:{event.name}"
+            if event.kind == "delete":
+                changes.append(Change("delete", event.db_id, key, event.name, old, None,
+                                      context=ctx))
+            else:
+                new = self.display_value(event.db_id, event.name, event.new)
+                changes.append(Change("update", event.db_id, key, event.name, old, new,
+                                      context=ctx))
+        return changes
+
+
+__all__ = ["Applier", "Stats"]

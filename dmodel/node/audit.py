@@ -1,0 +1,160 @@
+"""Audit: checking stored values against their signed updates, the state digest, history.
+
+Everything here only reads the store. ``verify_register`` runs on the reader's thread
+(``Node.read(verified=True)``); ``verify_store`` and ``history`` on the caller's; the
+digest is taken under the node's apply lock, so no update is applied halfway through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgpack
+
+from .. import merge
+from ..batch import signing_key
+from ..errors import IntegrityError, InvalidUpdate
+from ..store.base import Store
+from ..update import LIST_OPS, Op, Update, decode, op_register
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One stored update of an object, as ``history()`` reports it."""
+
+    update_id: str
+    caller_id: str
+    timestamp: int
+    verdict: str  # "accepted" or "unauthorized"
+    ops: tuple[Op, ...]
+
+
+def signed_op(store: Store, db_id: str, name: str, ref: bytes) -> tuple[Update, int]:
+    """The verified update and op index that ``ref`` (update id + index) names."""
+    uid, index = ref[:32], int.from_bytes(ref[32:], "big")
+    raw = store.raw_update(uid)
+    if raw is None:
+        raise IntegrityError(f"{db_id}:{name}: its update {uid.hex()[:12]} is not stored")
+    try:
+        update = decode(raw)
+        keys = signing_key(update, store.object_meta)
+        if keys is None:
+            raise IntegrityError(f"{db_id}:{name}: signer {update.caller} unknown")
+        update.verify(keys)
+    except InvalidUpdate as exc:
+        raise IntegrityError(f"{db_id}:{name}: stored update does not verify: {exc}") from exc
+    if update.id != uid or index >= len(update.ops):
+        raise IntegrityError(f"{db_id}:{name}: value points outside its update")
+    return update, index
+
+
+def verify_register(store: Store, db_id: str, name: str, reg: merge.Register) -> None:
+    """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote.
+
+    For a DList element the position is checked against its insert as well; that an
+    element is deleted is not (a delete leaves no value to check).
+    """
+    if reg.version == b"" and reg.deleted:
+        return  # a list element known only from its delete
+    update, index = signed_op(store, db_id, name, merge.version_ref(reg.version))
+    op = update.ops[index]
+    if merge.version(update.timestamp, update.caller_oid, update.id, index) != reg.version:
+        raise IntegrityError(f"{db_id}:{name}: version does not match its update")
+    if op.obj != db_id or op_register(op, update.id, index) != name:
+        raise IntegrityError(f"{db_id}:{name}: signed update wrote another field")
+    if op.op in ("del", "ddel"):
+        expected = merge.Register(reg.version, None, False, True)
+    elif op.op in LIST_OPS:
+        element = bytes.fromhex(name.partition("#")[2])
+        insert, at = signed_op(store, db_id, name, element)
+        position = insert.ops[at].value[0] if insert.ops[at].op.startswith("lins") else None
+        expected = merge.Register(reg.version, [position, op.value[1]],
+                                  op.op.endswith("_enc"), reg.deleted)
+    else:
+        value = op.value[1] if op.op in ("dset", "dset_enc") else op.value
+        expected = merge.Register(reg.version, value, op.op.endswith("_enc"))
+    if expected != reg:
+        raise IntegrityError(f"{db_id}:{name}: stored value differs from the signed one")
+
+
+def state_digest(store: Store) -> str:
+    """A hash of the whole merged state (objects, registers, DList order, authorization
+    events, key wraps): two nodes that hold the same state give the same digest.
+    Call it under the apply lock."""
+    digest = hashlib.blake2b(digest_size=32)
+    for db_id in store.object_ids():
+        meta = store.object_meta(db_id)
+        digest.update(msgpack.packb([db_id, meta.pack() if meta else None]))
+        registers = store.registers(db_id)
+        for name in sorted(registers):
+            digest.update(msgpack.packb([name, registers[name].pack()]))
+        for name in sorted({n.partition("#")[0] for n in registers if "#" in n}):
+            digest.update(msgpack.packb([name, store.list_range(db_id, name)]))
+        for kind in ("r", "u"):
+            events = store.auth_events(db_id, kind)
+            digest.update(msgpack.packb(sorted(
+                [m, merge.pack_auth(e)] for m, e in events.items())))
+        digest.update(msgpack.packb(sorted(store.wraps(db_id).items())))
+    return digest.hexdigest()
+
+
+def verify_store(store: Store) -> list[str]:
+    """Re-check every stored value and log entry; return a list of problems (empty = ok)."""
+    problems: list[str] = []
+    for db_id in store.object_ids():
+        for name, reg in store.registers(db_id).items():
+            try:
+                verify_register(store, db_id, name, reg)
+            except IntegrityError as exc:
+                problems.append(str(exc))
+        for uid in store.history(db_id):
+            if not store.has_update(uid):
+                problems.append(f"{db_id}: history names missing update {uid.hex()[:12]}")
+    for uid in store.log_range():
+        raw = store.raw_update(uid)
+        if raw is None:
+            problems.append(f"log names missing update {uid.hex()[:12]}")
+            continue
+        try:
+            update = decode(raw)
+        except InvalidUpdate as exc:
+            problems.append(f"update {uid.hex()[:12]} is damaged: {exc}")
+            continue
+        if update.id != uid:
+            problems.append(f"update {uid.hex()[:12]} is stored under the wrong id")
+            continue
+        keys = signing_key(update, store.object_meta)
+        if keys is None:
+            problems.append(f"update {uid.hex()[:12]}: signer {update.caller} unknown")
+            continue
+        try:
+            update.verify(keys)
+        except InvalidUpdate:
+            problems.append(f"update {uid.hex()[:12]}: signature does not verify")
+    return problems
+
+
+def history(store: Store, db_id: str, field: str | None = None, *,
+            include_rejected: bool = False) -> list[HistoryEntry]:
+    """Stored updates of an object in merge order (timestamp, caller, id)."""
+    entries = []
+    sources = [("accepted", store.history(db_id))]
+    if include_rejected:
+        sources.append(("unauthorized", store.history(db_id, held=True)))
+    for verdict, uids in sources:
+        for raw in store.raw_updates(uids):
+            if raw is None:
+                continue
+            update = decode(raw)
+            ops = tuple(o for o in update.ops if o.obj == db_id and (
+                field is None or o.field == field))
+            if ops:
+                entries.append((update, HistoryEntry(update.hex_id, update.caller,
+                                                     update.timestamp, verdict, ops)))
+    entries.sort(key=lambda e: merge.order_key(e[0]))
+    return [e for _, e in entries]
+
+
+__all__ = ["HistoryEntry", "history", "signed_op", "state_digest", "verify_register",
+           "verify_store"]

@@ -1,0 +1,278 @@
+"""The Store protocol (what the node uses of a store) and an in-memory store for pure tests.
+
+``RedisStore`` (store/redis.py) is the store of a running node. ``MemoryStore`` keeps
+the same derived state in dicts (a ``merge.State`` plus the log, chains and history),
+with no Redis, no I/O and no threads, so the applier can be tested on its own. It
+follows the Redis store's reply shapes (LRANGE-style inclusive ranges, the log
+position a commit returns) but not its persistence, cache or cluster layout.
+
+A store has no lock: the node's apply lock serializes commits; reads may come from any
+thread (the network's I/O thread serves catch-up straight from the store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+from .. import merge
+from ..clock import physical_ms
+from ..pipeline import Snapshot, needs
+from ..update import Update
+
+HELD_CAP = 1000  # held (unauthorized) update ids kept per object
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the node reads and writes; ``RedisStore`` and ``MemoryStore`` implement it."""
+
+    # pipeline
+    def snapshots(self, updates: Sequence[Update], *, local: bool = False,
+                  registers: bool = True) -> list[Snapshot]:
+        """What ``decide`` needs for each update, each as if alone."""
+
+    def commit_many(self, items: list[tuple[Update, list[merge.Write] | None]], *,
+                    hlc: int) -> list[int]:
+        """Store updates (writes None: held as unauthorized) atomically; their log positions."""
+
+    def replace_object(self, db_id: str, meta: merge.ObjectMeta | None,
+                       registers: dict[str, merge.Register], wraps: dict[bytes, bytes],
+                       lists: dict[str, set[bytes]], accepted: list[bytes],
+                       held: list[bytes]) -> None:
+        """Atomically rewrite an object's derived state (after re-deciding its updates)."""
+
+    # state reads
+    def object_meta(self, db_id: str) -> merge.ObjectMeta | None: ...
+    def register(self, db_id: str, name: str) -> merge.Register | None: ...
+    def registers(self, db_id: str) -> dict[str, merge.Register]: ...
+    def auth_events(self, db_id: str, kind: str) -> dict[str, merge.AuthEvents]: ...
+    def member_events(self, db_id: str, kind: str, member: str) -> merge.AuthEvents: ...
+    def wraps(self, db_id: str) -> dict[bytes, bytes]: ...
+    def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None: ...
+    def list_length(self, db_id: str, name: str) -> int: ...
+    def list_range(self, db_id: str, name: str, start: int = 0,
+                   stop: int = -1) -> list[bytes]: ...
+    def list_keys_range(self, db_id: str, name: str, start: int, stop: int) -> list[bytes]: ...
+    def list_key_below(self, db_id: str, name: str, position: bytes) -> bytes | None: ...
+    def models(self) -> list[str]: ...
+    def object_ids(self, model: str | None = None) -> list[str]: ...
+
+    # updates, log, history
+    def raw_update(self, uid: bytes) -> bytes | None: ...
+    def raw_updates(self, uids: Iterable[bytes]) -> list[bytes | None]: ...
+    def missing(self, uids: Sequence[bytes]) -> list[bytes]: ...
+    def has_update(self, uid: bytes) -> bool: ...
+    def chain_head(self, caller: str, node: bytes) -> bytes: ...
+    def log_length(self) -> int: ...
+    def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]: ...
+    def history(self, db_id: str, held: bool = False) -> list[bytes]: ...
+
+    # updates held for their future timestamps (kept across restarts)
+    def hold_future(self, uid: bytes, raw: bytes) -> None: ...
+    def release_future(self, uids: Sequence[bytes]) -> None: ...
+    def future_updates(self) -> list[bytes]: ...
+
+    # node metadata
+    def last_hlc(self) -> int: ...
+    def meta(self, key: str) -> bytes | None: ...
+    def set_meta(self, key: str, value: bytes | str) -> None: ...
+    def close(self) -> None: ...
+
+
+def _inclusive(items: Sequence[bytes], start: int, stop: int) -> list[bytes]:
+    """``items[start..stop]``, both ends included, negatives from the end (LRANGE/ZRANGE)."""
+    n = len(items)
+    start, stop = start + n if start < 0 else start, stop + n if stop < 0 else stop
+    start = max(start, 0)
+    if start >= n or start > stop:
+        return []
+    return list(items[start:min(stop, n - 1) + 1])
+
+
+class MemoryStore:
+    """A ``Store`` in dicts, for tests of the applier without Redis."""
+
+    def __init__(self) -> None:
+        self.state = merge.State()
+        self.updates: dict[bytes, bytes] = {}
+        self.chain: dict[bytes, tuple[str, bytes]] = {}  # update id -> (caller, node)
+        self.next: dict[bytes, bytes] = {}  # update id -> the update that named it as prev
+        self.heads: dict[tuple[str, bytes], bytes] = {}
+        self.log: list[bytes] = []
+        self.hist: dict[str, list[bytes]] = {}
+        self.held: dict[str, list[bytes]] = {}
+        self.model_oids: dict[str, set[str]] = {}
+        self.node_meta: dict[str, bytes] = {}
+        self.future: dict[bytes, bytes] = {}
+        self.closed = False
+
+    # ------------------------------------------------------------- pipeline
+    def snapshots(self, updates: Sequence[Update], *, local: bool = False,
+                  registers: bool = True) -> list[Snapshot]:
+        state, snaps = self.state, []
+        for update in updates:
+            objects, regs, auth = needs(update)
+            snap = Snapshot(seen=False if local else update.id in self.updates)
+            if update.prev and not local:
+                snap.prev_chain = self.chain.get(update.prev)
+                sibling = self.next.get(update.prev)
+                snap.equivocation = sibling is not None and sibling != update.id
+            mine = snap.state
+            mine.objects.update({o: state.objects[o] for o in objects if o in state.objects})
+            mine.registers.update({r: state.registers[r] for r in regs if r in state.registers})
+            mine.auth.update({a: state.auth.get(a, ()) for a in auth})
+            for db_id, kind, member in auth:  # as RedisStore: see its snapshots()
+                if kind == "u" and (not local or member != update.caller) \
+                        and (db_id, member) in state.last_write:
+                    mine.last_write[(db_id, member)] = state.last_write[(db_id, member)]
+            if not local:
+                snap.stored = {ref[:32] for _, ref in update.grants if ref[:32] in self.updates}
+            snaps.append(snap)
+        return snaps
+
+    def commit_many(self, items: list[tuple[Update, list[merge.Write] | None]], *,
+                    hlc: int) -> list[int]:
+        positions = []
+        for update, writes in items:
+            uid = update.id
+            self.updates[uid] = update.raw
+            self.chain[uid] = (update.caller, update.node)
+            self.heads[(update.caller, update.node)] = uid
+            self.log.append(uid)
+            positions.append(len(self.log))
+            if update.prev:
+                self.next.setdefault(update.prev, uid)
+            ms = physical_ms(update.timestamp)
+            for db_id in {op.obj for op in update.ops if op.obj != update.caller}:
+                key = (db_id, update.caller)
+                self.state.last_write[key] = max(self.state.last_write.get(key, -1), ms)
+            touched = sorted({op.obj for op in update.ops})
+            if writes is None:
+                for db_id in touched:
+                    held = self.held.setdefault(db_id, [])
+                    held.append(uid)
+                    del held[:-HELD_CAP]
+                continue
+            for db_id in touched:
+                self.hist.setdefault(db_id, []).append(uid)
+            self.state.apply(writes)
+            for w in writes:
+                if w.kind == "object":
+                    model, _, oid = w.db_id.partition(":")
+                    self.model_oids.setdefault(model, set()).add(oid)
+        self.node_meta["hlc"] = str(hlc).encode()
+        return positions
+
+    def replace_object(self, db_id: str, meta: merge.ObjectMeta | None,
+                       registers: dict[str, merge.Register], wraps: dict[bytes, bytes],
+                       lists: dict[str, set[bytes]], accepted: list[bytes],
+                       held: list[bytes]) -> None:
+        self.state.apply([merge.Write("drop", db_id)])
+        if meta is not None:
+            self.state.objects[db_id] = meta
+        writes = [merge.Write("list_add", db_id, name, key)
+                  for name, keys in lists.items() for key in sorted(keys)]
+        writes += [merge.Write("register", db_id, name, reg) for name, reg in registers.items()]
+        writes += [merge.Write("wrap", db_id, name, wrapped) for name, wrapped in wraps.items()]
+        self.state.apply(writes)
+        self.hist[db_id] = list(accepted)
+        self.held[db_id] = list(held[-HELD_CAP:])
+
+    # ------------------------------------------------------------ state reads
+    def object_meta(self, db_id: str) -> merge.ObjectMeta | None:
+        return self.state.objects.get(db_id)
+
+    def register(self, db_id: str, name: str) -> merge.Register | None:
+        return self.state.registers.get((db_id, name))
+
+    def registers(self, db_id: str) -> dict[str, merge.Register]:
+        return {name: reg for (obj, name), reg in self.state.registers.items() if obj == db_id}
+
+    def auth_events(self, db_id: str, kind: str) -> dict[str, merge.AuthEvents]:
+        return {member: events for (obj, k, member), events in self.state.auth.items()
+                if obj == db_id and k == kind and events}
+
+    def member_events(self, db_id: str, kind: str, member: str) -> merge.AuthEvents:
+        return self.state.auth.get((db_id, kind, member), ())
+
+    def wraps(self, db_id: str) -> dict[bytes, bytes]:
+        return {ref + oid.encode(): w for (obj, ref, oid), w in self.state.wraps.items()
+                if obj == db_id}
+
+    def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None:
+        return self.state.wraps.get((db_id, ref, oid))
+
+    def _keys(self, db_id: str, name: str) -> list[bytes]:
+        return sorted(self.state.lists.get((db_id, name), ()))
+
+    def list_length(self, db_id: str, name: str) -> int:
+        return len(self.state.lists.get((db_id, name), ()))
+
+    def list_range(self, db_id: str, name: str, start: int = 0, stop: int = -1) -> list[bytes]:
+        return [key[-34:] for key in self.list_keys_range(db_id, name, start, stop)]
+
+    def list_keys_range(self, db_id: str, name: str, start: int, stop: int) -> list[bytes]:
+        return _inclusive(self._keys(db_id, name), start, stop)
+
+    def list_key_below(self, db_id: str, name: str, position: bytes) -> bytes | None:
+        below = [key for key in self._keys(db_id, name) if key < position + b"\0"]
+        return below[-1] if below else None
+
+    def models(self) -> list[str]:
+        return sorted(self.model_oids)
+
+    def object_ids(self, model: str | None = None) -> list[str]:
+        models = [model] if model else self.models()
+        return sorted(f"{m}:{oid}" for m in models for oid in self.model_oids.get(m, ()))
+
+    # ------------------------------------------------------ updates, log, history
+    def raw_update(self, uid: bytes) -> bytes | None:
+        return self.updates.get(uid)
+
+    def raw_updates(self, uids: Iterable[bytes]) -> list[bytes | None]:
+        return [self.updates.get(uid) for uid in uids]
+
+    def missing(self, uids: Sequence[bytes]) -> list[bytes]:
+        return [uid for uid in uids if uid not in self.updates]
+
+    def has_update(self, uid: bytes) -> bool:
+        return uid in self.updates
+
+    def chain_head(self, caller: str, node: bytes) -> bytes:
+        return self.heads.get((caller, node), b"")
+
+    def log_length(self) -> int:
+        return len(self.log)
+
+    def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]:
+        return _inclusive(self.log, start, stop)
+
+    def history(self, db_id: str, held: bool = False) -> list[bytes]:
+        return list((self.held if held else self.hist).get(db_id, ()))
+
+    def hold_future(self, uid: bytes, raw: bytes) -> None:
+        self.future[uid] = raw
+
+    def release_future(self, uids: Sequence[bytes]) -> None:
+        for uid in uids:
+            self.future.pop(uid, None)
+
+    def future_updates(self) -> list[bytes]:
+        return list(self.future.values())
+
+    # ------------------------------------------------------------ node metadata
+    def last_hlc(self) -> int:
+        return int(self.node_meta.get("hlc", b"0"))
+
+    def meta(self, key: str) -> bytes | None:
+        return self.node_meta.get(key)
+
+    def set_meta(self, key: str, value: bytes | str) -> None:
+        self.node_meta[key] = value.encode() if isinstance(value, str) else value
+
+    def close(self) -> None:
+        self.closed = True
+
+
+__all__ = ["HELD_CAP", "MemoryStore", "Store"]
