@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import merge
 from .errors import ConfigurationError
+from .retention import Retention
 
 # Seconds an update's timestamp may run ahead of this node's clock before it is held
 # (see pipeline.DEFAULT_SKEW_MS for the trade-off).
@@ -75,6 +76,7 @@ class NodeConfig:
     unauthorized_policy: merge.Policy = "reject"
     passphrase: str | None = None
     skew: float = DEFAULT_SKEW
+    retention: Retention = field(default_factory=Retention)
     redis_prefix: str = DEFAULT_PREFIX
 
     @property
@@ -87,6 +89,7 @@ class NodeConfig:
                 discovery: bool | None = None, redis_url: str | None = None,
                 unauthorized_policy: str | None = None, passphrase: str | None = None,
                 skew: float | None = None, redis_prefix: str = DEFAULT_PREFIX,
+                retention: object = None,
                 environ: Mapping[str, str] | None = None) -> NodeConfig:
         """Arguments given win; the rest come from ``environ`` (default ``os.environ``).
 
@@ -114,7 +117,9 @@ class NodeConfig:
                    discovery=discovery, redis_url=redis_url or None,
                    unauthorized_policy=policy,
                    passphrase=passphrase or env.get("DMODEL_PASSPHRASE") or None,
-                   skew=skew, redis_prefix=redis_prefix)
+                   skew=skew, redis_prefix=redis_prefix,
+                   retention=Retention.parse(retention if retention is not None
+                                             else env.get("DMODEL_RETENTION") or None))
 
 
 __all__ = ["NodeConfig", "default_home", "env_bool", "env_peers"]

@@ -68,6 +68,7 @@ POLICIES = ("reject", "listeners")
 
 _TS = struct.Struct(">Q")
 _IDX = struct.Struct(">H")
+VERSION_SIZE = 8 + 32 + 32 + 2
 
 
 def version(timestamp: int, caller_oid: str, update_id: bytes, index: int) -> bytes:
@@ -250,6 +251,10 @@ class Outcome:
     writes: list[Write] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     retroactive: set[str] = field(default_factory=set)  # objects whose verdicts may change
+    # (object, register, version) of versions this update superseded, or its own when it
+    # arrived superseded: what retention (retention.py) looks at. (object, register, b"")
+    # retires a whole register (a deleted DList element).
+    superseded: list[tuple[str, str, bytes]] = field(default_factory=list)
 
 
 _AUTH_KIND = {"grant_read": ("r", True), "revoke_read": ("r", False),
@@ -341,7 +346,11 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
         name = op.register
         old = current(op.obj, name)
         if old is not None and old.version >= ver:
-            continue  # an older write: last writer already won
+            if old.version != ver:  # an older write: last writer already won
+                out.superseded.append((op.obj, name, ver))
+            continue
+        if old is not None:
+            out.superseded.append((op.obj, name, old.version))
         if op.op in ("del", "ddel"):
             new = Register(ver, None, False, True)
             kind = "delete"
@@ -385,12 +394,18 @@ def _list_op(out: Outcome, op: Op, index: int, ver: bytes, update_id: bytes, cur
             return
         new = (Register(b"", [None, None], False, True) if old is None
                else Register(old.version, old.value, old.encrypted, True))
+        out.superseded.append((op.obj, name, b""))  # a deleted element keeps no versions
     elif old is None or ver > old.version:
         new = Register(ver, [pos, op.value[1]], op.op.endswith("_enc"),
                        old is not None and old.deleted)
+        if old is not None and old.version:
+            out.superseded.append((op.obj, name, old.version))
     elif old.value[0] != pos:
         new = Register(old.version, [pos, old.value[1]], old.encrypted, old.deleted)
+        out.superseded.append((op.obj, name, ver))
     else:
+        if ver != old.version:
+            out.superseded.append((op.obj, name, ver))
         return
     registers[(op.obj, name)] = new
     out.writes.append(Write("register", op.obj, name, new))

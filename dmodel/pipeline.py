@@ -69,6 +69,7 @@ class Snapshot:
     prev_chain: tuple[str, bytes] | None = None
     equivocation: bool = False  # another update already names the same previous update
     stored: set[bytes] = field(default_factory=set)
+    gap: bool = False  # decide without the chain link: it waited long enough for it
 
 
 @dataclass(slots=True)
@@ -158,7 +159,7 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
     if snap.seen:
         return Decision(update, DROPPED, error=ReplayedUpdate("update already seen", update.id))
     state = snap.state
-    if update.prev:
+    if update.prev and not (snap.gap and snap.prev_chain is None):
         if snap.prev_chain is None:
             return Decision(update, MISSING, missing=(update.prev,))
         if snap.prev_chain != (update.caller, update.node):

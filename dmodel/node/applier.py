@@ -30,15 +30,18 @@ from ..batch import Bounded, Overlay, event_field, signing_key
 from ..clock import HybridClock
 from ..crypto import PublicIdentity
 from ..errors import InvalidUpdate, ReplayedUpdate, VetoedError
+from ..retention import Retention
 from ..store.base import Store
 from ..update import Update, decode
 from . import pending as pending_module
 from .future import FutureSet
 from .pending import PendingSet
+from .pruner import Pruner
 
 logger = logging.getLogger(__name__)
 
 _PARALLEL_VERIFY_MIN = 16
+CHAIN_WAIT_S = 2.0  # how long an update waits for a chain link no peer may have any more
 _RECENT = 100_000  # ids of updates stored lately: a relayed copy costs no store round trip
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -70,13 +73,16 @@ class Stats:
     equivocations: int = 0
     recomputed: int = 0
     held_future: int = 0
+    pruned: int = 0
+    chain_gaps: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"applied": self.applied, "local": self.local, "remote": self.remote,
                 "duplicates": self.duplicates, "published": self.published,
                 "dropped": dict(self.dropped), "rejected": dict(self.rejected),
                 "listener_errors": self.listener_errors, "equivocations": self.equivocations,
-                "recomputed": self.recomputed, "held_future": self.held_future}
+                "recomputed": self.recomputed, "held_future": self.held_future,
+                "pruned": self.pruned, "chain_gaps": self.chain_gaps}
 
 
 def _local_snapshot(snap: pipeline.Snapshot, update: Update) -> pipeline.Snapshot:
@@ -106,7 +112,7 @@ class Applier:
                  stats: Stats | None = None,
                  is_owned: Callable[[str], bool] = lambda db_id: False,
                  display_value: Callable[[str, str | None, merge.Register | None], Any]
-                 | None = None) -> None:
+                 | None = None, retention: Retention | None = None) -> None:
         self.store = store
         self.clock = clock
         self.policy = policy
@@ -117,9 +123,11 @@ class Applier:
         self.is_owned = is_owned
         self.display_value = display_value or _plain_value
         self.pending = PendingSet(self.stats.dropped)
+        self.pruner = Pruner(store, retention or Retention(), clock, is_owned, self.stats)
         self.future = FutureSet(store, clock, self.lock,
                                 lambda batch: self._process_batch(batch, local=False),
-                                self.stats)
+                                self.stats, also=self.release_gaps)
+        self._gap_ok: set[bytes] = set()
         self._recent = Bounded(_RECENT)  # ids of updates stored lately
         self._vetoed = Bounded(pending_module.MAX_PENDING)  # vetoed here -> their chain
         self._on_accepted: list[Callable[[Update, bool], None]] = []
@@ -189,9 +197,14 @@ class Applier:
             # Listeners see each update's before- and after-callbacks before the next
             # update's: one commit per update.
             return [d for update in updates for d in self._process_batch([update], local=local)]
-        snaps = self.store.snapshots(updates, local=local, registers=listening or not local)
+        # Retention needs what each write supersedes, so it reads the registers too.
+        snaps = self.store.snapshots(updates, local=local,
+                                     registers=listening or not local or self.pruner.active)
         if local:
             snaps = [_local_snapshot(s, u) for s, u in zip(snaps, updates, strict=True)]
+        elif self._gap_ok:
+            for snap, update in zip(snaps, updates, strict=True):
+                snap.gap = update.id in self._gap_ok
         verified = [local] * len(updates) if local else self._verify_batch(updates, snaps)
         overlay = Overlay()
         staged: list[tuple[Update, list[merge.Write] | None]] = []
@@ -216,6 +229,8 @@ class Applier:
             if verdict == pipeline.MISSING:
                 if not local:
                     self.pending.park(update, decision.missing)
+                    if self.pending.has_gaps:
+                        self.future.wake()
                 continue
             if verdict == pipeline.HELD:
                 self.future.hold(update, decision.release_at)
@@ -262,6 +277,9 @@ class Applier:
             self.store.commit_many(staged, hlc=self.clock.last)
             for update, _ in staged:
                 self._recent.add(update.id)
+            outcomes = [d.outcome for d, _, _ in done if d.outcome is not None]
+            self.pruner.after_commit(outcomes, [w.db_id for o in outcomes for w in o.writes
+                                                if w.kind == "drop"])
         for decision, snap, changes in done:
             self._after_commit(decision, snap, changes, local)
         for update in held:
@@ -293,6 +311,20 @@ class Applier:
             except Exception:
                 logger.exception("on_accepted callback failed")
         self._release_pending(update)
+
+    def release_gaps(self, waited: float = CHAIN_WAIT_S) -> bool:
+        """Decide the updates that waited ``waited`` s or more for a chain link alone
+        (``0``: all of them, now). Under the apply lock. True while gaps remain."""
+        with self.lock:
+            gaps = self.pending.take_gaps(waited)
+            if gaps:
+                self._gap_ok = {u.id for u in gaps}
+                try:
+                    self.stats.chain_gaps += len(gaps)
+                    self._process_batch(gaps, local=False)
+                finally:
+                    self._gap_ok = set()
+            return self.pending.has_gaps
 
     def _release_pending(self, update: Update) -> None:
         self.pending.release(update, lambda batch: self._process_batch(batch, local=False))
@@ -382,6 +414,7 @@ class Applier:
                                       state.lists, [u for u in uids if verdicts.get(u)],
                                       [u for u in uids if u in verdicts and not verdicts[u]])
             self.stats.recomputed += 1
+            self.pruner.rescan(db_id)
             logger.info("re-decided %d updates of %s after a late authorization change",
                         len(uids), db_id)
 

@@ -71,12 +71,13 @@ class Node:
                  skew: float | None = None, redis_prefix: str = DEFAULT_PREFIX,
                  now: Callable[[], int] = time.time_ns, curve: Any = None,
                  broker: Any = None, network_options: dict[str, Any] | None = None,
-                 start_network: bool = True, config: NodeConfig | None = None) -> None:
+                 start_network: bool = True, config: NodeConfig | None = None,
+                 retention: object = None) -> None:
         if config is None:
             config = NodeConfig.resolve(
                 home, listen=listen, peers=peers, discovery=discovery, redis_url=redis_url,
                 unauthorized_policy=unauthorized_policy, passphrase=passphrase, skew=skew,
-                redis_prefix=redis_prefix)
+                redis_prefix=redis_prefix, retention=retention)
         self.config = config
         self.home = config.home
         self.listen = config.listen
@@ -102,7 +103,8 @@ class Node:
         # callbacks may apply listeners themselves).
         self.applier = Applier(self.store, self.clock, policy=self.policy_for,
                                skew_ms=self.skew_ms, is_owned=self.is_owned,
-                               display_value=self.sealer.display_value)
+                               display_value=self.sealer.display_value,
+                               retention=config.retention)
         self._lock = self.applier.lock
         self.listeners = self.applier.listeners
         self.stats = self.applier.stats
@@ -184,6 +186,13 @@ class Node:
         """What the pending updates wait for: update ids (bytes) and db_ids (str)."""
         with self._lock:
             return self.applier.pending.needs()
+
+    def release_gaps(self) -> None:
+        """Decide now the updates that wait only for their previous update (a link that
+        retention may have pruned everywhere); the node does it by itself after
+        ``applier.CHAIN_WAIT_S``. For tools and tests that know nothing more will come."""
+        self._check_open()
+        self.applier.release_gaps(0)
 
     @property
     def future_count(self) -> int:

@@ -6,10 +6,11 @@ bound. It is held here and in the store (so a restart, or a catch-up that moved 
 it, loses nothing), bounded by count and bytes; past the bound the update furthest in
 the future is let go (counted as ``dropped["StaleUpdate"]``; catch-up brings it again).
 
-Threads: ``hold`` runs inside the applier, under the apply lock. The timer thread
-("dmodel-future", started when the first update is held, gone when none is left)
-wakes every ``TICK_S``, takes the apply lock and hands the due updates to the applier,
-so their listeners run on it, never alongside another batch.
+Threads: ``hold`` runs inside the applier, under the apply lock. The node's timer
+thread ("dmodel-timer", started when there is something to wait for, gone when there is
+nothing) wakes every ``TICK_S``, takes the apply lock and hands the due updates to the
+applier, so their listeners run on it, never alongside another batch. It also runs the
+applier's release of chain gaps (pending.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class FutureSet:
 
     def __init__(self, store: Store, clock: HybridClock, lock: Any,
                  process: Callable[[list[Update]], object],
-                 counters: Any) -> None:
+                 counters: Any, also: Callable[[], bool] = lambda: False) -> None:
         self._store = store
         self._clock = clock
         self._lock = lock
@@ -47,6 +48,7 @@ class FutureSet:
         self._bytes = 0
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._also = also  # another timed job on this thread; True while it has work
 
     def __len__(self) -> int:
         return len(self._held)
@@ -65,8 +67,12 @@ class FutureSet:
             furthest = max(self._held, key=lambda uid: self._held[uid][0])
             self._take([furthest])
             self._stats.dropped["StaleUpdate"] += 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Make sure the timer thread runs (it stops when it has nothing to do)."""
         if not self._stopped.is_set() and (self._thread is None or not self._thread.is_alive()):
-            self._thread = threading.Thread(target=self._run, name="dmodel-future",
+            self._thread = threading.Thread(target=self._run, name="dmodel-timer",
                                             daemon=True)
             self._thread.start()
 
@@ -96,7 +102,12 @@ class FutureSet:
             with self._lock:
                 if self._stopped.is_set():
                     return
-                if not self._held:
+                try:
+                    busy = self._also()
+                except DModelError:
+                    logger.exception("a timed job failed")
+                    busy = False
+                if not self._held and not busy:
                     self._thread = None
                     return
                 now = physical_ms(self._clock.now())

@@ -1,7 +1,12 @@
 """The pending set: updates waiting for a missing dependency (an update or an object).
 
 Bounded: past ``MAX_PENDING`` waiting updates the oldest are forgotten and counted as
-``dropped["PendingOverflow"]`` (catch-up fetches them again). It holds no lock of its
+``dropped["PendingOverflow"]`` (catch-up fetches them again).
+
+An update that waits only for its previous update (its hash-chain link) may wait for
+one that no peer has any more: retention prunes superseded updates, links and all. Such
+a *gap* is released after a while (``take_gaps``) and decided without the link; the
+merge rules never needed it, only the chain order did. It holds no lock of its
 own: every call comes from the ``Applier``, under the node's apply lock, on whichever
 thread is applying (the caller's, the apply thread or the sync thread; never two at once).
 """
@@ -9,6 +14,7 @@ thread is applying (the caller's, the apply thread or the sync thread; never two
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable, Sequence
 
 from ..update import Update
@@ -31,6 +37,7 @@ class PendingSet:
         self._order: collections.deque[tuple[bytes | str, bytes]] = collections.deque()
         self._ids: set[bytes] = set()  # pending_key of every waiting update
         self._releasing: list[Update] | None = None  # released updates not yet re-processed
+        self._gaps: dict[bytes, float] = {}  # token -> when it began to wait for its link
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -47,6 +54,8 @@ class PendingSet:
         if token in self._ids:
             return
         key = missing[0]
+        if tuple(missing) == (update.prev,):
+            self._gaps[token] = time.monotonic()
         self._pending.setdefault(key, []).append(update)
         self._ids.add(token)
         self._order.append((key, token))
@@ -60,7 +69,32 @@ class PendingSet:
                 del self._pending[old_key]
             if old_id in self._ids:
                 self._ids.discard(old_id)
+                self._gaps.pop(old_id, None)
                 self._dropped["PendingOverflow"] += 1
+
+    @property
+    def has_gaps(self) -> bool:
+        return bool(self._gaps)
+
+    def take_gaps(self, waited: float) -> list[Update]:
+        """Updates that have waited ``waited`` seconds or more for their link alone,
+        taken out of the set (oldest first)."""
+        cutoff = time.monotonic() - waited
+        due = {t for t, since in self._gaps.items() if since <= cutoff and t in self._ids}
+        self._gaps = {t: s for t, s in self._gaps.items() if t not in due and t in self._ids}
+        if not due:
+            return []
+        out = []
+        for key in list(self._pending):
+            keep = []
+            for parked in self._pending[key]:
+                (out if pending_key(parked) in due else keep).append(parked)
+            if keep:
+                self._pending[key] = keep
+            else:
+                del self._pending[key]
+        self._ids -= due
+        return out
 
     def release(self, update: Update, process: Callable[[list[Update]], object]) -> None:
         """``update`` is in (or its link stands): re-process what waited for it, and what
@@ -77,6 +111,7 @@ class PendingSet:
                 token = pending_key(parked)
                 if token in self._ids:
                     self._ids.discard(token)
+                    self._gaps.pop(token, None)
                     ready.append(parked)
         if not ready:
             return

@@ -119,6 +119,9 @@ class Sealer:
             return value
         candidates = [db_id.partition(":")[2]]
         candidates += [oid for oid in (value.get("k") or {}) if oid in self.keyring]
+        ref = merge.version_ref(reg.version)  # readers a later grant gave this value's key
+        candidates += [key[len(ref):].decode() for key in self.store.wraps(db_id)
+                       if key.startswith(ref) and key[len(ref):].decode() in self.keyring]
         for reader_oid in candidates:
             try:
                 return self.open(db_id, name or "", reg, reader_oid)

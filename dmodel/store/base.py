@@ -23,6 +23,18 @@ from ..update import Update
 HELD_CAP = 1000  # held (unauthorized) update ids kept per object
 
 
+def pack_versions(versions: list[bytes]) -> bytes:
+    """Versions kept by retention, as one value (all versions have one length)."""
+    return b"".join(versions)
+
+
+def unpack_versions(data: bytes | None) -> list[bytes]:
+    if not data:
+        return []
+    size = merge.VERSION_SIZE
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
 @runtime_checkable
 class Store(Protocol):
     """What the node reads and writes; ``RedisStore`` and ``MemoryStore`` implement it."""
@@ -68,6 +80,15 @@ class Store(Protocol):
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]: ...
     def history(self, db_id: str, held: bool = False) -> list[bytes]: ...
 
+    # retention (see node/pruner.py)
+    def retention_reads(self, pairs: Sequence[tuple[str, str]],
+                        chains: Sequence[tuple[str, bytes]] = ()
+                        ) -> tuple[list[list[bytes]], list[merge.Register | None],
+                                   list[bytes]]: ...
+    def prune(self, kept: dict[tuple[str, str], list[bytes]], updates: Sequence[Update],
+              heads: set[bytes], removed: Sequence[str] = ()) -> None: ...
+    def pruned_count(self, db_id: str) -> int: ...
+
     # updates held for their future timestamps (kept across restarts)
     def hold_future(self, uid: bytes, raw: bytes) -> None: ...
     def release_future(self, uids: Sequence[bytes]) -> None: ...
@@ -105,6 +126,8 @@ class MemoryStore:
         self.model_oids: dict[str, set[str]] = {}
         self.node_meta: dict[str, bytes] = {}
         self.future: dict[bytes, bytes] = {}
+        self.kept: dict[tuple[str, str], list[bytes]] = {}
+        self.pruned: dict[str, int] = {}
         self.closed = False
 
     # ------------------------------------------------------------- pipeline
@@ -246,10 +269,44 @@ class MemoryStore:
         return len(self.log)
 
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]:
-        return _inclusive(self.log, start, stop)
+        if start < 0:  # counted from the end among stored updates, like RedisStore
+            return _inclusive([uid for uid in self.log if uid], start, stop)
+        return [uid for uid in _inclusive(self.log, start, stop) if uid]
 
     def history(self, db_id: str, held: bool = False) -> list[bytes]:
         return list((self.held if held else self.hist).get(db_id, ()))
+
+    def retention_reads(self, pairs: Sequence[tuple[str, str]],
+                        chains: Sequence[tuple[str, bytes]] = ()
+                        ) -> tuple[list[list[bytes]], list[merge.Register | None], list[bytes]]:
+        return ([list(self.kept.get(p, ())) for p in pairs],
+                [self.state.registers.get(p) for p in pairs],
+                [self.heads.get(c, b"") for c in chains])
+
+    def prune(self, kept: dict[tuple[str, str], list[bytes]], updates: Sequence[Update],
+              heads: set[bytes], removed: Sequence[str] = ()) -> None:
+        for db_id in removed:
+            for key in [k for k in self.kept if k[0] == db_id]:
+                del self.kept[key]
+        for key, versions in kept.items():
+            if versions:
+                self.kept[key] = list(versions)
+            else:
+                self.kept.pop(key, None)
+        for update in updates:
+            uid = update.id
+            self.updates.pop(uid, None)
+            self.next.pop(uid, None)
+            if uid not in heads:
+                self.chain.pop(uid, None)
+            if uid in self.log:
+                self.log[self.log.index(uid)] = b""  # a gap: positions never move
+            for db_id in {op.obj for op in update.ops}:
+                self.hist[db_id] = [u for u in self.hist.get(db_id, []) if u != uid]
+                self.pruned[db_id] = self.pruned.get(db_id, 0) + 1
+
+    def pruned_count(self, db_id: str) -> int:
+        return self.pruned.get(db_id, 0)
 
     def hold_future(self, uid: bytes, raw: bytes) -> None:
         self.future[uid] = raw

@@ -5,7 +5,10 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P u                HASH  update id -> raw signed update (every stored update)
     P ch               HASH  update id -> node id (16 bytes) + caller db_id   (chain links)
     P head             HASH  caller db_id + "|" + node hex -> id of the latest update of that chain
-    P log              LIST  update ids in the order this node stored them (sequence = index)
+    P log              ZSET  update id -> its sequence number here (store order); pruned
+                             updates leave a gap, so positions never move
+    P kv:{db_id}       HASH  register name -> superseded versions kept by retention (packed)
+    P pc               HASH  db_id -> number of its updates pruned by retention
     P o:{db_id}        STR   packed ObjectMeta (public keys, create version, removal version)
     P r:{db_id}        HASH  register name -> packed Register (value + version + update ref)
     P a:{db_id}        HASH  "r:"/"u:" + member db_id -> packed authorization events
@@ -21,7 +24,8 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P m:{Model}        SET   oids of known objects of that model
     P models           SET   model names
     P fut              HASH  update id -> raw update held for its future timestamp
-    P meta             HASH  "hlc" -> greatest timestamp, "epoch" -> random id of this store
+    P meta             HASH  "hlc" -> greatest timestamp, "seq" -> next log position,
+                             "epoch" -> random id of this store
                              (catch-up), "cursor:<peer hex>" -> [epoch, position] read
                              so far in that peer's log
 
@@ -48,7 +52,7 @@ from ..clock import physical_ms
 from ..errors import StoreError, StoreUnavailableError
 from ..pipeline import Snapshot, needs
 from ..update import Update, op_register
-from .base import HELD_CAP
+from .base import HELD_CAP, pack_versions, unpack_versions
 from .wire import Wire
 
 # Over redis-py (a Redis given by URL): runs a list of commands, given as one msgpack
@@ -141,8 +145,29 @@ class RedisStore:
         self.k_updates, self.k_chain, self.k_head = f"{p}u", f"{p}ch", f"{p}head"
         self.k_log, self.k_models, self.k_meta = f"{p}log", f"{p}models", f"{p}meta"
         self.k_next, self.k_future = f"{p}next", f"{p}fut"
+        self.k_pruned = f"{p}pc"
         self.cache = StoreCache()
         self._script_sha = _BATCH_SHA
+        self._seq: int | None = None  # next log position; this node is the only writer
+
+    def _next_seq(self) -> int:
+        if self._seq is None:
+            with map_redis_errors():
+                if self.client.type(self.k_log) == b"list":
+                    self._migrate_log()
+                self._seq = int(self.client.hget(self.k_meta, "seq") or 0)
+        return self._seq
+
+    def _migrate_log(self) -> None:
+        """A log written as a LIST (before pruning existed) becomes the position ZSET."""
+        uids = self.client.lrange(self.k_log, 0, -1)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.k_log)
+        for start in range(0, len(uids), 10_000):
+            pipe.zadd(self.k_log, {uid: start + i
+                                   for i, uid in enumerate(uids[start:start + 10_000])})
+        pipe.hset(self.k_meta, "seq", len(uids))
+        pipe.execute()
 
     # ------------------------------------------------------------------ keys
     def k_obj(self, db_id: str) -> str:
@@ -174,6 +199,58 @@ class RedisStore:
 
     def k_model(self, model: str) -> str:
         return f"{self.prefix}m:{model}"
+
+    def k_kept(self, db_id: str) -> str:
+        return f"{self.prefix}kv:{db_id}"
+
+    # ------------------------------------------------------------ retention
+    def retention_reads(self, pairs: Sequence[tuple[str, str]],
+                        chains: Sequence[tuple[str, bytes]] = ()
+                        ) -> tuple[list[list[bytes]], list[merge.Register | None], list[bytes]]:
+        """For each (object, register): the superseded versions kept and the register now;
+        for each (caller, node): its chain head. One round trip."""
+        cmds: list[tuple[Any, ...]] = []
+        for db_id, name in pairs:
+            cmds.append(("HGET", self.k_kept(db_id), name))
+            cmds.append(("HGET", self.k_reg(db_id), name))
+        cmds.extend(("HGET", self.k_head, f"{caller}|{node.hex()}") for caller, node in chains)
+        with map_redis_errors():
+            out = self._run(cmds, write=False) if cmds else []
+        kept = [unpack_versions(v) for v in out[0:2 * len(pairs):2]]
+        regs = [merge.Register.unpack(v) if v else None for v in out[1:2 * len(pairs):2]]
+        return kept, regs, [h or b"" for h in out[2 * len(pairs):]]
+
+    def prune(self, kept: dict[tuple[str, str], list[bytes]], updates: Sequence[Update],
+              heads: set[bytes], removed: Sequence[str] = ()) -> None:
+        """Atomically record the kept versions and delete ``updates`` (pruned): their raw
+        bytes, log and history entries and chain links (a chain head keeps its link, so
+        that its successor can still be chained). Registers are never touched."""
+        cmds: list[tuple[Any, ...]] = []
+        for db_id in removed:
+            cmds.append(("DEL", self.k_kept(db_id)))
+        for (db_id, name), versions in kept.items():
+            if versions:
+                cmds.append(("HSET", self.k_kept(db_id), name, pack_versions(versions)))
+            else:
+                cmds.append(("HDEL", self.k_kept(db_id), name))
+        for update in updates:
+            uid = update.id
+            cmds.append(("HDEL", self.k_updates, uid))
+            cmds.append(("ZREM", self.k_log, uid))
+            cmds.append(("HDEL", self.k_next, uid))
+            if uid not in heads:
+                cmds.append(("HDEL", self.k_chain, uid))
+            for db_id in sorted({op.obj for op in update.ops}):
+                cmds.append(("LREM", self.k_hist(db_id), 0, uid))
+                cmds.append(("HINCRBY", self.k_pruned, db_id, 1))
+        if cmds:
+            with map_redis_errors():
+                self._run(cmds, write=True)
+
+    def pruned_count(self, db_id: str) -> int:
+        """How many updates of ``db_id`` retention pruned here."""
+        with map_redis_errors():
+            return int(self.client.hget(self.k_pruned, db_id) or 0)
 
     # ------------------------------------------------------------- pipeline
     def snapshots(self, updates: Sequence[Update], *, local: bool = False,
@@ -264,6 +341,7 @@ class RedisStore:
         cmds: list[tuple[Any, ...]] = []
         log_positions = []
         added: dict[str, set[str]] = {}  # list fields created by earlier items of this batch
+        seq = self._next_seq()
         with map_redis_errors():
             for update, writes in items:
                 for w in writes or ():
@@ -273,23 +351,31 @@ class RedisStore:
                 list_keys = self._list_keys(dropped) if dropped else []
                 for db_id in dropped:
                     list_keys.extend(self.k_list(db_id, n) for n in added.pop(db_id, ()))
-                log_positions.append(len(cmds) + 3)
-                self._update_commands(cmds, update, writes, list_keys)
+                log_positions.append(seq)
+                self._update_commands(cmds, update, writes, list_keys, seq)
+                seq += 1
             cmds.append(("HSET", self.k_meta, "hlc", hlc))
-            results = self._run(cmds, write=True)
+            cmds.append(("HSET", self.k_meta, "seq", seq))
+            try:
+                self._run(cmds, write=True)
+            except BaseException:
+                self._seq = None  # read again: the commit may or may not have happened
+                raise
+        self._seq = seq
         for _update, writes in items:
             for w in writes or ():
                 self.cache.note(w)
-        return [int(results[i]) for i in log_positions]
+        return [p + 1 for p in log_positions]
 
     def _update_commands(self, cmds: list[tuple[Any, ...]], update: Update,
-                         writes: list[merge.Write] | None, list_keys: list[str]) -> None:
+                         writes: list[merge.Write] | None, list_keys: list[str],
+                         seq: int) -> None:
         uid = update.id
         touched = sorted({op.obj for op in update.ops})
         cmds.append(("HSET", self.k_updates, uid, update.raw))
         cmds.append(("HSET", self.k_chain, uid, update.node + update.caller.encode()))
         cmds.append(("HSET", self.k_head, f"{update.caller}|{update.node.hex()}", uid))
-        cmds.append(("RPUSH", self.k_log, uid))  # index 3 of this update's commands
+        cmds.append(("ZADD", self.k_log, seq, uid))
         if update.prev:
             cmds.append(("HSETNX", self.k_next, update.prev, uid))
         ms = physical_ms(update.timestamp)
@@ -485,12 +571,21 @@ class RedisStore:
             return self.client.hget(self.k_head, f"{caller}|{node.hex()}") or b""
 
     def log_length(self) -> int:
+        """The next log position: how many updates this store ever stored."""
         with map_redis_errors():
-            return int(self.client.llen(self.k_log))
+            if self.client.type(self.k_log) == b"list":
+                return int(self.client.llen(self.k_log))
+            return int(self.client.hget(self.k_meta, "seq") or 0)
 
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]:
-        """Update ids in store order, ``start``..``stop`` inclusive (LRANGE semantics)."""
-        return list(self._call("LRANGE", self.k_log, start, stop))
+        """Ids of the updates at log positions ``start``..``stop`` (inclusive; -1: to the
+        end), in store order. Positions of pruned updates are gaps. A negative ``start``
+        counts stored updates from the end (``log_range(-1)``: the last one)."""
+        self._next_seq()  # migrates an old LIST log first
+        if start < 0:
+            return list(self._call("ZRANGE", self.k_log, start, stop))
+        return list(self._call("ZRANGEBYSCORE", self.k_log, start,
+                               "+inf" if stop < 0 else stop))
 
     def history(self, db_id: str, held: bool = False) -> list[bytes]:
         with map_redis_errors():

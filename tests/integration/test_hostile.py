@@ -304,7 +304,7 @@ def test_unknown_caller_and_unknown_object_wait(make_node) -> None:
 
 def test_long_chain_delivered_backwards(make_node) -> None:
     # Releasing a long chain of waiting updates must not recurse once per update.
-    a, b = make_node("a"), make_node("b")
+    a, b = make_node("a", retention="all"), make_node("b")  # a keeps the whole chain
     p = Victim.create(name="v0", node=a)
     with_create = 1200
     for i in range(1, with_create):

@@ -180,8 +180,9 @@ class World:
     """Nodes a and b with chief, worker, loner and intruder (see the module docstring)."""
 
     def __init__(self, make_node: Callable[..., dmodel.Node], policy: str = "reject") -> None:
-        self.a = make_node("a", unauthorized_policy=policy)
-        self.b = make_node("b", unauthorized_policy="listeners")
+        # Both keep every update: ship() hands over whole logs, as a test of callbacks.
+        self.a = make_node("a", unauthorized_policy=policy, retention="all")
+        self.b = make_node("b", unauthorized_policy="listeners", retention="all")
         self._sent = {("a", "b"): 0, ("b", "a"): 0}
         a, b = self.a, self.b
         self.chief = Staff([], node=b)
