@@ -542,6 +542,49 @@ def verify(home: Path | None, redis_url: str | None, passphrase: str | None,
     return 1 if problems else 0
 
 
+# ------------------------------------------------------------------ cluster
+
+
+@cli.group()
+def cluster() -> None:
+    """CURVE for a cluster in two commands: `init` writes the key, `join` installs it."""
+
+
+@cluster.command("init")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path),
+                default="cluster.key")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+def cluster_init(file: Path, force: bool) -> None:
+    """Write a new cluster key pair to FILE (mode 0600; default ./cluster.key).
+
+    Copy FILE to every member over a channel you trust, and run `dmodel cluster join
+    FILE` there.
+    """
+    from .net.curve import CurveConfig
+
+    if file.exists() and not force:
+        raise ConfigurationError(f"{file} exists (give --force to replace it)")
+    CurveConfig.generate().save(file)
+    click.echo(f"cluster key written to {file}; on each member: dmodel cluster join {file}")
+
+
+@cluster.command("join")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
+              type=click.Path(file_okay=False, path_type=Path))
+def cluster_join(file: Path, home: Path | None) -> None:
+    """Install the cluster key FILE into the home (0600): its node then uses CURVE."""
+    from .keyring import secure_home
+    from .net.curve import CurveConfig
+    from .net.replication import CLUSTER_KEY_FILE
+
+    config = CurveConfig.load(file)  # refuses a key file others can read
+    path = home if home is not None else default_home()
+    secure_home(path)
+    config.save(path / CLUSTER_KEY_FILE)
+    click.echo(f"{path / CLUSTER_KEY_FILE} installed: this home's node uses CURVE now")
+
+
 # ------------------------------------------------------------------ keys
 
 

@@ -12,6 +12,18 @@ Limits. Payloads over ``max_message_size`` are dropped and counted
 bigger frame makes ZeroMQ drop the connection, which then reconnects by itself).
 Malformed and unknown frames are counted and dropped, and feed the flood guard.
 
+Strangers. A connection to our ROUTER is *unproven* until its HELLO signs the nonce
+our WELCOME gave it (:mod:`dmodel.net.identity`); until then it may send only HELLO,
+its bad frames are blamed on the connection (``"conn:<routing id>"``), and all unproven
+frames from one source address share a token bucket (``unproven_rate`` a second), so
+rotating routing ids buys nothing. Proven peers get token buckets of their own for
+updates (count and bytes) and requests; over them, frames are dropped and counted
+(``dropped["updates_limited"]``, ``["requests_limited"]``), never banned for it. At
+most ``max_requests_in_service`` requests of one connection are being served at a
+time, a repeated request id is dropped (``["duplicate_request"]``), and the ROUTER
+sends with ZMQ_ROUTER_MANDATORY and a ``reply_hwm`` high-water mark: replies to a
+peer that does not read them are dropped (``["reply_hwm"]``), not queued.
+
 Requests. ``on_request`` runs on this thread, so it must be quick: it returns the
 reply, None (NO_REPLY), or a :class:`DeferredReply` that another thread resolves
 later; the reply then comes back as a :class:`SendReply` command.
@@ -44,13 +56,15 @@ from dmodel.net.commands import (
     Connect,
     DeferredReply,
     GetPeers,
+    Report,
     SendReply,
     Settings,
     Stop,
 )
 from dmodel.net.curve import make_client, make_server, start_authenticator
+from dmodel.net.flood import RateLimiter
 from dmodel.net.mesh import Mesh, SocketSet
-from dmodel.net.peers import Link, Peer, PeerInfo
+from dmodel.net.peers import Link, Peer, PeerInfo, Session
 
 logger = logging.getLogger("dmodel.net.bus")
 
@@ -61,7 +75,8 @@ _BATCH = 256
 
 _COUNTERS = ("messages_in", "messages_out", "bytes_in", "bytes_out", "requests_in",
              "requests_out", "replies_in", "replies_out", "request_timeouts",
-             "requests_unroutable", "callback_errors", "bans", "relinks", "resubscribes")
+             "requests_unroutable", "callback_errors", "bans", "relinks", "resubscribes",
+             "proofs_ok", "proofs_failed", "dials_refused")
 
 
 @dataclass(slots=True)
@@ -118,6 +133,14 @@ class Actor:
         self.broker_sub: zmq.Socket | None = None
         self.next_broker_probe = 0.0
 
+        self.sessions = self.mesh.sessions
+        rate = settings.rates
+        self.update_limit = RateLimiter(rate.updates, 2 * rate.updates)
+        self.update_bytes = RateLimiter(rate.update_bytes,
+                                        max(2 * rate.update_bytes, 2 * self.hard_limit))
+        self.request_limit = RateLimiter(rate.requests, 2 * rate.requests)
+        self.unproven_limit = RateLimiter(rate.unproven, 2 * rate.unproven)
+        self.in_service: dict[bytes, set[bytes]] = {}  # routing id -> req ids being served
         self.pending: dict[bytes, _Pending] = {}
         self.req_ids = itertools.count(1)
         self.next_timer = 0.0
@@ -142,6 +165,8 @@ class Actor:
         if s.listen is not None:
             self.router = self.io.open(zmq.ROUTER)
             self.router.maxmsgsize = self.hard_limit
+            self.router.sndhwm = s.reply_hwm
+            self.router.router_mandatory = True
             make_server(self.router, s.curve)
             self.xpub = self.io.open(zmq.XPUB)
             self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -289,7 +314,15 @@ class Actor:
         if sock is not None:
             sock.send_multipart(fr.ack_frames(subscriber, self.node_id), zmq.NOBLOCK)
 
-    def _deliver(self, payload: bytes, sender: bytes, peer: Peer | None) -> None:
+    def _deliver(self, payload: bytes, sender: bytes, peer: Peer | None,
+                 src: bytes | str) -> None:
+        now = time.monotonic()
+        if not (self.update_limit.allow(src, now)
+                and self.update_bytes.allow(src, now, len(payload))):
+            self.dropped["updates_limited"] += 1
+            if peer is not None:
+                peer.stats["limited"] += 1
+            return
         self.counters["messages_in"] += 1
         self.counters["bytes_in"] += len(payload)
         if peer is not None:
@@ -340,7 +373,15 @@ class Actor:
             self.stopping = True
             return
         if isinstance(cmd, SendReply):
+            serving = self.in_service.get(cmd.ident)
+            if serving is not None:
+                serving.discard(cmd.req_id)
+                if not serving:
+                    del self.in_service[cmd.ident]
             self._send_reply(cmd.ident, cmd.req_id, cmd.payload)
+            return
+        if isinstance(cmd, Report):
+            self._report(cmd)
             return
         fut = cmd.future
         if not fut.set_running_or_notify_cancel():
@@ -396,51 +437,124 @@ class Actor:
 
     def _router_message(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
-        node_id = fr.routing_node_id(ident)
-        src = ident if node_id is None else node_id
+        now = time.monotonic()
+        session = self.sessions.get(ident)
+        if session is None or session.node_id is None:
+            self._unproven_message(ident, session, frames, now)
+            return
+        src = session.node_id
         if self.flood.banned(src):
             self.dropped["banned"] += 1
             return
-        if node_id is None or len(frames) < 2:
-            self.mesh.bad(src, "malformed")
-            return
-        peer = self.table.peers.get(node_id)
+        session.seen = now
+        peer = self.table.peers.get(src)
         try:
             msg = fr.decode_router([f.bytes for f in frames[1:]])
         except fr.MalformedFrame as exc:
             self.mesh.bad(src, exc.reason, peer)
             return
         if isinstance(msg, fr.Hello):
-            self._hello(ident, node_id, msg, frames[2], peer)
+            self._hello(session, msg, frames[-1], now)
         elif isinstance(msg, fr.Request):
-            if len(msg.payload) > self.s.max_message_size:
-                self.mesh.bad(src, "oversize", peer)
-                self._send_reply(ident, msg.req_id, None)
-                return
-            self.counters["requests_in"] += 1
-            self.counters["bytes_in"] += len(msg.payload)
-            if peer is not None:
-                peer.stats["requests_in"] += 1
-            self._answer(ident, msg.req_id, msg.payload, node_id)
+            self._request(session, msg, peer, now)
         else:
             if len(msg.payload) > self.s.max_message_size:
                 self.mesh.bad(src, "oversize", peer)
                 return
-            self._deliver(msg.payload, node_id, peer)
+            self._deliver(msg.payload, src, peer, src)
 
-    def _hello(self, ident: bytes, node_id: bytes, hello: fr.Hello, body: zmq.Frame,
-               peer: Peer | None) -> None:
-        assert self.router is not None
-        if hello.node_id != node_id:
-            self.mesh.bad(node_id, "malformed", peer)
+    def _unproven_message(self, ident: bytes, session: Session | None,
+                          frames: list[zmq.Frame], now: float) -> None:
+        """A frame from a connection that has not proven a node key: HELLO or nothing."""
+        src = "conn:" + ident.hex()
+        if self.flood.banned(src):
+            self.dropped["banned"] += 1
             return
-        self.router.send_multipart(fr.welcome_frames(ident, self.mesh.hello_body()), zmq.NOBLOCK)
-        self._ack(self.xpub, node_id)
+        try:
+            address = frames[-1].get("Peer-Address")
+        except (zmq.ZMQError, AttributeError):
+            address = None
+        if not self.unproven_limit.allow(address, now):
+            self.dropped["unproven_limited"] += 1
+            return
+        if len(frames) != 3 or frames[1].bytes != fr.HELLO:
+            self.mesh.bad(src, "unproven")
+            return
+        try:
+            hello = fr.decode_hello(frames[2].bytes)
+        except fr.MalformedFrame as exc:
+            self.mesh.bad(src, exc.reason)
+            return
+        if session is None:
+            session = self.sessions.open(ident, now)
+        session.seen = now
+        self._hello(session, hello, frames[-1], now)
+
+    def _hello(self, session: Session, hello: fr.Hello, body: zmq.Frame, now: float) -> None:
+        if session.node_id is not None:
+            if hello.node_id != session.node_id or hello.key != session.key:
+                self.mesh.bad(session.source, "identity_conflict")
+                return
+        elif hello.proof:
+            if self.flood.banned(hello.node_id):
+                self.dropped["banned"] += 1
+                return
+            if not self.mesh.check_proof(fr.HELLO, hello, session.nonce):
+                self.mesh.bad(session.source, "forged_hello")
+                return
+            if hello.node_id != self.node_id:
+                self.sessions.prove(session, hello.node_id, hello.key)
+        proven = session.node_id is not None
+        if session.welcome is None or session.welcome[0] != hello.nonce:
+            session.welcome = (hello.nonce, self.mesh.sign_proof(fr.WELCOME, hello.nonce))
+        body_out = self.mesh.hello_body(session.nonce, session.welcome[1], gossip=proven)
+        self._router_send(fr.welcome_frames(session.ident, body_out))
+        if not proven:
+            return
+        self._ack(self.xpub, hello.node_id)
         try:
             address = body.get("Peer-Address")
         except (zmq.ZMQError, AttributeError):
             address = None
-        self.mesh.hello_from(node_id, hello, address, time.monotonic())
+        self.mesh.hello_from(hello.node_id, hello, address, now)
+
+    def _request(self, session: Session, msg: fr.Request, peer: Peer | None,
+                 now: float) -> None:
+        src, ident = session.node_id, session.ident
+        assert src is not None
+        if len(msg.payload) > self.s.max_message_size:
+            self.mesh.bad(src, "oversize", peer)
+            self._send_reply(ident, msg.req_id, None)
+            return
+        if not self.request_limit.allow(src, now):
+            self.dropped["requests_limited"] += 1
+            self._send_reply(ident, msg.req_id, None)
+            return
+        serving = self.in_service.get(ident)
+        if serving is not None:
+            if msg.req_id in serving:
+                self.dropped["duplicate_request"] += 1
+                return
+            if len(serving) >= self.s.max_requests_in_service:
+                self.dropped["requests_busy"] += 1
+                self._send_reply(ident, msg.req_id, None)
+                return
+        self.counters["requests_in"] += 1
+        self.counters["bytes_in"] += len(msg.payload)
+        if peer is not None:
+            peer.stats["requests_in"] += 1
+        self._answer(ident, msg.req_id, msg.payload, src)
+
+    def _report(self, cmd: Report) -> None:
+        """The node found ``cmd.count`` bad updates from ``cmd.sender``: count them like
+        bad frames, against the sender only if it proved its node id to us."""
+        peer = self.table.peers.get(cmd.sender)
+        proven = peer is not None or self.sessions.has_node(cmd.sender)
+        for _ in range(cmd.count):
+            if not proven or self.flood.banned(cmd.sender):
+                self.dropped[cmd.reason] += 1
+            else:
+                self.mesh.bad(cmd.sender, cmd.reason, peer)
 
     def _answer(self, ident: bytes, req_id: bytes, payload: bytes, sender: bytes) -> None:
         reply: Any = None
@@ -451,6 +565,7 @@ class Actor:
                 done, reply = reply._attach(
                     lambda answer: post(SendReply(ident, req_id, answer)))
                 if not done:
+                    self.in_service.setdefault(ident, set()).add(req_id)
                     return  # answered later, through a SendReply command
             if reply is not None and not isinstance(reply, bytes | bytearray | memoryview):
                 raise TypeError(f"on_request returned {type(reply).__name__}, not bytes")
@@ -463,10 +578,24 @@ class Actor:
     def _send_reply(self, ident: bytes, req_id: bytes, reply: bytes | None) -> None:
         if self.router is None:
             return
-        if reply is not None:
+        if self._router_send(fr.reply_frames(ident, req_id, reply)) and reply is not None:
             self.counters["replies_out"] += 1
             self.counters["bytes_out"] += len(reply)
-        self.router.send_multipart(fr.reply_frames(ident, req_id, reply), zmq.NOBLOCK)
+
+    def _router_send(self, frames: list[bytes]) -> bool:
+        """Send on the ROUTER; False (counted) if the peer is gone or does not read."""
+        assert self.router is not None
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped["reply_hwm"] += 1
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self.dropped["reply_unroutable"] += 1
+            return False
+        return True
 
     def _on_dealer(self, link: Link) -> None:
         for _ in range(_BATCH):
@@ -548,7 +677,7 @@ class Actor:
             if peer is not None:
                 peer.last_seen = time.monotonic()
             origin = self.table.peers.get(msg.sender) if peer is None else peer
-            self._deliver(msg.payload, msg.sender, origin)
+            self._deliver(msg.payload, msg.sender, origin, src)
         elif peer is None:
             if msg.sender == self.node_id and not self.broker_ready:
                 with self.cond:
@@ -586,6 +715,9 @@ class Actor:
         out["dropped"] = dict(self.dropped)
         out["banned"] = self.flood.bans
         out["pending_requests"] = len(self.pending)
+        out["sessions"] = len(self.sessions)
+        out["unreached"] = self.mesh.unreached(time.monotonic())
+        out["dials_refused_by"] = dict(self.mesh.dial.refused)
         out["links"] = len(self.table.links)
         out["self_endpoints"] = sorted(self.table.self_endpoints)
         out["broker_ready"] = self.broker_ready

@@ -15,7 +15,11 @@ Limits. Payloads over ``max_message_size`` (default ``MAX_UPDATE_SIZE`` plus
 ``frames.FRAME_OVERHEAD``) are dropped and counted (``stats["dropped"]["oversize"]``).
 Malformed and unknown frames are counted and dropped; a source that sends more than
 ``flood_threshold`` of them within ``flood_window`` seconds is banned for
-``flood_ban`` seconds (its connections closed, its frames ignored).
+``flood_ban`` seconds (its connections closed, its frames ignored). Sources are proven
+node ids or connections, never ids a remote merely claims (see
+:mod:`dmodel.net.actor` for the handshake and the per-source rate limits, and
+:mod:`dmodel.net.peers` for the ``dial`` policy). README's "Limits" table lists every
+option with its default.
 
 Broker. With ``broker=(xsub, xpub)`` the bus also publishes into a
 :class:`~dmodel.net.broker.Broker` and subscribes from it, so peers that cannot
@@ -38,6 +42,10 @@ import zmq
 from dmodel.errors import ConfigurationError, NetworkError
 from dmodel.net.actor import PIPE_ENDPOINT, PIPE_PUBLISH, PIPE_WAKE, Actor
 from dmodel.net.commands import (
+    DEFAULT_REQUESTS_PER_S,
+    DEFAULT_UNPROVEN_PER_S,
+    DEFAULT_UPDATE_BYTES_PER_S,
+    DEFAULT_UPDATES_PER_S,
     Ask,
     Command,
     Connect,
@@ -46,6 +54,8 @@ from dmodel.net.commands import (
     GetStats,
     PeerCallback,
     PublishCallback,
+    Rates,
+    Report,
     RequestCallback,
     Settings,
     Stop,
@@ -58,7 +68,8 @@ from dmodel.net.frames import (
     check_node_id,
     pub_bind_endpoint,
 )
-from dmodel.net.peers import PeerInfo
+from dmodel.net.identity import NodeKey
+from dmodel.net.peers import PeerInfo, parse_dial
 from dmodel.update import NODE_ID_SIZE
 
 logger = logging.getLogger(__name__)
@@ -99,6 +110,17 @@ class Bus:
         flood_window: float = 10.0,
         flood_ban: float = 60.0,
         max_peers: int = 256,
+        node_key: NodeKey | None = None,
+        dial: Any = "learned",
+        dial_per_address: int = 4,
+        dial_total: int = 64,
+        max_updates_per_s: float = DEFAULT_UPDATES_PER_S,
+        max_update_bytes_per_s: float = DEFAULT_UPDATE_BYTES_PER_S,
+        max_requests_per_s: float = DEFAULT_REQUESTS_PER_S,
+        max_unproven_per_s: float = DEFAULT_UNPROVEN_PER_S,
+        reply_hwm: int = 16,
+        max_requests_in_service: int = 8,
+        unreached_after: float = 5.0,
     ) -> None:
         check_node_id(node_id)
         if listen is not None:
@@ -123,6 +145,10 @@ class Bus:
             ("sndhwm", sndhwm),
             ("flood_threshold", flood_threshold),
             ("max_peers", max_peers),
+            ("dial_per_address", dial_per_address),
+            ("dial_total", dial_total),
+            ("reply_hwm", reply_hwm),
+            ("max_requests_in_service", max_requests_in_service),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive int")
@@ -132,11 +158,19 @@ class Bus:
             ("peer_timeout", peer_timeout),
             ("flood_window", flood_window),
             ("flood_ban", flood_ban),
+            ("max_updates_per_s", max_updates_per_s),
+            ("max_update_bytes_per_s", max_update_bytes_per_s),
+            ("max_requests_per_s", max_requests_per_s),
+            ("max_unproven_per_s", max_unproven_per_s),
+            ("unreached_after", unreached_after),
         ):
             if not fvalue > 0:
                 raise ConfigurationError(f"{name} must be > 0")
         if not ping_interval < peer_timeout:
             raise ConfigurationError("ping_interval must be shorter than peer_timeout")
+        if node_key is not None and not isinstance(node_key, NodeKey):
+            raise ConfigurationError("node_key must be a NodeKey")
+        parse_dial(dial)
 
         settings = Settings(
             node_id=node_id,
@@ -159,6 +193,15 @@ class Bus:
             flood_window=flood_window,
             flood_ban=flood_ban,
             max_peers=max_peers,
+            node_key=node_key or NodeKey.generate(),
+            dial=dial,
+            dial_per_address=dial_per_address,
+            dial_total=dial_total,
+            rates=Rates(max_updates_per_s, max_update_bytes_per_s, max_requests_per_s,
+                        max_unproven_per_s),
+            reply_hwm=reply_hwm,
+            max_requests_in_service=max_requests_in_service,
+            unreached_after=unreached_after,
         )
         self._node_id = node_id
         self._closed = False
@@ -325,6 +368,16 @@ class Bus:
                 lambda: self._actor.broker_ready or self._actor.finished, timeout
             )
             return bool(ok) and self._actor.broker_ready
+
+    def report(self, sender: bytes, reason: str, count: int = 1) -> None:
+        """Count ``count`` bad updates from ``sender`` toward a flood ban (any thread)."""
+        if count > 0 and not self.closed:
+            self._post(Report(sender, reason, count))
+
+    @property
+    def node_key(self) -> bytes:
+        """This node's public key, which the handshake proves."""
+        return self._actor.s.node_key.public
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from dmodel.net.curve import CurveConfig
 from dmodel.net.discovery import DiscoveryConfig
+from dmodel.net.identity import NodeKey
 
 PublishCallback = Callable[[bytes, bytes], None]
 RequestCallback = Callable[[bytes, bytes], "bytes | DeferredReply | None"]
@@ -64,7 +65,32 @@ class SendReply:
     payload: bytes | None
 
 
-Command = Stop | Connect | Ask | GetPeers | GetStats | SendReply
+@dataclass(frozen=True, slots=True)
+class Report:
+    """``count`` bad updates (``reason``) came from ``sender``: count them toward a ban."""
+
+    sender: bytes
+    reason: str
+    count: int = 1
+
+
+Command = Stop | Connect | Ask | GetPeers | GetStats | SendReply | Report
+
+
+DEFAULT_UPDATES_PER_S = 20_000.0
+DEFAULT_UPDATE_BYTES_PER_S = 64.0 * 1024 * 1024
+DEFAULT_REQUESTS_PER_S = 200.0
+DEFAULT_UNPROVEN_PER_S = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Per-source token-bucket rates (a second; bursts are twice as much)."""
+
+    updates: float = DEFAULT_UPDATES_PER_S
+    update_bytes: float = DEFAULT_UPDATE_BYTES_PER_S
+    requests: float = DEFAULT_REQUESTS_PER_S
+    unproven: float = DEFAULT_UNPROVEN_PER_S
 
 
 class DeferredReply:
@@ -124,3 +150,11 @@ class Settings:
     flood_window: float
     flood_ban: float
     max_peers: int
+    node_key: NodeKey
+    dial: Any = "learned"
+    dial_per_address: int = 4
+    dial_total: int = 64
+    rates: Rates = field(default_factory=Rates)
+    reply_hwm: int = 16
+    max_requests_in_service: int = 8
+    unreached_after: float = 5.0

@@ -5,8 +5,9 @@ Only the bus I/O thread (:mod:`dmodel.net.actor`) calls these, but any thread ma
 
 Frames (all bytes; ``id`` is a 16-byte node id, ``dmodel.update.NODE_ID_SIZE``)::
 
-    DEALER -> ROUTER   (the ROUTER sees the DEALER's routing id first:
-                        node id + 4 random bytes, one per connection)
+    DEALER -> ROUTER   (the ROUTER sees the DEALER's routing id first: 20 random
+                        bytes, one per connection; it names the connection, never
+                        the node)
       HELLO     [b"H", body]              body: msgpack map, see below
       REQUEST   [b"Q", req_id(8), payload]
       PUSH      [b"U", payload]           publish from a client-only node
@@ -18,8 +19,22 @@ Frames (all bytes; ``id`` is a 16-byte node id, ``dmodel.update.NODE_ID_SIZE``):
       MESSAGE   [b"M", sender id, payload]
       ACK       [b"A" + subscriber id, sender id]
 
-    body = {"v": 1, "id": node id, "ep": ROUTER endpoint or "",
-            "pub": PUB endpoint or "", "peers": [[node id, endpoint], ...]}
+    body = {"v": 2, "id": node id, "ep": ROUTER endpoint or "",
+            "pub": PUB endpoint or "", "peers": [[node id, endpoint], ...],
+            "key": Ed25519 node key (32), "n": a fresh nonce (16),
+            "sig": b"" or the signature of identity.proof_message(role, id, key,
+                   the other side's nonce) (64)}
+
+Handshake (proof of the node key, :mod:`dmodel.net.identity`). The DEALER's first
+HELLO carries its link nonce and no signature; the WELCOME signs that nonce and carries
+the ROUTER's session nonce; the DEALER checks it (the peer is now *proven* on our link)
+and at once sends a HELLO signing the session nonce (we are now proven on the peer's
+ROUTER). Until then the ROUTER takes nothing but HELLO from that connection. WELCOMEs
+to a connection not proven yet carry no gossip.
+
+Endpoints learned from a peer (its HELLO, WELCOME and gossip) are dialled only if
+:func:`gossip_endpoint_ok`: ``tcp://host:port`` of sane length, never ``ipc://`` or
+``inproc://``. Gossip entries that fail it are skipped (counted by the caller).
 
 Size limit. A payload carries one update (at most ``MAX_UPDATE_SIZE``) or a
 catch-up reply holding several; :data:`FRAME_OVERHEAD` is the room left around them
@@ -42,9 +57,10 @@ from typing import Any
 import msgpack
 
 from dmodel.errors import ConfigurationError, DModelError
+from dmodel.net.identity import HANDSHAKE_NONCE_SIZE, KEY_SIZE, PROOF_SIZE
 from dmodel.update import MAX_UPDATE_SIZE, NODE_ID_SIZE
 
-HELLO_VERSION = 1
+HELLO_VERSION = 2
 
 HELLO = b"H"
 WELCOME = b"W"
@@ -56,8 +72,7 @@ MESSAGE = b"M"
 ACK = b"A"
 
 REQ_ID_SIZE = 8
-NONCE_SIZE = 4
-ROUTING_ID_SIZE = NODE_ID_SIZE + NONCE_SIZE
+ROUTING_ID_SIZE = 20
 MAX_ENDPOINT_LEN = 256
 MAX_GOSSIP = 64
 FRAME_OVERHEAD = 64 * 1024
@@ -83,6 +98,11 @@ class Hello:
     endpoint: str
     pub_endpoint: str
     peers: tuple[tuple[bytes, str], ...] = ()
+    key: bytes = bytes(KEY_SIZE)
+    nonce: bytes = bytes(HANDSHAKE_NONCE_SIZE)
+    proof: bytes = b""
+    skipped: int = 0
+    """Gossip entries left out because their endpoint may not be dialled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +155,8 @@ def encode_hello(hello: Hello) -> bytes:
     peers = [[nid, ep] for nid, ep in hello.peers]
     return msgpack.packb(
         {"v": HELLO_VERSION, "id": hello.node_id, "ep": hello.endpoint,
-         "pub": hello.pub_endpoint, "peers": peers},
+         "pub": hello.pub_endpoint, "peers": peers, "key": hello.key, "n": hello.nonce,
+         "sig": hello.proof},
         use_bin_type=True,
     )
 
@@ -148,7 +169,7 @@ def decode_hello(data: bytes) -> Hello:
             raw=False,
             strict_map_key=True,
             max_str_len=MAX_ENDPOINT_LEN,
-            max_bin_len=NODE_ID_SIZE,
+            max_bin_len=PROOF_SIZE,
             max_array_len=MAX_GOSSIP * 2,
             max_map_len=16,
         )
@@ -161,20 +182,31 @@ def decode_hello(data: bytes) -> Hello:
         raise MalformedFrame("malformed", "bad node id")
     if not isinstance(ep, str) or not isinstance(pub, str) or not isinstance(peers, list):
         raise MalformedFrame("malformed", "bad hello fields")
+    key, nonce, proof = obj.get("key"), obj.get("n"), obj.get("sig")
+    if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+        raise MalformedFrame("malformed", "bad node key")
+    if not isinstance(nonce, bytes) or len(nonce) != HANDSHAKE_NONCE_SIZE:
+        raise MalformedFrame("malformed", "bad nonce")
+    if not isinstance(proof, bytes) or len(proof) not in (0, PROOF_SIZE):
+        raise MalformedFrame("malformed", "bad proof")
     if len(peers) > MAX_GOSSIP:
         raise MalformedFrame("malformed", "too many peers")
     gossip: list[tuple[bytes, str]] = []
+    skipped = 0
     for item in peers:
         if (
             not isinstance(item, list)
             or len(item) != 2
             or not isinstance(item[0], bytes)
             or len(item[0]) != NODE_ID_SIZE
-            or not gossip_endpoint_ok(item[1])
+            or not isinstance(item[1], str)
         ):
             raise MalformedFrame("malformed", "bad gossip entry")
-        gossip.append((item[0], item[1]))
-    return Hello(node_id, ep, pub, tuple(gossip))
+        if gossip_endpoint_ok(item[1]):
+            gossip.append((item[0], item[1]))
+        else:
+            skipped += 1
+    return Hello(node_id, ep, pub, tuple(gossip), key, nonce, proof, skipped)
 
 
 # ------------------------------------------------------------ frame decoding
@@ -182,11 +214,6 @@ def decode_hello(data: bytes) -> Hello:
 
 def _kind_error(kind: bytes, known: tuple[bytes, ...]) -> MalformedFrame:
     return MalformedFrame("malformed" if kind in known else "unknown", f"bad {kind[:8]!r} frame")
-
-
-def routing_node_id(ident: bytes) -> bytes | None:
-    """The node id in a DEALER's routing id, or None if it is not one of ours."""
-    return ident[:NODE_ID_SIZE] if len(ident) == ROUTING_ID_SIZE else None
 
 
 def decode_router(frames: Sequence[bytes]) -> Hello | Request | Push:
@@ -327,9 +354,15 @@ def pub_bind_endpoint(listen: str) -> str:
 
 
 def gossip_endpoint_ok(endpoint: Any) -> bool:
-    """Only tcp:// and ipc:// endpoints of sane length travel in gossip."""
-    return (
-        isinstance(endpoint, str)
-        and 0 < len(endpoint) <= MAX_ENDPOINT_LEN
-        and (endpoint.startswith("tcp://") or endpoint.startswith("ipc://"))
-    )
+    """The one rule for endpoints learned from a peer (HELLO, WELCOME, gossip, beacons):
+    ``tcp://host:port`` of sane length, a port in 1..65535 and no wildcard host. Never
+    ``ipc://`` or ``inproc://``: a peer must not make us open local sockets."""
+    if not isinstance(endpoint, str) or not 0 < len(endpoint) <= MAX_ENDPOINT_LEN:
+        return False
+    parts = split_host(endpoint)
+    if parts is None:
+        return False
+    host, port = parts
+    if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    return host not in _WILDCARD_HOSTS

@@ -41,7 +41,8 @@ from dmodel.net.discovery import (
     send_beacon,
 )
 from dmodel.net.flood import FloodGuard
-from dmodel.net.peers import FIRST_BACKOFF, Link, Peer, PeerTable
+from dmodel.net.identity import KeyPins, NodeKey, proof_message, verify
+from dmodel.net.peers import FIRST_BACKOFF, DialPolicy, Link, Peer, PeerTable, SessionTable
 
 logger = logging.getLogger("dmodel.net.bus")
 
@@ -122,6 +123,10 @@ class Mesh:
         self.table = PeerTable(self.node_id, settings.max_peers)
         self.flood = FloodGuard(settings.flood_threshold, settings.flood_window,
                                 settings.flood_ban)
+        self.key: NodeKey = settings.node_key
+        self.pins = KeyPins()
+        self.sessions = SessionTable(4 * settings.max_peers, 10 * settings.peer_timeout)
+        self.dial = DialPolicy(settings.dial, settings.dial_per_address, settings.dial_total)
         self.endpoint: str | None = None
         self.pub_endpoint: str | None = None
         self.discovery: DiscoveryConfig | None = None
@@ -157,6 +162,8 @@ class Mesh:
         peer = self.table.peers.get(src) if isinstance(src, bytes) else None
         if peer is not None:
             self.drop_peer(peer)
+        if isinstance(src, bytes):
+            self.sessions.drop_node(src)
         for link in list(self.table.links.values()):
             if src in (link.expected, link.node_id, link.endpoint):
                 self.close_link(link)
@@ -187,8 +194,11 @@ class Mesh:
             return existing
         if self.table.is_alias(endpoint):
             return None  # ourselves, or another name for a peer we already talk to
+        if not self.dial.attempt(endpoint, now, explicit):
+            self.counters["dials_refused"] += 1
+            return None
         try:
-            sock = self._dealer(endpoint)
+            sock = self._dealer(endpoint, explicit)
         except zmq.ZMQError as exc:
             if explicit:
                 raise NetworkError(f"cannot connect to {endpoint}: {exc}") from exc
@@ -200,11 +210,14 @@ class Mesh:
         logger.debug("connecting to %s", endpoint)
         return link
 
-    def _dealer(self, endpoint: str) -> zmq.Socket:
+    def _dealer(self, endpoint: str, explicit: bool = True) -> zmq.Socket:
         sock = self.sockets.open(zmq.DEALER)
         sock.maxmsgsize = self.hard_limit
         sock.immediate = True
-        sock.routing_id = self.node_id + os.urandom(fr.NONCE_SIZE)
+        if not explicit:  # a learned endpoint that refuses us is retried slowly
+            sock.reconnect_ivl = 2000
+            sock.reconnect_ivl_max = 60_000
+        sock.routing_id = os.urandom(fr.ROUTING_ID_SIZE)  # names the connection only
         make_client(sock, self.s.curve)
         try:
             sock.connect(endpoint)
@@ -214,25 +227,52 @@ class Mesh:
         return sock
 
     def renew_link_socket(self, link: Link, now: float) -> None:
+        if not self.dial.attempt(link.endpoint, now, link.explicit):
+            self.counters["dials_refused"] += 1
+            link.sock_since = now  # ZeroMQ keeps reconnecting the old socket meanwhile
+            return
         self.counters["relinks"] += 1
         self.sockets.close(link.sock)
-        link.renew(self._dealer(link.endpoint), now)  # connected once before: cannot fail
+        # connected once before: cannot fail
+        link.renew(self._dealer(link.endpoint, link.explicit), now)
         self.sockets.watch(link.sock, self.read_dealer(link))
 
     def heard(self, node_id: bytes, endpoint: str, now: float) -> None:
         """Someone told us node_id listens at endpoint: connect unless known."""
         if self.flood.banned(node_id) or self.flood.banned(endpoint):
             return
+        if not self.dial.permitted(endpoint):
+            self.dial.refused["policy"] += 1
+            return
         if self.table.should_dial(node_id, endpoint):
             self.open_link(endpoint, expected=node_id, explicit=False, now=now)
 
-    def hello_body(self) -> bytes:
+    def hello_body(self, nonce: bytes, proof: bytes, gossip: bool = True) -> bytes:
         return fr.encode_hello(fr.Hello(self.node_id, self.endpoint or "",
-                                        self.pub_endpoint or "", self.table.gossip()))
+                                        self.pub_endpoint or "",
+                                        self.table.gossip() if gossip else (),
+                                        self.key.public, nonce, proof))
+
+    def sign_proof(self, role: bytes, their_nonce: bytes) -> bytes:
+        return self.key.sign(proof_message(role, self.node_id, self.key.public, their_nonce))
+
+    def check_proof(self, role: bytes, hello: fr.Hello, our_nonce: bytes) -> bool:
+        """``hello`` signed ``our_nonce`` with its key, and that key may speak for its id."""
+        if not hello.proof or not verify(
+                hello.key, proof_message(role, hello.node_id, hello.key, our_nonce),
+                hello.proof):
+            self.counters["proofs_failed"] += 1
+            return False
+        if not self.pins.accept(hello.node_id, hello.key):
+            self.dropped["identity_conflict"] += 1
+            return False
+        self.counters["proofs_ok"] += 1
+        return True
 
     def _send_hello(self, link: Link, now: float) -> None:
         try:
-            link.sock.send_multipart(fr.hello_frames(self.hello_body()), zmq.NOBLOCK)
+            link.sock.send_multipart(fr.hello_frames(self.hello_body(link.nonce, link.proof)),
+                                     zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected yet (ZMQ_IMMEDIATE): try again later
         peer = self.table.peer_of(link)
@@ -244,6 +284,7 @@ class Mesh:
         lifted, flood_next = self.flood.tick(now)
         for src in lifted:
             logger.info("ban on %r lifted", src)
+        self.sessions.expire(now)
         return min(self.link_timers(now), self.peer_timers(now), flood_next,
                    self.beacon_timer(now))
 
@@ -255,6 +296,13 @@ class Mesh:
                 logger.debug("giving up on %s", link.endpoint)
                 self.close_link(link)
                 continue
+            if not link.warned:
+                if link.unreached(now, self.s.unreached_after):
+                    link.warned = True
+                    logger.warning("peer endpoint %s not reached after %.0fs", link.endpoint,
+                                   now - link.created)
+                elif not link.welcomed:
+                    nxt = min(nxt, link.created + self.s.unreached_after)
             if not link.welcomed and now - link.sock_since > timeout:
                 # ZeroMQ does not reconnect after a protocol error (a failed CURVE
                 # handshake, a frame over ZMQ_MAXMSGSIZE): start over with a new socket.
@@ -298,9 +346,21 @@ class Mesh:
                 nxt = min(nxt, peer.sub_seen + timeout)
         return nxt
 
+    def unreached(self, now: float) -> list[str]:
+        """Endpoints dialled for longer than ``unreached_after`` that never welcomed us."""
+        return sorted(link.endpoint for link in self.table.links.values()
+                      if link.unreached(now, self.s.unreached_after))
+
     def welcomed(self, link: Link, hello: fr.Hello, now: float) -> None:
         node_id = hello.node_id
         table = self.table
+        if hello.key != link.key or hello.proof != link.welcome_proof:
+            if not self.check_proof(fr.WELCOME, hello, link.nonce):
+                self.bad(link.source, "forged_hello", table.peer_of(link))
+                return
+            link.key, link.welcome_proof = hello.key, hello.proof
+            link.proof = self.sign_proof(fr.HELLO, hello.nonce)
+            self._send_hello(link, now)  # prove ourselves before any request goes out
         if node_id == self.node_id:
             logger.debug("%s is ourselves", link.endpoint)
             table.self_endpoints.add(link.endpoint)
@@ -335,6 +395,9 @@ class Mesh:
         if pub and fr.is_wildcard(pub):
             dialed = fr.split_host(link.endpoint)
             pub = fr.with_host(pub, dialed[0]) if dialed else ""
+        if pub and not self.pub_allowed(link, pub):
+            self.dropped["endpoint_refused"] += 1
+            pub = ""
         if pub != peer.pub_endpoint or peer.sub is None:
             self.sockets.close(peer.sub)
             peer.sub = None
@@ -352,8 +415,16 @@ class Mesh:
             link.restart(now + FIRST_BACKOFF)
             self.schedule(link.next_hello)
         peer.neighbours = frozenset(gid for gid, _ in hello.peers)
+        self.dropped["endpoint_refused"] += hello.skipped
         for gid, gep in hello.peers:
             self.heard(gid, gep, now)
+
+    def pub_allowed(self, link: Link, pub: str) -> bool:
+        """A PUB endpoint from a WELCOME: tcp:// under the dialing policy, or whatever
+        a configured non-tcp peer says (an ipc:// peer we were told to dial)."""
+        if link.explicit and not link.endpoint.startswith("tcp://"):
+            return True
+        return fr.gossip_endpoint_ok(pub) and (link.explicit or self.dial.permitted(pub))
 
     def open_sub(self, peer: Peer, now: float) -> None:
         peer.sub_seen = now
@@ -382,8 +453,12 @@ class Mesh:
         endpoint = hello.endpoint
         if endpoint and fr.is_wildcard(endpoint):
             endpoint = fr.with_host(endpoint, address) if address else ""
+        if endpoint and not fr.gossip_endpoint_ok(endpoint):
+            self.dropped["endpoint_refused"] += 1
+            endpoint = ""
         if endpoint:
             self.heard(node_id, endpoint, now)
+        self.dropped["endpoint_refused"] += hello.skipped
         for gid, gep in hello.peers:
             self.heard(gid, gep, now)
 
@@ -434,4 +509,6 @@ class Mesh:
                 self.dropped["beacon_cluster"] += 1
                 continue
             self.counters["beacons_in"] += 1
-            self.heard(beacon.node_id, f"tcp://{address}:{beacon.port}", now)
+            # The endpoint is always on the datagram's source address: a beacon cannot
+            # point us at a third host (a spoofed source is bounded by the dial caps).
+            self.heard(beacon.node_id, fr.with_host(f"tcp://h:{beacon.port}", address), now)

@@ -11,16 +11,29 @@ from 10 ms up to ``hello_interval``; after WELCOME, HELLO continues every
 ROUTER side dials back whoever says HELLO, so knowing one member is enough to join a
 mesh. Connections are deduplicated by node id; an endpoint that turns out to be our
 own is remembered and skipped; a gossiped endpoint that never answers is given up.
+Node ids count only once proven (the WELCOME signed our link's nonce, see
+:mod:`dmodel.net.identity`); until then a link is blamed by the endpoint we dialled.
+
+Dialing policy (:class:`DialPolicy`). Endpoints we learn (HELLO, WELCOME, gossip,
+beacons) pass :func:`~dmodel.net.frames.gossip_endpoint_ok` first, then the ``dial``
+option: ``"learned"`` (default: any of them), ``"static"`` (only the configured peers
+and ``connect()``), or networks (``["10.0.0.0/8"]``: only IP literals inside them).
+New sockets to one host are capped per minute (``dial_per_address``), and
+to learned endpoints in total (``dial_total``); configured peers are never refused.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping
+import ipaddress
+import os
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dmodel.net.frames import MAX_GOSSIP, gossip_endpoint_ok
+from dmodel.errors import ConfigurationError
+from dmodel.net.frames import MAX_GOSSIP, gossip_endpoint_ok, split_host
+from dmodel.net.identity import HANDSHAKE_NONCE_SIZE
 
 FIRST_BACKOFF = 0.01
 GOSSIP_LINK_GIVE_UP = 60.0
@@ -50,7 +63,8 @@ class Link:
     """One DEALER we connected to a ROUTER endpoint (``sock`` is the actor's)."""
 
     __slots__ = ("endpoint", "sock", "expected", "node_id", "explicit", "created",
-                 "next_hello", "backoff", "welcomed", "sock_since")
+                 "next_hello", "backoff", "welcomed", "sock_since", "nonce", "key",
+                 "welcome_proof", "proof", "warned")
 
     def __init__(self, endpoint: str, sock: Any, expected: bytes | None, explicit: bool,
                  now: float) -> None:
@@ -64,11 +78,21 @@ class Link:
         self.next_hello = now
         self.backoff = FIRST_BACKOFF
         self.welcomed = False
+        self.warned = False
+        self.new_nonce()
+
+    def new_nonce(self) -> None:
+        """A fresh handshake: a new nonce for the peer to sign, nothing proven yet."""
+        self.nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
+        self.key: bytes | None = None  # the peer's proven node key
+        self.welcome_proof = b""  # the WELCOME signature we checked
+        self.proof = b""  # our signature over the peer's session nonce
 
     @property
     def source(self) -> bytes | str:
-        """Whom to blame for a bad frame on this link: the proven id, else the dialled one."""
-        return self.node_id or self.expected or self.endpoint
+        """Whom to blame for a bad frame on this link: the proven node id, else the
+        endpoint we dialled (never an id someone gossiped)."""
+        return self.node_id or self.endpoint
 
     def restart(self, now: float) -> None:
         """Say HELLO again now and back off from the start."""
@@ -80,6 +104,7 @@ class Link:
         self.sock = sock
         self.sock_since = now
         self.welcomed = False
+        self.new_nonce()
         self.restart(now)
 
     def hello_sent(self, now: float, peer_ready: bool, ping_interval: float,
@@ -90,6 +115,10 @@ class Link:
         else:
             self.next_hello = now + self.backoff
             self.backoff = min(self.backoff * 2, hello_interval)
+
+    def unreached(self, now: float, after: float) -> bool:
+        """Dialled more than ``after`` seconds ago and never welcomed us."""
+        return not self.welcomed and now - self.created > after
 
     def given_up(self, now: float) -> bool:
         """A gossiped endpoint that never welcomed us: stop trying."""
@@ -208,3 +237,146 @@ def relay_targets(mesh: Mapping[bytes, frozenset[bytes]], origin: bytes) -> list
     """Peers that may not hear ``origin`` directly, so an update from it needs a relay."""
     return [peer for peer, neighbours in mesh.items()
             if peer != origin and origin not in neighbours]
+
+
+class Session:
+    """One connection to our ROUTER, named by its routing id (I/O thread only).
+
+    ``node_id`` and ``key`` are set once its HELLO signed our ``nonce``; before that
+    the connection may send nothing but HELLO.
+    """
+
+    __slots__ = ("ident", "nonce", "node_id", "key", "welcome", "seen")
+
+    def __init__(self, ident: bytes, now: float) -> None:
+        self.ident = ident
+        self.nonce = os.urandom(HANDSHAKE_NONCE_SIZE)
+        self.node_id: bytes | None = None
+        self.key: bytes | None = None
+        self.welcome: tuple[bytes, bytes] | None = None  # (their nonce, our signature)
+        self.seen = now
+
+    @property
+    def source(self) -> bytes | str:
+        """The proven node id, else the connection itself."""
+        return self.node_id or "conn:" + self.ident.hex()
+
+
+class SessionTable:
+    """Sessions by routing id; at most ``limit`` unproven and ``limit`` proven ones
+    (the oldest go first), forgotten after ``idle`` seconds without a frame."""
+
+    def __init__(self, limit: int, idle: float) -> None:
+        self.limit = limit
+        self.idle = idle
+        self.unproven: dict[bytes, Session] = {}
+        self.proven: dict[bytes, Session] = {}
+
+    def get(self, ident: bytes) -> Session | None:
+        return self.proven.get(ident) or self.unproven.get(ident)
+
+    def open(self, ident: bytes, now: float) -> Session:
+        if len(self.unproven) >= self.limit:
+            del self.unproven[next(iter(self.unproven))]
+        session = self.unproven[ident] = Session(ident, now)
+        return session
+
+    def prove(self, session: Session, node_id: bytes, key: bytes) -> None:
+        self.unproven.pop(session.ident, None)
+        session.node_id, session.key = node_id, key
+        if len(self.proven) >= self.limit:
+            del self.proven[next(iter(self.proven))]
+        self.proven[session.ident] = session
+
+    def has_node(self, node_id: bytes) -> bool:
+        return any(s.node_id == node_id for s in self.proven.values())
+
+    def drop_node(self, node_id: bytes) -> None:
+        for ident in [i for i, s in self.proven.items() if s.node_id == node_id]:
+            del self.proven[ident]
+
+    def expire(self, now: float) -> None:
+        for table in (self.unproven, self.proven):
+            for ident in [i for i, s in table.items() if now - s.seen > self.idle]:
+                del table[ident]
+
+    def __len__(self) -> int:
+        return len(self.unproven) + len(self.proven)
+
+
+DialOption = str | Sequence[str]
+
+
+def parse_dial(option: DialOption) -> str | tuple[Any, ...]:
+    """``"learned"``, ``"static"``, or a tuple of ip_network objects."""
+    if option in ("learned", "static"):
+        return str(option)
+    if isinstance(option, str) or not isinstance(option, Sequence) or not option:
+        raise ConfigurationError(
+            'dial must be "learned", "static" or a list of networks like ["10.0.0.0/8"]')
+    try:
+        return tuple(ipaddress.ip_network(net, strict=False) for net in option)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"bad network in dial: {exc}") from None
+
+
+class DialPolicy:
+    """Which learned endpoints we may dial, and how often (pure; time injected)."""
+
+    def __init__(self, mode: DialOption = "learned", per_address: int = 4,
+                 total: int = 64, window: float = 60.0) -> None:
+        self.mode = parse_dial(mode)
+        self.per_address = per_address
+        self.total = total
+        self.window = window
+        self._by_host: dict[str, deque[float]] = {}
+        self._learned: deque[float] = deque()
+        self.refused: Counter[str] = Counter()
+
+    def permitted(self, endpoint: str) -> bool:
+        """The policy alone: may an endpoint learned from a peer be dialled at all?"""
+        if not gossip_endpoint_ok(endpoint):
+            return False
+        if self.mode == "learned":
+            return True
+        if self.mode == "static":
+            return False
+        host = split_host(endpoint)[0].strip("[]")  # type: ignore[index]
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False  # no DNS for learned names under a network list
+        return any(address in net for net in self.mode)  # type: ignore[union-attr]
+
+    def attempt(self, endpoint: str, now: float, explicit: bool) -> bool:
+        """May we open a socket to ``endpoint`` now? Records the attempt if so."""
+        if not explicit and not self.permitted(endpoint):
+            self.refused["policy"] += 1
+            return False
+        parts = split_host(endpoint)
+        host = parts[0] if parts else endpoint
+        times = self._by_host.get(host)
+        if times is None:
+            if len(self._by_host) >= 4096:
+                self._prune(now)
+            times = self._by_host[host] = deque()
+        while times and now - times[0] > self.window:
+            times.popleft()
+        while self._learned and now - self._learned[0] > self.window:
+            self._learned.popleft()
+        if not explicit:
+            if len(times) >= self.per_address:
+                self.refused["per_address"] += 1
+                return False
+            if len(self._learned) >= self.total:
+                self.refused["total"] += 1
+                return False
+            self._learned.append(now)
+        times.append(now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        for host in [h for h, t in self._by_host.items() if not t or now - t[-1] > self.window]:
+            del self._by_host[host]
+        while len(self._by_host) >= 4096:
+            del self._by_host[next(iter(self._by_host))]

@@ -11,13 +11,26 @@ Threads (each started here is joined by :meth:`NetworkService.close`):
   (a :class:`~dmodel.net.bus.DeferredReply`). Its queue is bounded: when it is full a
   request gets no reply at once and is counted (``stats["requests_dropped"]``); the
   asker treats that as a peer that did not answer and asks again on its next pass.
-- **apply thread** (``dmodel-apply-*``): drains the bounded queue of published updates
-  into ``ingest_many``. When the queue is full, messages are dropped and counted
+  Each requester has a byte budget for replies (``reply_bytes_per_s``, a token
+  bucket): a reply holds what the budget allows, or nothing (``["replies_limited"]``).
+- **apply thread** (``dmodel-apply-*``): drains the queue of published updates into
+  ``ingest_many``. The queue is bounded by count (``queue_size``) and by bytes
+  (``queue_bytes``); when it is full, messages are dropped and counted
   (``stats["queue_dropped"]``) and a catch-up pass is scheduled: catch-up
-  (``dmodel.net.sync``) brings them back, so nothing accepted is lost for good.
+  (``dmodel.net.sync``) brings them back, so nothing accepted is lost for good. An
+  update the node drops as malformed, oversized or forged is reported to the bus, which
+  counts it toward its sender's flood ban like a malformed frame
+  (``stats["invalid_updates"]``).
 - **sync thread** (``dmodel-sync-*``): pulls each peer's log from where it last stopped
   (per peer epoch and position, kept in the store), at start, when a peer connects,
   every ``sync_interval`` seconds, and whenever updates wait for a missing dependency.
+  Peers take turns, best score first; a turn ends after ``sync_turn_seconds`` or
+  ``sync_turn_bytes``. A page must make verifiable progress: it starts where we asked,
+  lists no more than we asked, ``end`` is not before what it lists, an empty page may
+  not claim more, and the ids it lists must be served when fetched; a reply may hold
+  only updates that were asked for. A peer that breaks this loses its turn and a point
+  of score (``stats["sync_bad_replies"]``), so one hostile peer delays a pass by at most
+  one turn (``sync_turn_seconds``) and then goes last.
 - whichever thread accepted an update (a local writer, the apply or the sync thread)
   runs ``_publish``.
 
@@ -38,6 +51,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgpack
@@ -48,7 +62,10 @@ from ..errors import NetworkError
 from ..update import update_id
 from . import sync
 from .bus import Bus, DeferredReply
-from .frames import reply_budget
+from .curve import CurveConfig
+from .flood import RateLimiter
+from .frames import DEFAULT_MAX_MESSAGE_SIZE, reply_budget
+from .identity import load_node_key
 from .peers import mesh_of, relay_targets
 
 logger = logging.getLogger(__name__)
@@ -57,6 +74,42 @@ ProgressCallback = Callable[[str, int, int], None]
 _BATCH = 256  # updates applied (and committed) together by the apply thread
 _FETCH = 500  # updates asked for in one request
 _MAX_BUSY_SKIPS = 4  # catch-up passes skipped in a row while live updates are queued
+_MiB = 1024 * 1024
+CLUSTER_KEY_FILE = "cluster.key"
+# Verdicts that only a broken or hostile sender produces (a replay or an unknown model
+# is normal between honest peers, and does not count).
+_GARBAGE = frozenset({"MalformedUpdate", "OversizedUpdate", "ForgedUpdate"})
+
+
+class _Turn:
+    """One peer's share of a catch-up pass: a deadline and a byte budget."""
+
+    __slots__ = ("deadline", "budget", "spent")
+
+    def __init__(self, deadline: float, budget: int) -> None:
+        self.deadline = deadline
+        self.budget = budget
+        self.spent = 0
+
+    def over(self) -> bool:
+        return self.spent >= self.budget or time.monotonic() >= self.deadline
+
+    def timeout(self) -> float:
+        """How long one request of this turn may wait (at least a little)."""
+        return max(0.05, min(5.0, self.deadline - time.monotonic()))
+
+
+def _page_error(page: sync.LogPage, asked: int, limit: int) -> str:
+    """Why a log page cannot be progress from position ``asked``, or ""."""
+    if page.start != asked:
+        return f"page starts at {page.start}, asked for {asked}"
+    if len(page.ids) > limit:
+        return "page longer than asked"
+    if page.end < page.start + len(page.ids):
+        return "page end before its own ids"
+    if not page.ids and page.end > page.start:
+        return f"empty page claims a log of {page.end}"
+    return ""
 
 
 class LogStore(Protocol):
@@ -96,9 +149,12 @@ class LogSource(Protocol):
 class RequestWorker:
     """One thread answering requests in arrival order from a bounded queue."""
 
-    def __init__(self, serve: Callable[[bytes, bytes], bytes | None], size: int,
-                 name: str) -> None:
+    def __init__(self, serve: Callable[[bytes, bytes, int], bytes | None], size: int,
+                 name: str, reply_bytes_per_s: float = 16 * _MiB,
+                 reply_burst: float = 32 * _MiB) -> None:
         self._serve = serve
+        self.budget = RateLimiter(reply_bytes_per_s, reply_burst)
+        self.limited = 0
         self._queue: queue.Queue[tuple[bytes, bytes, DeferredReply] | None] = queue.Queue(
             maxsize=size)
         self.dropped = 0
@@ -122,10 +178,15 @@ class RequestWorker:
                 return
             payload, sender, deferred = item
             reply: bytes | None = None
+            now = time.monotonic()
+            allowance = int(self.budget.available(sender, now))
             try:
-                reply = self._serve(payload, sender)
+                reply = self._serve(payload, sender, allowance)
             except Exception:
                 logger.exception("serving a sync request failed")
+            if reply is not None and not self.budget.allow(sender, now, len(reply)):
+                self.limited += 1
+                reply = None
             deferred.resolve(reply)
 
     def close(self) -> None:
@@ -149,13 +210,24 @@ class NetworkService:
                  discovery: bool = False, curve: Any = None, broker: Any = None,
                  sync_interval: float = 2.0, queue_size: int = 10_000, page_size: int = 2000,
                  discovery_config: Any = None, request_queue_size: int = 256,
+                 queue_bytes: int = 64 * _MiB, reply_bytes_per_s: float = 16 * _MiB,
+                 sync_turn_seconds: float = 5.0, sync_turn_bytes: int = 64 * _MiB,
                  **bus_options: Any) -> None:
         self.node = node
         self.sync_interval = sync_interval
         self.page_size = page_size
-        self.stats = {"received": 0, "queue_dropped": 0, "pulled": 0, "served": 0,
-                      "sync_errors": 0, "requests_dropped": 0}
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_size)
+        self.queue_bytes = queue_bytes
+        self.sync_turn_seconds = sync_turn_seconds
+        self.sync_turn_bytes = sync_turn_bytes
+        self._counts = {"received": 0, "queue_dropped": 0, "pulled": 0, "served": 0,
+                        "sync_errors": 0, "requests_dropped": 0, "invalid_updates": 0,
+                        "sync_bad_replies": 0, "sync_turns_cut": 0}
+        self._queue: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(
+            maxsize=queue_size)
+        self._queued = 0  # bytes in self._queue
+        self._queued_lock = threading.Lock()
+        self._scores: dict[bytes, int] = {}  # peer -> catch-up score (0 = clean)
+        self._rotation = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: list[ProgressCallback] = []
@@ -173,18 +245,31 @@ class NetworkService:
         if listen is None and discovery:
             listen = "tcp://0.0.0.0:*"
         options: dict[str, Any] = dict(bus_options)
+        home = getattr(node, "home", None)
+        if home is not None:
+            options.setdefault("node_key", load_node_key(home))
+            if curve is None and (Path(home) / CLUSTER_KEY_FILE).exists():
+                curve = CurveConfig.load(Path(home) / CLUSTER_KEY_FILE)
         if curve is not None:
             options["curve"] = curve
         if broker is not None:
             options["broker"] = broker
         if discovery_config is not None:
             options["discovery"] = discovery_config
-        self.bus = Bus(node_id=node.node_id, listen=listen, peers=list(peers),
-                       on_publish=self._on_publish, on_request=self._on_request,
-                       on_peer_ready=self._on_peer_ready, **options)
-        self._reply_budget = reply_budget(self.bus.max_message_size)
         short = node.node_id.hex()[:6]
-        self._server = RequestWorker(self._serve, request_queue_size, f"dmodel-serve-{short}")
+        # Before the bus: a peer's first request may come before Bus() returns.
+        max_size = options.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
+        self._reply_budget = reply_budget(max_size)
+        self._server = RequestWorker(self._serve, request_queue_size, f"dmodel-serve-{short}",
+                                     reply_bytes_per_s, max(2 * reply_bytes_per_s,
+                                                            2 * max_size))
+        try:
+            self.bus = Bus(node_id=node.node_id, listen=listen, peers=list(peers),
+                           on_publish=self._on_publish, on_request=self._on_request,
+                           on_peer_ready=self._on_peer_ready, **options)
+        except BaseException:
+            self._server.close()
+            raise
         node.on_accepted(self._publish)
         self._apply_thread = threading.Thread(target=self._apply_loop, daemon=True,
                                               name=f"dmodel-apply-{short}")
@@ -201,6 +286,26 @@ class NetworkService:
         return epoch
 
     # ----------------------------------------------------------------- public
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Replication counters, plus ``"guard"``: what the bus refused and why (drops by
+        reason, bans, refused dials, unreached endpoints), JSON-ready."""
+        out: dict[str, Any] = dict(self._counts)
+        out["replies_limited"] = self._server.limited
+        try:
+            bus = self.bus.stats
+        except NetworkError:
+            return out
+        guard: dict[str, Any] = dict(bus["dropped"])
+        for key in ("bans", "proofs_ok", "proofs_failed", "dials_refused", "sessions",
+                    "request_timeouts"):
+            guard[key] = bus.get(key, 0)
+        guard["banned"] = [b.hex() if isinstance(b, bytes) else b for b in bus["banned"]]
+        guard["unreached"] = bus["unreached"]
+        guard["dials_refused_by"] = bus["dials_refused_by"]
+        out["guard"] = guard
+        return out
+
     @property
     def endpoint(self) -> str | None:
         """The endpoint peers connect to (None when not listening)."""
@@ -242,7 +347,7 @@ class NetworkService:
         try:
             self._queue.put_nowait(None)
         except queue.Full:
-            pass
+            pass  # the apply thread sees _stop after its batch
         self.bus.close()
         self._server.close()
         self._apply_thread.join(10)
@@ -263,21 +368,29 @@ class NetworkService:
 
     def _on_publish(self, payload: bytes, sender: bytes) -> None:
         # Runs on the bus I/O thread: enqueue only.
-        self.stats["received"] += 1
-        try:
-            self._queue.put_nowait(payload)
-        except queue.Full:
-            self.stats["queue_dropped"] += 1
-            self._wake.set()
+        self._counts["received"] += 1
+        with self._queued_lock:
+            full = self._queued + len(payload) > self.queue_bytes and self._queued > 0
+            if not full:
+                self._queued += len(payload)
+        if not full:
+            try:
+                self._queue.put_nowait((payload, sender))
+                return
+            except queue.Full:
+                with self._queued_lock:
+                    self._queued -= len(payload)
+        self._counts["queue_dropped"] += 1
+        self._wake.set()
 
     def _on_request(self, payload: bytes, sender: bytes) -> DeferredReply | None:
         # Runs on the bus I/O thread: hand over to the request worker.
         deferred = self._server.submit(payload, sender)
         if deferred is None:
-            self.stats["requests_dropped"] += 1
+            self._counts["requests_dropped"] += 1
         return deferred
 
-    def _serve(self, payload: bytes, sender: bytes) -> bytes | None:
+    def _serve(self, payload: bytes, sender: bytes, allowance: int) -> bytes | None:
         # Runs on the request worker: answered from the store, no lock on the node.
         try:
             request = sync.decode_request(payload)
@@ -291,9 +404,10 @@ class NetworkService:
                 uids = store.log_range(start, start + request.limit - 1)
                 return sync.encode_log_page(sync.LogPage(self.epoch, start,
                                                          self.node.log_length(), tuple(uids)))
+            if allowance <= 0:
+                return None
             if request.kind == "get":
                 raws = store.raw_updates(request.ids)
-                self.stats["served"] += sum(r is not None for r in raws)
             else:
                 uids = []
                 for db_id in request.ids:
@@ -301,19 +415,25 @@ class NetworkService:
                     if meta is not None:
                         uids.append(merge.version_ref(meta.created)[:32])
                 raws = store.raw_updates(uids)
-            return sync.encode_updates(self._within_budget(r for r in raws if r is not None))
+            out = self._within_budget((r for r in raws if r is not None),
+                                      min(self._reply_budget, allowance))
+            self._counts["served"] += len(out)
+            return sync.encode_updates(out) if out or allowance >= self._reply_budget \
+                else None
         except Exception:
             logger.exception("serving a sync request failed")
             return None
 
-    def _within_budget(self, raws: Iterable[bytes]) -> list[bytes]:
-        """As many updates as fit in one reply under the bus's message size limit (at
-        least one); the asker asks again for the rest."""
+    @staticmethod
+    def _within_budget(raws: Iterable[bytes], budget: int) -> list[bytes]:
+        """As many updates as fit in ``budget`` bytes (the reply size limit, or less when
+        the requester's byte budget is low; at least one if it fits the limit); the asker
+        asks again for the rest."""
         out: list[bytes] = []
         size = 0
         for raw in raws:
             size += len(raw) + 8
-            if out and size > self._reply_budget:
+            if size > budget:
                 break
             out.append(raw)
         return out
@@ -328,11 +448,14 @@ class NetworkService:
                 except queue.Empty:
                     break
             try:
-                raws = [raw for raw in batch if raw is not None]
-                if raws and not self._stop.is_set():
-                    decisions = self.node.ingest_many(raws)
+                items = [item for item in batch if item is not None]
+                with self._queued_lock:
+                    self._queued -= sum(len(raw) for raw, _ in items)
+                if items and not self._stop.is_set():
+                    decisions = self.node.ingest_many([raw for raw, _ in items])
                     if any(d is not None and d.verdict == "missing" for d in decisions):
                         self._wake.set()
+                    self._report_garbage(items, decisions)
             except Exception:
                 if not self.node.closed:
                     logger.exception("applying updates failed")
@@ -341,6 +464,17 @@ class NetworkService:
                     self._queue.task_done()
             if None in batch or self._stop.is_set() or self.node.closed:
                 return
+
+    def _report_garbage(self, items: list[tuple[bytes, bytes]], decisions: list[Any]) -> None:
+        """Tell the bus who sent updates that no honest node sends."""
+        bad: dict[bytes, int] = {}
+        for (_, sender), decision in zip(items, decisions, strict=True):
+            if decision is None or (decision.verdict == "dropped"
+                                    and type(decision.error).__name__ in _GARBAGE):
+                bad[sender] = bad.get(sender, 0) + 1
+        for sender, count in bad.items():
+            self._counts["invalid_updates"] += count
+            self.bus.report(sender, "invalid_update", count)
 
     # ------------------------------------------------------------- sync thread
     def _refresh_mesh(self) -> None:
@@ -364,7 +498,7 @@ class NetworkService:
             except Exception:
                 if self._stop.is_set() or self.node.closed:
                     return
-                self.stats["sync_errors"] += 1
+                self._counts["sync_errors"] += 1
                 logger.exception("catch-up pass failed")
             self._wake.wait(self.sync_interval)
             self._wake.clear()
@@ -372,7 +506,7 @@ class NetworkService:
     def _sync_all(self, *, force: bool = False) -> int:
         self._refresh_mesh()
         total = 0
-        dropped = self.stats["queue_dropped"]
+        dropped = self._counts["queue_dropped"]
         busy = (not self._queue.empty() and dropped == self._dropped_seen
                 and self._busy_passes < _MAX_BUSY_SKIPS)
         self._dropped_seen = dropped
@@ -383,13 +517,29 @@ class NetworkService:
             self._busy_passes += 1
         else:
             self._busy_passes = 0
-            for peer_id in list(self.bus.peers()):
+            for peer_id in self._turn_order():
                 if self._stop.is_set():
                     break
                 total += self._pull_log(peer_id)
         if self.node.pending_count:
             total += self._fetch_missing()
         return total
+
+    def _turn_order(self) -> list[bytes]:
+        """Connected peers, best catch-up score first (ties in a rotating order)."""
+        peers = [nid for nid, info in self.bus.peers().items() if info.connected]
+        if peers:
+            shift = self._rotation % len(peers)
+            self._rotation += 1
+            peers = peers[shift:] + peers[:shift]
+        return sorted(peers, key=lambda nid: -self._scores.get(nid, 0))
+
+    def _bad_reply(self, peer_id: bytes, why: str) -> None:
+        """The peer's catch-up reply did not make verifiable progress: it loses its turn
+        and a point of score (and gains it back with each good turn)."""
+        self._counts["sync_bad_replies"] += 1
+        self._scores[peer_id] = max(self._scores.get(peer_id, 0) - 1, -1000)
+        logger.info("catch-up from %s: %s; next peer", peer_id.hex()[:8], why)
 
     def _cursor(self, peer_id: bytes) -> tuple[bytes, int]:
         data = self.node.store.meta(f"cursor:{peer_id.hex()}")
@@ -402,30 +552,47 @@ class NetworkService:
         self.node.store.set_meta(f"cursor:{peer_id.hex()}", msgpack.packb([epoch, pos]))
 
     def _pull_log(self, peer_id: bytes) -> int:
+        """One turn with one peer: pages of its log until caught up, or the turn's time
+        or byte budget is spent, or a reply breaks the rules."""
         epoch, pos = self._cursor(peer_id)
         pulled = 0
+        turn = _Turn(time.monotonic() + self.sync_turn_seconds, self.sync_turn_bytes)
         while not self._stop.is_set():
+            if turn.over():
+                self._counts["sync_turns_cut"] += 1
+                break
             reply = self.bus.request(peer_id, sync.encode_log_request(epoch, pos,
-                                                                      self.page_size))
+                                                                      self.page_size),
+                                     timeout=turn.timeout())
             if reply is None:
                 break
+            turn.spent += len(reply)
             try:
                 page = sync.decode_log_page(reply)
             except sync.SyncMessageError as exc:
-                logger.debug("bad log page from %s: %s", peer_id.hex()[:8], exc)
+                self._bad_reply(peer_id, f"bad log page ({exc})")
                 break
             if page.epoch != epoch:
-                epoch, pos = page.epoch, page.start
+                epoch, pos = page.epoch, 0
+            why = _page_error(page, pos, self.page_size)
+            if why:
+                self._bad_reply(peer_id, why)
+                break
             missing = self.node.store.missing(page.ids)
-            while missing:
-                got = self._fetch(peer_id, "get", missing[:_FETCH])
-                if got is None:
-                    return pulled  # the peer went away: keep the cursor, retry next pass
+            while missing and not turn.over():
+                got = self._fetch(peer_id, "get", missing[:_FETCH], turn)
+                if got is None:  # keep the cursor, retry next pass
+                    self._bad_reply(peer_id, "did not serve the ids its page lists")
+                    return pulled
                 if not got:
-                    break  # the peer no longer has them
+                    # Its own log lists them: an honest peer serves them.
+                    self._bad_reply(peer_id, "lists ids it does not serve")
+                    return pulled
                 pulled += len(got)
                 # A reply holds what fits under the size limit: ask again for the rest.
                 missing = [uid for uid in missing if uid not in got]
+            if missing:
+                break  # the turn ran out mid-page: the cursor stays before it
             pos = page.start + len(page.ids)
             self._save_cursor(peer_id, epoch, pos)
             if page.ids:  # progress through that peer's log, whether or not we lacked them
@@ -434,40 +601,53 @@ class NetworkService:
                         callback(peer_id.hex(), pos, page.end)
                     except Exception:
                         logger.exception("progress callback failed")
-            if missing:
-                logger.info("catch-up from %s: %d/%d", peer_id.hex()[:8], pos, page.end)
             if not page.ids or pos >= page.end:
+                self._scores[peer_id] = min(self._scores.get(peer_id, 0) + 1, 0)
                 break
         return pulled
 
-    def _fetch(self, peer_id: bytes, kind: str, wanted: list[Any]) -> set[bytes] | None:
+    def _fetch(self, peer_id: bytes, kind: str, wanted: list[Any],
+               turn: _Turn | None = None) -> set[bytes] | None:
         """Ask one peer for updates (by id) or creates (by db_id) and ingest them;
-        returns the ids received (None if the peer did not answer)."""
-        reply = self.bus.request(peer_id, sync.encode_fetch(kind, wanted))
+        returns the ids received (None if the peer did not answer, or sent what was not
+        asked for)."""
+        timeout = 5.0 if turn is None else turn.timeout()
+        reply = self.bus.request(peer_id, sync.encode_fetch(kind, wanted), timeout=timeout)
         if reply is None:
             return None
+        if turn is not None:
+            turn.spent += len(reply)
         try:
             raws = sync.decode_updates(reply)
         except sync.SyncMessageError as exc:
-            logger.debug("bad reply from %s: %s", peer_id.hex()[:8], exc)
+            self._bad_reply(peer_id, f"bad updates reply ({exc})")
+            return None
+        ids = [update_id(raw[SIGNATURE_SIZE:]) for raw in raws]
+        if kind == "get" and not set(ids) <= set(wanted):
+            self._bad_reply(peer_id, "sent updates that were not asked for")
+            return None
+        if kind == "obj" and len(raws) > len(wanted):
+            self._bad_reply(peer_id, "sent more creates than asked for")
             return None
         self._catching_up.active = True
         try:
-            self.node.ingest_many(raws)
+            decisions = self.node.ingest_many(raws)
         finally:
             self._catching_up.active = False
-        self.stats["pulled"] += len(raws)
-        return {update_id(raw[SIGNATURE_SIZE:]) for raw in raws}
+        self._report_garbage([(raw, peer_id) for raw in raws], decisions)
+        self._counts["pulled"] += len(raws)
+        return set(ids)
 
     def _fetch_missing(self) -> int:
         needs = self.node.pending_needs()
         ids = [n for n in needs if isinstance(n, bytes)][:sync.MAX_IDS]
         objs = [n for n in needs if isinstance(n, str)][:sync.MAX_IDS]
         got = 0
-        for peer_id in list(self.bus.peers()):
+        for peer_id in self._turn_order():
+            turn = _Turn(time.monotonic() + self.sync_turn_seconds, self.sync_turn_bytes)
             for kind, wanted in (("get", ids), ("obj", objs)):
-                if wanted:
-                    got += len(self._fetch(peer_id, kind, wanted) or ())
+                if wanted and not turn.over():
+                    got += len(self._fetch(peer_id, kind, wanted, turn) or ())
             if not self.node.pending_count:
                 break
         return got

@@ -19,6 +19,7 @@ import msgpack
 import pytest
 import zmq
 from helpers import ship, wait_until
+from hostile_net.attacker import proven_dealer
 
 import dmodel
 from dmodel.errors import DecryptionError, ObjectNotFoundError, UnauthorizedError
@@ -335,10 +336,11 @@ def test_garbage_frames_do_not_stop_valid_updates(net, make_node) -> None:
 
     ctx = zmq.Context()
     try:
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.linger = 0
-        dealer.routing_id = os.urandom(16 + 4)  # shaped like a node's: frames get parsed
-        dealer.connect(a.network.endpoint)
+        stranger = ctx.socket(zmq.DEALER)  # never proves a node key: nothing it pushes counts
+        stranger.linger = 0
+        stranger.connect(a.network.endpoint)
+        stranger.send_multipart([b"U", create_raw])
+        dealer = proven_dealer(ctx, a.network.endpoint)  # did the handshake: pushes count
         bad_updates = [b"", b"\x00" * 80, os.urandom(300), create_raw[:-5],
                        msgpack.packb({"v": 1}), forged]
         for payload in bad_updates:
@@ -358,6 +360,10 @@ def test_garbage_frames_do_not_stop_valid_updates(net, make_node) -> None:
 
     assert a.stats.dropped["ForgedUpdate"] == 1
     assert a.stats.dropped["MalformedUpdate"] >= 4
+    stats = a.network.stats
+    assert stats["invalid_updates"] == len(bad_updates)  # counted toward the sender's ban
+    assert stats["guard"]["invalid_update"] == len(bad_updates)
+    assert stats["guard"]["unproven"] >= 1 and stats["guard"]["bans"] == 0
     bus = a.network.bus.stats
     assert bus["dropped"].get("unknown", 0) + bus["dropped"].get("malformed", 0) >= 4
     assert not bus["banned"]  # well under the flood threshold
@@ -416,3 +422,46 @@ def test_catch_up_of_more_than_one_message_worth_of_updates(make_node) -> None:
     b.network.sync_now()
     assert b.log_length() == a.log_length()
     assert Blob(blob.db_id, node=b).data.get() == bytes([14]) * 120_000
+
+
+# ------------------------------------------------------------------ identity, CURVE
+
+
+def test_cluster_init_and_join_turn_curve_on(net, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from dmodel.cli import cli
+
+    runner = CliRunner()
+    key = tmp_path / "cluster.key"
+    assert runner.invoke(cli, ["cluster", "init", str(key)]).exit_code == 0
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert runner.invoke(cli, ["cluster", "init", str(key)]).exit_code != 0  # no overwrite
+    for name in ("a", "b"):
+        result = runner.invoke(cli, ["cluster", "join", str(key), "--home",
+                                     str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / name / "cluster.key").stat().st_mode & 0o777 == 0o600
+    a = net("a")
+    b = net("b", peers=[a])
+    linked(a, b)
+    assert a.network.bus._actor.s.curve is not None  # no curve= option: the home's key
+    p = Person.create(name="over CURVE", node=a)
+    wait_until(lambda: value(b, p.db_id, "name") == "over CURVE")
+    outsider = net("outsider", peers=[a])  # no cluster key: gets nothing
+    assert not outsider.network.wait_for_peers(1, timeout=1.0)
+
+
+def test_a_node_keeps_its_node_key_and_proves_it(net, tmp_path) -> None:
+    a = net("a")
+    key = (tmp_path / "a" / "node.key").read_bytes()
+    assert (tmp_path / "a" / "node.key").stat().st_mode & 0o777 == 0o600
+    b = net("b", peers=[a])
+    linked(a, b)
+    assert a.network.stats["guard"]["proofs_ok"] >= 1
+    assert b.network.stats["guard"]["proofs_ok"] >= 1
+    a.shutdown()
+    a = net("a", peers=[b])
+    assert (tmp_path / "a" / "node.key").read_bytes() == key
+    linked(a, b)  # the same key again for the same node id: no identity conflict
+    assert b.network.stats["guard"].get("identity_conflict", 0) == 0

@@ -59,3 +59,23 @@ def test_never_banned_below_threshold(events, threshold) -> None:
         assert banned_now == (counts[src] == threshold + 1)
         if banned_now:
             counts[src] = 0
+
+
+def test_rate_limiter_refills_at_its_rate_up_to_the_burst() -> None:
+    from dmodel.net.flood import RateLimiter
+
+    limiter = RateLimiter(rate=10.0, burst=5.0)
+    assert [limiter.allow(A, 0.0) for _ in range(6)] == [True] * 5 + [False]
+    assert limiter.limited == 1
+    assert limiter.allow(A, 0.1) and not limiter.allow(A, 0.1)  # one token in 0.1 s
+    assert limiter.available(A, 100.0) == 5.0  # never above the burst
+    assert limiter.allow(B, 0.0, cost=5.0) and not limiter.allow(B, 0.0, cost=1.0)  # bytes
+
+
+def test_rate_limiter_keeps_a_bounded_number_of_sources() -> None:
+    from dmodel.net.flood import RateLimiter
+
+    limiter = RateLimiter(rate=1.0, burst=2.0, max_sources=10)
+    for i in range(100):
+        limiter.allow(i, 0.0)
+    assert len(limiter) <= 10

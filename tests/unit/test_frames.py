@@ -115,9 +115,7 @@ def test_sub_frames() -> None:
         fr.decode_sub([fr.MESSAGE, b"short", b"p"], ME)
 
 
-def test_routing_id_and_ack_subscription() -> None:
-    assert fr.routing_node_id(ME + b"1234") == ME
-    assert fr.routing_node_id(ME) is None
+def test_ack_subscription() -> None:
     assert fr.ack_subscriber(b"\x01" + fr.ACK + ME) == ME
     assert fr.ack_subscriber(b"\x00" + fr.ACK + ME) is None
     assert fr.ack_subscriber(b"\x01" + fr.MESSAGE) is None
@@ -160,3 +158,46 @@ def test_check_node_id_and_tcp_without_port() -> None:
         fr.check_node_id(ME[:8])
     with pytest.raises(ConfigurationError):
         fr.pub_bind_endpoint("tcp://nohostport")
+
+
+def test_learned_endpoints_are_tcp_only() -> None:
+    ok = fr.gossip_endpoint_ok
+    assert ok("tcp://10.0.0.1:5000") and ok("tcp://[::1]:5000") and ok("tcp://host:1")
+    for bad in ("ipc:///tmp/x", "inproc://x", "tcp://0.0.0.0:1", "tcp://*:1", "tcp://h:0",
+                "tcp://h:70000", "tcp://h:x", "tcp://h", "tcp://:1", 5, ""):
+        assert not ok(bad), bad
+
+
+def test_hello_skips_gossip_it_may_not_dial_and_checks_its_proof_fields() -> None:
+    hello = fr.Hello(ME, "", "", ((OTHER, "tcp://h:1"),), bytes(32), bytes(16), bytes(64))
+    body = msgpack.unpackb(fr.encode_hello(hello))
+    body["peers"].append([OTHER, "ipc:///tmp/x"])
+    got = fr.decode_hello(msgpack.packb(body, use_bin_type=True))
+    assert got.peers == ((OTHER, "tcp://h:1"),) and got.skipped == 1
+    for field, value in (("key", b"short"), ("n", b""), ("sig", b"x" * 10)):
+        with pytest.raises(fr.MalformedFrame):
+            fr.decode_hello(msgpack.packb({**body, field: value}, use_bin_type=True))
+
+
+def test_node_key_proofs_and_pins(tmp_path) -> None:
+    from dmodel.net.identity import (
+        KeyPins,
+        NodeKey,
+        derived_node_id,
+        load_node_key,
+        proof_message,
+        verify,
+    )
+
+    key = load_node_key(tmp_path)
+    assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
+    assert load_node_key(tmp_path).public == key.public  # kept across restarts
+    nonce = bytes(16)
+    sig = key.sign(proof_message(b"H", ME, key.public, nonce))
+    assert verify(key.public, proof_message(b"H", ME, key.public, nonce), sig)
+    assert not verify(key.public, proof_message(b"H", ME, key.public, b"\1" * 16), sig)
+    assert not verify(key.public, proof_message(b"W", ME, key.public, nonce), sig)
+    pins, other = KeyPins(), NodeKey.generate()
+    assert pins.accept(ME, key.public) and pins.accept(ME, key.public)
+    assert not pins.accept(ME, other.public)  # the id is bound to the first key
+    assert pins.accept(derived_node_id(other.public), other.public)

@@ -91,7 +91,10 @@ def test_gossiped_links_are_given_up_explicit_ones_not() -> None:
     late = GOSSIP_LINK_GIVE_UP + 1
     assert gossiped.given_up(late) and not explicit.given_up(late)
     assert not gossiped.given_up(1.0)
-    assert gossiped.source == A and explicit.source == EP_B
+    # Blame goes to the endpoint until a node id is proven, never to a gossiped id.
+    assert gossiped.source == EP_A and explicit.source == EP_B
+    gossiped.node_id = A
+    assert gossiped.source == A
 
 
 def test_gossip_lists_connected_peers_with_gossipable_endpoints() -> None:
@@ -131,3 +134,43 @@ def test_relay_targets_are_exactly_who_may_not_hear_the_origin(mesh, origin) -> 
     targets = set(relay_targets(mesh, origin))
     for peer, neighbours in mesh.items():
         assert (peer in targets) == (peer != origin and origin not in neighbours)
+
+
+def test_dial_policy_modes_and_caps() -> None:
+    import pytest
+
+    from dmodel.errors import ConfigurationError
+    from dmodel.net.peers import DialPolicy
+
+    learned = DialPolicy("learned", per_address=2, total=3, window=10.0)
+    assert not learned.permitted("ipc:///tmp/x") and not learned.permitted("inproc://x")
+    assert learned.permitted(EP_A)
+    assert learned.attempt(EP_A, 0.0, False) and learned.attempt(EP_A, 1.0, False)
+    assert not learned.attempt(EP_A, 2.0, False)  # per address
+    assert learned.attempt(EP_A, 2.0, True)  # configured peers are never refused
+    assert learned.attempt(EP_B, 2.0, False)
+    assert not learned.attempt("tcp://10.0.0.3:1", 2.0, False)  # in total
+    assert learned.attempt(EP_A, 20.0, False)  # the window moved on
+    assert learned.refused == {"per_address": 1, "total": 1}
+
+    static = DialPolicy("static")
+    assert not static.permitted(EP_A) and static.attempt(EP_A, 0.0, True)
+    nets = DialPolicy(["10.0.0.0/24"])
+    assert nets.permitted(EP_A) and not nets.permitted("tcp://192.168.1.1:1")
+    assert not nets.permitted("tcp://example.org:1")  # no DNS for learned names
+    with pytest.raises(ConfigurationError):
+        DialPolicy("everything")
+
+
+def test_sessions_are_bounded_and_proven_apart() -> None:
+    from dmodel.net.peers import SessionTable
+
+    table = SessionTable(limit=2, idle=10.0)
+    s1, _s2, _s3 = (table.open(bytes([i]) * 20, 0.0) for i in range(3))
+    assert table.get(s1.ident) is None and len(table) == 2  # the oldest went
+    s4 = table.open(b"\x04" * 20, 1.0)
+    assert s4.source.startswith("conn:")
+    table.prove(s4, A, b"k" * 32)
+    assert table.get(s4.ident) is s4 and s4.source == A and table.has_node(A)
+    table.expire(20.0)
+    assert len(table) == 0

@@ -1,0 +1,223 @@
+"""Honest throughput and victim memory under each attack of tests/hostile_net.
+
+For every attack of ``tests/hostile_net/attacker.py``: a victim and an honest peer
+(``dmodel peer`` children), the honest one creating objects as fast as its command
+channel allows for ``--seconds``; the honest rate is the number of those creates the
+victim holds, over the time until the last one arrived. Printed per attack: that rate
+as a ratio to the rate of the same run without an attacker (aim >= 0.8), and the
+victim's peak VmRSS against its baseline (aim < 2x baseline + 64 MiB). Then, in this
+process: the handshake cost per connection (both sides' signatures and checks) and the
+rate limiter's cost per message. JSON goes to ``results/hostile.json``.
+
+    python benchmarks/bench_hostile.py [--seconds 5] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import _common as common
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent / "tests"
+ATTACKER = TESTS / "hostile_net" / "attacker.py"
+MODELS = f"{TESTS / 'multiprocess' / 'peer_driver.py'}:Person"
+MiB = 1024 * 1024
+VICTIM = {"sync_interval": 0.5, "sync_turn_seconds": 1.0, "flood_threshold": 200,
+          "max_update_bytes_per_s": 2 * MiB, "queue_bytes": 16 * MiB,
+          "reply_bytes_per_s": 2 * MiB}
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def spawn(home: Path, name: str, peers: list[str] = (), options: dict | None = None) -> Any:
+    from dmodel.tools.driver import PeerProcess, peer_argv
+
+    extra = ["--network-options", json.dumps(options)] if options else []
+    return PeerProcess(peer_argv(home, name=name, peers=peers, models=[MODELS],
+                                 options=extra), name=name, home=home, timeout=60)
+
+
+def attacker(*args: str) -> subprocess.Popen[str]:
+    from dmodel.tools.driver import child_env
+
+    return subprocess.Popen([sys.executable, str(ATTACKER), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+def attack_args(name: str, victim: Any, honest: Any, seconds: float) -> list[str]:
+    ep = victim.endpoint
+    return {
+        "forge-ban": ["forge-ban", ep, honest.stats()["node_id"], str(int(2000 * seconds))],
+        "rotate": ["rotate", ep, str(int(5000 * seconds)), "200"],
+        "amplify": ["amplify", ep, str(seconds), ""],
+        "garbage": ["garbage", ep, str(int(1000 * seconds))],
+        "flood": ["flood", ep, str(int(10 * seconds)), "500000"],
+        "dial": ["dial", ep, str(seconds)],
+    }[name]
+
+
+def one_run(tmp: Path, name: str | None, seconds: float) -> dict[str, Any]:
+    """Victim + honest (+ attacker ``name``); honest rate and victim RSS."""
+    procs: list[Any] = []
+    trap = None
+    try:
+        peers: list[str] = []
+        if name == "trap":
+            trap = attacker("trap", str(seconds + 30))
+            peers.append(json.loads(trap.stdout.readline())["endpoint"])  # type: ignore[union-attr]
+        victim = spawn(tmp / f"{name}-victim", "victim", peers=peers, options=VICTIM)
+        procs.append(victim)
+        honest = spawn(tmp / f"{name}-honest", "honest", peers=[victim.endpoint])
+        procs.append(honest)
+        victim.ok("wait_peers", n=1 + (name == "trap"), timeout=20)
+        honest.ok("wait_peers", n=1, timeout=20)
+        if name == "amplify":  # something big for the attacker to ask for
+            for _ in range(15):
+                honest.ok("create", model="Person", fields={"name": "x" * 60_000})
+            time.sleep(1)
+        baseline = rss(victim.pid)
+        peak = [baseline]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.05):
+                peak[0] = max(peak[0], rss(victim.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        proc = None
+        if name not in (None, "trap"):
+            args = attack_args(name, victim, honest, seconds)
+            if name == "amplify":
+                args[-1] = ",".join(_log_ids(victim)[:20])
+            proc = attacker(*args)
+        ids: list[str] = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            ids.append(honest.ok("create", model="Person", fields={"name": "h"})["db_id"])
+        victim.wait(ids[-1], "name", timeout=60)
+        elapsed = time.monotonic() - t0
+        have = set(victim.ok("ls", filter="Person:*")["ids"])
+        stop.set()
+        sampler.join(5)
+        if proc is not None:
+            proc.communicate(timeout=120)
+        guard = victim.stats()["network"].get("guard", {})
+        return {"attack": name or "none", "honest_updates": len(ids),
+                "arrived": len(set(ids) & have), "honest_rate": round(len(ids) / elapsed, 1),
+                "rss_baseline_mib": round(baseline / MiB, 1),
+                "rss_peak_mib": round(max(peak[0], rss(victim.pid)) / MiB, 1),
+                "honest_banned": honest.stats()["node_id"] in guard.get("banned", []),
+                "guard": {k: v for k, v in guard.items() if isinstance(v, int) and v}}
+    finally:
+        for p in reversed(procs):
+            p.close()
+        if trap is not None:
+            trap.kill()
+            trap.wait(10)
+
+
+def _log_ids(victim: Any) -> list[str]:
+    import msgpack
+    import zmq
+
+    sys.path.insert(0, str(ATTACKER.parent))
+    from attacker import proven_dealer
+
+    ctx = zmq.Context()
+    try:
+        sock = proven_dealer(ctx, victim.endpoint)
+        sock.send_multipart([b"Q", b"\0" * 8, msgpack.packb(
+            {"q": "log", "e": b"", "from": 0, "max": 2000}, use_bin_type=True)])
+        while sock.poll(5000):
+            frames = sock.recv_multipart()
+            if frames[0] == b"R":
+                return [i.hex() for i in msgpack.unpackb(frames[2])["ids"]]
+        return []
+    finally:
+        ctx.destroy(linger=0)
+
+
+def micro() -> dict[str, float]:
+    """Handshake cost per connection and limiter cost per message, in µs."""
+    from dmodel.net.flood import RateLimiter
+    from dmodel.net.identity import KeyPins, NodeKey, proof_message, verify
+
+    a, b = NodeKey.generate(), NodeKey.generate()
+    ida, idb, na, nb = os.urandom(16), os.urandom(16), os.urandom(16), os.urandom(16)
+    n = 300
+    t0 = time.perf_counter()
+    for _ in range(n):  # the four steps of one handshake: two signatures, two checks
+        pins = KeyPins()
+        w = b.sign(proof_message(b"W", idb, b.public, na))
+        assert verify(b.public, proof_message(b"W", idb, b.public, na), w)
+        pins.accept(idb, b.public)
+        h = a.sign(proof_message(b"H", ida, a.public, nb))
+        assert verify(a.public, proof_message(b"H", ida, a.public, nb), h)
+        pins.accept(ida, a.public)
+    handshake = (time.perf_counter() - t0) / n * 1e6
+    count, size = RateLimiter(20_000, 40_000), RateLimiter(64 * MiB, 128 * MiB)
+    sources = [os.urandom(16) for _ in range(64)]
+    m = 200_000
+    t0 = time.perf_counter()
+    now = time.monotonic()
+    for i in range(m):
+        src = sources[i & 63]
+        count.allow(src, now)
+        size.allow(src, now, 300)
+        now += 1e-6
+    limiter = (time.perf_counter() - t0) / m * 1e6
+    return {"handshake_us_per_connection": round(handshake, 1),
+            "rate_limit_us_per_message": round(limiter, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--attacks", default="forge-ban,rotate,amplify,garbage,flood,trap,dial")
+    parser.add_argument("--json", type=Path, default=common.RESULTS_DIR / "hostile.json")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rows, runs = [], []
+    with TemporaryDirectory() as tmp:
+        base = one_run(Path(tmp), None, args.seconds)
+        runs.append(base)
+        common.log(f"baseline: {base['honest_rate']}/s, rss {base['rss_peak_mib']} MiB")
+        for name in args.attacks.split(","):
+            run = one_run(Path(tmp), name, args.seconds)
+            run["ratio"] = round(run["honest_rate"] / base["honest_rate"], 2)
+            run["rss_ok"] = run["rss_peak_mib"] < 2 * run["rss_baseline_mib"] + 64
+            runs.append(run)
+            common.log(f"{name}: {run['ratio']}x, rss {run['rss_peak_mib']} MiB")
+            rows.append([name, f"{run['honest_rate']:.0f}/s", common.fmt_ratio(run["ratio"]),
+                         f"{run['arrived']}/{run['honest_updates']}",
+                         f"{run['rss_baseline_mib']} -> {run['rss_peak_mib']} MiB",
+                         "BANNED" if run["honest_banned"] else "no"])
+    figures = micro()
+    print(f"\nhonest peer without attack: {base['honest_rate']:.0f} creates/s arriving\n")
+    common.print_table(["attack", "honest rate", "ratio", "arrived", "victim RSS",
+                        "honest banned"], rows)
+    print(f"\nhandshake per connection: {figures['handshake_us_per_connection']} µs; "
+          f"rate limiter per message: {figures['rate_limit_us_per_message']} µs")
+    return common.finish(args.json, {
+        "benchmark": "hostile", "when": common.utc_now(), "params": common.params(args),
+        "machine": common.machine_info(), "runs": runs, "micro": figures}, started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
