@@ -13,6 +13,7 @@ import os
 import random
 
 import pytest
+from helpers import wait_until
 
 import dmodel
 from dmodel import merge
@@ -332,6 +333,62 @@ def test_writes_accepted_before_the_revoke_count_when_they_arrive_late(make_node
         assert accepted_by(node, worker, chief) == {decode(r).hex_id for r in writes}
         assert node.stats.rejected["UnauthorizedError"] == 0
     assert t.state_digest() == a.state_digest()
+
+
+def test_a_transaction_by_the_revoked_member_is_refused_as_a_whole(make_node) -> None:
+    ca, cb = Clock(), Clock()
+    a, b = make_node("a", now=ca), make_node("b", now=cb)
+    chief = Chief.create(node=b, name="C").db_id
+    ship(b, a)
+    worker = Worker.create(node=a, authorized=[chief], name="Bob").db_id
+    ship(a, b)
+    ca.ms += 1000
+    Worker(worker, node=a).revoke_update_authorized(chief)
+    revoke = last(a)
+    cb.ms += 500                                   # before the revoke, b has not seen it
+    with dmodel.transaction(chief, node=b):        # all or nothing, on every node
+        Worker(worker, chief, node=b).name = "tx on the worker"
+        Chief(chief, node=b).name = "tx on the chief itself"
+    tx = last(b)
+    assert b.read(chief, "name") == "tx on the chief itself"
+    rest = [r for r in union(a, b) if r not in (revoke, tx)]
+    later = Clock(T0_MS + 3_600_000)
+    nodes = [deliver(make_node("r1", now=later), [*rest, revoke, tx]),
+             deliver(make_node("r2", now=later), [*rest, tx, revoke])]
+    b.ingest(revoke)
+    a.ingest(tx)
+    for node in (a, b, *nodes):
+        assert (node.read(worker, "name"), node.read(chief, "name")) == ("Bob", "C"), node
+        assert refused_by(node, worker, chief) == {decode(tx).hex_id}, node
+    assert len({n.state_digest() for n in (a, b, *nodes)}) == 1
+
+
+def test_a_write_held_for_its_timestamp_when_the_revoke_is_signed_is_refused(make_node) -> None:
+    # Held updates are not accepted, so they are in no frontier: released after the
+    # revoke, the write is refused (what every node that got it later decides too).
+    ca, cb = Clock(), Clock()
+    a, b = make_node("a", now=ca), make_node("b", now=cb, skew=120)
+    chief = Chief.create(node=b, name="C").db_id
+    ship(b, a)
+    worker = Worker.create(node=a, authorized=[chief], name="Bob").db_id
+    ship(a, b)
+    cb.ms += 60_000
+    Worker(worker, chief, node=b).name = "from a fast device"
+    write = last(b)
+    assert a.ingest(write).verdict == "held"
+    ca.ms += 1000
+    Worker(worker, node=a).revoke_update_authorized(chief)
+    revoke = last(a)
+    assert decode(revoke).ops[0].value["f"] == []
+    ca.ms += 60_000                                # its time comes
+    wait_until(lambda: a.future_count == 0)
+    assert a.read(worker, "name") == "Bob"
+    assert refused_by(a, worker, chief) == {decode(write).hex_id}
+    recomputed = b.stats.recomputed
+    b.ingest(revoke)                               # b accepted its own write: re-decides
+    assert b.stats.recomputed > recomputed
+    assert b.read(worker, "name") == "Bob"
+    assert a.state_digest() == b.state_digest()
 
 
 # ---------------------------------------------------------------- removal
