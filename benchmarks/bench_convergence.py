@@ -43,32 +43,21 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import _common as common
-from _children import Child, Cluster, PeerError
+from _children import Cluster, PeerError, ask_all, wait_connected
 from _common import log
 
 import dmodel
 
 PEER_SCRIPT = Path(__file__).resolve().parent / "_conv_peer.py"
+COMMANDS = f"{PEER_SCRIPT}:ConvCommands"  # dmodel peer --commands
 WIDE_FIELDS = 100  # field changes per transaction (the width of _conv_peer's ConvWide)
 
 # Aims stated for the project (checked and reported, never enforced).
 AIM_TX_VS_PYCRDT = 1.0  # replicated field changes/s >= pycrdt's, while signing and verifying
-
-
-# ------------------------------------------------------------------ children
-
-
-def ask_all(children: Sequence[Child], op: str, timeout: float = 60.0,
-            **args: Any) -> list[dict[str, Any]]:
-    """Send one request to every child first, then collect the answers (they run at once)."""
-    for child in children:
-        child.send(op, **args)
-    return [child.recv(timeout) for child in children]
 
 
 # ------------------------------------------------------ 1. concurrent writers
@@ -76,28 +65,26 @@ def ask_all(children: Sequence[Child], op: str, timeout: float = 60.0,
 
 def phase_concurrent(tmp: Path, seconds: float, objects: int,
                      converge_timeout: float) -> dict[str, Any]:
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        a = cl.spawn("conv-a").started()
-        b = cl.spawn("conv-b", peers=[a.endpoint]).started()
-        c = cl.spawn("conv-c", peers=[a.endpoint, b.endpoint]).started()
+    with Cluster(tmp, COMMANDS) as cl:
+        a = cl.spawn("conv-a")
+        b = cl.spawn("conv-b", peers=[a.endpoint])
+        c = cl.spawn("conv-c", peers=[a.endpoint, b.endpoint])
         peers = [a, b, c]
-        for p in peers:
-            if not p.call("wait_peers", n=2, timeout=30)["ready"]:
-                raise PeerError(f"{p.name} did not see both other peers within 30 s")
-        writers = [b.call("create_writer")["id"], c.call("create_writer")["id"]]
-        if not a.call("wait_objects", ids=writers, timeout=30)["reached"]:
+        wait_connected(peers, 2, 30)
+        writers = [b.ok("create_writer")["db_id"], c.ok("create_writer")["db_id"]]
+        if not a.ok("wait_objects", ids=writers, timeout=30)["reached"]:
             raise PeerError("A did not get the writer objects of B and C")
-        ids = a.call("create_items", count=objects, update=writers, timeout=60)["ids"]
+        ids = a.ok("create_items", count=objects, update=writers, timeout=60)["ids"]
         for p in (b, c):
-            if not p.call("wait_objects", ids=ids, timeout=60)["reached"]:
+            if not p.ok("wait_objects", ids=ids, timeout=60)["reached"]:
                 raise PeerError(f"{p.name} did not get A's {objects} objects")
-        setup = ask_all(peers, "digest")
+        setup = ask_all(peers, "conv_digest")
         log(f"  concurrent: 3 peers write to the same {objects} objects for {seconds:g} s")
         start_ns = time.time_ns() + 500_000_000
-        for i, p in enumerate(peers):
-            p.send("write_for", ids=ids, seconds=seconds, seed=1000 + i, tag=p.name[-1],
-                   start_ns=start_ns)
-        wrote = [p.recv(seconds + 120) for p in peers]
+        rids = [p.send("write_for", ids=ids, seconds=seconds, seed=1000 + i, tag=p.name[-1],
+                       start_ns=start_ns) for i, p in enumerate(peers)]
+        wrote = [p.check(p.recv(rid, seconds + 120), "write_for")
+                 for p, rid in zip(peers, rids, strict=True)]
         stop_ns = max(w["last_ns"] for w in wrote)
         written = sum(w["written"] for w in wrote)
         log(f"    written {written:,} updates ("
@@ -108,7 +95,7 @@ def phase_concurrent(tmp: Path, seconds: float, objects: int,
         logs_equal_s = None
         deadline = time.monotonic() + converge_timeout
         while True:  # bounded by converge_timeout
-            digests = ask_all(peers, "digest", timeout=converge_timeout + 60)
+            digests = ask_all(peers, "conv_digest", timeout=converge_timeout + 60)
             at = (max(d["taken_ns"] for d in digests) - stop_ns) / 1e9
             same_updates = len({d["updates"] for d in digests}) == 1
             same_state = len({d["state"] for d in digests}) == 1
@@ -156,8 +143,8 @@ def phase_concurrent(tmp: Path, seconds: float, objects: int,
         "same_update_set_seconds": logs_equal_s,
         "convergence_timeout": converge_timeout,
         "digests_identical": converged is not None,
-        "digests": [{k: d[k] for k in ("state", "updates", "parts", "objects", "registers",
-                                       "list_elements", "update_count")} for d in final],
+        "digests": [{k: d[k] for k in ("state", "updates", "objects", "update_count")}
+                    for d in final],
         "expected_update_count": expected,
         "all_updates_everywhere": all(d["update_count"] == expected for d in final),
         "digest_rounds": len(rounds),
@@ -288,20 +275,18 @@ def _rate_windows(per_tx: list[float], changes: int) -> dict[str, float]:
 
 def tx_network(tmp: Path, n: int) -> dict[str, Any]:
     """A writes ``n`` transactions of 100 field changes; B (``peers=[A]``) applies them."""
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        a = cl.spawn("tx-a").started()
-        b = cl.spawn("tx-b", peers=[a.endpoint]).started()
-        for p in (a, b):
-            if not p.call("wait_peers", n=1, timeout=30)["ready"]:
-                raise PeerError(f"{p.name} did not connect within 30 s")
-        created = a.call("create_wide")
-        if not b.call("wait_objects", ids=[created["id"]], timeout=30)["reached"]:
+    with Cluster(tmp, COMMANDS) as cl:
+        a = cl.spawn("tx-a")
+        b = cl.spawn("tx-b", peers=[a.endpoint])
+        wait_connected([a, b], 1, 30)
+        created = a.ok("create_wide")
+        if not b.ok("wait_objects", ids=[created["db_id"]], timeout=30)["reached"]:
             raise PeerError("B did not get A's object")
         base = created["log_length"]
-        mark = b.call("mark")
-        wrote = a.call("tx_write", n=n, timeout=60 + n / 5)
-        done = b.call("wait_log", target=base + n, timeout=60 + n / 5)
-        values = b.call("read_wide", id=created["id"])["values"]
+        mark = b.ok("mark")
+        wrote = a.ok("tx_write", n=n, timeout=60 + n / 5)
+        done = b.ok("wait_log", target=base + n, timeout=60 + n / 5)
+        values = b.ok("read_wide", db_id=created["db_id"])["values"]
     app = done["applied"]
     changes = n * WIDE_FIELDS
     b_secs = (app["last_ns"] - app["first_ns"]) / 1e9
@@ -516,7 +501,7 @@ def print_report(res: dict[str, Any]) -> None:
     d0 = conv["digests"][0]
     print(f"  digests identical: {conv['digests_identical']}  (state {d0['state'][:16]}…, "
           f"{d0['update_count']:,} updates, expected {conv['expected_update_count']:,}; "
-          f"{d0['registers']:,} registers, {d0['list_elements']:,} DList elements)")
+          f"{d0['objects']:,} objects)")
     for name, s in zip("ABC", conv["peer_stats"], strict=True):
         print(f"  {name}: received {s['received']:,} messages, duplicates {s['duplicates']:,}, "
               f"queue dropped {s['queue_dropped']:,}, pulled by catch-up {s['pulled']:,}, "
@@ -659,9 +644,9 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [
             "Peers are separate processes, each with its own embedded redis-server (unix "
             "socket), meshed over ZeroMQ on tcp://127.0.0.1; all share the machine's cores.",
-            "State digest: BLAKE2b over every object's metadata, registers, authorization "
-            "events, wrapped keys and DList orders, read in one pipeline under the node's "
-            "apply lock; the set of update ids is digested separately.",
+            "State digest: Node.state_digest() (every object's metadata, registers, DList "
+            "orders, authorization events and key wraps), taken under the node's apply "
+            "lock; the set of update ids is digested separately.",
             "Convergence time: from the last writer's last write to the digest round in "
             "which all three digests were equal (resolution: one round, see the lower bound).",
             "DList figures: each op timed alone with time.perf_counter, then an untimed "

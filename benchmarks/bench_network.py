@@ -53,14 +53,16 @@ import _common as common
 import msgpack
 import nacl.signing
 import zmq
-from _children import Child, Cluster, PeerError
+from _children import Cluster, PeerError, answer, wait_connected
 from _common import log
 
 from dmodel.clock import HybridClock
 from dmodel.crypto import Identity
+from dmodel.tools.driver import PeerProcess
 from dmodel.update import Op, Update
 
 PEER_SCRIPT = Path(__file__).resolve().parent / "_peer.py"
+COMMANDS = f"{PEER_SCRIPT}:BenchCommands"  # dmodel peer --commands
 
 # Aims stated for the project (checked and reported, never enforced).
 AIM_APPLY_VS_VERIFY = 1.0      # sustained apply >= 1.0x raw single-core verify
@@ -219,10 +221,8 @@ def wait_timeout(n: int, floor_rate: float = 150.0) -> float:
     return 60.0 + n / floor_rate
 
 
-def connect_pair(a: Child, b: Child, timeout: float = 30.0) -> None:
-    if not a.call("wait_peers", n=1, timeout=timeout)["ready"] or \
-            not b.call("wait_peers", n=1, timeout=timeout)["ready"]:
-        raise PeerError(f"{a.name} and {b.name} did not connect within {timeout:.0f} s")
+def connect_pair(a: PeerProcess, b: PeerProcess, timeout: float = 30.0) -> None:
+    wait_connected([a, b], 1, timeout)
 
 
 def peer_messages(stats: dict[str, Any], node_id: str) -> int:
@@ -235,22 +235,22 @@ def peer_messages(stats: dict[str, Any], node_id: str) -> int:
 def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[str, Any]:
     """2a (A writes, B applies) and 3 (latency at a paced rate), on one pair."""
     out: dict[str, Any] = {}
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        a = cl.spawn("live-a").started()
-        b = cl.spawn("live-b", peers=[a.endpoint]).started()
+    with Cluster(tmp, COMMANDS) as cl:
+        a = cl.spawn("live-a")
+        b = cl.spawn("live-b", peers=[a.endpoint])
         connect_pair(a, b)
-        base = a.call("create", count=OBJECTS)["log_length"]
-        if not b.call("wait_log", target=base, timeout=30)["reached"]:
+        base = a.ok("create_items", count=OBJECTS)["log_length"]
+        if not b.ok("wait_log", target=base, timeout=30)["reached"]:
             raise PeerError("B did not get A's creates")
         log(f"  live: A writes {n:,} updates, B applies")
-        mark = b.call("mark", stride=max(50, n // 200))
-        a.send("write", n=n)
-        wrote = a.recv(timeout=wait_timeout(n, 50))
-        done = b.call("wait_log", target=base + n, timeout=wait_timeout(n))
-        a_stats = a.call("stats")
+        mark = b.ok("mark", stride=max(50, n // 200))
+        rid = a.send("write", n=n)
+        wrote = answer(a, rid, wait_timeout(n, 50), "write")
+        done = b.ok("wait_log", target=base + n, timeout=wait_timeout(n))
+        a_stats = a.ok("bench_stats")
         rate, secs = applied_rate(done)
         windows = window_rates(done, max(500, n // 20))
-        a_id = a.call("ping")["node_id"]
+        a_id = a.ok("bench_ping")["node_id"]
         out["live"] = {
             "n": n, "objects": OBJECTS, "complete": done["reached"],
             "a_write_rate": round(wrote["rate"], 1), "a_write_seconds": round(wrote["elapsed"], 3),
@@ -277,13 +277,13 @@ def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[s
                                  ("latency_low_rate", max(1, latency_n // 20),
                                   latency_rate / 10)):
             log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B listens")
-            b.call("listen_latency")
-            a.send("write", n=count, rate=pace, field="t")
-            paced = a.recv(timeout=wait_timeout(count, 50) + count / pace)
-            lat_done = b.call("wait_log", target=base + count, timeout=wait_timeout(count))
+            b.ok("listen_latency")
+            rid = a.send("write", n=count, rate=pace, field="t")
+            paced = answer(a, rid, wait_timeout(count, 50) + count / pace, "write")
+            lat_done = b.ok("wait_log", target=base + count, timeout=wait_timeout(count))
             base = lat_done["log_length"]
-            samples = b.call("latencies")["samples_us"]
-            b.call("unlisten")
+            samples = b.ok("latencies")["samples_us"]
+            b.ok("unlisten")
             out[key] = {"n": count, "target_rate": pace,
                         "a_achieved_rate": round(paced["rate"], 1),
                         "a_late_writes": paced["behind"], "complete": lat_done["reached"],
@@ -310,21 +310,21 @@ def phase_pump(tmp: Path, file: Path, n: int, *, profile: bool = False,
                name: str = "pump") -> dict[str, Any]:
     """2b: B's apply rate when the sender is not the bottleneck."""
     big = n + 10_000
-    with Cluster(tmp, PEER_SCRIPT) as cl:
+    with Cluster(tmp, COMMANDS) as cl:
         p = cl.spawn(f"{name}-pub", options={"rcvhwm": big, "sndhwm": big,
-                                             "sync_interval": 3600.0}).started()
-        p.call("deaf")
+                                             "sync_interval": 3600.0})
+        p.ok("deaf")
         b = cl.spawn(f"{name}-b", peers=[p.endpoint], profile=profile,
-                     options={"rcvhwm": big, "sndhwm": big, "queue_size": big}).started()
+                     options={"rcvhwm": big, "sndhwm": big, "queue_size": big})
         connect_pair(p, b)
-        mark = b.call("mark", stride=max(50, n // 200))
+        mark = b.ok("mark", stride=max(50, n // 200))
         log(f"  {name}: publisher sends {n:,} pre-signed updates, B applies"
             f"{' (cProfile on)' if profile else ''}")
-        sent = p.call("publish_file", path=str(file), limit=n + OBJECTS, timeout=120)
-        done = b.call("wait_log", target=n + OBJECTS, timeout=wait_timeout(n))
+        sent = p.ok("publish_file", path=str(file), limit=n + OBJECTS, timeout=120)
+        done = b.ok("wait_log", target=n + OBJECTS, timeout=wait_timeout(n))
         rate, secs = applied_rate(done)
         windows = window_rates(done, max(500, n // 20))
-        p_stats = p.call("stats")["stats"]
+        p_stats = p.ok("bench_stats")["stats"]
         out = {
             "n": n, "complete": done["reached"], "log_length": done["log_length"],
             "publish_seconds": round(sent["elapsed"], 3),
@@ -340,24 +340,24 @@ def phase_pump(tmp: Path, file: Path, n: int, *, profile: bool = False,
             "b_pulled": done["stats"]["network"]["pulled"],
         }
         if profile:
-            out["cprofile_top"] = b.call("profile", per=n + OBJECTS, top=25)["rows"]
+            out["cprofile_top"] = b.ok("profile", per=n + OBJECTS, top=25)["rows"]
         log(f"    B applied {rate:,.0f}/s")
         return out
 
 
 def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> dict[str, Any]:
     """2c (S loads M pre-signed updates with ingest_many) and 4 (C joins S, converges)."""
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        s = cl.spawn("catchup-s").started()
+    with Cluster(tmp, COMMANDS) as cl:
+        s = cl.spawn("catchup-s")
         log(f"  catch-up: S ingests {m:,} pre-signed updates (ingest_many, no network)")
-        direct = s.call("ingest_file", path=str(file), limit=m + OBJECTS,
+        direct = s.ok("ingest_file", path=str(file), limit=m + OBJECTS,
                         timeout=wait_timeout(m, 100))
         total = direct["log_length"]
         direct_rate = direct["n"] / direct["elapsed"]
         log(f"    S ingested {direct_rate:,.0f}/s; C joins with peers=[S]")
-        c = cl.spawn("catchup-c", peers=[s.endpoint], profile=profile).started()
-        started_ns = c.call("ping")["started_ns"]
-        done = c.call("wait_log", target=total, timeout=wait_timeout(m))
+        c = cl.spawn("catchup-c", peers=[s.endpoint], profile=profile)
+        started_ns = c.ok("bench_ping")["started_ns"]
+        done = c.ok("wait_log", target=total, timeout=wait_timeout(m))
         rate, secs = applied_rate(done)
         converge = (done["applied"]["last_ns"] - started_ns) / 1e9
         out = {
@@ -376,31 +376,29 @@ def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> di
                                            done["cpu"], total)},
         }
         if profile:
-            out["cprofile_top"] = c.call("profile", per=total, top=25)["rows"]
+            out["cprofile_top"] = c.ok("profile", per=total, top=25)["rows"]
         log(f"    C converged in {converge:.1f} s ({total / converge:,.0f}/s)")
         return out
 
 
 def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
     """5: A writes n updates; k other peers apply; time until all have everything."""
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        a = cl.spawn(f"fan{k}-a").started()
-        others = [cl.spawn(f"fan{k}-{i}", peers=[a.endpoint]) for i in range(k)]
-        for o in others:
-            o.started()
-        if not a.call("wait_peers", n=k, timeout=30)["ready"]:
+    with Cluster(tmp, COMMANDS) as cl:
+        a = cl.spawn(f"fan{k}-a")
+        others = cl.spawn_many([f"fan{k}-{i}" for i in range(k)], peers=[a.endpoint])
+        if not a.ok("wait_peers", n=k, timeout=30)["ready"]:
             raise PeerError(f"fan-out {k}: A did not see {k} peers")
         meshed = []
         for o in others:
-            meshed.append(o.call("wait_peers", n=k, timeout=15)["peers"])
-        base = a.call("create", count=OBJECTS)["log_length"]
+            meshed.append(o.ok("wait_peers", n=k, timeout=15)["peers"])
+        base = a.ok("create_items", count=OBJECTS)["log_length"]
         for o in others:
-            if not o.call("wait_log", target=base, timeout=30)["reached"]:
+            if not o.ok("wait_log", target=base, timeout=30)["reached"]:
                 raise PeerError(f"{o.name} did not get A's creates")
-        marks = [o.call("mark", stride=max(50, n // 100)) for o in others]
+        marks = [o.ok("mark", stride=max(50, n // 100)) for o in others]
         log(f"  fan-out {k}: A writes {n:,} updates")
-        wrote = a.call("write", n=n, timeout=wait_timeout(n, 20))
-        dones = [o.call("wait_log", target=base + n, timeout=wait_timeout(n * k, 300))
+        wrote = a.ok("write", n=n, timeout=wait_timeout(n, 20))
+        dones = [o.ok("wait_log", target=base + n, timeout=wait_timeout(n * k, 300))
                  for o in others]
         last = max(d["applied"]["last_ns"] for d in dones)
         all_secs = (last - wrote["first_ns"]) / 1e9
@@ -434,24 +432,24 @@ def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
 def phase_burst(tmp: Path, burst: int, hwm: int, sleep_ms: float) -> dict[str, Any]:
     """6: a burst of ``burst`` updates into a slow B with HWMs and queue of ``hwm``."""
     opts = {"rcvhwm": hwm, "sndhwm": hwm}
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        a = cl.spawn("burst-a", options=opts).started()
+    with Cluster(tmp, COMMANDS) as cl:
+        a = cl.spawn("burst-a", options=opts)
         b = cl.spawn("burst-b", peers=[a.endpoint],
-                     options={**opts, "queue_size": hwm}).started()
+                     options={**opts, "queue_size": hwm})
         connect_pair(a, b)
-        base = a.call("create", count=OBJECTS)["log_length"]
-        if not b.call("wait_log", target=base, timeout=30)["reached"]:
+        base = a.ok("create_items", count=OBJECTS)["log_length"]
+        if not b.ok("wait_log", target=base, timeout=30)["reached"]:
             raise PeerError("B did not get A's creates")
-        b.call("slow", sleep_ms=sleep_ms)
-        mark = b.call("mark", stride=max(10, burst // 200))
-        a_id = a.call("ping")["node_id"]
-        a0 = a.call("stats")["stats"]
+        b.ok("slow", sleep_ms=sleep_ms)
+        mark = b.ok("mark", stride=max(10, burst // 200))
+        a_id = a.ok("bench_ping")["node_id"]
+        a0 = a.ok("bench_stats")["stats"]
         log(f"  burst: A writes {burst:,} updates; HWMs and B's queue {hwm:,}; "
             f"B's listener sleeps {sleep_ms:g} ms per update")
-        wrote = a.call("write", n=burst, timeout=wait_timeout(burst, 20))
-        done = b.call("wait_log", target=base + burst,
+        wrote = a.ok("write", n=burst, timeout=wait_timeout(burst, 20))
+        done = b.ok("wait_log", target=base + burst,
                       timeout=wait_timeout(burst, 1000 / (sleep_ms + 1) / 2))
-        a1 = a.call("stats")["stats"]
+        a1 = a.ok("bench_stats")["stats"]
         b1 = done["stats"]
         published = a1["bus"]["messages_out"] - a0["bus"]["messages_out"]
         got_from_a = peer_messages(b1, a_id) - peer_messages(mark["stats"], a_id)
