@@ -276,22 +276,85 @@ def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[s
         for key, count, pace in (("latency", latency_n, latency_rate),
                                  ("latency_low_rate", max(1, latency_n // 20),
                                   latency_rate / 10)):
-            log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B listens")
-            b.ok("listen_latency")
-            rid = a.send("write", n=count, rate=pace, field="t")
-            paced = answer(a, rid, wait_timeout(count, 50) + count / pace, "write")
-            lat_done = b.ok("wait_log", target=base + count, timeout=wait_timeout(count))
-            base = lat_done["log_length"]
-            samples = b.ok("latencies")["samples_us"]
-            b.ok("unlisten")
-            out[key] = {"n": count, "target_rate": pace,
-                        "a_achieved_rate": round(paced["rate"], 1),
-                        "a_late_writes": paced["behind"], "complete": lat_done["reached"],
-                        **latency_summary(samples)}
-            if out[key].get("samples"):
-                log(f"    p50 {out[key]['p50_ms']:.2f} ms, p99 {out[key]['p99_ms']:.2f} ms "
-                    f"(A achieved {paced['rate']:,.0f}/s)")
+            out[key], base = measure_latency(a, b, base, count, pace)
     return out
+
+
+def measure_latency(a: PeerProcess, b: PeerProcess, base: int, count: int,
+                    pace: float) -> tuple[dict[str, Any], int]:
+    """3: A writes ``count`` updates paced at ``pace``/s, the value its time_ns; B's
+    listener takes the difference. Also every GC pause in A and in B meanwhile
+    (``gc.callbacks``) and the CPU per update of both. The figure and B's log length."""
+    log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B listens")
+    b.ok("listen_latency")
+    for p in (a, b):
+        p.ok("gc_watch")
+    a0, mark = a.ok("bench_stats"), b.ok("mark")
+    rid = a.send("write", n=count, rate=pace, field="t")
+    paced = answer(a, rid, wait_timeout(count, 50) + count / pace, "write")
+    done = b.ok("wait_log", target=base + count, timeout=wait_timeout(count))
+    a1 = a.ok("bench_stats")
+    samples = b.ok("latencies")["samples_us"]
+    gcs = {"a": a.ok("gc_pauses")["gc"], "b": b.ok("gc_pauses")["gc"]}
+    b.ok("unlisten")
+    out = {"n": count, "target_rate": pace, "a_achieved_rate": round(paced["rate"], 1),
+           "a_late_writes": paced["behind"], "complete": done["reached"],
+           **latency_summary(samples),
+           "a_cpu_us": common.cpu_us(cpu_diff(a0["cpu"], a1["cpu"]), count),
+           "b_cpu_us": common.cpu_us(cpu_diff(mark["cpu"], done["cpu"]), count),
+           "gc": gcs}
+    if out.get("samples"):
+        g2 = gcs["b"]["gen2"]
+        log(f"    p50 {out['p50_ms']:.2f} ms, p99 {out['p99_ms']:.2f} ms, max "
+            f"{out['max_ms']:.1f} ms (A achieved {paced['rate']:,.0f}/s); B: {g2['count']} "
+            f"full GCs, longest {g2['max_ms'] or 0:.1f} ms")
+    return out, done["log_length"]
+
+
+def cpu_diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in before}
+
+
+def phase_gc_compare(tmp: Path, runs: int, count: int, rate: float) -> dict[str, Any]:
+    """Latency at ``rate``/s with CPython's GC settings and with ``tune_gc``, interleaved
+    (default, tuned, default, tuned ...), each on a fresh pair of peers; GC pauses too."""
+    out: dict[str, Any] = {"n": count, "rate": rate, "runs": []}
+    for r in range(runs):
+        for mode in ("default", "tuned"):
+            with Cluster(tmp, COMMANDS) as cl:
+                a = cl.spawn(f"gc{r}-{mode}-a")
+                b = cl.spawn(f"gc{r}-{mode}-b", peers=[a.endpoint])
+                connect_pair(a, b)
+                settings = [p.ok("gc_mode", mode=mode) for p in (a, b)]
+                base = a.ok("create_items", count=OBJECTS)["log_length"]
+                if not b.ok("wait_log", target=base, timeout=30)["reached"]:
+                    raise PeerError("B did not get A's creates")
+                log(f"  gc {mode} (run {r + 1}/{runs}):")
+                fig, _ = measure_latency(a, b, base, count, rate)
+                out["runs"].append({"run": r + 1, "mode": mode, "settings": settings[1],
+                                    **fig})
+    return out
+
+
+def print_gc_compare(res: dict[str, Any]) -> None:
+    print(f"\nGC settings and latency at B, A writing {res['n']:,} updates at "
+          f"{res['rate']:,.0f}/s (pauses from gc.callbacks in B; A's in brackets)")
+    rows = []
+    for run in res["runs"]:
+        gb, ga = run["gc"]["b"], run["gc"]["a"]
+        rows.append([f"{run['mode']} #{run['run']}", f"{run['p50_ms']:.2f}",
+                     f"{run['p99_ms']:.2f}", f"{run['max_ms']:.1f}",
+                     f"{gb['gen2']['count']} ({ga['gen2']['count']})",
+                     f"{gb['gen2']['p99_ms'] or 0:.1f} ({ga['gen2']['p99_ms'] or 0:.1f})",
+                     f"{gb['gen2']['max_ms'] or 0:.1f} ({ga['gen2']['max_ms'] or 0:.1f})",
+                     f"{gb['gen2']['cpu_max_ms'] or 0:.1f} ({ga['gen2']['cpu_max_ms'] or 0:.1f})",
+                     f"{gb['gen0']['count']:,}/{gb['gen1']['count']:,}",
+                     f"{gb['gen1']['max_ms'] or 0:.2f}",
+                     f"{gb['tracked_objects']:,}/{gb['freeze_count']:,}",
+                     f"{run['b_cpu_us']:,.0f}"])
+    common.print_table(["GC", "p50 ms", "p99 ms", "max ms", "gen-2 GCs", "gen-2 p99 ms",
+                        "gen-2 max ms", "gen-2 max CPU ms", "gen-0/1 GCs", "gen-1 max ms",
+                        "tracked/frozen", "B CPU µs/upd"], rows)
 
 
 def latency_summary(samples_us: list[float]) -> dict[str, Any]:
@@ -637,8 +700,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="small sizes, fan-out 2,4: a smoke run for CI (~30 s)")
     parser.add_argument("--profile", action="store_true",
                         help="also run a cProfiled B (2b, n <= 10000) and print its hot spots")
-    parser.add_argument("--json", type=Path, default=common.RESULTS_DIR / "bench_network.json")
+    parser.add_argument("--gc-compare", type=int, default=0, metavar="RUNS",
+                        help="only the latency figure, RUNS times with CPython's GC settings "
+                             "and RUNS times with dmodel.runtime.tune_gc, interleaved, with "
+                             "every GC pause (--latency-seconds, --latency-rate)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the results (default benchmarks/results/"
+                             "bench_network.json, or bench_network_gc.json with --gc-compare)")
     args = parser.parse_args(argv)
+    if args.json is None:
+        args.json = common.RESULTS_DIR / ("bench_network_gc.json" if args.gc_compare
+                                          else "bench_network.json")
     if args.quick:
         args.n, args.catchup, args.fanout_n, args.fanout = 1_000, 1_500, 150, "2,4"
         args.latency_seconds, args.burst, args.hwm = 0.5, 1_000, 100
@@ -651,6 +723,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.gc_compare:
+        return main_gc_compare(args)
     started = time.perf_counter()
     load_start = common.loadavg()
     res: dict[str, Any] = {}
@@ -720,6 +794,24 @@ def main(argv: list[str] | None = None) -> int:
             "Latency includes A's own local write (sign, store) before it publishes.",
         ],
     }
+    return common.finish(args.json, result, started)
+
+
+def main_gc_compare(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    load_start = common.loadavg()
+    count = max(1, int(args.latency_seconds * args.latency_rate))
+    log(f"bench_network --gc-compare: {args.gc_compare} x (default, tuned), {count:,} updates "
+        f"at {args.latency_rate:,.0f}/s each")
+    with tempfile.TemporaryDirectory(prefix="dmnet-gc-") as tmp_name:
+        res = phase_gc_compare(Path(tmp_name), args.gc_compare, count, args.latency_rate)
+    print_gc_compare(res)
+    result = {"benchmark": "bench_network_gc", "date": common.utc_now(),
+              "params": common.params(args),
+              "machine": common.machine_info({"loadavg_start": load_start}),
+              "gc_compare": res,
+              "notes": ["default: gc.unfreeze() and thresholds 700/10/10 in both peers; tuned: "
+                        "dmodel.runtime.tune_gc() (what dmodel peer does at start-up)."]}
     return common.finish(args.json, result, started)
 
 
