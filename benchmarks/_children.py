@@ -165,6 +165,7 @@ class BenchCommandsBase:
         self.recorder = Recorder(ticks=self.ticks)
         self.node.on_accepted(self.recorder)
         self.gc_watch = _common.GcWatch()
+        self.cpu_at_start = self.cpu()  # once the node runs: start-up CPU is not counted
 
     @property
     def endpoint(self) -> str:
@@ -203,7 +204,7 @@ class BenchCommandsBase:
     # ------------------------------------------------------------- commands
     def op_bench_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "node_id": self.node.node_id.hex(),
-                "started_ns": self.started_ns}
+                "started_ns": self.started_ns, "cpu_at_start": self.cpu_at_start}
 
     def op_bench_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"stats": self._stats(), "cpu": self.cpu()}

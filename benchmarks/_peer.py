@@ -120,8 +120,8 @@ class BenchCommands(_children.BenchCommandsBase):
         self.latency_cls = LatencyListener
         self.slow_cls = SlowListener
         self.listeners: list[tuple[Any, str]] = []
-        super().__init__(peer)
         self.apply_cpu = ThreadCPU()
+        super().__init__(peer)
         self.profiles: dict[int, cProfile.Profile] = {}
         self._wrap_ingest(profile=os.environ.get("DMODEL_BENCH_PROFILE") == "1")
         self.objects: list[Any] = []

@@ -23,9 +23,10 @@ dmodel rows alternate with their anchors (dmodel, redis-om, dmodel, redis-py ...
 Every ratio is the median of the ratios within one run. Next to its rate, every figure
 reports its CPU µs per op: this process's (user + system, ``time.process_time``) and
 the redis-server's (``INFO cpu``, read before and after the run); CPU ratios compare
-those costs (process + server). Timing uses ``time.perf_counter``. Then the dmodel write and read paths are profiled twice: with
-stage timers (wrappers around the main functions, giving a call tree in µs per op)
-and with cProfile (the functions with the most own time).
+those costs (process + server). Timing uses ``time.perf_counter``. Then the dmodel
+write and read paths are profiled twice: with stage timers (wrappers around the main
+functions, giving a call tree in µs per op) and with cProfile (the functions with the
+most own time).
 
 Run (from the repository root)::
 

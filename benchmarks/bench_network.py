@@ -87,10 +87,10 @@ def ref_verify(n: int) -> dict[str, Any]:
         vk.verify(msg, sig)
     runs, cpus = [], []
     for _ in range(3):
-        cpu0, start = time.process_time(), time.perf_counter()
+        cpu0, start = common.cpu_seconds(), time.perf_counter()
         for _ in range(n):
             vk.verify(msg, sig)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        elapsed, cpu = time.perf_counter() - start, common.cpu_seconds() - cpu0
         runs.append(n / elapsed)
         cpus.append(cpu * 1e6 / n)
     return {"n": n, "ops_per_s": round(statistics.median(runs), 1),
@@ -113,6 +113,8 @@ def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
                             text=True)
     got, first, last, lost_end = 0, 0.0, 0.0, False
+    meter = common.CpuMeter()
+    meter.__enter__()  # this process receiving + the publisher child (waited for below)
     try:
         if not sub.poll(30_000):
             raise PeerError("raw pyzmq publisher sent nothing")
@@ -144,11 +146,15 @@ def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
         if proc.stdin is not None:
             proc.stdin.close()
         err.close()
+        meter.__exit__()
     elapsed = last - first
     return {"n": n, "size": size, "received": got, "lost": n - got,
             "ops_per_s": round((got - 1) / elapsed, 1) if got > 1 and elapsed > 0 else 0.0,
             "mb_per_s": round((got - 1) * size / elapsed / 1e6, 1) if elapsed > 0 else 0.0,
-            "end_marker_lost": lost_end}
+            "end_marker_lost": lost_end,
+            "cpu_us_per_op": round((meter.cpu + meter.children) * 1e6 / max(1, got), 2),
+            "receiver_cpu_us_per_op": round(meter.cpu * 1e6 / max(1, got), 2),
+            "publisher_cpu_us_per_op": round(meter.children * 1e6 / max(1, got), 2)}
 
 
 # --------------------------------------------------------- pre-signed updates
@@ -212,9 +218,13 @@ def window_rates(done: dict[str, Any], window: int) -> list[float]:
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
-    """CPU µs per update of the peer process, its apply thread(s) and its redis-server."""
-    return {f"{k}_cpu_us": round((after[k] - before[k]) * 1e6 / n, 1) for k in before} \
-        if n else {}
+    """CPU µs per update of the peer process, its apply thread(s) and its redis-server;
+    ``total_cpu_us`` = process + redis-server (the apply thread is part of the process)."""
+    if not n:
+        return {}
+    out = {f"{k}_cpu_us": round((after[k] - before[k]) * 1e6 / n, 1) for k in before}
+    out["total_cpu_us"] = round(out.get("process_cpu_us", 0.0) + out.get("redis_cpu_us", 0.0), 1)
+    return out
 
 
 def wait_timeout(n: int, floor_rate: float = 150.0) -> float:
@@ -419,7 +429,8 @@ def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> di
         direct_rate = direct["n"] / direct["elapsed"]
         log(f"    S ingested {direct_rate:,.0f}/s; C joins with peers=[S]")
         c = cl.spawn("catchup-c", peers=[s.endpoint], profile=profile)
-        started_ns = c.ok("bench_ping")["started_ns"]
+        ping = c.ok("bench_ping")
+        started_ns = ping["started_ns"]
         done = c.ok("wait_log", target=total, timeout=wait_timeout(m))
         rate, secs = applied_rate(done)
         converge = (done["applied"]["last_ns"] - started_ns) / 1e9
@@ -435,8 +446,7 @@ def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> di
                         "converge_rate": round(total / converge, 1) if converge > 0 else 0,
                         "apply_rate": round(rate, 1), "apply_seconds": round(secs, 3),
                         "pulled": done["stats"]["network"]["pulled"],
-                        "c_cpu": cpu_delta({"process": 0.0, "apply_thread": 0.0, "redis": 0.0},
-                                           done["cpu"], total)},
+                        "c_cpu": cpu_delta(ping["cpu_at_start"], done["cpu"], total)},
         }
         if profile:
             out["cprofile_top"] = c.ok("profile", per=total, top=25)["rows"]
@@ -486,7 +496,12 @@ def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
                "slowest_peer_rate": min(p["apply_rate"] for p in per_peer),
                "received_per_update_mean": round(statistics.mean(
                    p["received_per_update"] for p in per_peer), 2),
+               "a_cpu": cpu_delta({k: 0.0 for k in wrote["cpu"]}, wrote["cpu"], n),
+               "peer_cpu_us_per_update_mean": round(statistics.mean(
+                   p["cpu"]["total_cpu_us"] for p in per_peer), 1),
                "peers": per_peer}
+        out["all_cpu_us_per_update"] = round(out["a_cpu"]["total_cpu_us"] + sum(
+            p["cpu"]["total_cpu_us"] for p in per_peer), 1)
         log(f"    all {k} had everything {all_secs:.1f} s after A's first write "
             f"(A wrote {wrote['rate']:,.0f}/s)")
         return out
@@ -529,6 +544,7 @@ def phase_burst(tmp: Path, burst: int, hwm: int, sleep_ms: float) -> dict[str, A
                "b_received": net1["received"] - net0["received"],
                "b_queue_dropped": net1["queue_dropped"] - net0["queue_dropped"],
                "b_pulled_by_catchup": net1["pulled"] - net0["pulled"],
+               "b_cpu": cpu_delta(mark["cpu"], done["cpu"], burst),
                "b_has_everything_seconds": round(secs, 3),
                "b_rate": round(burst / secs, 1) if secs > 0 else 0,
                "b_log_length": done["log_length"], "target": base + burst}
@@ -541,30 +557,61 @@ def phase_burst(tmp: Path, burst: int, hwm: int, sleep_ms: float) -> dict[str, A
 # ----------------------------------------------------------------- reporting
 
 
+def summarize_verify(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The verify anchor over all its interleaved runs: medians of rate and CPU."""
+    rates = [r["ops_per_s"] for r in runs]
+    cpus = [r["cpu_us_per_op"] for r in runs]
+    return {"n": runs[0]["n"], "runs": len(runs),
+            "ops_per_s": round(statistics.median(rates), 1),
+            "runs_ops_per_s": rates, "cpu_us_per_op": round(statistics.median(cpus), 2),
+            "runs_cpu_us_per_op": cpus,
+            "cpu_bound_ops_per_s": round(1e6 / statistics.median(cpus), 1)}
+
+
+def summarize_zmq(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    best = max(runs, key=lambda r: r["ops_per_s"])
+    return {**best, "ops_per_s": round(statistics.median(r["ops_per_s"] for r in runs), 1),
+            "cpu_us_per_op": round(statistics.median(r["cpu_us_per_op"] for r in runs), 2),
+            "runs_ops_per_s": [r["ops_per_s"] for r in runs],
+            "lost": sum(r["lost"] for r in runs)}
+
+
+def vs_verify(phase: dict[str, Any], rate: float) -> float:
+    """``rate`` / the raw verify rate measured just before ``phase`` (same run)."""
+    return round(rate / phase["verify"]["ops_per_s"], 4)
+
+
+def cpu_vs_verify(phase: dict[str, Any], cpu_us: float) -> float | None:
+    """The verify CPU µs measured just before ``phase`` / ``cpu_us`` (above 1: cheaper
+    than one raw verify)."""
+    return round(phase["verify"]["cpu_us_per_op"] / cpu_us, 4) if cpu_us else None
+
+
 def cpu_ratios(res: dict[str, Any]) -> dict[str, float]:
-    """Raw verify CPU / CPU spent per applied update (peer process + its redis-server).
+    """Raw verify CPU / CPU spent per applied update (peer process + its redis-server),
+    the verify run being the one just before the phase.
 
     Less disturbed by other load on the machine than the wall-clock rates: a ratio of
     1.0 would mean one update costs, all told, what one raw verify costs.
     """
-    verify_us = res["references"]["ed25519_verify"]["cpu_us_per_op"]
     out = {}
-    for key, cpu in (("live_apply", res["live"]["b_cpu"]),
-                     ("unbounded_apply", res["pump"]["b_cpu"]),
-                     ("direct_ingest", res["catchup"]["direct_ingest"]["cpu"]),
-                     ("catchup", res["catchup"]["catchup"]["c_cpu"])):
-        spent = cpu.get("process_cpu_us", 0) + cpu.get("redis_cpu_us", 0)
-        if spent:
-            out[f"{key}_cpu_cost_vs_verify"] = round(verify_us / spent, 4)
+    for key, phase, cpu in (("live_apply", res["live"], res["live"]["b_cpu"]),
+                            ("unbounded_apply", res["pump"], res["pump"]["b_cpu"]),
+                            ("direct_ingest", res["catchup"],
+                             res["catchup"]["direct_ingest"]["cpu"]),
+                            ("catchup", res["catchup"], res["catchup"]["catchup"]["c_cpu"])):
+        ratio = cpu_vs_verify(phase, cpu.get("total_cpu_us", 0))
+        if ratio is not None:
+            out[f"{key}_cpu_cost_vs_verify"] = ratio
     return out
 
 
 def build_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
-    verify = res["references"]["ed25519_verify"]["ops_per_s"]
     live, pump = res["live"], res["pump"]
     aims = []
     for key, label in (("live", "A writing"), ("pump", "not bounded by A")):
         fig = res[key]
+        verify = fig["verify"]["ops_per_s"]  # measured just before this phase
         ratio = fig["b_apply_rate"] / verify
         aims.append({"aim": f"sustained apply ({label}) >= {AIM_APPLY_VS_VERIFY}x raw verify",
                      "ratio": round(ratio, 3), "target": AIM_APPLY_VS_VERIFY,
@@ -591,56 +638,81 @@ def build_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_report(res: dict[str, Any]) -> None:
     refs = res["references"]
-    verify = refs["ed25519_verify"]["ops_per_s"]
+    verify_all = refs["ed25519_verify"]
     zmq_rate = refs["zmq_pubsub"]["ops_per_s"]
 
-    def row(label: str, rate: float | None, extra: str = "") -> list[str]:
-        if rate is None:
-            return [label, "", "", "", extra]
-        return [label, f"{rate:,.0f}", common.fmt_ratio(rate / verify),
-                common.fmt_ratio(rate / zmq_rate) if zmq_rate else "", extra]
+    def row(label: str, rate: float | None, cpu: float | None, phase: dict[str, Any] | None,
+            extra: str = "") -> list[str]:
+        """rate and CPU µs per op (process + redis-server), each against the raw verify
+        run just before the phase (``phase`` None: the median of all verify runs)."""
+        verify = phase["verify"] if phase is not None else verify_all
+        return [label, "" if rate is None else f"{rate:,.0f}",
+                "" if not cpu else f"{cpu:,.1f}",
+                "" if rate is None else common.fmt_ratio(rate / verify["ops_per_s"]),
+                "" if not cpu else common.fmt_ratio(verify["cpu_us_per_op"] / cpu),
+                "" if rate is None or not zmq_rate else common.fmt_ratio(rate / zmq_rate),
+                extra]
 
     live, pump, lat = res["live"], res["pump"], res["latency"]
     cu = res["catchup"]
+    direct, cat = cu["direct_ingest"], cu["catchup"]
+    zmq_ref = refs["zmq_pubsub"]
     rows = [
-        row("raw Ed25519 verify, 1 core (200 B)", verify,
-            f"{refs['ed25519_verify']['cpu_us_per_op']:.1f} µs CPU"),
-        row(f"raw pyzmq PUB->SUB, 2 processes ({refs['zmq_pubsub']['size']} B)", zmq_rate,
-            f"lost {refs['zmq_pubsub']['lost']}"),
+        row(f"raw Ed25519 verify, 1 core (200 B), {verify_all['runs']} runs",
+            verify_all["ops_per_s"], verify_all["cpu_us_per_op"], None,
+            "runs " + "/".join(f"{r:,.0f}" for r in verify_all["runs_ops_per_s"])),
+        row(f"raw pyzmq PUB->SUB, 2 processes ({zmq_ref['size']} B)", zmq_rate,
+            zmq_ref["cpu_us_per_op"], None, f"lost {zmq_ref['lost']}; both processes' CPU"),
         row("A: local writes (field.set) while B applies", live["a_write_rate"],
-            f"{live['a_cpu'].get('process_cpu_us', 0):,.0f} µs CPU (A process)"),
+            live["a_cpu"].get("total_cpu_us"), live,
+            f"{live['a_cpu'].get('process_cpu_us', 0):,.0f} process + "
+            f"{live['a_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
         row("B: live apply, A writing (2a)", live["b_apply_rate"],
-            f"{live['b_cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
+            live["b_cpu"].get("total_cpu_us"), live,
+            f"{live['b_cpu'].get('process_cpu_us', 0):,.0f} process + "
             f"{live['b_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
-        row("   slowest window of that", live["b_min_window_rate"],
+        row("   slowest window of that", live["b_min_window_rate"], None, live,
             f"{live['window_updates']:,} updates"),
         row("B: live apply, not bounded by A (2b)", pump["b_apply_rate"],
-            f"{pump['b_cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
+            pump["b_cpu"].get("total_cpu_us"), pump,
+            f"{pump['b_cpu'].get('process_cpu_us', 0):,.0f} process + "
             f"{pump['b_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
-        row("   slowest window of that", pump["b_min_window_rate"],
+        row("   slowest window of that", pump["b_min_window_rate"], None, pump,
             f"{pump['window_updates']:,} updates"),
-        row("ingest_many in-process, no network (2c)", cu["direct_ingest"]["rate"],
-            f"{cu['direct_ingest']['cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
-            f"{cu['direct_ingest']['cpu'].get('redis_cpu_us', 0):,.0f} redis"),
-        row(f"C: catch-up of {cu['catchup']['m']:,} (start to converged)",
-            cu["catchup"]["converge_rate"], f"{cu['catchup']['converge_seconds']:.1f} s"),
-        row("   first to last stored at C", cu["catchup"]["apply_rate"],
-            f"{cu['catchup']['c_cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
-            f"{cu['catchup']['c_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
+        row("ingest_many in-process, no network (2c)", direct["rate"],
+            direct["cpu"].get("total_cpu_us"), cu,
+            f"{direct['cpu'].get('process_cpu_us', 0):,.0f} process + "
+            f"{direct['cpu'].get('redis_cpu_us', 0):,.0f} redis"),
+        row(f"C: catch-up of {cat['m']:,} (start to converged)", cat["converge_rate"],
+            cat["c_cpu"].get("total_cpu_us"), cu, f"{cat['converge_seconds']:.1f} s"),
+        row("   first to last stored at C", cat["apply_rate"], None, cu,
+            f"{cat['c_cpu'].get('process_cpu_us', 0):,.0f} process + "
+            f"{cat['c_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
     ]
     for fan in res["fanout"]:
         rows.append(row(f"fan-out {fan['k']}: N / time until all have all",
-                        fan["rate_until_all"],
+                        fan["rate_until_all"], fan["all_cpu_us_per_update"], fan,
                         f"{fan['all_have_everything_seconds']:.1f} s; "
-                        f"{fan['received_per_update_mean']:.1f} copies/update/peer"))
+                        f"{fan['received_per_update_mean']:.1f} copies/update/peer; CPU of "
+                        f"all {fan['k'] + 1} (per peer {fan['peer_cpu_us_per_update_mean']:,.0f})"))
     burst = res.get("burst")
     if burst:
         rows.append(row(f"burst {burst['burst']:,} at HWM {burst['hwm']:,}: until B has all",
-                        burst["b_rate"], f"{burst['b_has_everything_seconds']:.1f} s, "
-                                         f"{burst['live_lost_total']:,} live msgs lost"))
+                        burst["b_rate"], burst["b_cpu"].get("total_cpu_us"), burst,
+                        f"{burst['b_has_everything_seconds']:.1f} s, "
+                        f"{burst['live_lost_total']:,} live msgs lost; B's CPU"))
+    for key in ("latency", "latency_low_rate"):
+        fig = res.get(key, {})
+        if fig.get("samples"):
+            rows.append(row(f"latency run at {fig['target_rate']:,.0f}/s: A + B",
+                            fig["a_achieved_rate"], fig["a_cpu_us"] + fig["b_cpu_us"], live,
+                            f"A {fig['a_cpu_us']:,.0f} + B {fig['b_cpu_us']:,.0f}"))
     print()
-    common.print_table(["figure", "updates/s", "vs verify", "vs zmq", "notes"], rows,
-                       align="<>>><")
+    common.print_table(["figure", "updates/s", "CPU µs/upd", "vs verify", "CPU vs verify",
+                        "vs zmq", "notes"], rows, align="<>>>>><")
+    print("(CPU µs/upd: process + its redis-server per update; vs verify: the rate / the "
+          "raw verify run just before the\n phase; CPU vs verify: that run's CPU per "
+          "verify / the CPU per update, above 1 = cheaper than one verify)")
     if lat.get("samples"):
         print(f"\nLatency at B, A writing at {lat['target_rate']:,.0f}/s "
               f"(achieved {lat['a_achieved_rate']:,.0f}/s, {lat['samples']:,} samples): "
@@ -665,7 +737,7 @@ def print_report(res: dict[str, Any]) -> None:
           f"duplicates (B's relays of A's own updates)")
     cpu = cpu_ratios(res)
     print("CPU per applied update vs one raw verify "
-          f"({refs['ed25519_verify']['cpu_us_per_op']:.0f} µs): " + ", ".join(
+          f"({verify_all['cpu_us_per_op']:.0f} µs): " + ", ".join(
               f"{k.removesuffix('_cpu_cost_vs_verify')} {v:.2f}x" for k, v in cpu.items()))
     print("\nAims")
     for aim in res["aims"]:
@@ -736,20 +808,45 @@ def main(argv: list[str] | None = None) -> int:
         res["phase_seconds"] = phases
         timed = common.phase_timer("bench_network", args, res, phases)
 
+        # Anchors interleaved with the dmodel phases: a raw verify run before every
+        # phase (its ratios use that one), raw pyzmq at the start and at the end.
+        verify_runs: list[dict[str, Any]] = []
+        zmq_runs: list[dict[str, Any]] = []
+
+        def anchor_verify(before: str) -> dict[str, Any]:
+            run = timed(f"verify-{before}", ref_verify, args.verify_n)
+            run["before"] = before
+            verify_runs.append(run)
+            return run
+
         log("  references: Ed25519 verify, raw pyzmq PUB/SUB")
-        res["references"] = {"ed25519_verify": timed("verify", ref_verify, args.verify_n),
-                             "zmq_pubsub": timed("zmq", ref_zmq, tmp, args.zmq_n, 250)}
+        zmq_runs.append(timed("zmq", ref_zmq, tmp, args.zmq_n, 250))
         file = tmp / "presigned.msgpack"
         log(f"  pre-signing {max(args.n, args.catchup):,} updates")
         res["presigned"] = timed("presign", presign, file, max(args.n, args.catchup))
         latency_n = max(1, int(args.latency_seconds * args.latency_rate))
+        v = anchor_verify("live")
         res.update(timed("live+latency", phase_live, tmp, args.n, latency_n,
                          args.latency_rate))
+        res["live"]["verify"] = v
+        v = anchor_verify("pump")
         res["pump"] = timed("pump", phase_pump, tmp, file, args.n)
+        res["pump"]["verify"] = v
+        v = anchor_verify("catchup")
         res["catchup"] = timed("catchup", phase_catchup, tmp, file, args.catchup)
-        res["fanout"] = [timed(f"fanout{k}", phase_fanout, tmp, args.fanout_n, k)
-                         for k in args.fanout_ks]
+        res["catchup"]["verify"] = v
+        res["fanout"] = []
+        for k in args.fanout_ks:
+            v = anchor_verify(f"fanout{k}")
+            res["fanout"].append(timed(f"fanout{k}", phase_fanout, tmp, args.fanout_n, k))
+            res["fanout"][-1]["verify"] = v
+        v = anchor_verify("burst")
         res["burst"] = timed("burst", phase_burst, tmp, args.burst, args.hwm, args.slow_ms)
+        res["burst"]["verify"] = v
+        zmq_runs.append(timed("zmq-end", ref_zmq, tmp, args.zmq_n, 250))
+        res["references"] = {"ed25519_verify": summarize_verify(verify_runs),
+                             "zmq_pubsub": summarize_zmq(zmq_runs),
+                             "ed25519_verify_runs": verify_runs, "zmq_pubsub_runs": zmq_runs}
         if args.profile:
             res["profile"] = {"pump": timed("profile", phase_pump, tmp, file,
                                             min(args.n, 10_000), profile=True,
@@ -761,8 +858,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "cProfile of B's ingest_many (apply thread), 2b: top "
                                   "functions by own time (µs per update, profiler overhead "
                                   "included)", limit=20)
-    verify = res["references"]["ed25519_verify"]["ops_per_s"]
     best_live = max(res["live"]["b_apply_rate"], res["pump"]["b_apply_rate"])
+    zmq_rate = res["references"]["zmq_pubsub"]["ops_per_s"]
     result = {
         "benchmark": "bench_network",
         "date": common.utc_now(),
@@ -770,16 +867,18 @@ def main(argv: list[str] | None = None) -> int:
         "machine": common.machine_info({"loadavg_start": load_start}),
         **res,
         "ratios": {
-            "live_apply_vs_verify": round(res["live"]["b_apply_rate"] / verify, 4),
+            "live_apply_vs_verify": vs_verify(res["live"], res["live"]["b_apply_rate"]),
             "live_apply_vs_a_write": round(res["live"]["b_apply_rate"]
                                            / res["live"]["a_write_rate"], 4),
-            "unbounded_apply_vs_verify": round(res["pump"]["b_apply_rate"] / verify, 4),
-            "direct_ingest_vs_verify": round(res["catchup"]["direct_ingest"]["rate"] / verify,
-                                             4),
-            "catchup_vs_verify": round(res["catchup"]["catchup"]["converge_rate"] / verify, 4),
+            "unbounded_apply_vs_verify": vs_verify(res["pump"], res["pump"]["b_apply_rate"]),
+            "direct_ingest_vs_verify": vs_verify(res["catchup"],
+                                                 res["catchup"]["direct_ingest"]["rate"]),
+            "catchup_vs_verify": vs_verify(res["catchup"],
+                                           res["catchup"]["catchup"]["converge_rate"]),
             "catchup_vs_best_live_apply": round(res["catchup"]["catchup"]["converge_rate"]
                                                 / best_live, 4),
-            "zmq_vs_verify": round(res["references"]["zmq_pubsub"]["ops_per_s"] / verify, 4),
+            "zmq_vs_verify": round(zmq_rate / res["references"]["ed25519_verify"]["ops_per_s"],
+                                   4),
             **cpu_ratios(res),
         },
         "notes": [
@@ -787,8 +886,11 @@ def main(argv: list[str] | None = None) -> int:
             "ZeroMQ over tcp://127.0.0.1; the machine's cores are shared by all of them.",
             "Apply rates are N / (time of first to last update stored at the peer), taken "
             "with time.time_ns() in an on_accepted callback of the peer's node.",
-            "CPU µs per update: the peer process (all threads), its apply thread(s) "
-            "(thread_time inside ingest_many) and its redis-server (INFO cpu).",
+            "CPU µs per update: the peer process (all threads, user+sys), its apply "
+            "thread(s) (thread_time inside ingest_many) and its redis-server (INFO cpu "
+            "used_cpu_user+used_cpu_sys, before/after); total = process + redis-server.",
+            "A raw Ed25519 verify run precedes every phase; that phase's ratios against "
+            "verify use it (rates and CPU alike). Raw pyzmq runs at the start and the end.",
             "2b: the publisher is a dmodel peer that publishes pre-signed updates it does "
             "not store and discards what it receives; B's queue and HWMs are larger than N.",
             "Latency includes A's own local write (sign, store) before it publishes.",
