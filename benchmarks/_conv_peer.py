@@ -182,14 +182,14 @@ class ConvCommands(_children.BenchCommandsBase):
 
     def op_tx_write(self, req: dict[str, Any]) -> dict[str, Any]:
         """``n`` transactions, each setting all 100 fields of the wide object (one update)."""
-        n = int(req["n"])
+        n, start = int(req["n"]), int(req.get("start", 0))  # start: transactions before
         obj = self.wide
         names = [f"f{k}" for k in range(WIDE_FIELDS)]
         cpu0 = self.cpu()
         first_ns = time.time_ns()
         start = time.perf_counter()
         for t in range(n):
-            base = (t + 1) * WIDE_FIELDS
+            base = (start + t + 1) * WIDE_FIELDS
             with obj.transaction():
                 for k, name in enumerate(names):
                     setattr(obj, name, base + k)
