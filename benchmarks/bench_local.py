@@ -18,10 +18,15 @@ unix socket, so they all pay the same I/O):
 * raw Ed25519 (PyNaCl): ``SigningKey.sign`` and ``VerifyKey.verify`` on 100 bytes.
 
 Every figure is the median of ``--runs`` (3) timed runs of ``--n`` operations, each
-run preceded by warm-up calls; runs are interleaved across figures. Timing uses
-``time.perf_counter``. Then the dmodel write and read paths are profiled twice: with
-stage timers (wrappers around the main functions, giving a call tree in µs per op)
-and with cProfile (the functions with the most own time).
+run preceded by warm-up calls; runs are interleaved across figures, and within a run
+dmodel rows alternate with their anchors (dmodel, redis-om, dmodel, redis-py ...).
+Every ratio is the median of the ratios within one run. Next to its rate, every figure
+reports its CPU µs per op: this process's (user + system, ``time.process_time``) and
+the redis-server's (``INFO cpu``, read before and after the run); CPU ratios compare
+those costs (process + server). Timing uses ``time.perf_counter``. Then the dmodel
+write and read paths are profiled twice: with stage timers (wrappers around the main
+functions, giving a call tree in µs per op) and with cProfile (the functions with the
+most own time).
 
 Run (from the repository root)::
 
@@ -58,9 +63,11 @@ from _common import Figure
 import dmodel
 from dmodel import crypto, merge
 from dmodel import model as dm_model
-from dmodel import node as dm_node
 from dmodel import pipeline as dm_pipeline
 from dmodel import update as dm_update
+from dmodel.node import applier as dm_applier
+from dmodel.node import audit as dm_audit
+from dmodel.node import sealing as dm_sealing
 
 # Aims stated for the project (checked and reported, never enforced).
 AIM_WRITE_VS_OM = 1.5  # dmodel signed write >= 1.5x redis-om set+save
@@ -245,32 +252,34 @@ def build_cases(env: Env, n: int) -> list[tuple[Figure, Callable[[int], object]]
 
     single = env.raw_single
 
+    # dmodel rows and their anchors alternate (A, B, A, B ...), and every run measures
+    # all of them in this order, so a ratio compares two figures of the same run.
     cases: list[tuple[str, str, str, Callable[[int], object]]] = [
         ("dmodel_set_plain", "dmodel set (signed, plain field)", "write",
          lambda i: p.name.set(i)),
+        ("redisom_set_save", "redis-om set field + save()", "write", om_write),
         ("dmodel_set_encrypted", "dmodel set (signed, encrypted field)", "write",
          lambda i: p.salary.set(i)),
+        ("redispy_hset", "redis-py HSET", "write", lambda i: r.hset("bench:raw", "name", i)),
         ("dmodel_set_tx10", f"dmodel set, {TX_OPS} per transaction() (per set)", "write",
          tx_write),
+        ("ed25519_sign", "Ed25519 sign (PyNaCl, 100 B)", "crypto", lambda i: sk.sign(msg)),
         ("dmodel_get_plain", "dmodel get (plain field)", "read",
          lambda i: p.name.get()),
+        ("redisom_get", "redis-om Model.get(pk)", "read", lambda i: om_model.get(pk)),
         ("dmodel_get_encrypted", "dmodel get (encrypted field)", "read",
          lambda i: p.salary.get()),
+        ("redispy_hget", "redis-py HGET", "read", lambda i: r.hget("bench:raw", "name")),
         ("dmodel_get_verified", "dmodel get(verified=True) (plain)", "read",
          lambda i: p.name.get(verified=True)),
-        ("redisom_set_save", "redis-om set field + save()", "write", om_write),
-        ("redisom_get", "redis-om Model.get(pk)", "read", lambda i: om_model.get(pk)),
-        ("redispy_hset", "redis-py HSET", "write", lambda i: r.hset("bench:raw", "name", i)),
-        ("redispy_hget", "redis-py HGET", "read", lambda i: r.hget("bench:raw", "name")),
+        ("ed25519_verify", "Ed25519 verify (PyNaCl, 100 B)", "crypto",
+         lambda i: vk.verify(msg, sig)),
         ("redispy_hget_single", "redis-py HGET, single_connection_client", "read",
          lambda i: single.hget("bench:raw", "name")),
         ("io_dmodel_2rt", "redis-py: dmodel write cmds, 2 round trips", "write", io["2rt"]),
         ("io_dmodel_1rt", "redis-py: dmodel write cmds, 1 MULTI/EXEC", "write", io["1rt"]),
         ("io_dmodel_lua", "redis-py: dmodel write cmds, 1 EVALSHA", "write", io["lua"]),
         ("floor_lean_write", "floor: pack+sign+hash+1 EVALSHA", "write", io["lean"]),
-        ("ed25519_sign", "Ed25519 sign (PyNaCl, 100 B)", "crypto", lambda i: sk.sign(msg)),
-        ("ed25519_verify", "Ed25519 verify (PyNaCl, 100 B)", "crypto",
-         lambda i: vk.verify(msg, sig)),
     ]
     batches = {"dmodel_set_tx10": TX_OPS}
     return [(Figure(key, label, group, n, batches.get(key, 1)), fn)
@@ -280,67 +289,97 @@ def build_cases(env: Env, n: int) -> list[tuple[Figure, Callable[[int], object]]
 # ---------------------------------------------------------------- analysis
 
 
+RATIO_PAIRS = {  # key: (figure, reference figure)
+    "dmodel_set_plain_vs_redisom_save": ("dmodel_set_plain", "redisom_set_save"),
+    "dmodel_set_encrypted_vs_redisom_save": ("dmodel_set_encrypted", "redisom_set_save"),
+    "dmodel_get_plain_vs_redisom_get": ("dmodel_get_plain", "redisom_get"),
+    "dmodel_get_encrypted_vs_redisom_get": ("dmodel_get_encrypted", "redisom_get"),
+    "dmodel_get_verified_vs_redisom_get": ("dmodel_get_verified", "redisom_get"),
+    "dmodel_set_tx10_vs_redisom_save": ("dmodel_set_tx10", "redisom_set_save"),
+    "dmodel_set_plain_vs_hset": ("dmodel_set_plain", "redispy_hset"),
+    "redispy_hget_single_vs_pool": ("redispy_hget_single", "redispy_hget"),
+    "dmodel_get_plain_vs_hget": ("dmodel_get_plain", "redispy_hget"),
+    "redisom_save_vs_hset": ("redisom_set_save", "redispy_hset"),
+    "redisom_get_vs_hget": ("redisom_get", "redispy_hget"),
+    "dmodel_set_plain_vs_sign": ("dmodel_set_plain", "ed25519_sign"),
+    "dmodel_get_verified_vs_verify": ("dmodel_get_verified", "ed25519_verify"),
+    "dmodel_set_plain_vs_floor_lean": ("dmodel_set_plain", "floor_lean_write"),
+    "io_1rt_vs_2rt": ("io_dmodel_1rt", "io_dmodel_2rt"),
+    "io_lua_vs_2rt": ("io_dmodel_lua", "io_dmodel_2rt"),
+    "floor_lean_write_vs_redisom_save": ("floor_lean_write", "redisom_set_save"),
+}
+
+
+def cost_runs(fig: Figure) -> list[float]:
+    """CPU µs per op of every run: this process's plus the redis-server's."""
+    srv = fig.server_cpu_runs or [0.0] * len(fig.cpu_runs)
+    return [c + s for c, s in zip(fig.cpu_runs, srv, strict=True)]
+
+
 def ratios(figs: dict[str, Figure]) -> dict[str, float]:
-    def rate(key: str) -> float:
-        return figs[key].ops
-
-    return {
-        "dmodel_set_plain_vs_redisom_save": rate("dmodel_set_plain") / rate("redisom_set_save"),
-        "dmodel_set_encrypted_vs_redisom_save":
-            rate("dmodel_set_encrypted") / rate("redisom_set_save"),
-        "dmodel_get_plain_vs_redisom_get": rate("dmodel_get_plain") / rate("redisom_get"),
-        "dmodel_get_encrypted_vs_redisom_get": rate("dmodel_get_encrypted") / rate("redisom_get"),
-        "dmodel_get_verified_vs_redisom_get": rate("dmodel_get_verified") / rate("redisom_get"),
-        "dmodel_set_tx10_vs_redisom_save": rate("dmodel_set_tx10") / rate("redisom_set_save"),
-        "dmodel_set_plain_vs_hset": rate("dmodel_set_plain") / rate("redispy_hset"),
-        "redispy_hget_single_vs_pool": rate("redispy_hget_single") / rate("redispy_hget"),
-        "dmodel_get_plain_vs_hget": rate("dmodel_get_plain") / rate("redispy_hget"),
-        "redisom_save_vs_hset": rate("redisom_set_save") / rate("redispy_hset"),
-        "redisom_get_vs_hget": rate("redisom_get") / rate("redispy_hget"),
-        "dmodel_set_plain_vs_sign": rate("dmodel_set_plain") / rate("ed25519_sign"),
-        "dmodel_set_plain_vs_floor_lean": rate("dmodel_set_plain") / rate("floor_lean_write"),
-        "io_1rt_vs_2rt": rate("io_dmodel_1rt") / rate("io_dmodel_2rt"),
-        "io_lua_vs_2rt": rate("io_dmodel_lua") / rate("io_dmodel_2rt"),
-        "floor_lean_write_vs_redisom_save":
-            rate("floor_lean_write") / rate("redisom_set_save"),
-    }
+    """Rate ratios: the median over runs of (figure / reference), both of the same run."""
+    return {key: common.median_ratio(figs[a].runs, figs[b].runs) or 0.0
+            for key, (a, b) in RATIO_PAIRS.items()}
 
 
-def print_results(figs: dict[str, Figure], rat: dict[str, float]) -> list[dict[str, Any]]:
-    om = {"write": figs["redisom_set_save"].ops, "read": figs["redisom_get"].ops}
-    raw = {"write": figs["redispy_hset"].ops, "read": figs["redispy_hget"].ops}
-    sign = figs["ed25519_sign"].ops
+def cpu_ratios(figs: dict[str, Figure]) -> dict[str, float]:
+    """CPU-cost ratios, same direction as the rates: the median over runs of (reference's
+    CPU µs per op / figure's), process + redis-server; above 1, the figure costs less."""
+    return {key: common.median_ratio(cost_runs(figs[b]), cost_runs(figs[a])) or 0.0
+            for key, (a, b) in RATIO_PAIRS.items()}
+
+
+def runs_ratios(figs: dict[str, Figure]) -> dict[str, list[float]]:
+    return {key: [round(x / y, 4) for x, y in zip(figs[a].runs, figs[b].runs, strict=False)
+                  if y] for key, (a, b) in RATIO_PAIRS.items()}
+
+
+def print_results(figs: dict[str, Figure], rat: dict[str, float],
+                  cpu_rat: dict[str, float]) -> list[dict[str, Any]]:
+    om = {"write": "redisom_set_save", "read": "redisom_get"}
+    raw = {"write": "redispy_hset", "read": "redispy_hget"}
     rows = []
     for fig in figs.values():
         kind = fig.group
-        vs_om = fig.ops / om[kind] if kind in om else None
-        vs_raw = fig.ops / raw[kind] if kind in raw else None
-        vs_sign = fig.ops / sign if fig.key.startswith("dmodel_set") else None
+
+        def vs(ref: str | None, fig: Figure = fig) -> tuple[float | None, float | None]:
+            if ref is None or ref == fig.key:
+                return None, None
+            return (common.median_ratio(fig.runs, figs[ref].runs),
+                    common.median_ratio(cost_runs(figs[ref]), cost_runs(fig)))
+
+        vs_om, cpu_vs_om = vs(om.get(kind))
+        vs_raw, _ = vs(raw.get(kind))
+        vs_sign, _ = vs("ed25519_sign" if fig.key.startswith("dmodel_set") else None)
         srv = fig.server_cpu_us
         rows.append([fig.label, f"{fig.ops:,.0f}", f"{fig.us_per_op:,.1f}",
                      f"{fig.cpu_us:,.1f}", "" if srv is None else f"{srv:,.1f}",
-                     common.fmt_ratio(vs_om), common.fmt_ratio(vs_raw),
-                     common.fmt_ratio(vs_sign)])
+                     common.fmt_ratio(vs_om), common.fmt_ratio(cpu_vs_om),
+                     common.fmt_ratio(vs_raw), common.fmt_ratio(vs_sign)])
     print()
     common.print_table(["operation", "ops/s", "µs/op", "CPU µs", "srv CPU µs", "vs redis-om",
-                        "vs redis-py", "vs sign"], rows)
+                        "CPU vs om", "vs redis-py", "vs sign"], rows)
     print("\n(median of runs; vs redis-om / vs redis-py: writes against set+save() / HSET, "
-          "reads against get() / HGET;\n CPU µs: this process's CPU per op, srv CPU µs: "
-          "redis-server's)")
+          "reads against get() / HGET,\n each the median of the ratios within one run; "
+          "CPU µs: this process's CPU per op, srv CPU µs: redis-server's;\n CPU vs om: "
+          "redis-om's CPU per op (process + server) / this figure's, above 1 = cheaper)")
 
     aims = [
         {"aim": f"dmodel signed write >= {AIM_WRITE_VS_OM}x redis-om set+save",
          "ratio": round(rat["dmodel_set_plain_vs_redisom_save"], 3),
+         "cpu_ratio": round(cpu_rat["dmodel_set_plain_vs_redisom_save"], 3),
          "target": AIM_WRITE_VS_OM,
          "met": rat["dmodel_set_plain_vs_redisom_save"] >= AIM_WRITE_VS_OM},
         {"aim": f"dmodel plain read >= {AIM_READ_VS_OM}x redis-om get()",
          "ratio": round(rat["dmodel_get_plain_vs_redisom_get"], 3),
+         "cpu_ratio": round(cpu_rat["dmodel_get_plain_vs_redisom_get"], 3),
          "target": AIM_READ_VS_OM,
          "met": rat["dmodel_get_plain_vs_redisom_get"] >= AIM_READ_VS_OM},
     ]
     print("\nAims")
     for aim in aims:
-        print(f"  [{'MET ' if aim['met'] else 'MISS'}] {aim['aim']}: {aim['ratio']:.2f}x")
+        print(f"  [{'MET ' if aim['met'] else 'MISS'}] {aim['aim']}: {aim['ratio']:.2f}x "
+              f"(CPU: {aim['cpu_ratio']:.2f}x)")
     w, o = figs["dmodel_set_plain"], figs["redisom_set_save"]
     print(f"  CPU cost per write (client + server): dmodel "
           f"{w.cpu_us + (w.server_cpu_us or 0):,.0f} µs, redis-om "
@@ -370,6 +409,8 @@ def stage_targets(env: Env) -> list[tuple[Any, str, str]]:
     both older and newer spellings of a step.
     """
     node, store = env.node, env.node.store
+    applier, sealer = node.applier, node.sealer
+    wire = getattr(store, "wire", None)  # the lean RESP connection (embedded Redis)
     return [
         # model layer and local write
         (dm_model.DField, "check", "DField.check (type/size)"),
@@ -382,24 +423,22 @@ def stage_targets(env: Env) -> list[tuple[Any, str, str]]:
         (dm_update, "update_id", "BLAKE2b update id"),
         (crypto.Identity, "sign", "Ed25519 sign"),
         # pipeline
-        (node, "_process", "Node._process"),
-        (node, "_process_batch", "Node._process_batch"),
-        (store, "snapshot", "RedisStore.snapshot (reads)"),
+        (applier, "apply_local", "Applier.apply_local"),
+        (applier, "_process_batch", "Applier._process_batch"),
         (store, "snapshots", "RedisStore.snapshots (reads)"),
         (dm_pipeline, "decide", "pipeline.decide"),
         (crypto.PublicIdentity, "verify", "Ed25519 verify"),
         (merge, "apply", "merge.apply"),
-        (node, "_changes", "Node._changes (listener events)"),
-        (store, "commit", "RedisStore.commit"),
+        (applier, "_changes", "Applier._changes (listener events)"),
         (store, "commit_many", "RedisStore.commit_many"),
-        (store, "_atomic", "RedisStore._atomic (script call)"),
-        (node, "_after_commit", "Node._after_commit"),
+        (store, "_run", "RedisStore._run (one round trip)"),
+        (applier, "_after_commit", "Applier._after_commit"),
         # encryption
         (node, "seal_value", "Node.seal_value"),
         (node, "readers", "Node.readers"),
         (store, "object_meta", "RedisStore.object_meta"),
         (store, "auth_events", "RedisStore.auth_events"),
-        (dm_node, "seal", "crypto.seal"),
+        (dm_sealing, "seal", "crypto.seal"),
         (nacl.public.SealedBox, "encrypt", "X25519 SealedBox.encrypt"),
         (nacl.public.SealedBox, "decrypt", "X25519 SealedBox.decrypt"),
         (nacl.secret.SecretBox, "encrypt", "SecretBox.encrypt"),
@@ -409,17 +448,20 @@ def stage_targets(env: Env) -> list[tuple[Any, str, str]]:
         (store, "register", "RedisStore.register"),
         (node, "exists", "Node.exists"),
         (node, "verify_register", "Node.verify_register"),
-        (node, "_signed_op", "Node._signed_op"),
+        (dm_audit, "signed_op", "audit.signed_op"),
         (store, "raw_update", "RedisStore.raw_update"),
-        (dm_node, "decode", "update.decode"),
-        (node, "_open", "Node._open (decrypt)"),
-        (node, "_value_key", "Node._value_key (unwrap)"),
+        (dm_applier, "decode", "update.decode"),
+        (dm_audit, "decode", "update.decode"),
+        (sealer, "open", "Sealer.open (decrypt)"),
+        (sealer, "value_key", "Sealer.value_key (unwrap)"),
         (store, "wrapped_key", "RedisStore.wrapped_key"),
         (merge.Register, "unpack", "Register.unpack"),
         (merge.ObjectMeta, "unpack", "ObjectMeta.unpack"),
         # libraries
         (msgpack, "packb", "msgpack.packb"),
         (msgpack, "unpackb", "msgpack.unpackb"),
+        *([(wire, "pipeline", "wire pipeline round trip"),
+           (wire, "call", "wire command round trip")] if wire is not None else []),
         (redis.client.Pipeline, "execute", "redis pipeline round trip"),
         (redis.Redis, "execute_command", "redis command round trip"),
     ]
@@ -427,7 +469,8 @@ def stage_targets(env: Env) -> list[tuple[Any, str, str]]:
 
 # what the "by category" summary adds up; the labels never nest inside each other
 CATEGORIES = {
-    "redis I/O": ("redis pipeline round trip", "redis command round trip"),
+    "redis I/O": ("wire pipeline round trip", "wire command round trip",
+                  "redis pipeline round trip", "redis command round trip"),
     "Ed25519 sign": ("Ed25519 sign",),
     "Ed25519 verify": ("Ed25519 verify",),
     "X25519/SecretBox": ("X25519 SealedBox.encrypt", "X25519 SealedBox.decrypt",
@@ -535,8 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             common.run_figures(figs_list, runs=args.runs, warmup=warmup,
                                server_cpu=env.server_cpu)
             figs = {fig.key: fig for fig, _ in figs_list}
-            rat = ratios(figs)
-            aims = print_results(figs, rat)
+            rat, cpu_rat = ratios(figs), cpu_ratios(figs)
+            aims = print_results(figs, rat, cpu_rat)
             profile: dict[str, Any] = {}
             if not args.no_profile:
                 print(f"\nProfile ({profile_n} ops per path; stage timers add ~0.5 µs per "
@@ -554,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "figures": {key: fig.as_dict() for key, fig in figs.items()},
         "ratios": {k: round(v, 4) for k, v in rat.items()},
+        "cpu_ratios": {k: round(v, 4) for k, v in cpu_rat.items()},
+        "runs_ratios": runs_ratios(figs),
         "aims": aims,
         "profile": profile,
         "notes": [

@@ -53,14 +53,16 @@ import _common as common
 import msgpack
 import nacl.signing
 import zmq
-from _children import Child, Cluster, PeerError
+from _children import Cluster, PeerError, answer, wait_connected
 from _common import log
 
 from dmodel.clock import HybridClock
 from dmodel.crypto import Identity
+from dmodel.tools.driver import PeerProcess
 from dmodel.update import Op, Update
 
 PEER_SCRIPT = Path(__file__).resolve().parent / "_peer.py"
+COMMANDS = f"{PEER_SCRIPT}:BenchCommands"  # dmodel peer --commands
 
 # Aims stated for the project (checked and reported, never enforced).
 AIM_APPLY_VS_VERIFY = 1.0      # sustained apply >= 1.0x raw single-core verify
@@ -85,10 +87,10 @@ def ref_verify(n: int) -> dict[str, Any]:
         vk.verify(msg, sig)
     runs, cpus = [], []
     for _ in range(3):
-        cpu0, start = time.process_time(), time.perf_counter()
+        cpu0, start = common.cpu_seconds(), time.perf_counter()
         for _ in range(n):
             vk.verify(msg, sig)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        elapsed, cpu = time.perf_counter() - start, common.cpu_seconds() - cpu0
         runs.append(n / elapsed)
         cpus.append(cpu * 1e6 / n)
     return {"n": n, "ops_per_s": round(statistics.median(runs), 1),
@@ -111,6 +113,8 @@ def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
                             text=True)
     got, first, last, lost_end = 0, 0.0, 0.0, False
+    meter = common.CpuMeter()
+    meter.__enter__()  # this process receiving + the publisher child (waited for below)
     try:
         if not sub.poll(30_000):
             raise PeerError("raw pyzmq publisher sent nothing")
@@ -142,11 +146,15 @@ def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
         if proc.stdin is not None:
             proc.stdin.close()
         err.close()
+        meter.__exit__()
     elapsed = last - first
     return {"n": n, "size": size, "received": got, "lost": n - got,
             "ops_per_s": round((got - 1) / elapsed, 1) if got > 1 and elapsed > 0 else 0.0,
             "mb_per_s": round((got - 1) * size / elapsed / 1e6, 1) if elapsed > 0 else 0.0,
-            "end_marker_lost": lost_end}
+            "end_marker_lost": lost_end,
+            "cpu_us_per_op": round((meter.cpu + meter.children) * 1e6 / max(1, got), 2),
+            "receiver_cpu_us_per_op": round(meter.cpu * 1e6 / max(1, got), 2),
+            "publisher_cpu_us_per_op": round(meter.children * 1e6 / max(1, got), 2)}
 
 
 # --------------------------------------------------------- pre-signed updates
@@ -210,19 +218,21 @@ def window_rates(done: dict[str, Any], window: int) -> list[float]:
 
 
 def cpu_delta(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
-    """CPU µs per update of the peer process, its apply thread(s) and its redis-server."""
-    return {f"{k}_cpu_us": round((after[k] - before[k]) * 1e6 / n, 1) for k in before} \
-        if n else {}
+    """CPU µs per update of the peer process, its apply thread(s) and its redis-server;
+    ``total_cpu_us`` = process + redis-server (the apply thread is part of the process)."""
+    if not n:
+        return {}
+    out = {f"{k}_cpu_us": round((after[k] - before[k]) * 1e6 / n, 1) for k in before}
+    out["total_cpu_us"] = round(out.get("process_cpu_us", 0.0) + out.get("redis_cpu_us", 0.0), 1)
+    return out
 
 
 def wait_timeout(n: int, floor_rate: float = 150.0) -> float:
     return 60.0 + n / floor_rate
 
 
-def connect_pair(a: Child, b: Child, timeout: float = 30.0) -> None:
-    if not a.call("wait_peers", n=1, timeout=timeout)["ready"] or \
-            not b.call("wait_peers", n=1, timeout=timeout)["ready"]:
-        raise PeerError(f"{a.name} and {b.name} did not connect within {timeout:.0f} s")
+def connect_pair(a: PeerProcess, b: PeerProcess, timeout: float = 30.0) -> None:
+    wait_connected([a, b], 1, timeout)
 
 
 def peer_messages(stats: dict[str, Any], node_id: str) -> int:
@@ -235,22 +245,22 @@ def peer_messages(stats: dict[str, Any], node_id: str) -> int:
 def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[str, Any]:
     """2a (A writes, B applies) and 3 (latency at a paced rate), on one pair."""
     out: dict[str, Any] = {}
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        a = cl.spawn("live-a").started()
-        b = cl.spawn("live-b", peers=[a.endpoint]).started()
+    with Cluster(tmp, COMMANDS) as cl:
+        a = cl.spawn("live-a")
+        b = cl.spawn("live-b", peers=[a.endpoint])
         connect_pair(a, b)
-        base = a.call("create", count=OBJECTS)["log_length"]
-        if not b.call("wait_log", target=base, timeout=30)["reached"]:
+        base = a.ok("create_items", count=OBJECTS)["log_length"]
+        if not b.ok("wait_log", target=base, timeout=30)["reached"]:
             raise PeerError("B did not get A's creates")
         log(f"  live: A writes {n:,} updates, B applies")
-        mark = b.call("mark", stride=max(50, n // 200))
-        a.send("write", n=n)
-        wrote = a.recv(timeout=wait_timeout(n, 50))
-        done = b.call("wait_log", target=base + n, timeout=wait_timeout(n))
-        a_stats = a.call("stats")
+        mark = b.ok("mark", stride=max(50, n // 200))
+        rid = a.send("write", n=n)
+        wrote = answer(a, rid, wait_timeout(n, 50), "write")
+        done = b.ok("wait_log", target=base + n, timeout=wait_timeout(n))
+        a_stats = a.ok("bench_stats")
         rate, secs = applied_rate(done)
         windows = window_rates(done, max(500, n // 20))
-        a_id = a.call("ping")["node_id"]
+        a_id = a.ok("bench_ping")["node_id"]
         out["live"] = {
             "n": n, "objects": OBJECTS, "complete": done["reached"],
             "a_write_rate": round(wrote["rate"], 1), "a_write_seconds": round(wrote["elapsed"], 3),
@@ -276,22 +286,85 @@ def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[s
         for key, count, pace in (("latency", latency_n, latency_rate),
                                  ("latency_low_rate", max(1, latency_n // 20),
                                   latency_rate / 10)):
-            log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B listens")
-            b.call("listen_latency")
-            a.send("write", n=count, rate=pace, field="t")
-            paced = a.recv(timeout=wait_timeout(count, 50) + count / pace)
-            lat_done = b.call("wait_log", target=base + count, timeout=wait_timeout(count))
-            base = lat_done["log_length"]
-            samples = b.call("latencies")["samples_us"]
-            b.call("unlisten")
-            out[key] = {"n": count, "target_rate": pace,
-                        "a_achieved_rate": round(paced["rate"], 1),
-                        "a_late_writes": paced["behind"], "complete": lat_done["reached"],
-                        **latency_summary(samples)}
-            if out[key].get("samples"):
-                log(f"    p50 {out[key]['p50_ms']:.2f} ms, p99 {out[key]['p99_ms']:.2f} ms "
-                    f"(A achieved {paced['rate']:,.0f}/s)")
+            out[key], base = measure_latency(a, b, base, count, pace)
     return out
+
+
+def measure_latency(a: PeerProcess, b: PeerProcess, base: int, count: int,
+                    pace: float) -> tuple[dict[str, Any], int]:
+    """3: A writes ``count`` updates paced at ``pace``/s, the value its time_ns; B's
+    listener takes the difference. Also every GC pause in A and in B meanwhile
+    (``gc.callbacks``) and the CPU per update of both. The figure and B's log length."""
+    log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B listens")
+    b.ok("listen_latency")
+    for p in (a, b):
+        p.ok("gc_watch")
+    a0, mark = a.ok("bench_stats"), b.ok("mark")
+    rid = a.send("write", n=count, rate=pace, field="t")
+    paced = answer(a, rid, wait_timeout(count, 50) + count / pace, "write")
+    done = b.ok("wait_log", target=base + count, timeout=wait_timeout(count))
+    a1 = a.ok("bench_stats")
+    samples = b.ok("latencies")["samples_us"]
+    gcs = {"a": a.ok("gc_pauses")["gc"], "b": b.ok("gc_pauses")["gc"]}
+    b.ok("unlisten")
+    out = {"n": count, "target_rate": pace, "a_achieved_rate": round(paced["rate"], 1),
+           "a_late_writes": paced["behind"], "complete": done["reached"],
+           **latency_summary(samples),
+           "a_cpu_us": common.cpu_us(cpu_diff(a0["cpu"], a1["cpu"]), count),
+           "b_cpu_us": common.cpu_us(cpu_diff(mark["cpu"], done["cpu"]), count),
+           "gc": gcs}
+    if out.get("samples"):
+        g2 = gcs["b"]["gen2"]
+        log(f"    p50 {out['p50_ms']:.2f} ms, p99 {out['p99_ms']:.2f} ms, max "
+            f"{out['max_ms']:.1f} ms (A achieved {paced['rate']:,.0f}/s); B: {g2['count']} "
+            f"full GCs, longest {g2['max_ms'] or 0:.1f} ms")
+    return out, done["log_length"]
+
+
+def cpu_diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in before}
+
+
+def phase_gc_compare(tmp: Path, runs: int, count: int, rate: float) -> dict[str, Any]:
+    """Latency at ``rate``/s with CPython's GC settings and with ``tune_gc``, interleaved
+    (default, tuned, default, tuned ...), each on a fresh pair of peers; GC pauses too."""
+    out: dict[str, Any] = {"n": count, "rate": rate, "runs": []}
+    for r in range(runs):
+        for mode in ("default", "tuned"):
+            with Cluster(tmp, COMMANDS) as cl:
+                a = cl.spawn(f"gc{r}-{mode}-a")
+                b = cl.spawn(f"gc{r}-{mode}-b", peers=[a.endpoint])
+                connect_pair(a, b)
+                settings = [p.ok("gc_mode", mode=mode) for p in (a, b)]
+                base = a.ok("create_items", count=OBJECTS)["log_length"]
+                if not b.ok("wait_log", target=base, timeout=30)["reached"]:
+                    raise PeerError("B did not get A's creates")
+                log(f"  gc {mode} (run {r + 1}/{runs}):")
+                fig, _ = measure_latency(a, b, base, count, rate)
+                out["runs"].append({"run": r + 1, "mode": mode, "settings": settings[1],
+                                    **fig})
+    return out
+
+
+def print_gc_compare(res: dict[str, Any]) -> None:
+    print(f"\nGC settings and latency at B, A writing {res['n']:,} updates at "
+          f"{res['rate']:,.0f}/s (pauses from gc.callbacks in B; A's in brackets)")
+    rows = []
+    for run in res["runs"]:
+        gb, ga = run["gc"]["b"], run["gc"]["a"]
+        rows.append([f"{run['mode']} #{run['run']}", f"{run['p50_ms']:.2f}",
+                     f"{run['p99_ms']:.2f}", f"{run['max_ms']:.1f}",
+                     f"{gb['gen2']['count']} ({ga['gen2']['count']})",
+                     f"{gb['gen2']['p99_ms'] or 0:.1f} ({ga['gen2']['p99_ms'] or 0:.1f})",
+                     f"{gb['gen2']['max_ms'] or 0:.1f} ({ga['gen2']['max_ms'] or 0:.1f})",
+                     f"{gb['gen2']['cpu_max_ms'] or 0:.1f} ({ga['gen2']['cpu_max_ms'] or 0:.1f})",
+                     f"{gb['gen0']['count']:,}/{gb['gen1']['count']:,}",
+                     f"{gb['gen1']['max_ms'] or 0:.2f}",
+                     f"{gb['tracked_objects']:,}/{gb['freeze_count']:,}",
+                     f"{run['b_cpu_us']:,.0f}"])
+    common.print_table(["GC", "p50 ms", "p99 ms", "max ms", "gen-2 GCs", "gen-2 p99 ms",
+                        "gen-2 max ms", "gen-2 max CPU ms", "gen-0/1 GCs", "gen-1 max ms",
+                        "tracked/frozen", "B CPU µs/upd"], rows)
 
 
 def latency_summary(samples_us: list[float]) -> dict[str, Any]:
@@ -310,21 +383,21 @@ def phase_pump(tmp: Path, file: Path, n: int, *, profile: bool = False,
                name: str = "pump") -> dict[str, Any]:
     """2b: B's apply rate when the sender is not the bottleneck."""
     big = n + 10_000
-    with Cluster(tmp, PEER_SCRIPT) as cl:
+    with Cluster(tmp, COMMANDS) as cl:
         p = cl.spawn(f"{name}-pub", options={"rcvhwm": big, "sndhwm": big,
-                                             "sync_interval": 3600.0}).started()
-        p.call("deaf")
+                                             "sync_interval": 3600.0})
+        p.ok("deaf")
         b = cl.spawn(f"{name}-b", peers=[p.endpoint], profile=profile,
-                     options={"rcvhwm": big, "sndhwm": big, "queue_size": big}).started()
+                     options={"rcvhwm": big, "sndhwm": big, "queue_size": big})
         connect_pair(p, b)
-        mark = b.call("mark", stride=max(50, n // 200))
+        mark = b.ok("mark", stride=max(50, n // 200))
         log(f"  {name}: publisher sends {n:,} pre-signed updates, B applies"
             f"{' (cProfile on)' if profile else ''}")
-        sent = p.call("publish_file", path=str(file), limit=n + OBJECTS, timeout=120)
-        done = b.call("wait_log", target=n + OBJECTS, timeout=wait_timeout(n))
+        sent = p.ok("publish_file", path=str(file), limit=n + OBJECTS, timeout=120)
+        done = b.ok("wait_log", target=n + OBJECTS, timeout=wait_timeout(n))
         rate, secs = applied_rate(done)
         windows = window_rates(done, max(500, n // 20))
-        p_stats = p.call("stats")["stats"]
+        p_stats = p.ok("bench_stats")["stats"]
         out = {
             "n": n, "complete": done["reached"], "log_length": done["log_length"],
             "publish_seconds": round(sent["elapsed"], 3),
@@ -340,24 +413,25 @@ def phase_pump(tmp: Path, file: Path, n: int, *, profile: bool = False,
             "b_pulled": done["stats"]["network"]["pulled"],
         }
         if profile:
-            out["cprofile_top"] = b.call("profile", per=n + OBJECTS, top=25)["rows"]
+            out["cprofile_top"] = b.ok("profile", per=n + OBJECTS, top=25)["rows"]
         log(f"    B applied {rate:,.0f}/s")
         return out
 
 
 def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> dict[str, Any]:
     """2c (S loads M pre-signed updates with ingest_many) and 4 (C joins S, converges)."""
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        s = cl.spawn("catchup-s").started()
+    with Cluster(tmp, COMMANDS) as cl:
+        s = cl.spawn("catchup-s")
         log(f"  catch-up: S ingests {m:,} pre-signed updates (ingest_many, no network)")
-        direct = s.call("ingest_file", path=str(file), limit=m + OBJECTS,
+        direct = s.ok("ingest_file", path=str(file), limit=m + OBJECTS,
                         timeout=wait_timeout(m, 100))
         total = direct["log_length"]
         direct_rate = direct["n"] / direct["elapsed"]
         log(f"    S ingested {direct_rate:,.0f}/s; C joins with peers=[S]")
-        c = cl.spawn("catchup-c", peers=[s.endpoint], profile=profile).started()
-        started_ns = c.call("ping")["started_ns"]
-        done = c.call("wait_log", target=total, timeout=wait_timeout(m))
+        c = cl.spawn("catchup-c", peers=[s.endpoint], profile=profile)
+        ping = c.ok("bench_ping")
+        started_ns = ping["started_ns"]
+        done = c.ok("wait_log", target=total, timeout=wait_timeout(m))
         rate, secs = applied_rate(done)
         converge = (done["applied"]["last_ns"] - started_ns) / 1e9
         out = {
@@ -372,35 +446,32 @@ def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> di
                         "converge_rate": round(total / converge, 1) if converge > 0 else 0,
                         "apply_rate": round(rate, 1), "apply_seconds": round(secs, 3),
                         "pulled": done["stats"]["network"]["pulled"],
-                        "c_cpu": cpu_delta({"process": 0.0, "apply_thread": 0.0, "redis": 0.0},
-                                           done["cpu"], total)},
+                        "c_cpu": cpu_delta(ping["cpu_at_start"], done["cpu"], total)},
         }
         if profile:
-            out["cprofile_top"] = c.call("profile", per=total, top=25)["rows"]
+            out["cprofile_top"] = c.ok("profile", per=total, top=25)["rows"]
         log(f"    C converged in {converge:.1f} s ({total / converge:,.0f}/s)")
         return out
 
 
 def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
     """5: A writes n updates; k other peers apply; time until all have everything."""
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        a = cl.spawn(f"fan{k}-a").started()
-        others = [cl.spawn(f"fan{k}-{i}", peers=[a.endpoint]) for i in range(k)]
-        for o in others:
-            o.started()
-        if not a.call("wait_peers", n=k, timeout=30)["ready"]:
+    with Cluster(tmp, COMMANDS) as cl:
+        a = cl.spawn(f"fan{k}-a")
+        others = cl.spawn_many([f"fan{k}-{i}" for i in range(k)], peers=[a.endpoint])
+        if not a.ok("wait_peers", n=k, timeout=30)["ready"]:
             raise PeerError(f"fan-out {k}: A did not see {k} peers")
         meshed = []
         for o in others:
-            meshed.append(o.call("wait_peers", n=k, timeout=15)["peers"])
-        base = a.call("create", count=OBJECTS)["log_length"]
+            meshed.append(o.ok("wait_peers", n=k, timeout=15)["peers"])
+        base = a.ok("create_items", count=OBJECTS)["log_length"]
         for o in others:
-            if not o.call("wait_log", target=base, timeout=30)["reached"]:
+            if not o.ok("wait_log", target=base, timeout=30)["reached"]:
                 raise PeerError(f"{o.name} did not get A's creates")
-        marks = [o.call("mark", stride=max(50, n // 100)) for o in others]
+        marks = [o.ok("mark", stride=max(50, n // 100)) for o in others]
         log(f"  fan-out {k}: A writes {n:,} updates")
-        wrote = a.call("write", n=n, timeout=wait_timeout(n, 20))
-        dones = [o.call("wait_log", target=base + n, timeout=wait_timeout(n * k, 300))
+        wrote = a.ok("write", n=n, timeout=wait_timeout(n, 20))
+        dones = [o.ok("wait_log", target=base + n, timeout=wait_timeout(n * k, 300))
                  for o in others]
         last = max(d["applied"]["last_ns"] for d in dones)
         all_secs = (last - wrote["first_ns"]) / 1e9
@@ -425,7 +496,12 @@ def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
                "slowest_peer_rate": min(p["apply_rate"] for p in per_peer),
                "received_per_update_mean": round(statistics.mean(
                    p["received_per_update"] for p in per_peer), 2),
+               "a_cpu": cpu_delta({k: 0.0 for k in wrote["cpu"]}, wrote["cpu"], n),
+               "peer_cpu_us_per_update_mean": round(statistics.mean(
+                   p["cpu"]["total_cpu_us"] for p in per_peer), 1),
                "peers": per_peer}
+        out["all_cpu_us_per_update"] = round(out["a_cpu"]["total_cpu_us"] + sum(
+            p["cpu"]["total_cpu_us"] for p in per_peer), 1)
         log(f"    all {k} had everything {all_secs:.1f} s after A's first write "
             f"(A wrote {wrote['rate']:,.0f}/s)")
         return out
@@ -434,24 +510,24 @@ def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
 def phase_burst(tmp: Path, burst: int, hwm: int, sleep_ms: float) -> dict[str, Any]:
     """6: a burst of ``burst`` updates into a slow B with HWMs and queue of ``hwm``."""
     opts = {"rcvhwm": hwm, "sndhwm": hwm}
-    with Cluster(tmp, PEER_SCRIPT) as cl:
-        a = cl.spawn("burst-a", options=opts).started()
+    with Cluster(tmp, COMMANDS) as cl:
+        a = cl.spawn("burst-a", options=opts)
         b = cl.spawn("burst-b", peers=[a.endpoint],
-                     options={**opts, "queue_size": hwm}).started()
+                     options={**opts, "queue_size": hwm})
         connect_pair(a, b)
-        base = a.call("create", count=OBJECTS)["log_length"]
-        if not b.call("wait_log", target=base, timeout=30)["reached"]:
+        base = a.ok("create_items", count=OBJECTS)["log_length"]
+        if not b.ok("wait_log", target=base, timeout=30)["reached"]:
             raise PeerError("B did not get A's creates")
-        b.call("slow", sleep_ms=sleep_ms)
-        mark = b.call("mark", stride=max(10, burst // 200))
-        a_id = a.call("ping")["node_id"]
-        a0 = a.call("stats")["stats"]
+        b.ok("slow", sleep_ms=sleep_ms)
+        mark = b.ok("mark", stride=max(10, burst // 200))
+        a_id = a.ok("bench_ping")["node_id"]
+        a0 = a.ok("bench_stats")["stats"]
         log(f"  burst: A writes {burst:,} updates; HWMs and B's queue {hwm:,}; "
             f"B's listener sleeps {sleep_ms:g} ms per update")
-        wrote = a.call("write", n=burst, timeout=wait_timeout(burst, 20))
-        done = b.call("wait_log", target=base + burst,
+        wrote = a.ok("write", n=burst, timeout=wait_timeout(burst, 20))
+        done = b.ok("wait_log", target=base + burst,
                       timeout=wait_timeout(burst, 1000 / (sleep_ms + 1) / 2))
-        a1 = a.call("stats")["stats"]
+        a1 = a.ok("bench_stats")["stats"]
         b1 = done["stats"]
         published = a1["bus"]["messages_out"] - a0["bus"]["messages_out"]
         got_from_a = peer_messages(b1, a_id) - peer_messages(mark["stats"], a_id)
@@ -468,6 +544,7 @@ def phase_burst(tmp: Path, burst: int, hwm: int, sleep_ms: float) -> dict[str, A
                "b_received": net1["received"] - net0["received"],
                "b_queue_dropped": net1["queue_dropped"] - net0["queue_dropped"],
                "b_pulled_by_catchup": net1["pulled"] - net0["pulled"],
+               "b_cpu": cpu_delta(mark["cpu"], done["cpu"], burst),
                "b_has_everything_seconds": round(secs, 3),
                "b_rate": round(burst / secs, 1) if secs > 0 else 0,
                "b_log_length": done["log_length"], "target": base + burst}
@@ -480,30 +557,61 @@ def phase_burst(tmp: Path, burst: int, hwm: int, sleep_ms: float) -> dict[str, A
 # ----------------------------------------------------------------- reporting
 
 
+def summarize_verify(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The verify anchor over all its interleaved runs: medians of rate and CPU."""
+    rates = [r["ops_per_s"] for r in runs]
+    cpus = [r["cpu_us_per_op"] for r in runs]
+    return {"n": runs[0]["n"], "runs": len(runs),
+            "ops_per_s": round(statistics.median(rates), 1),
+            "runs_ops_per_s": rates, "cpu_us_per_op": round(statistics.median(cpus), 2),
+            "runs_cpu_us_per_op": cpus,
+            "cpu_bound_ops_per_s": round(1e6 / statistics.median(cpus), 1)}
+
+
+def summarize_zmq(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    best = max(runs, key=lambda r: r["ops_per_s"])
+    return {**best, "ops_per_s": round(statistics.median(r["ops_per_s"] for r in runs), 1),
+            "cpu_us_per_op": round(statistics.median(r["cpu_us_per_op"] for r in runs), 2),
+            "runs_ops_per_s": [r["ops_per_s"] for r in runs],
+            "lost": sum(r["lost"] for r in runs)}
+
+
+def vs_verify(phase: dict[str, Any], rate: float) -> float:
+    """``rate`` / the raw verify rate measured just before ``phase`` (same run)."""
+    return round(rate / phase["verify"]["ops_per_s"], 4)
+
+
+def cpu_vs_verify(phase: dict[str, Any], cpu_us: float) -> float | None:
+    """The verify CPU µs measured just before ``phase`` / ``cpu_us`` (above 1: cheaper
+    than one raw verify)."""
+    return round(phase["verify"]["cpu_us_per_op"] / cpu_us, 4) if cpu_us else None
+
+
 def cpu_ratios(res: dict[str, Any]) -> dict[str, float]:
-    """Raw verify CPU / CPU spent per applied update (peer process + its redis-server).
+    """Raw verify CPU / CPU spent per applied update (peer process + its redis-server),
+    the verify run being the one just before the phase.
 
     Less disturbed by other load on the machine than the wall-clock rates: a ratio of
     1.0 would mean one update costs, all told, what one raw verify costs.
     """
-    verify_us = res["references"]["ed25519_verify"]["cpu_us_per_op"]
     out = {}
-    for key, cpu in (("live_apply", res["live"]["b_cpu"]),
-                     ("unbounded_apply", res["pump"]["b_cpu"]),
-                     ("direct_ingest", res["catchup"]["direct_ingest"]["cpu"]),
-                     ("catchup", res["catchup"]["catchup"]["c_cpu"])):
-        spent = cpu.get("process_cpu_us", 0) + cpu.get("redis_cpu_us", 0)
-        if spent:
-            out[f"{key}_cpu_cost_vs_verify"] = round(verify_us / spent, 4)
+    for key, phase, cpu in (("live_apply", res["live"], res["live"]["b_cpu"]),
+                            ("unbounded_apply", res["pump"], res["pump"]["b_cpu"]),
+                            ("direct_ingest", res["catchup"],
+                             res["catchup"]["direct_ingest"]["cpu"]),
+                            ("catchup", res["catchup"], res["catchup"]["catchup"]["c_cpu"])):
+        ratio = cpu_vs_verify(phase, cpu.get("total_cpu_us", 0))
+        if ratio is not None:
+            out[f"{key}_cpu_cost_vs_verify"] = ratio
     return out
 
 
 def build_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
-    verify = res["references"]["ed25519_verify"]["ops_per_s"]
     live, pump = res["live"], res["pump"]
     aims = []
     for key, label in (("live", "A writing"), ("pump", "not bounded by A")):
         fig = res[key]
+        verify = fig["verify"]["ops_per_s"]  # measured just before this phase
         ratio = fig["b_apply_rate"] / verify
         aims.append({"aim": f"sustained apply ({label}) >= {AIM_APPLY_VS_VERIFY}x raw verify",
                      "ratio": round(ratio, 3), "target": AIM_APPLY_VS_VERIFY,
@@ -530,56 +638,81 @@ def build_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_report(res: dict[str, Any]) -> None:
     refs = res["references"]
-    verify = refs["ed25519_verify"]["ops_per_s"]
+    verify_all = refs["ed25519_verify"]
     zmq_rate = refs["zmq_pubsub"]["ops_per_s"]
 
-    def row(label: str, rate: float | None, extra: str = "") -> list[str]:
-        if rate is None:
-            return [label, "", "", "", extra]
-        return [label, f"{rate:,.0f}", common.fmt_ratio(rate / verify),
-                common.fmt_ratio(rate / zmq_rate) if zmq_rate else "", extra]
+    def row(label: str, rate: float | None, cpu: float | None, phase: dict[str, Any] | None,
+            extra: str = "") -> list[str]:
+        """rate and CPU µs per op (process + redis-server), each against the raw verify
+        run just before the phase (``phase`` None: the median of all verify runs)."""
+        verify = phase["verify"] if phase is not None else verify_all
+        return [label, "" if rate is None else f"{rate:,.0f}",
+                "" if not cpu else f"{cpu:,.1f}",
+                "" if rate is None else common.fmt_ratio(rate / verify["ops_per_s"]),
+                "" if not cpu else common.fmt_ratio(verify["cpu_us_per_op"] / cpu),
+                "" if rate is None or not zmq_rate else common.fmt_ratio(rate / zmq_rate),
+                extra]
 
     live, pump, lat = res["live"], res["pump"], res["latency"]
     cu = res["catchup"]
+    direct, cat = cu["direct_ingest"], cu["catchup"]
+    zmq_ref = refs["zmq_pubsub"]
     rows = [
-        row("raw Ed25519 verify, 1 core (200 B)", verify,
-            f"{refs['ed25519_verify']['cpu_us_per_op']:.1f} µs CPU"),
-        row(f"raw pyzmq PUB->SUB, 2 processes ({refs['zmq_pubsub']['size']} B)", zmq_rate,
-            f"lost {refs['zmq_pubsub']['lost']}"),
+        row(f"raw Ed25519 verify, 1 core (200 B), {verify_all['runs']} runs",
+            verify_all["ops_per_s"], verify_all["cpu_us_per_op"], None,
+            "runs " + "/".join(f"{r:,.0f}" for r in verify_all["runs_ops_per_s"])),
+        row(f"raw pyzmq PUB->SUB, 2 processes ({zmq_ref['size']} B)", zmq_rate,
+            zmq_ref["cpu_us_per_op"], None, f"lost {zmq_ref['lost']}; both processes' CPU"),
         row("A: local writes (field.set) while B applies", live["a_write_rate"],
-            f"{live['a_cpu'].get('process_cpu_us', 0):,.0f} µs CPU (A process)"),
+            live["a_cpu"].get("total_cpu_us"), live,
+            f"{live['a_cpu'].get('process_cpu_us', 0):,.0f} process + "
+            f"{live['a_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
         row("B: live apply, A writing (2a)", live["b_apply_rate"],
-            f"{live['b_cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
+            live["b_cpu"].get("total_cpu_us"), live,
+            f"{live['b_cpu'].get('process_cpu_us', 0):,.0f} process + "
             f"{live['b_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
-        row("   slowest window of that", live["b_min_window_rate"],
+        row("   slowest window of that", live["b_min_window_rate"], None, live,
             f"{live['window_updates']:,} updates"),
         row("B: live apply, not bounded by A (2b)", pump["b_apply_rate"],
-            f"{pump['b_cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
+            pump["b_cpu"].get("total_cpu_us"), pump,
+            f"{pump['b_cpu'].get('process_cpu_us', 0):,.0f} process + "
             f"{pump['b_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
-        row("   slowest window of that", pump["b_min_window_rate"],
+        row("   slowest window of that", pump["b_min_window_rate"], None, pump,
             f"{pump['window_updates']:,} updates"),
-        row("ingest_many in-process, no network (2c)", cu["direct_ingest"]["rate"],
-            f"{cu['direct_ingest']['cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
-            f"{cu['direct_ingest']['cpu'].get('redis_cpu_us', 0):,.0f} redis"),
-        row(f"C: catch-up of {cu['catchup']['m']:,} (start to converged)",
-            cu["catchup"]["converge_rate"], f"{cu['catchup']['converge_seconds']:.1f} s"),
-        row("   first to last stored at C", cu["catchup"]["apply_rate"],
-            f"{cu['catchup']['c_cpu'].get('process_cpu_us', 0):,.0f} µs CPU + "
-            f"{cu['catchup']['c_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
+        row("ingest_many in-process, no network (2c)", direct["rate"],
+            direct["cpu"].get("total_cpu_us"), cu,
+            f"{direct['cpu'].get('process_cpu_us', 0):,.0f} process + "
+            f"{direct['cpu'].get('redis_cpu_us', 0):,.0f} redis"),
+        row(f"C: catch-up of {cat['m']:,} (start to converged)", cat["converge_rate"],
+            cat["c_cpu"].get("total_cpu_us"), cu, f"{cat['converge_seconds']:.1f} s"),
+        row("   first to last stored at C", cat["apply_rate"], None, cu,
+            f"{cat['c_cpu'].get('process_cpu_us', 0):,.0f} process + "
+            f"{cat['c_cpu'].get('redis_cpu_us', 0):,.0f} redis"),
     ]
     for fan in res["fanout"]:
         rows.append(row(f"fan-out {fan['k']}: N / time until all have all",
-                        fan["rate_until_all"],
+                        fan["rate_until_all"], fan["all_cpu_us_per_update"], fan,
                         f"{fan['all_have_everything_seconds']:.1f} s; "
-                        f"{fan['received_per_update_mean']:.1f} copies/update/peer"))
+                        f"{fan['received_per_update_mean']:.1f} copies/update/peer; CPU of "
+                        f"all {fan['k'] + 1} (per peer {fan['peer_cpu_us_per_update_mean']:,.0f})"))
     burst = res.get("burst")
     if burst:
         rows.append(row(f"burst {burst['burst']:,} at HWM {burst['hwm']:,}: until B has all",
-                        burst["b_rate"], f"{burst['b_has_everything_seconds']:.1f} s, "
-                                         f"{burst['live_lost_total']:,} live msgs lost"))
+                        burst["b_rate"], burst["b_cpu"].get("total_cpu_us"), burst,
+                        f"{burst['b_has_everything_seconds']:.1f} s, "
+                        f"{burst['live_lost_total']:,} live msgs lost; B's CPU"))
+    for key in ("latency", "latency_low_rate"):
+        fig = res.get(key, {})
+        if fig.get("samples"):
+            rows.append(row(f"latency run at {fig['target_rate']:,.0f}/s: A + B",
+                            fig["a_achieved_rate"], fig["a_cpu_us"] + fig["b_cpu_us"], live,
+                            f"A {fig['a_cpu_us']:,.0f} + B {fig['b_cpu_us']:,.0f}"))
     print()
-    common.print_table(["figure", "updates/s", "vs verify", "vs zmq", "notes"], rows,
-                       align="<>>><")
+    common.print_table(["figure", "updates/s", "CPU µs/upd", "vs verify", "CPU vs verify",
+                        "vs zmq", "notes"], rows, align="<>>>>><")
+    print("(CPU µs/upd: process + its redis-server per update; vs verify: the rate / the "
+          "raw verify run just before the\n phase; CPU vs verify: that run's CPU per "
+          "verify / the CPU per update, above 1 = cheaper than one verify)")
     if lat.get("samples"):
         print(f"\nLatency at B, A writing at {lat['target_rate']:,.0f}/s "
               f"(achieved {lat['a_achieved_rate']:,.0f}/s, {lat['samples']:,} samples): "
@@ -604,7 +737,7 @@ def print_report(res: dict[str, Any]) -> None:
           f"duplicates (B's relays of A's own updates)")
     cpu = cpu_ratios(res)
     print("CPU per applied update vs one raw verify "
-          f"({refs['ed25519_verify']['cpu_us_per_op']:.0f} µs): " + ", ".join(
+          f"({verify_all['cpu_us_per_op']:.0f} µs): " + ", ".join(
               f"{k.removesuffix('_cpu_cost_vs_verify')} {v:.2f}x" for k, v in cpu.items()))
     print("\nAims")
     for aim in res["aims"]:
@@ -639,8 +772,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="small sizes, fan-out 2,4: a smoke run for CI (~30 s)")
     parser.add_argument("--profile", action="store_true",
                         help="also run a cProfiled B (2b, n <= 10000) and print its hot spots")
-    parser.add_argument("--json", type=Path, default=common.RESULTS_DIR / "bench_network.json")
+    parser.add_argument("--gc-compare", type=int, default=0, metavar="RUNS",
+                        help="only the latency figure, RUNS times with CPython's GC settings "
+                             "and RUNS times with dmodel.runtime.tune_gc, interleaved, with "
+                             "every GC pause (--latency-seconds, --latency-rate)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the results (default benchmarks/results/"
+                             "bench_network.json, or bench_network_gc.json with --gc-compare)")
     args = parser.parse_args(argv)
+    if args.json is None:
+        args.json = common.RESULTS_DIR / ("bench_network_gc.json" if args.gc_compare
+                                          else "bench_network.json")
     if args.quick:
         args.n, args.catchup, args.fanout_n, args.fanout = 1_000, 1_500, 150, "2,4"
         args.latency_seconds, args.burst, args.hwm = 0.5, 1_000, 100
@@ -653,6 +795,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.gc_compare:
+        return main_gc_compare(args)
     started = time.perf_counter()
     load_start = common.loadavg()
     res: dict[str, Any] = {}
@@ -664,20 +808,45 @@ def main(argv: list[str] | None = None) -> int:
         res["phase_seconds"] = phases
         timed = common.phase_timer("bench_network", args, res, phases)
 
+        # Anchors interleaved with the dmodel phases: a raw verify run before every
+        # phase (its ratios use that one), raw pyzmq at the start and at the end.
+        verify_runs: list[dict[str, Any]] = []
+        zmq_runs: list[dict[str, Any]] = []
+
+        def anchor_verify(before: str) -> dict[str, Any]:
+            run = timed(f"verify-{before}", ref_verify, args.verify_n)
+            run["before"] = before
+            verify_runs.append(run)
+            return run
+
         log("  references: Ed25519 verify, raw pyzmq PUB/SUB")
-        res["references"] = {"ed25519_verify": timed("verify", ref_verify, args.verify_n),
-                             "zmq_pubsub": timed("zmq", ref_zmq, tmp, args.zmq_n, 250)}
+        zmq_runs.append(timed("zmq", ref_zmq, tmp, args.zmq_n, 250))
         file = tmp / "presigned.msgpack"
         log(f"  pre-signing {max(args.n, args.catchup):,} updates")
         res["presigned"] = timed("presign", presign, file, max(args.n, args.catchup))
         latency_n = max(1, int(args.latency_seconds * args.latency_rate))
+        v = anchor_verify("live")
         res.update(timed("live+latency", phase_live, tmp, args.n, latency_n,
                          args.latency_rate))
+        res["live"]["verify"] = v
+        v = anchor_verify("pump")
         res["pump"] = timed("pump", phase_pump, tmp, file, args.n)
+        res["pump"]["verify"] = v
+        v = anchor_verify("catchup")
         res["catchup"] = timed("catchup", phase_catchup, tmp, file, args.catchup)
-        res["fanout"] = [timed(f"fanout{k}", phase_fanout, tmp, args.fanout_n, k)
-                         for k in args.fanout_ks]
+        res["catchup"]["verify"] = v
+        res["fanout"] = []
+        for k in args.fanout_ks:
+            v = anchor_verify(f"fanout{k}")
+            res["fanout"].append(timed(f"fanout{k}", phase_fanout, tmp, args.fanout_n, k))
+            res["fanout"][-1]["verify"] = v
+        v = anchor_verify("burst")
         res["burst"] = timed("burst", phase_burst, tmp, args.burst, args.hwm, args.slow_ms)
+        res["burst"]["verify"] = v
+        zmq_runs.append(timed("zmq-end", ref_zmq, tmp, args.zmq_n, 250))
+        res["references"] = {"ed25519_verify": summarize_verify(verify_runs),
+                             "zmq_pubsub": summarize_zmq(zmq_runs),
+                             "ed25519_verify_runs": verify_runs, "zmq_pubsub_runs": zmq_runs}
         if args.profile:
             res["profile"] = {"pump": timed("profile", phase_pump, tmp, file,
                                             min(args.n, 10_000), profile=True,
@@ -689,8 +858,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "cProfile of B's ingest_many (apply thread), 2b: top "
                                   "functions by own time (µs per update, profiler overhead "
                                   "included)", limit=20)
-    verify = res["references"]["ed25519_verify"]["ops_per_s"]
     best_live = max(res["live"]["b_apply_rate"], res["pump"]["b_apply_rate"])
+    zmq_rate = res["references"]["zmq_pubsub"]["ops_per_s"]
     result = {
         "benchmark": "bench_network",
         "date": common.utc_now(),
@@ -698,16 +867,18 @@ def main(argv: list[str] | None = None) -> int:
         "machine": common.machine_info({"loadavg_start": load_start}),
         **res,
         "ratios": {
-            "live_apply_vs_verify": round(res["live"]["b_apply_rate"] / verify, 4),
+            "live_apply_vs_verify": vs_verify(res["live"], res["live"]["b_apply_rate"]),
             "live_apply_vs_a_write": round(res["live"]["b_apply_rate"]
                                            / res["live"]["a_write_rate"], 4),
-            "unbounded_apply_vs_verify": round(res["pump"]["b_apply_rate"] / verify, 4),
-            "direct_ingest_vs_verify": round(res["catchup"]["direct_ingest"]["rate"] / verify,
-                                             4),
-            "catchup_vs_verify": round(res["catchup"]["catchup"]["converge_rate"] / verify, 4),
+            "unbounded_apply_vs_verify": vs_verify(res["pump"], res["pump"]["b_apply_rate"]),
+            "direct_ingest_vs_verify": vs_verify(res["catchup"],
+                                                 res["catchup"]["direct_ingest"]["rate"]),
+            "catchup_vs_verify": vs_verify(res["catchup"],
+                                           res["catchup"]["catchup"]["converge_rate"]),
             "catchup_vs_best_live_apply": round(res["catchup"]["catchup"]["converge_rate"]
                                                 / best_live, 4),
-            "zmq_vs_verify": round(res["references"]["zmq_pubsub"]["ops_per_s"] / verify, 4),
+            "zmq_vs_verify": round(zmq_rate / res["references"]["ed25519_verify"]["ops_per_s"],
+                                   4),
             **cpu_ratios(res),
         },
         "notes": [
@@ -715,13 +886,34 @@ def main(argv: list[str] | None = None) -> int:
             "ZeroMQ over tcp://127.0.0.1; the machine's cores are shared by all of them.",
             "Apply rates are N / (time of first to last update stored at the peer), taken "
             "with time.time_ns() in an on_accepted callback of the peer's node.",
-            "CPU µs per update: the peer process (all threads), its apply thread(s) "
-            "(thread_time inside ingest_many) and its redis-server (INFO cpu).",
+            "CPU µs per update: the peer process (all threads, user+sys), its apply "
+            "thread(s) (thread_time inside ingest_many) and its redis-server (INFO cpu "
+            "used_cpu_user+used_cpu_sys, before/after); total = process + redis-server.",
+            "A raw Ed25519 verify run precedes every phase; that phase's ratios against "
+            "verify use it (rates and CPU alike). Raw pyzmq runs at the start and the end.",
             "2b: the publisher is a dmodel peer that publishes pre-signed updates it does "
             "not store and discards what it receives; B's queue and HWMs are larger than N.",
             "Latency includes A's own local write (sign, store) before it publishes.",
         ],
     }
+    return common.finish(args.json, result, started)
+
+
+def main_gc_compare(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    load_start = common.loadavg()
+    count = max(1, int(args.latency_seconds * args.latency_rate))
+    log(f"bench_network --gc-compare: {args.gc_compare} x (default, tuned), {count:,} updates "
+        f"at {args.latency_rate:,.0f}/s each")
+    with tempfile.TemporaryDirectory(prefix="dmnet-gc-") as tmp_name:
+        res = phase_gc_compare(Path(tmp_name), args.gc_compare, count, args.latency_rate)
+    print_gc_compare(res)
+    result = {"benchmark": "bench_network_gc", "date": common.utc_now(),
+              "params": common.params(args),
+              "machine": common.machine_info({"loadavg_start": load_start}),
+              "gc_compare": res,
+              "notes": ["default: gc.unfreeze() and thresholds 700/10/10 in both peers; tuned: "
+                        "dmodel.runtime.tune_gc() (what dmodel peer does at start-up)."]}
     return common.finish(args.json, result, started)
 
 

@@ -61,6 +61,7 @@ from ..errors import CommandError, ConfigurationError, DecryptionError, DModelEr
 from ..filters import compile as compile_filter
 from ..model import BoundDict, BoundField, DDict, DField, DModel, model_class, transaction
 from ..node import Node
+from ..runtime import tune_gc
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +288,7 @@ class Peer:
         """Run until ``stopping`` is set (see :func:`stop_on_signals`), ``quit`` or end of
         input; then shut the node down.
         """
+        tune_gc()  # started: freeze the long-lived objects, fewer full GCs (dmodel.runtime)
         try:
             if stdin_commands:
                 threading.Thread(target=self.serve, args=(stdin or sys.stdin,
