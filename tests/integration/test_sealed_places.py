@@ -22,6 +22,7 @@ from dmodel import merge
 from dmodel.cli import main
 from dmodel.crypto import EncryptedValue, Identity
 from dmodel.keyring import Keyring
+from dmodel.node import rights
 from dmodel.update import Op, Update, decode
 
 SALARY = 9_876_543
@@ -66,7 +67,7 @@ def copy_envelope(node: dmodel.Node, writer: str, target: str, op: str, field: s
     ops = [Op(target, op, field, value)]
     grant = merge.open_grant(node.store.member_events(target, "u", writer))
     assert grant is not None
-    assert node._grants_for(writer, ops) == {target: grant}
+    assert rights.grants_for(node.store, writer, ops) == {target: grant}
     return Update.create(node.identity(writer), node=os.urandom(16), caller=writer,
                          timestamp=node.clock.tick(), prev=b"", ops=ops,
                          grants={target: grant})
@@ -152,7 +153,7 @@ def test_copied_envelopes_open_nowhere_and_leak_nowhere(make_node, capsys) -> No
 
     a.shutdown()
     c.shutdown()
-    # (``show`` on c without --as: see the xfail test below.)
+    # (``show`` on c without --as: see the test below.)
     for home, extra in ((a.home, ()), (a.home, ("--as", x.db_id)), (a.home, ("--as", y.db_id)),
                         (c.home, ("--as", reader))):
         info, out = show_json(capsys, home, x.db_id, *extra)
@@ -165,9 +166,6 @@ def test_copied_envelopes_open_nowhere_and_leak_nowhere(make_node, capsys) -> No
             assert fields["secret"] == SECRET
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Node.display_value (used by listeners and "
-                   "`dmodel show` without --as) tries only the object's oid and the oids in "
-                   "the envelope's k, never a reader's key wrapped by a later grant_read")
 def test_show_without_as_opens_a_value_wrapped_for_a_later_reader(make_node, capsys) -> None:
     a, c = make_node("a"), make_node("c")
     reader = Writer.create(node=c, name="reader").db_id
