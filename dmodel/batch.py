@@ -68,7 +68,7 @@ class Overlay:
                 key = (op.obj, update.caller)
                 self.state.last_write[key] = max(self.state.last_write.get(key, -1), ms)
         if writes:
-            self.state.apply(writes)
+            self.state.commit(writes)
 
     def patch(self, snap: pipeline.Snapshot, update: Update) -> pipeline.Snapshot:
         if not self.seen:
