@@ -13,12 +13,6 @@ of the set of stored update ids, the time it waited for the lock and the node's
 stats. Nothing that depends on arrival order (the log order, per-object history
 lists) is included.
 
-Guard: ``dmodel.merge.between(low, high)`` never returns when ``low == high``, and two
-nodes appending to one DList concurrently give their elements equal positions; a later
-insert between two such elements would hang the node (the loop runs under its apply
-lock). This process replaces ``merge.between`` with a wrapper that raises
-``EqualPositionsError`` in that case instead, so the benchmark finishes and counts
-how often it happened (``errors`` of ``write_for``).
 """
 
 from __future__ import annotations
@@ -38,34 +32,12 @@ import _children  # noqa: E402 - the benchmarks folder, just put on sys.path
 WIDE_FIELDS = 100  # fields of the model written 100 at a time in one transaction
 
 
-class EqualPositionsError(ValueError):
-    """An insert between two DList elements whose positions are equal (see the module doc)."""
-
-
-def guard_between() -> None:
-    from dmodel import merge
-
-    original = merge.between
-    if getattr(original, "guarded", False):
-        return
-
-    def between(low: bytes, high: bytes | None, toward: str | None = None) -> bytes:
-        if high is not None and low >= high:
-            raise EqualPositionsError("no position between two equal DList positions")
-        return original(low, high, toward)
-
-    between.guarded = True  # type: ignore[attr-defined]
-    merge.between = between
-
-
 class ConvCommands(_children.BenchCommandsBase):
     """The bench_convergence requests (``op_<name>``), built by ``dmodel peer`` as
     ``ConvCommands(peer)`` once its node runs."""
 
     def __init__(self, peer: Any) -> None:
         import dmodel
-
-        guard_between()
 
         class ConvWriter(dmodel.DModel):
             """The identity a peer writes as on objects it does not own."""

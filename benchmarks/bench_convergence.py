@@ -783,8 +783,6 @@ def main(argv: list[str] | None = None) -> int:
             "which all three digests were equal (resolution: one round, see the lower bound).",
             "DList figures: each op timed alone with time.perf_counter, then an untimed "
             "delete of the element it added keeps the list at its size.",
-            "_conv_peer.py guards merge.between against equal positions (it never returns "
-            "for low == high); such inserts are counted as EqualPositionsError.",
             "pycrdt get_update: B's state vector is read before A's transaction, then "
             "A.get_update(state) -> B.apply_update; observe: the update of each transaction "
             "from A's TransactionEvent.",

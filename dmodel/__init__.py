@@ -42,7 +42,6 @@ from .errors import (
     StoreError,
     StoreUnavailableError,
     UnauthorizedError,
-    UnknownModelUpdate,
     VetoedError,
 )
 from .model import DDict, DField, DList, DModel, object_list, object_list_owned, transaction
@@ -101,7 +100,6 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "UnauthorizedError",
-    "UnknownModelUpdate",
     "VetoedError",
     "default_node",
     "launch",

@@ -1,4 +1,4 @@
-"""Pure pieces of applying a batch of updates: the overlay, bounded id maps, key lookup.
+"""Pure pieces of applying a batch of updates: the overlay, bounded id maps.
 
 A batch is decided update by update, each against the store's snapshot plus what the
 earlier updates of the same batch wrote (``Overlay``); it is committed in one atomic
@@ -8,12 +8,10 @@ its apply lock, on whichever thread is applying (see ``dmodel.node.applier``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from . import merge, pipeline
 from .clock import physical_ms
-from .crypto import PublicIdentity
 from .update import FIELD_OPS, Op, Update, op_register
 
 
@@ -22,17 +20,6 @@ def event_field(op: Op, update: Update, index: int) -> str | None:
     if op.op in FIELD_OPS:
         return op_register(op, update.id, index)
     return None
-
-
-def signing_key(update: Update,
-                meta_of: Callable[[str], merge.ObjectMeta | None]) -> PublicIdentity | None:
-    """The key that must have signed ``update``: the one it creates, else its caller's
-    (``meta_of(db_id)`` gives what is known of an object); None if the caller is unknown."""
-    keys = update.creates()
-    if keys is not None:
-        return keys
-    meta = meta_of(update.caller)
-    return meta.keys if meta is not None else None
 
 
 class Bounded(dict):  # type: ignore[type-arg]
@@ -68,7 +55,7 @@ class Overlay:
                 key = (op.obj, update.caller)
                 self.state.last_write[key] = max(self.state.last_write.get(key, -1), ms)
         if writes:
-            self.state.apply(writes)
+            self.state.commit(writes)
 
     def patch(self, snap: pipeline.Snapshot, update: Update) -> pipeline.Snapshot:
         if not self.seen:
@@ -99,4 +86,4 @@ class Overlay:
         return snap
 
 
-__all__ = ["Bounded", "Overlay", "event_field", "signing_key"]
+__all__ = ["Bounded", "Overlay", "event_field"]

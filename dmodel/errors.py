@@ -18,8 +18,7 @@
     │   ├── ReplayedUpdate                     already seen (same update id)
     │   ├── StaleUpdate                        held too long for its future timestamp
     │   ├── ConflictingCreate                  a second create of an id, with other keys
-    │   ├── BrokenChainUpdate                  previous-update link points outside its chain
-    │   └── UnknownModelUpdate                 refers to a model or object this node cannot use
+    │   └── BrokenChainUpdate                  previous-update link points outside its chain
     ├── RejectedError                          a valid update that was not accepted
     │   ├── UnauthorizedError                  caller not authorized (default policy)
     │   └── VetoedError                        a before-listener raised (see __cause__)
@@ -116,10 +115,6 @@ class ConflictingCreate(InvalidUpdate):
 
 class BrokenChainUpdate(InvalidUpdate):
     """The previous-update link does not belong to the caller's chain."""
-
-
-class UnknownModelUpdate(InvalidUpdate):
-    """The update refers to an object whose create update this node cannot use."""
 
 
 class RejectedError(DModelError):
@@ -222,6 +217,5 @@ __all__ = [
     "StoreUnavailableError",
     "ToolError",
     "UnauthorizedError",
-    "UnknownModelUpdate",
     "VetoedError",
 ]

@@ -47,8 +47,8 @@ Read rights use the same events without frontiers: readers are the members whose
 event is a grant; a revoke stops new values from being sealed for them, and removes
 nothing they could already read.
 
-``apply`` returns the writes and the events; callers apply the writes to their own
-state (a dict in tests, Redis in the node).
+``apply`` returns the writes and the events and changes nothing; callers commit the
+writes to their own state (``State.commit`` in tests, the store in the node).
 """
 
 from __future__ import annotations
@@ -189,8 +189,8 @@ class State:
     # (object, list field) -> live element keys (position + 0x00 + element id), sorted on read
     lists: dict[tuple[str, str], set[bytes]] = field(default_factory=dict)
 
-    def apply(self, writes: list[Write]) -> None:
-        """Apply writes in order (what the Redis store does atomically)."""
+    def commit(self, writes: list[Write]) -> None:
+        """Write ``writes`` into this state, in order (what the Redis store commits atomically)."""
         for w in writes:
             if w.kind == "object":
                 self.objects[w.db_id] = w.data
@@ -500,7 +500,7 @@ def fold(updates: list[Update], *, policy: Policy = "reject") -> State:
                 continue
             outcome = apply(update, state, authorized=is_authorized(update, judge))
             if outcome.authorized or unauthorized_is_applied(update, policy):
-                state.apply(outcome.writes)
+                state.commit(outcome.writes)
         if state.auth == auth:
             break
         auth = state.auth

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from . import merge
 from .clock import physical_ms
+from .crypto import PublicIdentity
 from .errors import (
     BrokenChainUpdate,
     ConflictingCreate,
@@ -130,6 +131,17 @@ def unknown_grants(update: Update, snap: Snapshot) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+def signing_key(update: Update,
+                meta_of: Callable[[str], merge.ObjectMeta | None]) -> PublicIdentity | None:
+    """The key that must have signed ``update``: the one it creates, else its caller's
+    (``meta_of(db_id)`` gives what is known of an object); None if the caller is unknown."""
+    keys = update.creates()
+    if keys is not None:
+        return keys
+    meta = meta_of(update.caller)
+    return meta.keys if meta is not None else None
+
+
 def is_applied(update: Update, authorized: bool,
                policy: Callable[[str], merge.Policy]) -> bool:
     """Whether an update with this authorization verdict is applied under the policies."""
@@ -164,12 +176,9 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
             return Decision(update, MISSING, missing=(update.prev,))
         if snap.prev_chain != (update.caller, update.node):
             raise BrokenChainUpdate("previous update belongs to another caller or node")
-    keys = update.creates()
+    keys = signing_key(update, state.objects.get)
     if keys is None:
-        caller = state.objects.get(update.caller)
-        if caller is None:
-            return Decision(update, MISSING, missing=(update.caller,))
-        keys = caller.keys
+        return Decision(update, MISSING, missing=(update.caller,))
     created = {op.obj for op in update.ops if op.op == "create"}  # e.g. Model.create(**values)
     missing = tuple(sorted({op.obj for op in update.ops
                             if op.obj not in state.objects and op.obj not in created}))

@@ -86,7 +86,7 @@ AUTH_OPS = frozenset({"grant_read", "revoke_read", "grant_update", "revoke_updat
 OBJECT_OPS = frozenset({"create", "remove"})
 ALL_OPS = FIELD_OPS | AUTH_OPS | OBJECT_OPS
 
-_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_FIELD_NAME = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_FIELD_NAME - 1}}}")
 _BODY_KEYS = frozenset("vnctpo")
 _BODY_KEYS_GRANTS = frozenset("vnctpog")
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
@@ -349,7 +349,8 @@ def _check_db_id(db_id: Any) -> None:
 
 def _check_field_name(name: Any) -> None:
     if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
-        raise MalformedUpdate(f"bad field name {str(name)[:80]!r}: letters, digits, _ (max 64)")
+        raise MalformedUpdate(f"bad field name {str(name)[:80]!r}: letters, digits, _ "
+                              f"(max {MAX_FIELD_NAME})")
 
 
 def _check_op(op: Op) -> None:

@@ -19,7 +19,6 @@ from .applier import Applier, Stats
 from .audit import HistoryEntry
 from .core import Node
 from .default import default_node, launch, shutdown
-from .pending import MAX_PENDING
 
-__all__ = ["MAX_PENDING", "Applier", "HistoryEntry", "Node", "Stats", "default_home",
-           "default_node", "launch", "shutdown"]
+__all__ = ["Applier", "HistoryEntry", "Node", "Stats", "default_home", "default_node",
+           "launch", "shutdown"]

@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import merge, pipeline, redecide
 from ..actions import Change, Context, ListenerRegistry
-from ..batch import Bounded, Overlay, event_field, signing_key
+from ..batch import Bounded, Overlay, event_field
 from ..clock import HybridClock
 from ..crypto import PublicIdentity
 from ..errors import InvalidUpdate, ReplayedUpdate, VetoedError
@@ -343,7 +343,7 @@ class Applier:
             own = update.creates()
             if own is not None:
                 created.setdefault(update.caller, own)
-            keys.append(signing_key(update, snap.state.objects.get)
+            keys.append(pipeline.signing_key(update, snap.state.objects.get)
                         or created.get(update.caller))
 
         def check(items: list[tuple[Update, PublicIdentity | None]]) -> list[bool]:

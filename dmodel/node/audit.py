@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import msgpack
 
 from .. import merge
-from ..batch import signing_key
 from ..errors import IntegrityError, InvalidUpdate
+from ..pipeline import signing_key
 from ..store.base import Store
 from ..update import LIST_OPS, Op, Update, decode, op_register
 

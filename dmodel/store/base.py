@@ -179,7 +179,7 @@ class MemoryStore:
                 continue
             for db_id in touched:
                 self.hist.setdefault(db_id, []).append(uid)
-            self.state.apply(writes)
+            self.state.commit(writes)
             for w in writes:
                 if w.kind == "object":
                     model, _, oid = w.db_id.partition(":")
@@ -191,14 +191,14 @@ class MemoryStore:
                        registers: dict[str, merge.Register], wraps: dict[bytes, bytes],
                        lists: dict[str, set[bytes]], accepted: list[bytes],
                        held: list[bytes]) -> None:
-        self.state.apply([merge.Write("drop", db_id)])
+        self.state.commit([merge.Write("drop", db_id)])
         if meta is not None:
             self.state.objects[db_id] = meta
         writes = [merge.Write("list_add", db_id, name, key)
                   for name, keys in lists.items() for key in sorted(keys)]
         writes += [merge.Write("register", db_id, name, reg) for name, reg in registers.items()]
         writes += [merge.Write("wrap", db_id, name, wrapped) for name, wrapped in wraps.items()]
-        self.state.apply(writes)
+        self.state.commit(writes)
         self.hist[db_id] = list(accepted)
         self.held[db_id] = list(held[-HELD_CAP:])
 

@@ -15,7 +15,7 @@ def test_public_names_are_pinned() -> None:
         "ModelDefinitionError", "NetworkError", "Node", "NodeNotRunningError",
         "ObjectNotFoundError", "OversizedUpdate", "RejectedError", "ReplayedUpdate",
         "StaleUpdate", "StoreError", "StoreUnavailableError", "UnauthorizedError",
-        "UnknownModelUpdate", "VetoedError", "default_node", "launch", "object_list",
+        "VetoedError", "default_node", "launch", "object_list",
         "object_list_owned", "set_loglevel", "shutdown", "transaction",
     ])
     for name in dmodel.__all__:

@@ -21,7 +21,7 @@ def deliver(state: State, update: Update, policy: merge.Policy = "reject") -> me
     """What a node does with a verified update whose dependencies are known."""
     outcome = merge.apply(update, state)
     if outcome.authorized or merge.unauthorized_is_applied(update, policy):
-        state.apply(outcome.writes)
+        state.commit(outcome.writes)
     return outcome
 
 
