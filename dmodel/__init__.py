@@ -44,7 +44,16 @@ from .errors import (
     UnauthorizedError,
     VetoedError,
 )
-from .model import DDict, DField, DList, DModel, object_list, object_list_owned, transaction
+from .model import (
+    DDict,
+    DField,
+    DList,
+    DModel,
+    object_list,
+    object_list_owned,
+    transaction,
+    wait_for,
+)
 from .node import Node, default_node, launch, shutdown
 
 __version__ = "0.1.0"
@@ -108,4 +117,5 @@ __all__ = [
     "set_loglevel",
     "shutdown",
     "transaction",
+    "wait_for",
 ]

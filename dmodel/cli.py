@@ -38,6 +38,7 @@ from .errors import (
 )
 from .keyring import Keyring, write_private
 from .node import Node, default_home
+from .node.default import start_lan_network
 from .tools.home import RedisLayout
 from .update import Op
 
@@ -242,7 +243,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @store_options
 @policy_option
 @click.option("--listen", envvar="DMODEL_LISTEN", show_envvar=True,
-              help="ZeroMQ endpoint to listen on (default tcp://127.0.0.1:*).")
+              help="ZeroMQ endpoint to listen on (default tcp://127.0.0.1:*; with "
+                   "--discovery tcp://0.0.0.0:7600 or the next free port).")
 @click.option("--peer", "peers", multiple=True, metavar="ENDPOINT",
               help="Endpoint of a peer; repeatable (default: DMODEL_PEERS, comma-separated).")
 @click.option("--discovery/--no-discovery", default=None, envvar="DMODEL_DISCOVERY",
@@ -298,9 +300,13 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
             for listener, pattern in listeners:
                 listener.apply(pattern, node=node)
             # Networking starts only now, so no update is decided before the listeners are on.
-            node.start_network(listen=listen or "tcp://127.0.0.1:*",
-                               peers=list(peers) or _env_peers(), discovery=bool(discovery),
-                               page_size=sync_page_size, **extra)
+            network = dict(peers=list(peers) or _env_peers(), discovery=bool(discovery),
+                           page_size=sync_page_size, **extra)
+            if discovery and not listen:
+                # Beacons tell other hosts our port: listen where they can reach it.
+                start_lan_network(node, **network)
+            else:
+                node.start_network(listen=listen or "tcp://127.0.0.1:*", **network)
             process = Peer(node, name=name, stopping=stopping)
             if commands is not None:
                 process.add_commands(commands(process))

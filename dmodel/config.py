@@ -3,12 +3,16 @@
     DMODEL_HOME                 keyring + embedded data (default under the user's data dir)
     DMODEL_LISTEN               endpoint to bind, e.g. ``tcp://0.0.0.0:7600``
     DMODEL_PEERS                comma-separated endpoints
-    DMODEL_DISCOVERY            ``0``/``1`` (also true/false, yes/no, on/off)
+    DMODEL_DISCOVERY            ``0``/``1`` (also true/false, yes/no, on/off); ``0`` keeps
+                                ``launch()`` off the LAN
     DMODEL_REDIS_URL            a Redis server instead of the embedded one
     DMODEL_PASSPHRASE           the keyring's passphrase
     DMODEL_UNAUTHORIZED_POLICY  ``reject`` (default) or ``listeners``
 
 An explicit argument always wins over the variable; an empty variable counts as unset.
+``dmodel.launch()`` given no network argument joins the LAN as PyDinemic did
+(``resolve(lan=True)``: discovery on, listening on ``tcp://0.0.0.0:7600`` or the next
+free port) unless ``DMODEL_DISCOVERY=0``; ``Node()`` starts no network unless asked.
 Reading the environment is all this module does (no files, no threads).
 """
 
@@ -27,6 +31,10 @@ from .retention import Retention
 # (see pipeline.DEFAULT_SKEW_MS for the trade-off).
 DEFAULT_SKEW = 5.0
 DEFAULT_PREFIX = "dm:"
+# Where launch() listens when it joins the LAN: this port, else the next free one.
+LAN_HOST = "0.0.0.0"
+LAN_PORT = 7600
+LAN_PORTS = 20
 
 
 def default_home(environ: Mapping[str, str] | None = None) -> Path:
@@ -78,6 +86,8 @@ class NodeConfig:
     skew: float = DEFAULT_SKEW
     retention: Retention = field(default_factory=Retention)
     redis_prefix: str = DEFAULT_PREFIX
+    lan: bool = False
+    """``listen`` is the LAN default: the node binds LAN_PORT or the next free port."""
 
     @property
     def skew_ms(self) -> int:
@@ -89,19 +99,31 @@ class NodeConfig:
                 discovery: bool | None = None, redis_url: str | None = None,
                 unauthorized_policy: str | None = None, passphrase: str | None = None,
                 skew: float | None = None, redis_prefix: str = DEFAULT_PREFIX,
-                retention: object = None,
+                retention: object = None, lan: bool = False,
                 environ: Mapping[str, str] | None = None) -> NodeConfig:
         """Arguments given win; the rest come from ``environ`` (default ``os.environ``).
 
+        ``lan=True`` (what ``launch()`` passes when given no network argument): discovery
+        defaults to on, and with it ``listen`` to ``tcp://0.0.0.0:7600`` (or the next free
+        port), unless ``DMODEL_DISCOVERY`` says otherwise.
         Raises ConfigurationError for a bad policy or ``DMODEL_DISCOVERY`` value.
         """
         env = os.environ if environ is None else environ
         path = (Path(home).expanduser() if home is not None else default_home(env)).absolute()
         if listen is None:
             listen = env.get("DMODEL_LISTEN")
+        if isinstance(peers, str):
+            raise ConfigurationError(f"peers is a list of endpoints, not one string: "
+                                     f"peers=[{peers!r}]")
         peer_list = env_peers(env) if peers is None else [p.strip() for p in peers]
+        for peer in peer_list:
+            check_endpoint(peer)
         if discovery is None:
-            discovery = bool(env_bool("DMODEL_DISCOVERY", env))
+            env_discovery = env_bool("DMODEL_DISCOVERY", env)
+            discovery = lan if env_discovery is None else env_discovery
+        lan = lan and discovery and not listen
+        if lan:
+            listen = f"tcp://{LAN_HOST}:{LAN_PORT}"
         policy = check_policy(unauthorized_policy or env.get("DMODEL_UNAUTHORIZED_POLICY")
                               or "reject")
         if redis_url is None:
@@ -117,9 +139,20 @@ class NodeConfig:
                    discovery=discovery, redis_url=redis_url or None,
                    unauthorized_policy=policy,
                    passphrase=passphrase or env.get("DMODEL_PASSPHRASE") or None,
-                   skew=skew, redis_prefix=redis_prefix,
+                   skew=skew, redis_prefix=redis_prefix, lan=lan,
                    retention=Retention.parse(retention if retention is not None
                                              else env.get("DMODEL_RETENTION") or None))
 
 
-__all__ = ["NodeConfig", "default_home", "env_bool", "env_peers"]
+def check_endpoint(endpoint: str) -> str:
+    """``endpoint`` if it has a transport (``tcp://10.0.0.1:7600``); ConfigurationError with
+    the fix otherwise."""
+    if not isinstance(endpoint, str) or "://" not in endpoint:
+        hint = f" (did you mean 'tcp://{endpoint}'?)" if isinstance(endpoint, str) \
+            and ":" in endpoint else ""
+        raise ConfigurationError(f"a peer endpoint is transport://address, e.g. "
+                                 f"tcp://10.0.0.1:7600, not {endpoint!r}{hint}")
+    return endpoint
+
+
+__all__ = ["LAN_PORT", "NodeConfig", "check_endpoint", "default_home", "env_bool", "env_peers"]

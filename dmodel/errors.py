@@ -5,6 +5,7 @@
     │   └── ModelDefinitionError               bad DModel/DField/DAction declaration
     ├── NodeNotRunningError                    no node launched, or it was shut down
     ├── ObjectNotFoundError (LookupError)      unknown db_id (Model.DoesNotExist derives from it)
+    ├── WaitTimeout (TimeoutError)             obj.wait()/wait_for(): nothing arrived in time
     ├── FieldError
     │   ├── FieldTypeError (TypeError)         value of the wrong type for the field
     │   └── FieldValueError (ValueError)       value too large or of an unsupported shape
@@ -55,6 +56,10 @@ class NodeNotRunningError(DModelError):
 
 class ObjectNotFoundError(DModelError, LookupError):
     """No object with this db_id is known to the node."""
+
+
+class WaitTimeout(DModelError, TimeoutError):
+    """A wait (``obj.wait()``, ``field.wait()``, ``dmodel.wait_for()``) ran out of time."""
 
 
 class FieldError(DModelError):
@@ -218,4 +223,5 @@ __all__ = [
     "ToolError",
     "UnauthorizedError",
     "VetoedError",
+    "WaitTimeout",
 ]

@@ -27,12 +27,16 @@ from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 from . import host, merge
+from .crypto import is_oid
 from .errors import (
     ConfigurationError,
+    DecryptionError,
+    FieldError,
     FieldTypeError,
     FieldValueError,
     MalformedUpdate,
     ModelDefinitionError,
+    NodeNotRunningError,
     ObjectNotFoundError,
     OversizedUpdate,
     UnauthorizedError,
@@ -59,6 +63,37 @@ def _node(node: Any) -> host.ModelHost:
     if node is not None:
         return node  # type: ignore[no-any-return]
     return host.default_host()  # type: ignore[no-any-return]
+
+
+def _as_id(value: Any) -> str:
+    """A db_id, given as a string or as the object itself (``Person([chief])``)."""
+    if isinstance(value, DModel):
+        return value.db_id
+    if isinstance(value, str):
+        return value
+    raise FieldTypeError(f"a db_id (str) or a DModel object is expected, not "
+                         f"{type(value).__name__}")
+
+
+def _id_shape(model: str) -> str:
+    return (f"a db_id looks like '{model}:' followed by 32 base32 characters (a-z, 2-7), "
+            "as obj.get_db_id() prints it")
+
+
+def check_db_id(db_id: str, model: str | None = None) -> tuple[str, str]:
+    """Split a well-formed db_id into (model, oid); ObjectNotFoundError saying what an id
+    looks like otherwise (of ``model`` if given)."""
+    name, sep, oid = db_id.partition(":")
+    shape = _id_shape(model or "Model")
+    if not sep and is_oid(db_id):
+        raise ObjectNotFoundError(f"{db_id!r} is an object id without its model: {shape} "
+                                  f"(did you mean '{model or 'Model'}:{db_id}'?)")
+    if not sep or not name.isidentifier() or not is_oid(oid):
+        raise ObjectNotFoundError(f"{db_id!r} is not a db_id: {shape}")
+    return name, oid
+
+
+_WAIT = 10.0  # seconds obj.wait() and friends wait by default
 
 
 class _ModelOptions:
@@ -154,6 +189,9 @@ def _check_value(name: str | None, value: Any) -> None:
         raise FieldValueError(f"field {name!r}: {exc}") from None
 
 
+_ANY = object()  # no value given / none there
+
+
 class BoundField:
     """A field of one object: ``get()``, ``set(value)``, ``delete()``."""
 
@@ -171,8 +209,32 @@ class BoundField:
         if default is None:
             default = self.field.default
         obj = self.obj
-        return obj._node.read(obj.db_id, self.field.name, reader=obj._caller or None,
-                              verified=verified, default=default)
+        return obj._read(self.field.name, verified=verified, default=default)
+
+    def wait(self, value: Any = _ANY, timeout: float = _WAIT) -> Any:
+        """Block until the field holds a value (equal to ``value`` if given) and return it;
+        WaitTimeout (a TimeoutError) after ``timeout`` seconds."""
+        obj, name = self.obj, self.field.name
+        seen: list[str] = []
+
+        def arrived() -> tuple[Any] | None:
+            try:
+                current = obj._read(name, default=_ANY)
+            except DecryptionError as exc:
+                seen[:] = [str(exc)]
+                return None
+            if current is _ANY:
+                seen[:] = ["no value yet" if obj._node.exists(obj.db_id)
+                           else "the object has not arrived"]
+                return None
+            seen[:] = [f"it is {current!r}"]
+            return (current,) if value is _ANY or current == value else None
+
+        what = f"{obj.db_id} {name}" + ("" if value is _ANY else f" = {value!r}")
+        try:
+            return obj._node.wait(arrived, timeout, what)[0]
+        except TimeoutError as exc:
+            raise type(exc)(f"{exc} ({seen[0] if seen else 'nothing arrived'})") from None
 
     def set(self, value: Any) -> None:
         """Write a new value: one signed update (or part of the current transaction)."""
@@ -222,9 +284,7 @@ class BoundDict:
         return f"{self.field.name}:{key}"
 
     def get(self, key: str, default: Any = None) -> Any:
-        obj = self.obj
-        return obj._node.read(obj.db_id, self._register(key), reader=obj._caller or None,
-                              default=default)
+        return self.obj._read(self._register(key), default=default)
 
     def set(self, key: str, value: Any) -> None:
         self._register(key)
@@ -248,8 +308,7 @@ class BoundDict:
 
     def keys(self) -> list[str]:
         prefix = f"{self.field.name}:"
-        return sorted(k[len(prefix):] for k in self.obj._node.read_all(self.obj.db_id)
-                      if k.startswith(prefix))
+        return sorted(k[len(prefix):] for k in self.obj._registers() if k.startswith(prefix))
 
     def items(self) -> list[tuple[str, Any]]:
         return [(k, self.get(k)) for k in self.keys()]
@@ -336,9 +395,7 @@ class BoundList:
         return ids[0]
 
     def _read(self, element: bytes) -> Any:
-        obj = self.obj
-        return obj._node.read(obj.db_id, element_register(self.field.name, element),
-                              reader=obj._caller or None)
+        return self.obj._read(element_register(self.field.name, element))
 
     def at(self, index: int) -> Any:
         """The value at ``index``."""
@@ -517,31 +574,76 @@ class DModel:
         _models[name] = cls
         host.register_model_policy(name, cls._meta.policy)
 
-    def __init__(self, authorized_or_id: Iterable[str] | str | None = None,
-                 caller_id: str | None = None, *, node: Any = None) -> None:
-        self._node = _node(node)
+    def __init__(self, authorized_or_id: Iterable[str | DModel] | str | None = None,
+                 caller_id: str | DModel | None = None, *, node: Any = None) -> None:
+        self._host_node = _node(node)
+        caller = None if caller_id is None else _as_id(caller_id)
         if isinstance(authorized_or_id, str):
-            self._open(authorized_or_id, caller_id)
+            self._open(authorized_or_id, caller)
         else:
-            authorized = list(authorized_or_id or ())
+            if isinstance(authorized_or_id, DModel):
+                raise FieldTypeError(f"{self._meta.name}({authorized_or_id!r}): to open an "
+                                     f"object pass its db_id; to create one authorizing it, "
+                                     f"pass a list: {self._meta.name}([...])")
+            authorized = [_as_id(a) for a in authorized_or_id or ()]
             db_id = self._node.create(self._meta.name, read=authorized, update=authorized)
-            self._bind(db_id, caller_id if caller_id is not None else db_id)
+            self._bind(db_id, caller if caller is not None else db_id)
 
     def _open(self, db_id: str, caller_id: str | None) -> None:
-        model, _, _ = db_id.partition(":")
+        """A handle on ``db_id``, arrived here or not (reads give defaults until it does);
+        DoesNotExist for a malformed id, one of another model, or one removed here."""
+        try:
+            model, _ = check_db_id(db_id, self._meta.name)
+        except ObjectNotFoundError as exc:
+            raise self.DoesNotExist(str(exc)) from None
         if model != self._meta.name:
-            raise self.DoesNotExist(f"{db_id} is not a {self._meta.name}")
-        if not self._node.exists(db_id):
-            raise self.DoesNotExist(f"{db_id} is not known to this node (or was removed)")
+            raise self.DoesNotExist(f"{db_id} is not a {self._meta.name} (its model is {model})")
+        if self._node.object_state(db_id) == "removed":
+            raise self.DoesNotExist(self._removed_message(db_id))
         self._bind(db_id, db_id if caller_id is None else caller_id)
+
+    @staticmethod
+    def _removed_message(db_id: str) -> str:
+        return f"{db_id} was removed on this node (removal is final)"
 
     def _bind(self, db_id: str, caller: str) -> None:
         self.db_id = db_id
         self._caller = caller
 
+    @property
+    def _node(self) -> Any:
+        node = self._host_node
+        if getattr(node, "closed", False):
+            home = str(getattr(node, "home", "HOME"))
+            raise NodeNotRunningError(
+                f"the node of {self.db_id} was shut down; reopen it: node = "
+                f"dmodel.Node({home!r}) (or dmodel.launch({home!r})), then "
+                f"{self._meta.name}({self.db_id!r}, {self._caller!r}, node=node)")
+        return node
+
+    def _read(self, name: str, *, verified: bool = False, default: Any = None) -> Any:
+        """Register ``name`` read as this handle's caller; ``default`` while the object
+        has not arrived here, DoesNotExist once it was removed here."""
+        node = self._node
+        try:
+            return node.read(self.db_id, name, reader=self._caller or None,
+                             verified=verified, default=default)
+        except ObjectNotFoundError:
+            if node.object_state(self.db_id) == "removed":
+                raise self.DoesNotExist(self._removed_message(self.db_id)) from None
+            return default
+
+    def _registers(self) -> dict[str, Any]:
+        node = self._node
+        regs = node.read_all(self.db_id)
+        if not regs and node.object_state(self.db_id) == "removed":
+            raise self.DoesNotExist(self._removed_message(self.db_id))
+        return regs  # type: ignore[no-any-return]
+
     @classmethod
-    def create(cls, *, authorized: Iterable[str] = (), read: Iterable[str] = (),
-               update: Iterable[str] = (), node: Any = None, **values: Any) -> Any:
+    def create(cls, *, authorized: Iterable[str | DModel] = (),
+               read: Iterable[str | DModel] = (), update: Iterable[str | DModel] = (),
+               node: Any = None, **values: Any) -> Any:
         """Create an owned object with initial values, in one signed update.
 
         ``authorized`` ids may read and update it; ``read``/``update`` grant one of the two.
@@ -556,7 +658,8 @@ class DModel:
                 raise FieldValueError(f"{attr!r} is a dict field: set its entries after create")
             field.check(value)
         n = _node(node)
-        authorized = list(authorized)
+        authorized = [_as_id(a) for a in authorized]
+        read, update = [_as_id(a) for a in read], [_as_id(a) for a in update]
 
         def initial(db_id: str, readers: dict[str, bytes]) -> list[Op]:
             ops = []
@@ -572,7 +675,7 @@ class DModel:
         db_id = n.create(cls._meta.name, read=[*authorized, *read],
                          update=[*authorized, *update], fields=initial)
         obj = cls.__new__(cls)
-        obj._node = n
+        obj._host_node = n
         obj._bind(db_id, db_id)
         return obj
 
@@ -617,10 +720,29 @@ class DModel:
 
     def keys(self) -> list[str]:
         """Names of the fields (and dict entries, as ``field:key``) that hold a value."""
-        return sorted(self._node.read_all(self.db_id))
+        return sorted(self._registers())
 
     def exists(self) -> bool:
+        """Whether the object is here and not removed (False before its create arrives)."""
         return self._node.exists(self.db_id)
+
+    def is_removed(self) -> bool:
+        """Whether the object was removed on this node (final; not the same as not
+        arrived yet, where ``exists()`` is False too)."""
+        return self._node.object_state(self.db_id) == "removed"
+
+    def wait(self, timeout: float = _WAIT) -> DModel:
+        """Block until the object's create has arrived here; returns self. WaitTimeout (a
+        TimeoutError) after ``timeout`` seconds, DoesNotExist if it was removed."""
+        node, db_id = self._node, self.db_id
+
+        def arrived() -> str | None:
+            state = node.object_state(db_id)
+            return None if state == "unknown" else state
+
+        if node.wait(arrived, timeout, f"{db_id} (its create)") == "removed":
+            raise self.DoesNotExist(self._removed_message(db_id))
+        return self
 
     # -------------------------------------------------------------- changes
     def _submit(self, build: Any) -> None:
@@ -644,7 +766,10 @@ class DModel:
                 BoundField(self, f).delete()
                 return
         _check_name(field)
-        self._submit(lambda: Op(self.db_id, "del", field))
+        declared = ", ".join(f.name for f in self._meta.fields.values()
+                             if isinstance(f, DField) and f.name) or "none"
+        raise FieldError(f"{self._meta.name} has no field {field!r} to delete "
+                         f"(its fields: {declared})")
 
     def remove(self) -> None:
         """Remove the object for good, on every node."""
@@ -661,10 +786,12 @@ class DModel:
             yield self
 
     # ------------------------------------------------------- authorization
-    def is_read_authorized(self, object_id: str) -> bool:
+    def is_read_authorized(self, object_id: str | DModel) -> bool:
+        object_id = _as_id(object_id)
         return object_id == self.db_id or object_id in self._node.members(self.db_id, "r")
 
-    def is_update_authorized(self, object_id: str) -> bool:
+    def is_update_authorized(self, object_id: str | DModel) -> bool:
+        object_id = _as_id(object_id)
         return object_id == self.db_id or object_id in self._node.members(self.db_id, "u")
 
     def read_authorized(self) -> list[str]:
@@ -673,21 +800,25 @@ class DModel:
     def update_authorized(self) -> list[str]:
         return sorted(self._node.members(self.db_id, "u"))
 
-    def append_read_authorized(self, object_id: str) -> None:
+    def append_read_authorized(self, object_id: str | DModel) -> None:
         """Let ``object_id`` read encrypted fields, including the current values."""
+        object_id = _as_id(object_id)
         self._submit(lambda: self._node.grant_read_op(self.db_id, object_id, self._caller))
 
-    def revoke_read_authorized(self, object_id: str) -> None:
+    def revoke_read_authorized(self, object_id: str | DModel) -> None:
         """Stop sealing new values for ``object_id`` (values it could read stay readable)."""
+        object_id = _as_id(object_id)
         self._submit(lambda: Op(self.db_id, "revoke_read", "", {"id": object_id}))
 
-    def append_update_authorized(self, object_id: str) -> None:
+    def append_update_authorized(self, object_id: str | DModel) -> None:
         """Let ``object_id`` change this object."""
+        object_id = _as_id(object_id)
         self._submit(lambda: Op(self.db_id, "grant_update", "", {"id": object_id}))
 
-    def revoke_update_authorized(self, object_id: str) -> None:
+    def revoke_update_authorized(self, object_id: str | DModel) -> None:
         """Stop ``object_id`` from changing this object: only its updates accepted here so
         far stay valid, on every node (see the security model in README)."""
+        object_id = _as_id(object_id)
         self._submit(lambda: self._node.revoke_update_op(self.db_id, object_id))
 
     # --------------------------------------------------------------- misc
@@ -711,13 +842,14 @@ def _check_name(field: str) -> None:
 
 
 @contextlib.contextmanager
-def transaction(caller: str, *, node: Any = None) -> Iterator[_Transaction]:
+def transaction(caller: str | DModel, *, node: Any = None) -> Iterator[_Transaction]:
     """``with dmodel.transaction(caller_id):`` signs every change made inside as one update.
 
     Changes to several objects may be collected, all used as the same caller.
     Nested blocks join the outer one.
     """
     n = _node(node)
+    caller = _as_id(caller)
     outer: _Transaction | None = getattr(_tx, "current", None)
     if outer is not None:
         if outer.caller != caller or outer.node is not n:
@@ -745,6 +877,22 @@ def object_list(filter: str = "*", *, node: Any = None) -> list[str]:
     return [i for i in n.object_ids(matcher.model) if matcher.match(i)]
 
 
+def wait_for(db_id: str | DModel, timeout: float = _WAIT, *, node: Any = None) -> None:
+    """Block until the create of ``db_id`` has arrived on the node (default: the one
+    ``dmodel.launch()`` started). WaitTimeout (a TimeoutError) after ``timeout`` seconds;
+    ObjectNotFoundError at once for a malformed id or one removed here."""
+    db_id = _as_id(db_id)
+    check_db_id(db_id)
+    n = _node(node)
+
+    def arrived() -> str | None:
+        state = n.object_state(db_id)
+        return None if state == "unknown" else state
+
+    if n.wait(arrived, timeout, f"{db_id} (its create)") == "removed":
+        raise ObjectNotFoundError(DModel._removed_message(db_id))
+
+
 def object_list_owned(filter: str = "*", *, node: Any = None) -> list[str]:
     """Like ``object_list``, only objects this node owns."""
     n = _node(node)
@@ -753,4 +901,4 @@ def object_list_owned(filter: str = "*", *, node: Any = None) -> list[str]:
 
 __all__ = ["BoundDict", "BoundField", "BoundList", "DDict", "DField", "DList", "DModel",
            "model_class",
-           "object_list", "object_list_owned", "transaction"]
+           "object_list", "object_list_owned", "transaction", "wait_for"]

@@ -10,6 +10,12 @@ from hypothesis import HealthCheck, settings
 
 import dmodel
 
+# launch() with no network argument joins the LAN (discovery on, listening on
+# 0.0.0.0): no test may do that outside a network namespace it made. Tests that check
+# that default delete this variable themselves (monkeypatch) and bind only inside such a
+# namespace, or only resolve the configuration.
+os.environ["DMODEL_DISCOVERY"] = "0"
+
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],
     derandomize=True,

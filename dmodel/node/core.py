@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +33,7 @@ from ..errors import (
     NodeNotRunningError,
     ObjectNotFoundError,
     RejectedError,
+    WaitTimeout,
 )
 from ..update import Op, Update
 from . import audit, rights
@@ -41,6 +43,10 @@ from .home import open_home
 from .sealing import Sealer, live_meta
 
 logger = logging.getLogger(__name__)
+
+# Seconds after the network starts by which a configured peer should have answered;
+# one that has not is named in a warning (and in ``unreached_peers()``).
+PEER_REACH_SECONDS = 5.0
 
 
 def _shutdown_at_exit(ref: weakref.ref[Node]) -> None:
@@ -110,6 +116,11 @@ class Node:
         self.stats = self.applier.stats
         self._heads: dict[str, bytes] = {}
         self._closed = False
+        self._network_started = 0.0
+        self._reach_check: threading.Timer | None = None
+        # Woken after every stored update (and at shutdown): what wait() sleeps on.
+        self._arrivals = threading.Condition()
+        self.on_accepted(self._wake_waiters)
         self.network: Any = None
         self._network_options = dict(network_options or {}, curve=curve, broker=broker)
         if self.clock.ahead_ms() > self.skew_ms:
@@ -149,7 +160,33 @@ class Node:
                   if v is not None}
         self.network = NetworkService(self, listen=self.listen, peers=self.peers,
                                       discovery=self.discovery, **merged)
+        self._network_started = time.monotonic()
+        if self.peers:
+            self._reach_check = threading.Timer(PEER_REACH_SECONDS, self._warn_unreached)
+            self._reach_check.daemon = True
+            self._reach_check.start()
         return self.network
+
+    def unreached_peers(self, after: float = PEER_REACH_SECONDS) -> list[str]:
+        """Configured peer endpoints with no connection yet, once the network has run
+        ``after`` seconds (before that, and without a network: none)."""
+        network = self.network
+        if network is None or self._closed or \
+                time.monotonic() - self._network_started < after:
+            return []
+        reached = {p.endpoint for p in network.peers().values() if p.connected}
+        return [e for e in self.peers if e not in reached]
+
+    def _warn_unreached(self) -> None:
+        try:
+            for endpoint in self.unreached_peers(0):
+                logger.warning("peer %s not reached within %g s: is a node running and "
+                               "listening there, on an address this host can reach (not "
+                               "127.0.0.1 of another host)? is a firewall in the way? "
+                               "(it is connected as soon as it answers)",
+                               endpoint, PEER_REACH_SECONDS)
+        except DModelError:  # shut down meanwhile
+            pass
 
     def policy_for(self, model: str) -> merge.Policy:
         """The policy for unauthorized updates to ``model`` (its Meta, else the node's)."""
@@ -158,6 +195,27 @@ class Node:
     def on_accepted(self, callback: Callable[[Update, bool], None]) -> None:
         """Call ``callback(update, local)`` after every stored update (the bus publishes)."""
         self.applier.on_accepted(callback)
+
+    def _wake_waiters(self, update: Update, local: bool) -> None:
+        with self._arrivals:
+            self._arrivals.notify_all()
+
+    def wait(self, predicate: Callable[[], Any], timeout: float = 10.0,
+             what: str = "the condition") -> Any:
+        """Block until ``predicate()`` is truthy and return its value; it is checked now
+        and after every update this node stores. WaitTimeout after ``timeout`` seconds,
+        NodeNotRunningError if the node is shut down meanwhile."""
+        deadline = time.monotonic() + timeout
+        with self._arrivals:
+            while True:
+                self._check_open()
+                result = predicate()
+                if result:
+                    return result
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout(f"{what}: not there after {timeout:g} s")
+                self._arrivals.wait(remaining)
 
     # -------------------------------------------------------------- pipeline
     def ingest(self, raw: bytes) -> pipeline.Decision | None:
@@ -302,6 +360,15 @@ class Node:
         meta = self.store.object_meta(db_id)
         return meta is not None and meta.removed is None
 
+    def object_state(self, db_id: str) -> str:
+        """``"live"``, ``"removed"`` (removed here, final) or ``"unknown"`` (its create has
+        not arrived here, or never will)."""
+        self._check_open()
+        meta = self.store.object_meta(db_id)
+        if meta is None:
+            return "unknown"
+        return "live" if meta.removed is None else "removed"
+
     def read(self, db_id: str, name: str, *, reader: str | None = None,
              verified: bool = False, default: Any = None) -> Any:
         """The current value of register ``name``; decrypted as ``reader`` if encrypted."""
@@ -386,7 +453,9 @@ class Node:
     # -------------------------------------------------------------- lifecycle
     def _check_open(self) -> None:
         if self._closed:
-            raise NodeNotRunningError("this node was shut down")
+            raise NodeNotRunningError(f"this node was shut down; reopen its home with "
+                                      f"dmodel.Node({str(self.home)!r}) or "
+                                      f"dmodel.launch({str(self.home)!r})")
 
     @property
     def closed(self) -> bool:
@@ -397,7 +466,11 @@ class Node:
         if self._closed:
             return
         self._closed = True
+        with self._arrivals:
+            self._arrivals.notify_all()  # waiters see the node closed
         self.applier.future.stop()
+        if self._reach_check is not None:
+            self._reach_check.cancel()
         if self.network is not None:
             try:
                 self.network.close()

@@ -714,7 +714,8 @@ class ListenerPersonPreventUnauthorized(pydinemic.DAction):
 
 
 def test_walkthrough_listeners(tmp_path, make_node, capsys) -> None:
-    node = dmodel.launch(home=tmp_path / "default", unauthorized_policy="listeners")
+    node = dmodel.launch(home=tmp_path / "default", unauthorized_policy="listeners",
+                         network=False)
 
     listener = ListenerPersonCreate()
     listener.apply('Person:[id]')

@@ -152,19 +152,19 @@ def test_chief_updates_the_worker_from_node_b(office) -> None:
 
 
 def test_launch_and_shutdown(tmp_path) -> None:
-    node = dmodel.launch(home=tmp_path / "g")
+    node = dmodel.launch(home=tmp_path / "g", network=False)
     assert dmodel.default_node() is node
     p = Person([])
     p.name.set("global")
     db_id = p.db_id
     with pytest.raises(dmodel.ConfigurationError):
-        dmodel.launch(home=tmp_path / "other")
+        dmodel.launch(home=tmp_path / "other", network=False)
     dmodel.shutdown()
     with pytest.raises(NodeNotRunningError):
         Person([])
     with pytest.raises(NodeNotRunningError):
         p.name.get()
-    dmodel.launch(home=tmp_path / "g")
+    dmodel.launch(home=tmp_path / "g", network=False)
     assert Person(db_id).name.get() == "global"
     assert Person(db_id).is_owned()
     dmodel.shutdown()

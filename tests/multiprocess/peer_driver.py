@@ -61,6 +61,28 @@ def redis_pid(home: Path) -> int | None:
     return RedisLayout.of(home).pid()
 
 
+def add_netns(name: str) -> None:
+    """``ip netns add name``, or skip the test (with the reason) where namespaces cannot be
+    made: not root, no ``ip``, EPERM in a restricted container."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (ip netns add)")
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command (iproute2) to create network namespaces")
+    try:
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True,
+                       text=True, timeout=15)
+    except subprocess.CalledProcessError as exc:
+        if "not permitted" in exc.stderr or "denied" in exc.stderr:
+            pytest.skip(f"cannot create network namespaces here: {exc.stderr.strip()}")
+        raise
+
+
 def kill_redis(home: Path) -> bool:
     """SIGKILL the home's redis-server by the pid in its pidfile (never by name).
 

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import subprocess
 
 import pytest
 from helpers import wait_until
-from peer_driver import PeerProc, driver_argv, kill_redis
+from peer_driver import PeerProc, add_netns, driver_argv, kill_redis
 
 pytestmark = [pytest.mark.netns, pytest.mark.multiprocess, pytest.mark.timeout(90)]
 
@@ -43,20 +42,11 @@ def _ip(*args: str) -> None:
 @pytest.fixture
 def lan():
     """Three namespaces bridged on 10.77.0.0/24; yields their names."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (ip netns add)")
-    if shutil.which("ip") is None:
-        pytest.skip("no `ip` command (iproute2) to create network namespaces")
     prefix = f"dmt{os.getpid()}x{next(_runs)}"
     hub, hosts = f"{prefix}hub", [f"{prefix}n{i}" for i in (1, 2, 3)]
     created: list[str] = []
     try:
-        try:
-            _ip("netns", "add", hub)
-        except subprocess.CalledProcessError as exc:
-            if "not permitted" in exc.stderr or "denied" in exc.stderr:
-                pytest.skip(f"cannot create network namespaces here: {exc.stderr.strip()}")
-            raise
+        add_netns(hub)
         created.append(hub)
         _ip("-n", hub, "link", "add", "br0", "type", "bridge")
         _ip("-n", hub, "link", "set", "br0", "up")

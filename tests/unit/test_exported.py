@@ -16,7 +16,7 @@ def test_public_names_are_pinned() -> None:
         "ObjectNotFoundError", "OversizedUpdate", "RejectedError", "ReplayedUpdate",
         "StaleUpdate", "StoreError", "StoreUnavailableError", "UnauthorizedError",
         "VetoedError", "default_node", "launch", "object_list",
-        "object_list_owned", "set_loglevel", "shutdown", "transaction",
+        "object_list_owned", "set_loglevel", "shutdown", "transaction", "wait_for",
     ])
     for name in dmodel.__all__:
         assert getattr(dmodel, name) is not None
@@ -32,6 +32,7 @@ def test_every_exception_derives_from_the_root() -> None:
     assert issubclass(errors.FieldTypeError, TypeError)
     assert issubclass(errors.ProtocolError, errors.NetworkError)
     assert issubclass(errors.ProtocolError, ValueError)
+    assert issubclass(errors.WaitTimeout, TimeoutError)
 
 
 def test_the_tools_raise_from_the_tree() -> None:
