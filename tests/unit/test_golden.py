@@ -30,6 +30,13 @@ def _identity(seed_hex: str) -> Identity:
     return Identity.from_seed(bytes.fromhex(seed_hex))
 
 
+def _encrypted_ops(me_id: str, envelope: dict) -> list[Op]:
+    return [Op(me_id, "set_enc", "salary", envelope),
+            Op(me_id, "dset", "tags", ["colour", "red"]),
+            Op(me_id, "dset_enc", "secrets", ["pin", envelope]),
+            Op(me_id, "ddel", "tags", "size"), Op(me_id, "del", "nickname")]
+
+
 def _ops(name: str, me: Identity, other: Identity) -> list[Op]:
     me_id, other_id = f"Person:{me.oid}", f"Person:{other.oid}"
     if name == "create":
@@ -42,11 +49,8 @@ def _ops(name: str, me: Identity, other: Identity) -> list[Op]:
                 Op(me_id, "set", "big", (1 << 64) - 1), Op(me_id, "set", "neg", -(1 << 63)),
                 Op(me_id, "set", "doc", {"tags": ["a", "b"], "n": {"x": 1}})]
     if name == "encrypted_and_dict":
-        envelope = {"b": bytes(range(64)), "k": {me.oid: bytes(80), other.oid: b"\x01" * 80}}
-        return [Op(me_id, "set_enc", "salary", envelope),
-                Op(me_id, "dset", "tags", ["colour", "red"]),
-                Op(me_id, "dset_enc", "secrets", ["pin", envelope]),
-                Op(me_id, "ddel", "tags", "size"), Op(me_id, "del", "nickname")]
+        wraps = {me.oid: bytes(80), other.oid: b"\x01" * 80}
+        return _encrypted_ops(me_id, {"b": bytes(range(64)), "k": wraps})
     if name == "authorization":
         return [Op(me_id, "grant_read", "", {"id": other_id, "w": {bytes(34): b"\x02" * 80}}),
                 Op(me_id, "revoke_update", "", {"id": other_id, "f": [bytes(32), b"\x03" * 32]})]
@@ -66,11 +70,8 @@ def _grants(name: str, other: Identity) -> dict[str, bytes] | None:
 def _ops_v1(name: str, me: Identity, other: Identity) -> list[Op]:
     me_id, other_id = f"Person:{me.oid}", f"Person:{other.oid}"
     if name == "encrypted_and_dict":
-        envelope = {"c": bytes(range(40)), "k": {me.oid: bytes(80), other.oid: b"\x01" * 80}}
-        return [Op(me_id, "set_enc", "salary", envelope),
-                Op(me_id, "dset", "tags", ["colour", "red"]),
-                Op(me_id, "dset_enc", "secrets", ["pin", envelope]),
-                Op(me_id, "ddel", "tags", "size"), Op(me_id, "del", "nickname")]
+        wraps = {me.oid: bytes(80), other.oid: b"\x01" * 80}
+        return _encrypted_ops(me_id, {"c": bytes(range(40)), "k": wraps})
     if name == "authorization":
         return [Op(me_id, "grant_read", "", {"id": other_id, "w": {bytes(34): b"\x02" * 80}}),
                 Op(me_id, "revoke_update", "", {"id": other_id})]
