@@ -16,7 +16,11 @@ from .. import merge
 from ..errors import IntegrityError, InvalidUpdate
 from ..pipeline import signing_key
 from ..store.base import Store
-from ..update import LIST_OPS, Op, Update, decode, op_register
+from ..update import FIELD_OPS, LIST_OPS, Op, Update, decode, op_register
+
+# What unpacking or checking a damaged stored register can raise (msgpack's errors are
+# ValueErrors; a value of the wrong shape gives TypeError or IndexError).
+_DAMAGED = (ValueError, TypeError, IndexError, KeyError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +107,13 @@ def verify_store(store: Store) -> list[str]:
     """Re-check every stored value and log entry; return a list of problems (empty = ok)."""
     problems: list[str] = []
     for db_id in store.object_ids():
-        for name, reg in store.registers(db_id).items():
+        for name, reg in _stored_registers(store, db_id, problems).items():
             try:
                 verify_register(store, db_id, name, reg)
             except IntegrityError as exc:
                 problems.append(str(exc))
+            except _DAMAGED as exc:
+                problems.append(f"{db_id}:{name}: stored register is damaged: {exc!r}")
         for uid in store.history(db_id):
             if not store.has_update(uid):
                 problems.append(f"{db_id}: history names missing update {uid.hex()[:12]}")
@@ -133,6 +139,41 @@ def verify_store(store: Store) -> list[str]:
         except InvalidUpdate:
             problems.append(f"update {uid.hex()[:12]}: signature does not verify")
     return problems
+
+
+def _stored_registers(store: Store, db_id: str, problems: list[str]) -> dict[str, merge.Register]:
+    """The object's registers. If one does not unpack, those that do, found by the names
+    its updates wrote, and a problem naming each damaged one (or the object, when the
+    damaged register has a name no stored update wrote)."""
+    try:
+        return store.registers(db_id)
+    except _DAMAGED as exc:
+        whole = exc
+    names: set[str] = set()
+    for raw in store.raw_updates([*store.history(db_id), *store.history(db_id, held=True)]):
+        if raw is None:
+            continue  # reported as missing below
+        try:
+            update = decode(raw)
+        except InvalidUpdate:
+            continue  # reported by the log check
+        names.update(op_register(op, update.id, index) for index, op in enumerate(update.ops)
+                     if op.obj == db_id and op.op in FIELD_OPS)
+    out: dict[str, merge.Register] = {}
+    damaged = []
+    for name in sorted(names):
+        try:
+            reg = store.register(db_id, name)
+        except _DAMAGED:
+            damaged.append(name)
+            continue
+        if reg is not None:
+            out[name] = reg
+    problems.extend(f"{db_id}:{name}: stored register is damaged (not a register)"
+                    for name in damaged)
+    if not damaged:
+        problems.append(f"{db_id}: a stored register no update wrote is damaged: {whole!r}")
+    return out
 
 
 def history(store: Store, db_id: str, field: str | None = None, *,
