@@ -229,7 +229,9 @@ class Applier:
             if verdict == pipeline.MISSING:
                 if not local:
                     self.pending.park(update, decision.missing)
-                    if self.pending.has_gaps:
+                    # Links go missing for good only where retention prunes; while the
+                    # default keeps everything, an update waits for its link as before.
+                    if self.pruner.active and self.pending.has_gaps:
                         self.future.wake()
                 continue
             if verdict == pipeline.HELD:
@@ -316,6 +318,8 @@ class Applier:
         """Decide the updates that waited ``waited`` s or more for a chain link alone
         (``0``: all of them, now). Under the apply lock. True while gaps remain."""
         with self.lock:
+            if waited and not self.pruner.active:
+                return False
             gaps = self.pending.take_gaps(waited)
             if gaps:
                 self._gap_ok = {u.id for u in gaps}
