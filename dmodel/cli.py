@@ -316,6 +316,9 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
         click.echo(f"endpoint {process.endpoint}")
         sys.stdout.flush()
         process.run(stdin_commands=stdin_commands, status_interval=status_interval)
+    if process.failure is not None:
+        raise NetworkError(f"the peer stopped abnormally: {type(process.failure).__name__}: "
+                           f"{process.failure}")
     return 0
 
 
@@ -397,9 +400,11 @@ def status(home: Path | None, redis_url: str | None, passphrase: str | None,
 @click.option("--owned", is_flag=True, help="Only objects this home owns.")
 def ls_command(home: Path | None, redis_url: str | None, passphrase: str | None,
                as_json: bool, filter: str, owned: bool) -> int:
-    """List the objects matching FILTER, such as 'Person:*' (default: all)."""
+    """List the objects matching FILTER, such as 'Person:*' or just 'Person' (default: all)."""
     from .model import object_list
 
+    if filter.isidentifier():  # a model name: its objects
+        filter = f"{filter}:*"
     with _open_node(home, redis_url, passphrase) as node:
         ids = object_list(filter, node=node)
         rows = [{"db_id": i, "owned": node.is_owned(i),

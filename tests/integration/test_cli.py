@@ -147,6 +147,13 @@ def test_ls(capsys, homes):
     assert homes["worker"] in out
 
 
+def test_ls_of_a_model_name_means_its_objects(capsys, homes):
+    code, out, _ = run(capsys, "ls", "--home", homes["a"], "--json", "Person")
+    assert code == 0
+    assert sorted(r["db_id"] for r in json.loads(out)) == sorted([homes["worker"],
+                                                                  homes["chief"]])
+
+
 def test_show_decrypts_where_the_keyring_allows(capsys, homes):
     code, out, _ = run(capsys, "show", homes["worker"], "--home", homes["a"], "--json")
     assert code == 0
@@ -502,6 +509,39 @@ def test_peer_speaks_the_stdin_protocol(children, tmp_path):
         "ObjectNotFoundError"
     assert peer.ask(op="quit") == {"ok": True}
     assert peer.proc.wait(20) == 0
+
+
+@pytest.mark.parametrize("request_", [
+    {"op": "wait_peers", "n": 1e400}, {"op": "wait_peers", "n": 1, "timeout": 1e400},
+    {"op": "wait_peers", "n": -1}, {"op": "wait_peers", "n": 1.5}, {"op": "wait_peers",
+                                                                    "n": "two"},
+    {"op": "wait", "db_id": "Person:x", "timeout": float("nan")},
+    {"op": "fill", "db_id": "Person:x", "field": "f", "count": True}, [1, 2], "text", 1e400,
+], ids=repr)
+def test_peer_answers_every_bad_request_and_keeps_serving(children, tmp_path, request_):
+    peer = children(*peer_args(tmp_path / "p", "--stdin-commands"))
+    peer.line()
+    peer.proc.stdin.write(json.dumps(request_) + "\n")
+    peer.proc.stdin.flush()
+    answer = json.loads(peer.line())
+    assert answer["ok"] is False and answer["error"] == "ProtocolError", answer
+    assert peer.ask(op="ping")["ok"]
+    assert peer.ask(op="quit") == {"ok": True}
+    assert peer.proc.wait(20) == 0
+
+
+def test_an_abnormal_stop_of_the_peer_exits_non_zero(children, tmp_path):
+    commands = tmp_path / "crash.py"
+    commands.write_text("class Crash:\n    def __init__(self, peer):\n        pass\n"
+                        "    def op_crash(self, request):\n"
+                        "        raise SystemExit('the channel dies')\n")
+    peer = children(*peer_args(tmp_path / "p", "--stdin-commands", "--commands",
+                               f"{commands}:Crash"))
+    peer.line()
+    peer.proc.stdin.write(json.dumps({"op": "crash"}) + "\n")
+    peer.proc.stdin.flush()
+    assert peer.proc.wait(20) != 0
+    assert "stopped abnormally" in "".join(peer.errors)
 
 
 def test_peer_stops_cleanly_on_sigterm_and_sigint(children, tmp_path):
