@@ -92,6 +92,23 @@ def _live_store_url(home: Path) -> str | None:
     return RedisLayout.of(home).live_url()
 
 
+def _node_running(home: Path) -> bool:
+    """Whether a node holds ``home`` now (its lock is taken; a dead node's lock is free)."""
+    import fcntl
+
+    try:
+        handle = open(home / "node.lock", "a+")  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def _refuse_if_in_use(home: Path | None, redis_url: str | None) -> None:
     """A second node on a home would share its node id and store with the running one."""
     if redis_url:
@@ -363,7 +380,8 @@ def sync(home: Path | None, redis_url: str | None, passphrase: str | None,
 def status(home: Path | None, redis_url: str | None, passphrase: str | None,
            as_json: bool) -> int:
     """What a home holds: objects per model, updates, owned keys."""
-    shared = not redis_url and _live_store_url(_home_path(home)) is not None
+    path = _home_path(home)
+    shared = not redis_url and _node_running(path) and _live_store_url(path) is not None
     with _open_node(home, redis_url, passphrase) as node:
         models = {m: len(node.object_ids(m)) for m in node.store.models()}
         last = node.store.last_hlc()

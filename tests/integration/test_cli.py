@@ -121,6 +121,23 @@ def test_status(capsys, homes):
     assert code == 0 and "objects" in out
 
 
+def test_status_says_served_by_a_running_peer_only_when_one_runs(capsys, homes):
+    from dmodel.store.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(homes["a"])  # a live server, but no node holds the home
+    try:
+        code, out, _ = run(capsys, "status", "--home", homes["a"], "--json")
+        assert code == 0 and json.loads(out)["store"] == "embedded"
+    finally:
+        server.stop()
+    node = dmodel.Node(homes["a"])
+    try:
+        code, out, _ = run(capsys, "status", "--home", homes["a"], "--json")
+        assert code == 0 and json.loads(out)["store"] == "embedded, served by a running peer"
+    finally:
+        node.shutdown()
+
+
 def test_status_reads_dmodel_home_from_the_environment(capsys, homes, monkeypatch):
     monkeypatch.setenv("DMODEL_HOME", str(homes["b"]))
     code, out, _ = run(capsys, "status", "--json")
@@ -622,7 +639,7 @@ def test_a_peer_restarts_on_the_home_of_a_killed_one(children, tmp_path):
     first = children(*peer_args(tmp_path / "p", "--stdin-commands"))
     first.line()
     db_id = first.ask(op="create", model="Person", fields={"name": "Bob"})["db_id"]
-    first.proc.kill()  # its embedded Redis, in its own session, keeps running
+    first.proc.kill()  # its embedded Redis gets SIGTERM and flushes its AOF
     first.proc.wait(10)
     second = children(*peer_args(tmp_path / "p", "--stdin-commands"))
     assert second.line().startswith("endpoint ")
