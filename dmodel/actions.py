@@ -409,6 +409,33 @@ def _check_signature(fn: Callable[..., Any], name: str, cls_name: str) -> bool:
     return wants_context
 
 
+def _warn_if_never_matching(listener: DAction, flt: Filter) -> None:
+    """Warn about a filter that names a model or field no class declares: it cannot match
+    a change of any model this program defines (a typo, or a lowercase model name)."""
+    from dmodel.model import model_class
+
+    model = flt.model
+    if model is None:
+        return
+    who = f"{type(listener).__name__} applied to {flt.pattern!r}"
+    cls = model_class(model)
+    if cls is None:
+        hint = ""
+        if model[:1].islower():
+            hint = f" (model names are class names, e.g. {model[:1].upper() + model[1:]!r})"
+        logger.warning("%s: no model named %r is defined, so it matches nothing of the "
+                       "models this program declares%s", who, model, hint)
+        return
+    field_name = flt.field_name
+    if field_name is None:
+        return
+    declared = {f.name for f in cls._meta.fields.values()}
+    base = field_name.partition(":")[0].partition("#")[0]
+    if base not in declared:
+        logger.warning("%s: %s has no field %r, so it matches nothing (its fields: %s)",
+                       who, model, base, ", ".join(sorted(n for n in declared if n)) or "none")
+
+
 def _family(stem: str) -> tuple[str, str, str, str]:
     return (f"on_{stem}", f"on_authorized_{stem}", f"on_unauthorized_{stem}", f"on_owned_{stem}")
 
@@ -519,6 +546,7 @@ class ListenerRegistry:
         self._by_model: dict[str, list[_Application]] = {}
         self._by_field: dict[tuple[str, str], list[_Application]] = {}
         self._wildcard: list[_Application] = []
+        self._reported: set[tuple[int, str]] = set()  # (application, callback) that failed
 
     # Registration.
     def add(self, listener: DAction, pattern: str | Filter) -> None:
@@ -529,6 +557,7 @@ class ListenerRegistry:
         """
         flt = filters.compile(pattern)
         callbacks = _inspect_listener(listener)
+        _warn_if_never_matching(listener, flt)
         with self._lock:
             app = _Application(
                 listener,
@@ -646,8 +675,14 @@ class ListenerRegistry:
             try:
                 _call(app, name, args, change.context)
             except Exception as exc:
-                logger.warning("%s.%s failed on %s: %s", type(app.listener).__name__, name,
-                               change.key, exc, exc_info=exc)
+                # The first failure of a callback is an ERROR with its traceback (seen even
+                # under set_loglevel('error')); repeats are one WARNING line each.
+                first = (app.seq, name) not in self._reported
+                self._reported.add((app.seq, name))
+                logger.log(logging.ERROR if first else logging.WARNING,
+                           "listener %s.%s failed on %s: %s: %s%s", type(app.listener).__name__,
+                           name, change.key, type(exc).__name__, exc,
+                           "" if first else " (again)", exc_info=exc if first else None)
                 errors.append((app.listener, name, exc))
         return errors
 

@@ -92,6 +92,23 @@ def _live_store_url(home: Path) -> str | None:
     return RedisLayout.of(home).live_url()
 
 
+def _node_running(home: Path) -> bool:
+    """Whether a node holds ``home`` now (its lock is taken; a dead node's lock is free)."""
+    import fcntl
+
+    try:
+        handle = open(home / "node.lock", "a+")  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def _refuse_if_in_use(home: Path | None, redis_url: str | None) -> None:
     """A second node on a home would share its node id and store with the running one."""
     if redis_url:
@@ -316,6 +333,9 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
         click.echo(f"endpoint {process.endpoint}")
         sys.stdout.flush()
         process.run(stdin_commands=stdin_commands, status_interval=status_interval)
+    if process.failure is not None:
+        raise NetworkError(f"the peer stopped abnormally: {type(process.failure).__name__}: "
+                           f"{process.failure}")
     return 0
 
 
@@ -360,7 +380,8 @@ def sync(home: Path | None, redis_url: str | None, passphrase: str | None,
 def status(home: Path | None, redis_url: str | None, passphrase: str | None,
            as_json: bool) -> int:
     """What a home holds: objects per model, updates, owned keys."""
-    shared = not redis_url and _live_store_url(_home_path(home)) is not None
+    path = _home_path(home)
+    shared = not redis_url and _node_running(path) and _live_store_url(path) is not None
     with _open_node(home, redis_url, passphrase) as node:
         models = {m: len(node.object_ids(m)) for m in node.store.models()}
         last = node.store.last_hlc()
@@ -397,9 +418,11 @@ def status(home: Path | None, redis_url: str | None, passphrase: str | None,
 @click.option("--owned", is_flag=True, help="Only objects this home owns.")
 def ls_command(home: Path | None, redis_url: str | None, passphrase: str | None,
                as_json: bool, filter: str, owned: bool) -> int:
-    """List the objects matching FILTER, such as 'Person:*' (default: all)."""
+    """List the objects matching FILTER, such as 'Person:*' or just 'Person' (default: all)."""
     from .model import object_list
 
+    if filter.isidentifier():  # a model name: its objects
+        filter = f"{filter}:*"
     with _open_node(home, redis_url, passphrase) as node:
         ids = object_list(filter, node=node)
         rows = [{"db_id": i, "owned": node.is_owned(i),

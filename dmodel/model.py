@@ -213,7 +213,9 @@ class BoundField:
 
     def wait(self, value: Any = _ANY, timeout: float = _WAIT) -> Any:
         """Block until the field holds a value (equal to ``value`` if given) and return it;
-        WaitTimeout (a TimeoutError) after ``timeout`` seconds."""
+        WaitTimeout (a TimeoutError) after ``timeout`` seconds. An encrypted value this
+        caller cannot open raises DecryptionError once it is there (with ``value``, the
+        wait goes on: a read grant may come)."""
         obj, name = self.obj, self.field.name
         seen: list[str] = []
 
@@ -221,7 +223,9 @@ class BoundField:
             try:
                 current = obj._read(name, default=_ANY)
             except DecryptionError as exc:
-                seen[:] = [str(exc)]
+                if value is _ANY:
+                    raise  # it arrived, and this caller cannot read it: as get() says
+                seen[:] = [str(exc)]  # a grant may still come
                 return None
             if current is _ANY:
                 seen[:] = ["no value yet" if obj._node.exists(obj.db_id)

@@ -95,6 +95,9 @@ class Node:
         self.node_id, self.keyring, self.store = (
             self._home.node_id, self._home.keyring, self._home.store)
         self._embedded = self._home.embedded
+        # A node dropped without shutdown() still closes its home (and stops its Redis)
+        # when collected; shutdown() runs the same finalizer, once.
+        self._close_home = weakref.finalize(self, self._home.close)
         try:
             self.clock = HybridClock(now, last=self.store.last_hlc(), max_ahead_ms=self.skew_ms)
         except BaseException:
@@ -477,7 +480,7 @@ class Node:
             except DModelError:
                 logger.exception("closing the network failed")
         with self._lock:
-            self._home.close()
+            self._close_home()
 
     close = shutdown
 

@@ -195,7 +195,7 @@ class PeerProcess:
 
     # ------------------------------------------------------------ stopping
     def kill(self) -> None:
-        """SIGKILL the child by its handle (its embedded redis-server lives on)."""
+        """SIGKILL the child by its handle (its embedded redis-server then stops too)."""
         self.proc.kill()
         self.proc.wait(10)
         self._close_streams()
@@ -205,8 +205,9 @@ class PeerProcess:
         be killed. Idempotent."""
         killed = stop_child(self.proc, timeout)
         if killed and self.home is not None:
-            # A killed peer cannot stop its embedded Redis (its own session, by design):
-            # stop it through this home's socket, the one we know is ours.
+            # A killed peer's Redis stops by its death signal; should one still run (a
+            # watchdog killed too), stop it through this home's socket, the one we know
+            # is ours.
             RedisLayout.of(self.home).shutdown()
         self._close_streams()
         return killed

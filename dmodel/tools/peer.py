@@ -46,6 +46,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -204,6 +205,8 @@ class Peer:
         self.progress: dict[str, tuple[int, int]] = {}
         self._out_lock = threading.Lock()
         self._quit_requested = False
+        self.failure: BaseException | None = None
+        """What stopped the peer abnormally (the process then exits non-zero), or None."""
         if node.network is not None:
             node.network.on_progress(self._on_progress)
         self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -267,19 +270,31 @@ class Peer:
         return self.handle(request)
 
     def serve(self, stdin: IO[str], stdout: IO[str]) -> None:
-        """Answer requests from ``stdin`` until ``quit`` or end of input; then stop."""
+        """Answer requests from ``stdin`` until ``quit`` or end of input; then stop.
+
+        No request ends it: whatever one raises is answered as an error line. If the
+        channel itself breaks, ``failure`` is set and the peer stops (non-zero exit).
+        """
         try:
             for line in stdin:
                 if not line.strip():
                     continue
-                answer = self.handle_line(line)
+                try:
+                    text = encode(self.handle_line(line))
+                except Exception as exc:  # an answer that cannot be encoded, say
+                    logger.exception("answering %r failed", line[:200])
+                    text = encode({"ok": False, "error": type(exc).__name__,
+                                   "message": str(exc)})
                 with self._out_lock:
-                    stdout.write(encode(answer) + "\n")
+                    stdout.write(text + "\n")
                     stdout.flush()
                 if self._quit_requested or self.stopping.is_set():
                     break
         except (OSError, ValueError) as exc:  # stdout or stdin closed under us
             logger.info("command channel closed: %s", exc)
+        except BaseException as exc:
+            logger.exception("the command channel failed")
+            self.failure = exc
         finally:
             self.stopping.set()
 
@@ -382,7 +397,7 @@ class Peer:
         return {}
 
     def _fill(self, req: dict[str, Any]) -> dict[str, Any]:
-        field, count = req["field"], int(req["count"])
+        field, count = req["field"], _number(req, "count", None, 0, 10_000_000, whole=True)
         bound = self._bound(req["db_id"], field, req.get("caller"))
         for i in range(1, count + 1):
             self._write(bound, field, i)
@@ -396,7 +411,7 @@ class Peer:
     def _wait(self, req: dict[str, Any]) -> dict[str, Any]:
         db_id, field = req["db_id"], req.get("field")
         caller = req.get("caller", db_id)
-        timeout = float(req.get("timeout", 10.0))
+        timeout = _number(req, "timeout", 10.0, 0, MAX_TIMEOUT)
         start = time.monotonic()
         deadline = start + timeout
         last = "unknown here"
@@ -446,7 +461,8 @@ class Peer:
     def _wait_peers(self, req: dict[str, Any]) -> dict[str, Any]:
         if self.node.network is None:
             raise CommandError("NoNetwork", "this peer has no network")
-        n, timeout = int(req.get("n", 1)), float(req.get("timeout", 10.0))
+        n = _number(req, "n", 1, 0, 100_000, whole=True)
+        timeout = _number(req, "timeout", 10.0, 0, MAX_TIMEOUT)
         ready = self.node.network.wait_for_peers(n, timeout)
         return {"ready": ready,
                 "peers": sum(1 for p in self.node.network.peers().values() if p.ready)}
@@ -457,6 +473,27 @@ class Peer:
     def _quit(self, req: dict[str, Any]) -> dict[str, Any]:
         self._quit_requested = True  # serve() stops once the answer is written
         return {}
+
+
+MAX_TIMEOUT = 86_400.0  # seconds a request may ask to wait
+
+
+def _number(req: dict[str, Any], key: str, default: float | None, low: float, high: float,
+            *, whole: bool = False) -> Any:
+    """``req[key]`` checked to be a finite number in ``low..high`` (an int if ``whole``);
+    CommandError ProtocolError otherwise (never an OverflowError)."""
+    if key not in req and default is not None:
+        return default
+    value = req.get(key)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value) and low <= value <= high
+    if ok and whole and value != int(value):
+        ok = False
+    if not ok:
+        kind = "a whole number" if whole else "a number"
+        raise CommandError("ProtocolError", f"{key} must be {kind} from {low:g} to {high:g}, "
+                                            f"not {value!r}")
+    return int(value) if whole else float(value)
 
 
 def _ids(value: Any) -> list[str]:

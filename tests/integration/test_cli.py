@@ -121,6 +121,23 @@ def test_status(capsys, homes):
     assert code == 0 and "objects" in out
 
 
+def test_status_says_served_by_a_running_peer_only_when_one_runs(capsys, homes):
+    from dmodel.store.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(homes["a"])  # a live server, but no node holds the home
+    try:
+        code, out, _ = run(capsys, "status", "--home", homes["a"], "--json")
+        assert code == 0 and json.loads(out)["store"] == "embedded"
+    finally:
+        server.stop()
+    node = dmodel.Node(homes["a"])
+    try:
+        code, out, _ = run(capsys, "status", "--home", homes["a"], "--json")
+        assert code == 0 and json.loads(out)["store"] == "embedded, served by a running peer"
+    finally:
+        node.shutdown()
+
+
 def test_status_reads_dmodel_home_from_the_environment(capsys, homes, monkeypatch):
     monkeypatch.setenv("DMODEL_HOME", str(homes["b"]))
     code, out, _ = run(capsys, "status", "--json")
@@ -145,6 +162,13 @@ def test_ls(capsys, homes):
     assert code == 0 and json.loads(out) == []
     code, out, _ = run(capsys, "ls", "--home", homes["b"])
     assert homes["worker"] in out
+
+
+def test_ls_of_a_model_name_means_its_objects(capsys, homes):
+    code, out, _ = run(capsys, "ls", "--home", homes["a"], "--json", "Person")
+    assert code == 0
+    assert sorted(r["db_id"] for r in json.loads(out)) == sorted([homes["worker"],
+                                                                  homes["chief"]])
 
 
 def test_show_decrypts_where_the_keyring_allows(capsys, homes):
@@ -504,6 +528,39 @@ def test_peer_speaks_the_stdin_protocol(children, tmp_path):
     assert peer.proc.wait(20) == 0
 
 
+@pytest.mark.parametrize("request_", [
+    {"op": "wait_peers", "n": 1e400}, {"op": "wait_peers", "n": 1, "timeout": 1e400},
+    {"op": "wait_peers", "n": -1}, {"op": "wait_peers", "n": 1.5}, {"op": "wait_peers",
+                                                                    "n": "two"},
+    {"op": "wait", "db_id": "Person:x", "timeout": float("nan")},
+    {"op": "fill", "db_id": "Person:x", "field": "f", "count": True}, [1, 2], "text", 1e400,
+], ids=repr)
+def test_peer_answers_every_bad_request_and_keeps_serving(children, tmp_path, request_):
+    peer = children(*peer_args(tmp_path / "p", "--stdin-commands"))
+    peer.line()
+    peer.proc.stdin.write(json.dumps(request_) + "\n")
+    peer.proc.stdin.flush()
+    answer = json.loads(peer.line())
+    assert answer["ok"] is False and answer["error"] == "ProtocolError", answer
+    assert peer.ask(op="ping")["ok"]
+    assert peer.ask(op="quit") == {"ok": True}
+    assert peer.proc.wait(20) == 0
+
+
+def test_an_abnormal_stop_of_the_peer_exits_non_zero(children, tmp_path):
+    commands = tmp_path / "crash.py"
+    commands.write_text("class Crash:\n    def __init__(self, peer):\n        pass\n"
+                        "    def op_crash(self, request):\n"
+                        "        raise SystemExit('the channel dies')\n")
+    peer = children(*peer_args(tmp_path / "p", "--stdin-commands", "--commands",
+                               f"{commands}:Crash"))
+    peer.line()
+    peer.proc.stdin.write(json.dumps({"op": "crash"}) + "\n")
+    peer.proc.stdin.flush()
+    assert peer.proc.wait(20) != 0
+    assert "stopped abnormally" in "".join(peer.errors)
+
+
 def test_peer_stops_cleanly_on_sigterm_and_sigint(children, tmp_path):
     for sig in (signal.SIGTERM, signal.SIGINT):
         peer = children(*peer_args(tmp_path / "p"))
@@ -582,7 +639,7 @@ def test_a_peer_restarts_on_the_home_of_a_killed_one(children, tmp_path):
     first = children(*peer_args(tmp_path / "p", "--stdin-commands"))
     first.line()
     db_id = first.ask(op="create", model="Person", fields={"name": "Bob"})["db_id"]
-    first.proc.kill()  # its embedded Redis, in its own session, keeps running
+    first.proc.kill()  # its embedded Redis gets SIGTERM and flushes its AOF
     first.proc.wait(10)
     second = children(*peer_args(tmp_path / "p", "--stdin-commands"))
     assert second.line().startswith("endpoint ")

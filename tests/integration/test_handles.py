@@ -76,8 +76,10 @@ def test_waits_time_out_with_a_timeout_error(two_nodes) -> None:
     ship(a, b)
     with pytest.raises(TimeoutError, match="it is 'Bob'"):
         q.name.wait(value="Robert", timeout=0.1)
+    with pytest.raises(dmodel.DecryptionError):  # it is there, and q cannot open it
+        q.salary.wait(timeout=5)
     with pytest.raises(TimeoutError, match="no decryption key"):
-        q.salary.wait(timeout=0.1)
+        q.salary.wait(value="1", timeout=0.1)
 
 
 def test_wait_for_from_outside(two_nodes) -> None:

@@ -8,8 +8,6 @@ command is a bounded loop), so nothing here sleeps.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from helpers import wait_until
 from peer_driver import PeerProc, cli_argv, kill_redis, redis_pid
@@ -102,8 +100,7 @@ def test_late_joiner_gets_what_was_there_before_it(spawn) -> None:
     wait_until(lambda: len({proc.stats()["log_length"] for proc in (a, b, c)}) == 1)
 
 
-@pytest.mark.parametrize("store", ["store survives", "store killed too"])
-def test_sigkilled_peer_restarts_and_catches_up(spawn, store) -> None:
+def test_sigkilled_peer_restarts_and_catches_up(spawn) -> None:
     a = spawn("a")
     b = spawn("b", peers=[a])
     linked(a, b)
@@ -115,9 +112,8 @@ def test_sigkilled_peer_restarts_and_catches_up(spawn, store) -> None:
     pid = redis_pid(b.home)
     assert pid is not None
     b.kill()
-    os.kill(pid, 0)  # the embedded redis-server outlived its SIGKILLed owner
-    if store == "store killed too":
-        assert kill_redis(b.home)
+    # The embedded redis-server stops with its SIGKILLed owner (no orphan).
+    wait_until(lambda: redis_pid(b.home) is None, timeout=15)
 
     a.ok("set", db_id=p, field="name", value="v1")
     r = a.create(fields={"name": "while b was down"})
@@ -127,8 +123,7 @@ def test_sigkilled_peer_restarts_and_catches_up(spawn, store) -> None:
     b.wait(r, "name", value="while b was down")
     assert b.get(q, "name") == "made on b"
     wait_until(lambda: b.stats()["log_length"] == a.stats()["log_length"])
-    if store == "store survives":
-        assert redis_pid(b.home) == pid  # the restarted node reused it
+    assert redis_pid(b.home) not in (None, pid)  # a new server, from the AOF
 
 
 def test_partition_heals_across_processes(spawn, tmp_path) -> None:

@@ -327,8 +327,11 @@ def test_after_exceptions_are_logged_and_returned(
     assert all(isinstance(exc, PermissionError) for _, _, exc in errors)
     records = [r for r in caplog.records if r.name == "dmodel.actions"]
     assert len(records) == 2
-    assert records[0].levelno == logging.WARNING and records[0].exc_info is not None
+    # The first failure of a callback is an ERROR with its traceback, repeats one line.
+    assert records[0].levelno == logging.ERROR and records[0].exc_info is not None
+    assert records[1].levelno == logging.WARNING and records[1].exc_info is None
     assert "Vetoer.on_updated" in records[0].getMessage()
+    assert "(again)" in records[1].getMessage()
 
 
 def test_observe_rejected_swallows_exceptions(
