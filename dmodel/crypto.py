@@ -146,6 +146,9 @@ def place(db_id: str, register: str) -> bytes:
     return b"dmodel-sealed-v2\0" + db_id.encode() + b"\0" + (name + sep).encode()
 
 
+_NONCE = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+
+
 def seal(plaintext: bytes, readers: Mapping[str, bytes], where: bytes) -> dict[str, object]:
     """Encrypt ``plaintext`` for every reader (oid -> box public key), bound to ``where``.
 
@@ -160,9 +163,6 @@ def seal(plaintext: bytes, readers: Mapping[str, bytes], where: bytes) -> dict[s
         plaintext, where, nonce, value_key)
     return {"b": nonce + ciphertext,
             "k": {oid: wrap_key(value_key, box) for oid, box in readers.items()}}
-
-
-_NONCE = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 
 
 def open_value_key(envelope: Mapping[str, object], reader: Identity,

@@ -80,6 +80,11 @@ def version_timestamp(ver: bytes) -> int:
     return _TS.unpack_from(ver)[0]
 
 
+def version_caller(ver: bytes) -> str:
+    """The caller oid of a version."""
+    return ver[8:40].decode("ascii", "replace")
+
+
 def version_ref(ver: bytes) -> bytes:
     """The (update id, op index) part of a version: how grants refer to a sealed value."""
     return ver[-34:]
@@ -139,12 +144,17 @@ def unpack_auth(data: bytes | None) -> AuthEvents:
                  for e in msgpack.unpackb(data, raw=False))
 
 
+def find_grant(events: AuthEvents, grant_ref: bytes | None) -> int | None:
+    """The index of the update-grant that ``grant_ref`` names among ``events``, if any."""
+    if grant_ref is None:
+        return None
+    return next((i for i, (ver, granted, _) in enumerate(events)
+                 if granted and version_ref(ver) == grant_ref), None)
+
+
 def member_authorized(events: AuthEvents, grant_ref: bytes | None, update_id: bytes) -> bool:
     """Whether a member's update, naming grant ``grant_ref``, is authorized (see above)."""
-    if grant_ref is None:
-        return False
-    at = next((i for i, (ver, granted, _) in enumerate(events)
-               if granted and version_ref(ver) == grant_ref), None)
+    at = find_grant(events, grant_ref)
     if at is None:
         return False
     closing = itertools.dropwhile(lambda e: e[1], events[at + 1:])

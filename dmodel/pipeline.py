@@ -121,14 +121,9 @@ def unknown_grants(update: Update, snap: Snapshot) -> tuple[bytes, ...]:
     A grant named but not found among the object's events is waited for only while its
     update is missing; once stored, it is simply not a grant of this member (refused).
     """
-    out = []
-    for obj, ref in update.grants:
-        events = snap.state.auth.get((obj, "u", update.caller), ())
-        if any(granted and merge.version_ref(ver) == ref for ver, granted, _ in events):
-            continue
-        if ref[:32] not in snap.stored:
-            out.append(ref[:32])
-    return tuple(out)
+    return tuple(ref[:32] for obj, ref in update.grants
+                 if merge.find_grant(snap.state.auth.get((obj, "u", update.caller), ()), ref)
+                 is None and ref[:32] not in snap.stored)
 
 
 def signing_key(update: Update,
@@ -189,7 +184,7 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
         return Decision(update, MISSING, missing=grants)
     if not verified:
         update.verify(keys)
-    if update.creates() is not None:
+    if update.ops[0].op == "create":  # its keys are ``keys``
         known = state.objects.get(update.caller)
         if known is not None and known.keys != keys:
             raise ConflictingCreate(f"{update.caller} was created here with other keys; "

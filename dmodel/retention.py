@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from .clock import physical_ms
 from .errors import ConfigurationError
+from .merge import version_timestamp
 
 DEFAULT_VERSIONS = 10
 MAX_UNANCHORED = 100
@@ -98,15 +99,11 @@ def keep(kept: list[bytes], current: bytes, *, anchored: bool, policy: Retention
         cut = max(0, len(older) - MAX_UNANCHORED)
     elif policy.seconds is not None:
         horizon = now_ms - int(policy.seconds * 1000)
-        cut = sum(1 for v in older if physical_ms(_timestamp(v)) < horizon)
+        cut = sum(1 for v in older if physical_ms(version_timestamp(v)) < horizon)
     else:
         assert policy.versions is not None
         cut = max(0, len(older) - (policy.versions - 1))
     return older[cut:] + newer, older[:cut]
-
-
-def _timestamp(ver: bytes) -> int:
-    return int.from_bytes(ver[:8], "big")
 
 
 __all__ = ["DEFAULT_VERSIONS", "MAX_UNANCHORED", "Retention", "keep"]

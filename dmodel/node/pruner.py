@@ -102,7 +102,7 @@ class Pruner:
 
     def _anchored(self, db_id: str, ver: bytes) -> bool:
         """Whether the write at version ``ver`` can no longer be retracted by a revoke."""
-        caller_oid = ver[8:40].decode("ascii", "replace")
+        caller_oid = merge.version_caller(ver)
         if caller_oid == db_id.partition(":")[2] or self.is_owned(db_id):
             return True
         uid = merge.version_ref(ver)[:32]

@@ -572,10 +572,7 @@ class RedisStore:
 
     def log_length(self) -> int:
         """The next log position: how many updates this store ever stored."""
-        with map_redis_errors():
-            if self.client.type(self.k_log) == b"list":
-                return int(self.client.llen(self.k_log))
-            return int(self.client.hget(self.k_meta, "seq") or 0)
+        return self._next_seq()
 
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]:
         """Ids of the updates at log positions ``start``..``stop`` (inclusive; -1: to the

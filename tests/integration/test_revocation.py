@@ -260,6 +260,18 @@ def test_concurrent_writes_by_two_authorized_members_are_both_kept(make_node) ->
     assert len({n.state_digest() for n in (a, x, y, *nodes)}) == 1
 
 
+def owner_and_chief(make_node):
+    """Node a owns worker "Bob", with chief (owned on b) update-authorized; both have
+    seen both creates. Returns (a, b, a's clock, b's clock, chief id, worker id)."""
+    ca, cb = Clock(), Clock()
+    a, b = make_node("a", now=ca), make_node("b", now=cb)
+    chief = Chief.create(node=b).db_id
+    ship(b, a)
+    worker = Worker.create(node=a, authorized=[chief], name="Bob").db_id
+    ship(a, b)
+    return a, b, ca, cb, chief, worker
+
+
 def test_grant_revoke_regrant_opens_a_new_window_only(make_node) -> None:
     ca, cb = Clock(), Clock()
     a, b = make_node("a", now=ca), make_node("b", now=cb)
@@ -306,12 +318,7 @@ def test_grant_revoke_regrant_opens_a_new_window_only(make_node) -> None:
 
 
 def test_writes_accepted_before_the_revoke_count_when_they_arrive_late(make_node) -> None:
-    ca, cb = Clock(), Clock()
-    a, b = make_node("a", now=ca), make_node("b", now=cb)
-    chief = Chief.create(node=b).db_id
-    ship(b, a)
-    worker = Worker.create(node=a, authorized=[chief], name="Bob").db_id
-    ship(a, b)
+    a, b, ca, cb, chief, worker = owner_and_chief(make_node)
     cb.ms += 1000
     w = Worker(worker, chief, node=b)
     w.note = "accepted before the revoke"
@@ -432,12 +439,7 @@ def test_only_the_object_or_a_covered_member_may_remove(make_node) -> None:
 
 
 def test_a_revoked_members_remove_is_refused_everywhere(make_node) -> None:
-    ca, cb = Clock(), Clock()
-    a, b = make_node("a", now=ca), make_node("b", now=cb)
-    chief = Chief.create(node=b).db_id
-    ship(b, a)
-    worker = Worker.create(node=a, authorized=[chief], name="Bob").db_id
-    ship(a, b)
+    a, b, ca, cb, chief, worker = owner_and_chief(make_node)
     ca.ms += 1000
     Worker(worker, node=a).revoke_update_authorized(chief)
     revoke = last(a)

@@ -31,14 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dmodel
 from dmodel import merge
-from dmodel.store.embedded import EmbeddedRedis
 from dmodel.update import Op, Update, decode
 
 T0_MS = 1_700_000_000_000          # writers' physical clocks start here (ms)
@@ -58,15 +56,6 @@ class CvDoc(dmodel.DModel):
     vault = dmodel.DDict(encrypted=True)
     items = dmodel.DList()
     sealed = dmodel.DList(encrypted=True)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One embedded Redis for the whole module: (redis url, a directory for node homes)."""
-    root = tmp_path_factory.mktemp("convergence")
-    redis_server = EmbeddedRedis(root / "redis-home")
-    yield f"unix://{redis_server.socket}", root
-    redis_server.stop()
 
 
 _examples = itertools.count()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_convergence import (
@@ -38,18 +37,9 @@ from test_convergence import (
 
 import dmodel
 from dmodel import merge
-from dmodel.store.embedded import EmbeddedRedis
 from dmodel.update import Op, Update, decode
 
 MAX_EXAMPLES = 40 if os.environ.get("CI") else 80
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("revocation")
-    redis_server = EmbeddedRedis(root / "redis-home")
-    yield f"unix://{redis_server.socket}", root
-    redis_server.stop()
 
 
 def expected_member_verdicts(raws: list[bytes], owner: str, member: str) -> dict[bytes, bool]:
