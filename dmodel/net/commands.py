@@ -25,6 +25,8 @@ RequestCallback = Callable[[bytes, bytes], "bytes | DeferredReply | None"]
 PeerCallback = Callable[[bytes], None]
 
 
+RECV_BATCH = 256  # frames taken from one socket before the poll loop looks again
+
 @dataclass(frozen=True, slots=True)
 class Stop:
     """Leave the loop and close everything."""

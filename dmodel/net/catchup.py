@@ -1,0 +1,228 @@
+"""Catch-up, the client side: the sync thread's passes over the peers' logs.
+
+``CatchUp`` is the half of :class:`~dmodel.net.replication.NetworkService` that runs on
+the **sync thread** (``dmodel-sync-*``): it pulls each peer's log from where it last
+stopped, in turns with a time and byte budget, checks that every page makes verifiable
+progress, and fetches what pending updates wait for. The rules are in
+replication.py's module docstring; the messages in sync.py. The attributes it uses
+(``bus``, ``node``, the counters, events and settings) are set by ``NetworkService``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import msgpack
+
+from ..crypto import SIGNATURE_SIZE
+from ..update import update_id
+from . import sync
+
+logger = logging.getLogger("dmodel.net.replication")
+
+_FETCH = 500  # updates asked for in one request
+_MAX_BUSY_SKIPS = 4  # catch-up passes skipped in a row while live updates are queued
+
+
+class _Turn:
+    """One peer's share of a catch-up pass: a deadline and a byte budget."""
+
+    __slots__ = ("deadline", "budget", "spent")
+
+    def __init__(self, deadline: float, budget: int) -> None:
+        self.deadline = deadline
+        self.budget = budget
+        self.spent = 0
+
+    def over(self) -> bool:
+        return self.spent >= self.budget or time.monotonic() >= self.deadline
+
+    def timeout(self) -> float:
+        """How long one request of this turn may wait (at least a little)."""
+        return max(0.05, min(5.0, self.deadline - time.monotonic()))
+
+
+def _page_error(page: sync.LogPage, asked: int, limit: int) -> str:
+    """Why a log page cannot be progress from position ``asked``, or ""."""
+    if page.start != asked:
+        return f"page starts at {page.start}, asked for {asked}"
+    if len(page.ids) > limit:
+        return "page longer than asked"
+    if page.end < page.start + len(page.ids):
+        return "page end before its own ids"
+    if not page.ids and page.end > page.start:
+        return f"empty page claims a log of {page.end}"
+    return ""
+
+
+class CatchUp:
+    """The sync thread's side of a network service (mixed into ``NetworkService``)."""
+
+    bus: Any
+    node: Any
+
+    def _sync_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                force = self._force_pull.is_set()
+                self._force_pull.clear()
+                with self._sync_lock:
+                    self._sync_all(force=force)
+            except Exception:
+                if self._stop.is_set() or self.node.closed:
+                    return
+                self._counts["sync_errors"] += 1
+                logger.exception("catch-up pass failed")
+            self._wake.wait(self.sync_interval)
+            self._wake.clear()
+
+    def _sync_all(self, *, force: bool = False) -> int:
+        self._refresh_mesh()
+        total = 0
+        dropped = self._counts["queue_dropped"]
+        busy = (not self._queue.empty() and dropped == self._dropped_seen
+                and self._busy_passes < _MAX_BUSY_SKIPS)
+        self._dropped_seen = dropped
+        if busy and not force:
+            # Live updates are flowing and none were lost here: a pull now would mostly
+            # fetch what is already queued. Pull anyway every few passes, for losses on
+            # the wire that no counter sees.
+            self._busy_passes += 1
+        else:
+            self._busy_passes = 0
+            for peer_id in self._turn_order():
+                if self._stop.is_set():
+                    break
+                total += self._pull_log(peer_id)
+        if self.node.pending_count:
+            total += self._fetch_missing()
+        return total
+
+    def _turn_order(self) -> list[bytes]:
+        """Connected peers, best catch-up score first (ties in a rotating order)."""
+        peers = [nid for nid, info in self.bus.peers().items() if info.connected]
+        if peers:
+            shift = self._rotation % len(peers)
+            self._rotation += 1
+            peers = peers[shift:] + peers[:shift]
+        return sorted(peers, key=lambda nid: -self._scores.get(nid, 0))
+
+    def _bad_reply(self, peer_id: bytes, why: str) -> None:
+        """The peer's catch-up reply did not make verifiable progress: it loses its turn
+        and a point of score (and gains it back with each good turn)."""
+        self._counts["sync_bad_replies"] += 1
+        self._scores[peer_id] = max(self._scores.get(peer_id, 0) - 1, -1000)
+        logger.info("catch-up from %s: %s; next peer", peer_id.hex()[:8], why)
+
+    def _cursor(self, peer_id: bytes) -> tuple[bytes, int]:
+        data = self.node.store.meta(f"cursor:{peer_id.hex()}")
+        if not data:
+            return b"", 0
+        epoch, pos = msgpack.unpackb(data)
+        return epoch, pos
+
+    def _save_cursor(self, peer_id: bytes, epoch: bytes, pos: int) -> None:
+        self.node.store.set_meta(f"cursor:{peer_id.hex()}", msgpack.packb([epoch, pos]))
+
+    def _pull_log(self, peer_id: bytes) -> int:
+        """One turn with one peer: pages of its log until caught up, or the turn's time
+        or byte budget is spent, or a reply breaks the rules."""
+        epoch, pos = self._cursor(peer_id)
+        pulled = 0
+        turn = _Turn(time.monotonic() + self.sync_turn_seconds, self.sync_turn_bytes)
+        while not self._stop.is_set():
+            if turn.over():
+                self._counts["sync_turns_cut"] += 1
+                break
+            reply = self.bus.request(peer_id, sync.encode_log_request(epoch, pos,
+                                                                      self.page_size),
+                                     timeout=turn.timeout())
+            if reply is None:
+                break
+            turn.spent += len(reply)
+            try:
+                page = sync.decode_log_page(reply)
+            except sync.SyncMessageError as exc:
+                self._bad_reply(peer_id, f"bad log page ({exc})")
+                break
+            if page.epoch != epoch:
+                epoch, pos = page.epoch, 0
+            why = _page_error(page, pos, self.page_size)
+            if why:
+                self._bad_reply(peer_id, why)
+                break
+            missing = self.node.store.missing(page.ids)
+            while missing and not turn.over():
+                got = self._fetch(peer_id, "get", missing[:_FETCH], turn)
+                if got is None:  # keep the cursor, retry next pass
+                    self._bad_reply(peer_id, "did not serve the ids its page lists")
+                    return pulled
+                if not got:
+                    # Its own log lists them: an honest peer serves them.
+                    self._bad_reply(peer_id, "lists ids it does not serve")
+                    return pulled
+                pulled += len(got)
+                # A reply holds what fits under the size limit: ask again for the rest.
+                missing = [uid for uid in missing if uid not in got]
+            if missing:
+                break  # the turn ran out mid-page: the cursor stays before it
+            pos = page.start + len(page.ids)
+            self._save_cursor(peer_id, epoch, pos)
+            if page.ids:  # progress through that peer's log, whether or not we lacked them
+                for callback in self._progress:
+                    try:
+                        callback(peer_id.hex(), pos, page.end)
+                    except Exception:
+                        logger.exception("progress callback failed")
+            if not page.ids or pos >= page.end:
+                self._scores[peer_id] = min(self._scores.get(peer_id, 0) + 1, 0)
+                break
+        return pulled
+
+    def _fetch(self, peer_id: bytes, kind: str, wanted: list[Any],
+               turn: _Turn | None = None) -> set[bytes] | None:
+        """Ask one peer for updates (by id) or creates (by db_id) and ingest them;
+        returns the ids received (None if the peer did not answer, or sent what was not
+        asked for)."""
+        timeout = 5.0 if turn is None else turn.timeout()
+        reply = self.bus.request(peer_id, sync.encode_fetch(kind, wanted), timeout=timeout)
+        if reply is None:
+            return None
+        if turn is not None:
+            turn.spent += len(reply)
+        try:
+            raws = sync.decode_updates(reply)
+        except sync.SyncMessageError as exc:
+            self._bad_reply(peer_id, f"bad updates reply ({exc})")
+            return None
+        ids = [update_id(raw[SIGNATURE_SIZE:]) for raw in raws]
+        if kind == "get" and not set(ids) <= set(wanted):
+            self._bad_reply(peer_id, "sent updates that were not asked for")
+            return None
+        if kind == "obj" and len(raws) > len(wanted):
+            self._bad_reply(peer_id, "sent more creates than asked for")
+            return None
+        self._catching_up.active = True
+        try:
+            decisions = self.node.ingest_many(raws)
+        finally:
+            self._catching_up.active = False
+        self._report_garbage([(raw, peer_id) for raw in raws], decisions)
+        self._counts["pulled"] += len(raws)
+        return set(ids)
+
+    def _fetch_missing(self) -> int:
+        needs = self.node.pending_needs()
+        ids = [n for n in needs if isinstance(n, bytes)][:sync.MAX_IDS]
+        objs = [n for n in needs if isinstance(n, str)][:sync.MAX_IDS]
+        got = 0
+        for peer_id in self._turn_order():
+            turn = _Turn(time.monotonic() + self.sync_turn_seconds, self.sync_turn_bytes)
+            for kind, wanted in (("get", ids), ("obj", objs)):
+                if wanted and not turn.over():
+                    got += len(self._fetch(peer_id, kind, wanted, turn) or ())
+            if not self.node.pending_count:
+                break
+        return got

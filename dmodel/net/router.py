@@ -1,0 +1,205 @@
+"""The ROUTER side of the bus actor: frames that peers' DEALERs send us.
+
+``RouterSide`` is the half of :class:`~dmodel.net.actor.Actor` that handles the bound
+ROUTER socket, on the **bus I/O thread**: the handshake (HELLO, proof of the peer's
+key), requests (handed to the request worker, answered through ``_send_reply``),
+reports and pushes, with the flood guard and rate limits applied per proven peer or per
+connection before proof. The attributes it uses are set up by ``Actor``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from dmodel.net import frames as fr
+from dmodel.net.commands import (
+    RECV_BATCH,
+    DeferredReply,
+    Report,
+    SendReply,
+)
+from dmodel.net.peers import Peer, Session
+
+logger = logging.getLogger("dmodel.net.bus")
+
+
+class RouterSide:
+    """Handling of the bound ROUTER socket (mixed into ``Actor``)."""
+
+    def _on_router(self) -> None:
+        assert self.router is not None
+        for _ in range(RECV_BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._router_message(frames)
+            if self.stopping:
+                break
+
+    def _router_message(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0].bytes
+        now = time.monotonic()
+        session = self.sessions.get(ident)
+        if session is None or session.node_id is None:
+            self._unproven_message(ident, session, frames, now)
+            return
+        src = session.node_id
+        if self.flood.banned(src):
+            self.dropped["banned"] += 1
+            return
+        session.seen = now
+        peer = self.table.peers.get(src)
+        try:
+            msg = fr.decode_router([f.bytes for f in frames[1:]])
+        except fr.MalformedFrame as exc:
+            self.mesh.bad(src, exc.reason, peer)
+            return
+        if isinstance(msg, fr.Hello):
+            self._hello(session, msg, frames[-1], now)
+        elif isinstance(msg, fr.Request):
+            self._request(session, msg, peer, now)
+        else:
+            if len(msg.payload) > self.s.max_message_size:
+                self.mesh.bad(src, "oversize", peer)
+                return
+            self._deliver(msg.payload, src, peer, src)
+
+    def _unproven_message(self, ident: bytes, session: Session | None,
+                          frames: list[zmq.Frame], now: float) -> None:
+        """A frame from a connection that has not proven a node key: HELLO or nothing."""
+        src = "conn:" + ident.hex()
+        if self.flood.banned(src):
+            self.dropped["banned"] += 1
+            return
+        try:
+            address = frames[-1].get("Peer-Address")
+        except (zmq.ZMQError, AttributeError):
+            address = None
+        if not self.unproven_limit.allow(address, now):
+            self.dropped["unproven_limited"] += 1
+            return
+        if len(frames) != 3 or frames[1].bytes != fr.HELLO:
+            self.mesh.bad(src, "unproven")
+            return
+        try:
+            hello = fr.decode_hello(frames[2].bytes)
+        except fr.MalformedFrame as exc:
+            self.mesh.bad(src, exc.reason)
+            return
+        if session is None:
+            session = self.sessions.open(ident, now)
+        session.seen = now
+        self._hello(session, hello, frames[-1], now)
+
+    def _hello(self, session: Session, hello: fr.Hello, body: zmq.Frame, now: float) -> None:
+        if session.node_id is not None:
+            if hello.node_id != session.node_id or hello.key != session.key:
+                self.mesh.bad(session.source, "identity_conflict")
+                return
+        elif hello.proof:
+            if self.flood.banned(hello.node_id):
+                self.dropped["banned"] += 1
+                return
+            if not self.mesh.check_proof(fr.HELLO, hello, session.nonce):
+                self.mesh.bad(session.source, "forged_hello")
+                return
+            if hello.node_id != self.node_id:
+                self.sessions.prove(session, hello.node_id, hello.key)
+        proven = session.node_id is not None
+        if session.welcome is None or session.welcome[0] != hello.nonce:
+            session.welcome = (hello.nonce, self.mesh.sign_proof(fr.WELCOME, hello.nonce))
+        body_out = self.mesh.hello_body(session.nonce, session.welcome[1], gossip=proven)
+        self._router_send(fr.welcome_frames(session.ident, body_out))
+        if not proven:
+            return
+        self._ack(self.xpub, hello.node_id)
+        try:
+            address = body.get("Peer-Address")
+        except (zmq.ZMQError, AttributeError):
+            address = None
+        self.mesh.hello_from(hello.node_id, hello, address, now)
+
+    def _request(self, session: Session, msg: fr.Request, peer: Peer | None,
+                 now: float) -> None:
+        src, ident = session.node_id, session.ident
+        assert src is not None
+        if len(msg.payload) > self.s.max_message_size:
+            self.mesh.bad(src, "oversize", peer)
+            self._send_reply(ident, msg.req_id, None)
+            return
+        if not self.request_limit.allow(src, now):
+            self.dropped["requests_limited"] += 1
+            self._send_reply(ident, msg.req_id, None)
+            return
+        serving = self.in_service.get(ident)
+        if serving is not None:
+            if msg.req_id in serving:
+                self.dropped["duplicate_request"] += 1
+                return
+            if len(serving) >= self.s.max_requests_in_service:
+                self.dropped["requests_busy"] += 1
+                self._send_reply(ident, msg.req_id, None)
+                return
+        self.counters["requests_in"] += 1
+        self.counters["bytes_in"] += len(msg.payload)
+        if peer is not None:
+            peer.stats["requests_in"] += 1
+        self._answer(ident, msg.req_id, msg.payload, src)
+
+    def _report(self, cmd: Report) -> None:
+        """The node found ``cmd.count`` bad updates from ``cmd.sender``: count them like
+        bad frames, against the sender only if it proved its node id to us."""
+        peer = self.table.peers.get(cmd.sender)
+        proven = peer is not None or self.sessions.has_node(cmd.sender)
+        for _ in range(cmd.count):
+            if not proven or self.flood.banned(cmd.sender):
+                self.dropped[cmd.reason] += 1
+            else:
+                self.mesh.bad(cmd.sender, cmd.reason, peer)
+
+    def _answer(self, ident: bytes, req_id: bytes, payload: bytes, sender: bytes) -> None:
+        reply: Any = None
+        try:
+            reply = self.s.on_request(payload, sender)
+            if isinstance(reply, DeferredReply):
+                post = self.post
+                done, reply = reply._attach(
+                    lambda answer: post(SendReply(ident, req_id, answer)))
+                if not done:
+                    self.in_service.setdefault(ident, set()).add(req_id)
+                    return  # answered later, through a SendReply command
+            if reply is not None and not isinstance(reply, bytes | bytearray | memoryview):
+                raise TypeError(f"on_request returned {type(reply).__name__}, not bytes")
+        except Exception:
+            reply = None
+            self.counters["callback_errors"] += 1
+            logger.exception("on_request callback failed")
+        self._send_reply(ident, req_id, reply)
+
+    def _send_reply(self, ident: bytes, req_id: bytes, reply: bytes | None) -> None:
+        if self.router is None:
+            return
+        if self._router_send(fr.reply_frames(ident, req_id, reply)) and reply is not None:
+            self.counters["replies_out"] += 1
+            self.counters["bytes_out"] += len(reply)
+
+    def _router_send(self, frames: list[bytes]) -> bool:
+        """Send on the ROUTER; False (counted) if the peer is gone or does not read."""
+        assert self.router is not None
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped["reply_hwm"] += 1
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self.dropped["reply_unroutable"] += 1
+            return False
+        return True
+
