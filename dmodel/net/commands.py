@@ -23,9 +23,8 @@ from dmodel.net.identity import NodeKey
 PublishCallback = Callable[[bytes, bytes], None]
 RequestCallback = Callable[[bytes, bytes], "bytes | DeferredReply | None"]
 PeerCallback = Callable[[bytes], None]
-
-
 RECV_BATCH = 256  # frames taken from one socket before the poll loop looks again
+
 
 @dataclass(frozen=True, slots=True)
 class Stop:
