@@ -83,6 +83,9 @@ class Overlay:
                 ms = over.last_write.get((key[0], key[2]), -1)
                 if ms > mine.last_write.get((key[0], key[2]), -1):
                     mine.last_write[(key[0], key[2])] = ms
+        for key in pipeline.wrap_keys(update):
+            if key in over.wraps:
+                mine.wraps[key] = over.wraps[key]
         return snap
 
 

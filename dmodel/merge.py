@@ -298,6 +298,7 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
     objects = dict(state.objects)
     registers: dict[tuple[str, str], Register | None] = {}
     auth: dict[tuple[str, str, str], AuthEvents] = {}
+    wraps: dict[tuple[str, bytes, str], bytes] = {}
     caller_oid = update.caller_oid
 
     def current(db_id: str, name: str) -> Register | None:
@@ -338,9 +339,16 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
             _auth_event(out, state, auth, op.obj, kind, member, ver, granted,
                         frozenset(op.value.get("f", ())))
             if op.op == "grant_read" and meta.removed is None:
-                member_oid = member.partition(":")[2].encode()
+                member_oid = member.partition(":")[2]
                 for ref, wrapped in op.value["w"].items():
-                    out.writes.append(Write("wrap", op.obj, ref + member_oid, wrapped))
+                    # Two grants of one value to one reader carry different (randomized)
+                    # wraps; any opens it. Keep the least, whichever arrived first.
+                    key = (op.obj, ref, member_oid)
+                    held = wraps.get(key, state.wraps.get(key))
+                    if held is None or wrapped < held:
+                        wraps[key] = wrapped
+                        out.writes.append(Write("wrap", op.obj, ref + member_oid.encode(),
+                                                wrapped))
             continue
         if meta.removed is not None:
             continue  # removed objects are final

@@ -115,6 +115,13 @@ def needs(update: Update) -> tuple[set[str], set[tuple[str, str]], set[tuple[str
     return objects, registers, auth
 
 
+def wrap_keys(update: Update) -> list[tuple[str, bytes, str]]:
+    """The key wraps ``update``'s read grants carry, as (object, value ref, reader oid):
+    the store reads the wraps already held for them (see ``merge.apply``)."""
+    return [(op.obj, ref, op.value["id"].partition(":")[2])
+            for op in update.ops if op.op == "grant_read" for ref in op.value["w"]]
+
+
 def unknown_grants(update: Update, snap: Snapshot) -> tuple[bytes, ...]:
     """Ids of the updates named by ``update.grants`` that this node has not stored.
 

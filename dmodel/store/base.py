@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from .. import merge
 from ..clock import physical_ms
-from ..pipeline import Snapshot, needs
+from ..pipeline import Snapshot, needs, wrap_keys
 from ..update import Update
 
 HELD_CAP = 1000  # held (unauthorized) update ids kept per object
@@ -149,6 +149,7 @@ class MemoryStore:
                 if kind == "u" and (not local or member != update.caller) \
                         and (db_id, member) in state.last_write:
                     mine.last_write[(db_id, member)] = state.last_write[(db_id, member)]
+            mine.wraps.update({w: state.wraps[w] for w in wrap_keys(update) if w in state.wraps})
             if not local:
                 snap.stored = {ref[:32] for _, ref in update.grants if ref[:32] in self.updates}
             snaps.append(snap)

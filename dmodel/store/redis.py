@@ -50,7 +50,7 @@ import redis
 from .. import merge
 from ..clock import physical_ms
 from ..errors import StoreError, StoreUnavailableError
-from ..pipeline import Snapshot, needs
+from ..pipeline import Snapshot, needs, wrap_keys
 from ..update import Update, op_register
 from .base import HELD_CAP, pack_versions, unpack_versions
 from .wire import Wire
@@ -295,13 +295,16 @@ class RedisStore:
                         for db_id, kind, member in auth_l)
             cmds.extend(("ZSCORE", self.k_last(db_id), member) for db_id, _, member in last_l)
             cmds.extend(("HEXISTS", self.k_updates, uid) for uid in grants_l)
+            wraps_l = wrap_keys(update)
+            cmds.extend(("HGET", self.k_wrap(db_id), ref + oid.encode())
+                        for db_id, ref, oid in wraps_l)
             plans.append((update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
-                          grants_l, check_chain))
+                          grants_l, wraps_l, check_chain))
         with map_redis_errors():
             results = iter(self._run(cmds, write=False)) if cmds else iter(())
         snaps = []
         for (update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
-             grants_l, check_chain) in plans:
+             grants_l, wraps_l, check_chain) in plans:
             # A local update's seen/chain facts come from the applier's local rule.
             snap = Snapshot(seen=False if local else bool(next(results)))
             if check_chain:
@@ -329,6 +332,10 @@ class RedisStore:
             for uid in grants_l:
                 if next(results):
                     snap.stored.add(uid)
+            for key in wraps_l:
+                wrapped = next(results)
+                if wrapped is not None:
+                    state.wraps[key] = wrapped
             snaps.append(snap)
         return snaps
 

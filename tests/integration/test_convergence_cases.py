@@ -579,3 +579,26 @@ def test_state_digest_is_equal_exactly_when_states_are(make_node) -> None:
     assert a.state_digest() != b.state_digest()
     b.ingest_many(a.updates_since(0))
     assert a.state_digest() == b.state_digest()
+
+
+def test_two_read_grants_of_one_value_give_one_state_in_every_order(make_node, later) -> None:
+    # Each grant_read wraps the value's key afresh (randomized), so the kept wrap must
+    # not depend on which grant arrived last, nor on whether they came in one batch.
+    # Two devices of one identity grant concurrently (two chains, no order between them).
+    o, p = make_node("o", now=Clock()), make_node("p", now=Clock())
+    doc = CaseDoc.create(node=o)
+    reader = CaseDoc.create(node=o).db_id
+    doc.secret = "s"
+    ship(o, p)
+    p.keyring.add(o.identity(doc.db_id), doc.db_id)
+    doc.append_read_authorized(reader)
+    CaseDoc(doc.db_id, node=p).append_read_authorized(reader)
+    first, second = last(o), last(p)
+    rest = [r for r in o.updates_since(0) if r not in (first, second)]
+    one = deliver(later("one"), [*rest, first, second])
+    two = deliver(later("two"), [*rest, second, first])
+    three = later("three")
+    three.ingest_many([*rest, second, first])
+    assert len({n.state_digest() for n in (one, two, three)}) == 1
+    assert len(set(one.store.wraps(doc.db_id).values())) == 1
+    assert CaseDoc(doc.db_id, reader, node=o).secret.get() == "s"
