@@ -42,11 +42,14 @@ class Overlay:
         self.state = merge.State()
         self.seen: set[bytes] = set()
         self.chain: dict[bytes, tuple[str, bytes]] = {}
+        self.heads: dict[tuple[str, bytes], int] = {}  # chain -> latest timestamp in the batch
         self.next: dict[bytes, bytes] = {}
 
     def add(self, update: Update, writes: list[merge.Write] | None) -> None:
         self.seen.add(update.id)
         self.chain[update.id] = (update.caller, update.node)
+        chain = (update.caller, update.node)
+        self.heads[chain] = max(self.heads.get(chain, -1), update.timestamp)
         if update.prev:
             self.next.setdefault(update.prev, update.id)
         ms = physical_ms(update.timestamp)
@@ -64,6 +67,9 @@ class Overlay:
             snap.seen = True
         if update.prev in self.chain:
             snap.prev_chain = self.chain[update.prev]
+        elif snap.prev_chain is None:
+            head = self.heads.get((update.caller, update.node), -1)
+            snap.head_timestamp = max(snap.head_timestamp, head)
         if update.prev in self.next and self.next[update.prev] != update.id:
             snap.equivocation = True
         mine, over = snap.state, self.state

@@ -63,6 +63,10 @@ class Snapshot:
     when that update is not stored. ``equivocation``: the chain forks at ``update.prev``
     (two updates of one caller and node name the same previous update). Both still merge.
     ``stored``: which of the updates named by ``update.grants`` are stored here.
+    ``head_timestamp``: the timestamp of the latest update of the same chain stored here
+    (-1: none). An update older than that whose link is not stored does not wait for it:
+    its chain went past it here already, so the link was pruned (a replay of a pruned
+    update merges as a no-op) or was skipped as a gap.
     """
 
     state: merge.State = field(default_factory=merge.State)
@@ -71,6 +75,7 @@ class Snapshot:
     equivocation: bool = False  # another update already names the same previous update
     stored: set[bytes] = field(default_factory=set)
     gap: bool = False  # decide without the chain link: it waited long enough for it
+    head_timestamp: int = -1
 
 
 @dataclass(slots=True)
@@ -173,7 +178,8 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
     if snap.seen:
         return Decision(update, DROPPED, error=ReplayedUpdate("update already seen", update.id))
     state = snap.state
-    if update.prev and not (snap.gap and snap.prev_chain is None):
+    if update.prev and not (snap.prev_chain is None and (
+            snap.gap or snap.head_timestamp > update.timestamp)):
         if snap.prev_chain is None:
             return Decision(update, MISSING, missing=(update.prev,))
         if snap.prev_chain != (update.caller, update.node):

@@ -5,9 +5,10 @@ register winners (tombstones included), creates, removals, grants and revokes, t
 inserts of live DList elements and every DList delete. A version that a newer one
 superseded contributes nothing, and retention decides how long it stays:
 
-* ``all``: forever (the default, for now);
-* ``N`` (an int; 10 is a good choice): the last N versions of each register, the current one
-  included;
+* ``N`` (an int): the last N versions of each register, the current one included; the
+  default is ``DEFAULT_VERSIONS`` (10), so a register costs a bounded amount however
+  often it is written;
+* ``all``: forever (for audit use: the store then grows with every write);
 * a time (``"7d"``, ``"12h"``, ``"30m"``, ``"90s"``): superseded versions whose
   timestamps are younger than that, at least the current one.
 
@@ -42,9 +43,7 @@ _TIME = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 class Retention:
     """How many superseded versions to keep: all, the last ``versions``, or ``seconds``."""
 
-    # Default "all" for now: catch-up still runs by log, so a pruned chain link makes
-    # joiners wait CHAIN_WAIT_S per gap; a bounded default waits for catch-up by state.
-    versions: int | None = None
+    versions: int | None = DEFAULT_VERSIONS  # None (and no seconds): keep all
     seconds: float | None = None
 
     @property

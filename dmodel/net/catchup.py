@@ -218,11 +218,22 @@ class CatchUp:
         ids = [n for n in needs if isinstance(n, bytes)][:sync.MAX_IDS]
         objs = [n for n in needs if isinstance(n, str)][:sync.MAX_IDS]
         got = 0
-        for peer_id in self._turn_order():
+        unserved = set(ids)  # links no peer asked had (pruned by retention everywhere)
+        peers = self._turn_order()
+        for peer_id in peers:
             turn = _Turn(time.monotonic() + self.sync_turn_seconds, self.sync_turn_bytes)
             for kind, wanted in (("get", ids), ("obj", objs)):
-                if wanted and not turn.over():
-                    got += len(self._fetch(peer_id, kind, wanted, turn) or ())
+                if not wanted:
+                    continue
+                served = None if turn.over() else self._fetch(peer_id, kind, wanted, turn)
+                if served is None and kind == "get":
+                    unserved.clear()  # not asked, or no answer: the link may be there
+                got += len(served or ())
+                unserved -= served or set()
             if not self.node.pending_count:
                 break
+        if peers and unserved and self.node.pending_count:
+            # Every connected peer answered without these links: updates that wait only
+            # for one of them are decided now, not after the chain wait.
+            self.node.release_gaps(unserved)
         return got

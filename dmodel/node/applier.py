@@ -20,7 +20,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,9 +229,7 @@ class Applier:
             if verdict == pipeline.MISSING:
                 if not local:
                     self.pending.park(update, decision.missing)
-                    # Links go missing for good only where retention prunes; while the
-                    # default keeps everything, an update waits for its link as before.
-                    if self.pruner.active and self.pending.has_gaps:
+                    if self.pending.has_gaps:  # the timer releases it (CHAIN_WAIT_S)
                         self.future.wake()
                 continue
             if verdict == pipeline.HELD:
@@ -314,13 +312,13 @@ class Applier:
                 logger.exception("on_accepted callback failed")
         self._release_pending(update)
 
-    def release_gaps(self, waited: float = CHAIN_WAIT_S) -> bool:
+    def release_gaps(self, waited: float = CHAIN_WAIT_S,
+                     links: Collection[bytes] | None = None) -> bool:
         """Decide the updates that waited ``waited`` s or more for a chain link alone
-        (``0``: all of them, now). Under the apply lock. True while gaps remain."""
+        (``0``: all of them, now; ``links``: only those waiting for one of these ids).
+        Under the apply lock. True while gaps remain."""
         with self.lock:
-            if waited and not self.pruner.active:
-                return False
-            gaps = self.pending.take_gaps(waited)
+            gaps = self.pending.take_gaps(waited, links)
             if gaps:
                 self._gap_ok = {u.id for u in gaps}
                 try:

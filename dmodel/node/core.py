@@ -248,12 +248,13 @@ class Node:
         with self._lock:
             return self.applier.pending.needs()
 
-    def release_gaps(self) -> None:
+    def release_gaps(self, links: Iterable[bytes] | None = None) -> None:
         """Decide now the updates that wait only for their previous update (a link that
-        retention may have pruned everywhere); the node does it by itself after
-        ``applier.CHAIN_WAIT_S``. For tools and tests that know nothing more will come."""
+        retention may have pruned everywhere), or only those waiting for one of
+        ``links``; the node does it by itself after ``applier.CHAIN_WAIT_S``. For
+        catch-up (no peer has these links) and for tools that know nothing more will come."""
         self._check_open()
-        self.applier.release_gaps(0)
+        self.applier.release_gaps(0, None if links is None else set(links))
 
     @property
     def future_count(self) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from ..update import Update
 
@@ -76,11 +76,14 @@ class PendingSet:
     def has_gaps(self) -> bool:
         return bool(self._gaps)
 
-    def take_gaps(self, waited: float) -> list[Update]:
-        """Updates that have waited ``waited`` seconds or more for their link alone,
-        taken out of the set (oldest first)."""
+    def take_gaps(self, waited: float, links: Collection[bytes] | None = None) -> list[Update]:
+        """Updates that have waited ``waited`` seconds or more for their link alone (or,
+        given ``links``, those that wait for one of these), taken out of the set."""
         cutoff = time.monotonic() - waited
-        due = {t for t, since in self._gaps.items() if since <= cutoff and t in self._ids}
+        if links is not None:
+            linked = {pending_key(u) for link in links for u in self._pending.get(link, ())}
+        due = {t for t, since in self._gaps.items() if since <= cutoff and t in self._ids
+               and (links is None or t in linked)}
         self._gaps = {t: s for t, s in self._gaps.items() if t not in due and t in self._ids}
         if not due:
             return []

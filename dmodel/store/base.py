@@ -120,6 +120,7 @@ class MemoryStore:
         self.chain: dict[bytes, tuple[str, bytes]] = {}  # update id -> (caller, node)
         self.next: dict[bytes, bytes] = {}  # update id -> the update that named it as prev
         self.heads: dict[tuple[str, bytes], bytes] = {}
+        self.head_ts: dict[tuple[str, bytes], int] = {}
         self.log: list[bytes] = []
         self.hist: dict[str, list[bytes]] = {}
         self.held: dict[str, list[bytes]] = {}
@@ -139,6 +140,8 @@ class MemoryStore:
             snap = Snapshot(seen=False if local else update.id in self.updates)
             if update.prev and not local:
                 snap.prev_chain = self.chain.get(update.prev)
+                if snap.prev_chain is None:
+                    snap.head_timestamp = self.head_ts.get((update.caller, update.node), -1)
                 sibling = self.next.get(update.prev)
                 snap.equivocation = sibling is not None and sibling != update.id
             mine = snap.state
@@ -162,7 +165,9 @@ class MemoryStore:
             uid = update.id
             self.updates[uid] = update.raw
             self.chain[uid] = (update.caller, update.node)
-            self.heads[(update.caller, update.node)] = uid
+            chain = (update.caller, update.node)
+            if self.head_ts.get(chain, -1) < update.timestamp:  # as RedisStore
+                self.heads[chain], self.head_ts[chain] = uid, update.timestamp
             self.log.append(uid)
             positions.append(len(self.log))
             if update.prev:

@@ -5,6 +5,7 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P u                HASH  update id -> raw signed update (every stored update)
     P ch               HASH  update id -> node id (16 bytes) + caller db_id   (chain links)
     P head             HASH  caller db_id + "|" + node hex -> id of the latest update of that chain
+                             + its timestamp (8 bytes, big-endian)
     P log              ZSET  update id -> its sequence number here (store order); pruned
                              updates leave a gap, so positions never move
     P kv:{db_id}       HASH  register name -> superseded versions kept by retention (packed)
@@ -90,6 +91,7 @@ class StoreCache:
         self.limit = limit
         self.objects: dict[str, merge.ObjectMeta] = {}
         self.auth: dict[tuple[str, str, str], merge.AuthEvents] = {}
+        self.heads: dict[str, int] = {}  # chain ("caller|node hex") -> head's timestamp
 
     def put_object(self, db_id: str, meta: merge.ObjectMeta) -> merge.ObjectMeta:
         _trim(self.objects, self.limit)
@@ -105,6 +107,10 @@ class StoreCache:
         _trim(self.auth, self.limit)
         self.auth[key] = events
         return events
+
+    def put_head(self, chain: str, timestamp: int) -> None:
+        _trim(self.heads, self.limit)
+        self.heads[chain] = max(timestamp, self.heads.get(chain, -1))
 
     def note(self, w: merge.Write) -> None:
         """Keep the cache equal to the store after a committed write."""
@@ -218,7 +224,7 @@ class RedisStore:
             out = self._run(cmds, write=False) if cmds else []
         kept = [unpack_versions(v) for v in out[0:2 * len(pairs):2]]
         regs = [merge.Register.unpack(v) if v else None for v in out[1:2 * len(pairs):2]]
-        return kept, regs, [h or b"" for h in out[2 * len(pairs):]]
+        return kept, regs, [(h or b"")[:32] for h in out[2 * len(pairs):]]
 
     def prune(self, kept: dict[tuple[str, str], list[bytes]], updates: Sequence[Update],
               heads: set[bytes], removed: Sequence[str] = ()) -> None:
@@ -289,6 +295,7 @@ class RedisStore:
             if check_chain:
                 cmds.append(("HGET", self.k_chain, update.prev))
                 cmds.append(("HGET", self.k_next, update.prev))
+                cmds.append(("HGET", self.k_head, f"{update.caller}|{update.node.hex()}"))
             cmds.extend(("GET", self.k_obj(db_id)) for db_id in objects_l)
             cmds.extend(("HGET", self.k_reg(db_id), name) for db_id, name in regs_l)
             cmds.extend(("HGET", self.k_auth(db_id), f"{kind}:{member}")
@@ -308,9 +315,12 @@ class RedisStore:
             # A local update's seen/chain facts come from the applier's local rule.
             snap = Snapshot(seen=False if local else bool(next(results)))
             if check_chain:
-                link, sibling = next(results), next(results)
+                link, sibling, head = next(results), next(results), next(results)
                 if link:
                     snap.prev_chain = (link[16:].decode(), link[:16])
+                elif head and len(head) == 40:
+                    snap.head_timestamp = int.from_bytes(head[32:], "big")
+                    cache.put_head(f"{update.caller}|{update.node.hex()}", snap.head_timestamp)
                 snap.equivocation = sibling is not None and sibling != update.id
             state = snap.state
             state.objects.update(known_objects)
@@ -369,7 +379,8 @@ class RedisStore:
                 self._seq = None  # read again: the commit may or may not have happened
                 raise
         self._seq = seq
-        for _update, writes in items:
+        for update, writes in items:
+            self.cache.put_head(f"{update.caller}|{update.node.hex()}", update.timestamp)
             for w in writes or ():
                 self.cache.note(w)
         return [p + 1 for p in log_positions]
@@ -381,7 +392,9 @@ class RedisStore:
         touched = sorted({op.obj for op in update.ops})
         cmds.append(("HSET", self.k_updates, uid, update.raw))
         cmds.append(("HSET", self.k_chain, uid, update.node + update.caller.encode()))
-        cmds.append(("HSET", self.k_head, f"{update.caller}|{update.node.hex()}", uid))
+        chain = f"{update.caller}|{update.node.hex()}"
+        if self.cache.heads.get(chain, -1) < update.timestamp:  # never back to an older one
+            cmds.append(("HSET", self.k_head, chain, uid + update.timestamp.to_bytes(8, "big")))
         cmds.append(("ZADD", self.k_log, seq, uid))
         if update.prev:
             cmds.append(("HSETNX", self.k_next, update.prev, uid))
@@ -575,7 +588,7 @@ class RedisStore:
 
     def chain_head(self, caller: str, node: bytes) -> bytes:
         with map_redis_errors():
-            return self.client.hget(self.k_head, f"{caller}|{node.hex()}") or b""
+            return (self.client.hget(self.k_head, f"{caller}|{node.hex()}") or b"")[:32]
 
     def log_length(self) -> int:
         """The next log position: how many updates this store ever stored."""

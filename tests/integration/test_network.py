@@ -309,7 +309,7 @@ def test_burst_over_small_hwms_converges_by_catch_up(net, make_node) -> None:
     linked(a, b)
     # 1500 signed updates made offline, handed to a at once: a stores them in one batch
     # and publishes them back to back, far past the HWMs and b's apply queue.
-    src = make_node("src")
+    src = make_node("src", retention="all")  # hands over every version, not the live ones
     people = [Person.create(name="p", node=src) for _ in range(10)]
     for i in range(1500):
         people[i % 10].name = f"v{i}"
@@ -412,7 +412,8 @@ def test_catch_up_of_more_than_one_message_worth_of_updates(make_node) -> None:
     class Blob(dmodel.DModel):
         data = dmodel.DField()
 
-    a = make_node("a", listen="tcp://127.0.0.1:*", network_options={"sync_interval": 60})
+    a = make_node("a", listen="tcp://127.0.0.1:*", network_options={"sync_interval": 60},
+                  retention="all")  # every version is served, not only the live ones
     blob = Blob([], node=a)
     for i in range(15):  # ~1.8 MB in all, over the 1 MiB message limit
         blob.data.set(bytes([i]) * 120_000)

@@ -15,7 +15,8 @@ class Kept(dmodel.DModel):
 
 
 def test_retention_parses_its_forms() -> None:
-    assert Retention.parse("all").keeps_all and Retention.parse(None).keeps_all
+    assert Retention.parse("all").keeps_all and not Retention.parse(None).keeps_all
+    assert Retention.parse(None) == Retention() and Retention().versions == 10  # bounded
     assert Retention.parse(5).versions == 5 and Retention.parse("5").versions == 5
     assert Retention.parse("7d").seconds == 7 * 86400
     for bad in (0, "soon", True):
@@ -39,7 +40,7 @@ def test_overwrites_keep_the_last_versions_only(make_node) -> None:
 
 
 def test_pruning_never_changes_the_state(make_node) -> None:
-    keep_all, pruning = make_node("all"), make_node("pruning", retention=1)
+    keep_all, pruning = make_node("all", retention="all"), make_node("pruning", retention=1)
     for node in (keep_all, pruning):
         p = Kept.create(name="x", node=node)
         for i in range(20):

@@ -20,6 +20,12 @@ from dmodel import merge
 from dmodel.crypto import Identity
 from dmodel.update import Op, Update, decode
 
+
+@pytest.fixture
+def make_node(make_node):
+    """Nodes that keep every version: the tests hand whole signed histories around."""
+    return lambda name=None, **options: make_node(name, **{"retention": "all", **options})
+
 T0_MS = 1_700_000_000_000
 DAY_MS = 86_400_000
 

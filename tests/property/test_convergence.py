@@ -80,12 +80,13 @@ class World:
     example: int = field(default_factory=lambda: next(_examples))
     nodes: list[dmodel.Node] = field(default_factory=list)
 
-    def node(self, name: str, now: Callable[[], int], policy: str) -> dmodel.Node:
+    def node(self, name: str, now: Callable[[], int], policy: str,
+             retention: str | None = None) -> dmodel.Node:
         home = self.root / f"ex{self.example}" / name
         # Writers' clocks drift apart by up to ~30 s over a history; a skew bound above
         # that keeps their exchanges immediate (holding is tested on its own).
         node = dmodel.Node(home, redis_url=self.url, redis_prefix=f"ex{self.example}:{name}:",
-                           now=now, unauthorized_policy=policy, skew=60)
+                           now=now, unauthorized_policy=policy, skew=60, retention=retention)
         self.nodes.append(node)
         return node
 
@@ -164,7 +165,9 @@ def build_history(data: Any, world: World) -> tuple[list[bytes], list[str], list
     for i in range(n_writers):
         clock = Clock(T0_MS + data.draw(st.integers(0, 3000), label="clock offset"))
         # Writers apply whatever they are asked to sign: the receivers judge authorization.
-        writers.append(Writer(world.node(f"w{i}", clock, "listeners"), clock, []))
+        # They keep every version, so that the history handed over is whole; the
+        # receivers prune under the default retention.
+        writers.append(Writer(world.node(f"w{i}", clock, "listeners", "all"), clock, []))
     objects: list[str] = []
     for w in writers:
         for _ in range(data.draw(st.integers(1, 2), label="objects")):

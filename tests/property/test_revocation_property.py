@@ -87,7 +87,7 @@ def test_revocation_races_converge_to_the_rule(server, data) -> None:
     try:
         clocks = [Clock(T0_MS + data.draw(st.integers(0, 2000), label="offset"))
                   for _ in range(3)]
-        a, b1, b2 = (world.node(name, clock, "reject")
+        a, b1, b2 = (world.node(name, clock, "reject", "all")
                      for name, clock in zip(("a", "b1", "b2"), clocks, strict=True))
         writers = [a, b1, b2]
         member = CvDoc.create(node=b1).db_id
