@@ -22,7 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +107,9 @@ class ClusterServer:
         """A plain (non-cluster) client of this one server."""
         if self._client is None:
             self._client = redis.Redis(self.host, self.port, socket_timeout=10)
+            # redis-py decodes these key names as UTF-8 (replacing what is not): keep
+            # them as bytes, so that MIGRATE moves binary keys under their own names.
+            self._client.response_callbacks.pop("CLUSTER GETKEYSINSLOT", None)
         return self._client
 
     def log_tail(self) -> str:
@@ -260,25 +263,39 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ reshard
     def move_slots(self, slots: Iterable[int], src: int | ClusterServer,
-                   dst: int | ClusterServer, *, timeout: float = 20.0) -> int:
-        """Move ``slots`` from master ``src`` to ``dst`` while clients keep working (the
-        resharding procedure of the Redis Cluster specification); return how many keys
-        moved. Clients get ASK for a key already moved and MOVED once a slot is done."""
+                   dst: int | ClusterServer, *, batch: int = _MIGRATE_BATCH,
+                   midway: Callable[[int], None] | None = None,
+                   timeout: float = 20.0) -> int:
+        """Move ``slots`` from master ``src`` to ``dst`` (nodes or indexes in ``nodes``)
+        while clients keep working, by the resharding procedure of the Redis Cluster
+        specification; return how many keys moved.
+
+        While a slot migrates, a client asking the old owner for a key already moved (or
+        a new one) is sent on with ASK; once it is done, with MOVED. ``midway(slot)``, if
+        given, runs once per slot after its first ``batch`` keys have moved and before
+        the rest do: the moment a slot's keys are split between the two masters (if
+        it holds more than ``batch`` keys; it does not run for a slot with none).
+        """
         source, target = self.node(src), self.node(dst)
+        if source is target:
+            raise ValueError("source and destination are the same master")
         moved = 0
         for slot in slots:
             target.client.execute_command("CLUSTER SETSLOT", slot, "IMPORTING",
                                           source.node_id)
             source.client.execute_command("CLUSTER SETSLOT", slot, "MIGRATING",
                                           target.node_id)
+            first = True
             while True:
-                keys = source.client.execute_command("CLUSTER GETKEYSINSLOT", slot,
-                                                     _MIGRATE_BATCH)
+                keys = source.client.execute_command("CLUSTER GETKEYSINSLOT", slot, batch)
                 if not keys:
                     break
                 source.client.execute_command("MIGRATE", target.host, target.port, "", 0,
                                               int(timeout * 1000), "KEYS", *keys)
                 moved += len(keys)
+                if first and midway is not None:
+                    midway(slot)
+                first = False
             # The new owner first, so that a client sent there by the old one is served.
             for server in [target, source, *(s for s in self.nodes
                                              if s is not target and s is not source)]:
