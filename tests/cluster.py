@@ -209,9 +209,10 @@ class LocalCluster:
             # Distinct config epochs from the start, as redis-cli --cluster create sets
             # them: no epoch collision to resolve before the slot map settles.
             server.client.execute_command("CLUSTER SET-CONFIG-EPOCH", epoch)
-        first = self.nodes[0]
-        for server in self.nodes[1:]:
-            first.client.execute_command("CLUSTER MEET", server.host, server.port)
+        # Every pair meets: waiting for gossip to introduce the others costs seconds.
+        for index, server in enumerate(self.nodes):
+            for other in self.nodes[index + 1:]:
+                server.client.execute_command("CLUSTER MEET", other.host, other.port)
         self.wait_healthy(timeout)
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
@@ -252,6 +253,10 @@ class LocalCluster:
                 port = int(primary[1])
                 return next(s for s in self.nodes if s.port == port)
         raise LookupError(f"slot {slot} is not served")
+
+    def server_clients(self) -> list[redis.Redis]:
+        """One plain client per master (``INFO``, ``DBSIZE``... of each server)."""
+        return [server.client for server in self.nodes]
 
     def keyslot(self, key: str | bytes) -> int:
         return int(self.nodes[0].client.execute_command("CLUSTER KEYSLOT", key))
