@@ -39,6 +39,7 @@ from .errors import (
 from .keyring import Keyring, write_private
 from .node import Node, default_home
 from .node.default import start_lan_network
+from .store.connect import connect
 from .tools.home import RedisLayout
 from .update import Op
 
@@ -119,7 +120,7 @@ def _refuse_if_in_use(home: Path | None, redis_url: str | None) -> None:
         return
     try:
         # An embedded Redis left behind by a killed peer has no other client: reusable.
-        in_use = len(redis.Redis.from_url(url, socket_timeout=2).client_list()) > 1
+        in_use = len(connect(url, socket_timeout=2).client_list()) > 1
     except redis.RedisError:
         in_use = False
     if in_use:

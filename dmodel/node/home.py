@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from ..config import NodeConfig
 from ..errors import ConfigurationError, KeyringError
 from ..keyring import Keyring, secure_home, write_private
+from ..store.connect import connect
 from ..store.embedded import EmbeddedRedis
 from ..store.redis import RedisStore, map_redis_errors
 
@@ -89,10 +88,7 @@ def open_home(config: NodeConfig) -> Home:
         raise
     embedded: EmbeddedRedis | None = None
     if redis_url:
-        try:
-            client = redis.Redis.from_url(redis_url)
-        except ValueError as exc:
-            raise ConfigurationError(f"bad redis_url {redis_url!r}: {exc}") from exc
+        client = connect(redis_url)
     else:
         try:
             embedded = EmbeddedRedis(config.home)
