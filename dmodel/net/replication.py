@@ -105,7 +105,8 @@ class LogSource(Protocol):
     @property
     def pending_count(self) -> int: ...
     def on_accepted(self, callback: Callable[[Any, bool], None]) -> None: ...
-    def ingest_many(self, raws: Iterable[bytes]) -> list[Any]: ...
+    def ingest_many(self, raws: Iterable[bytes],
+                    sources: Sequence[Any] | None = None) -> list[Any]: ...
     def pending_needs(self) -> list[bytes | str]: ...
     def log_length(self) -> int: ...
 
@@ -416,7 +417,8 @@ class NetworkService(CatchUp):
                 with self._queued_lock:
                     self._queued -= sum(len(raw) for raw, _ in items)
                 if items and not self._stop.is_set():
-                    decisions = self.node.ingest_many([raw for raw, _ in items])
+                    decisions = self.node.ingest_many([raw for raw, _ in items],
+                                                      [sender for _, sender in items])
                     if any(d is not None and d.verdict == "missing" for d in decisions):
                         self._wake.set()
                     self._report_garbage(items, decisions)

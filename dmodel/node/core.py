@@ -40,6 +40,7 @@ from . import audit, rights
 from .applier import Applier
 from .audit import HistoryEntry
 from .home import open_home
+from .pending import PendingLimits
 from .sealing import Sealer, live_meta
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,12 @@ class Node:
     (DMODEL_PASSPHRASE), ``unauthorized_policy`` (DMODEL_UNAUTHORIZED_POLICY:
     ``"reject"`` or ``"listeners"``). ``config=`` (a resolved ``NodeConfig``) takes the
     place of all of those.
+
+    ``dial``: which endpoints learned from peers (gossip, beacons) the node may connect
+    to: ``"learned"`` (default: any ``tcp://`` one), ``"static"`` (none: only ``peers``)
+    or a list of networks such as ``["10.0.0.0/8", "192.168.1.0/24"]``. Configured
+    ``peers`` are always dialled. ``network_options`` holds the limits of the README's
+    Limits table (``pending_*`` among them).
     """
 
     def __init__(self, home: str | os.PathLike[str] | None = None, *,
@@ -78,7 +85,7 @@ class Node:
                  now: Callable[[], int] = time.time_ns, curve: Any = None,
                  broker: Any = None, network_options: dict[str, Any] | None = None,
                  start_network: bool = True, config: NodeConfig | None = None,
-                 retention: object = None) -> None:
+                 retention: object = None, dial: str | Sequence[str] | None = None) -> None:
         if config is None:
             config = NodeConfig.resolve(
                 home, listen=listen, peers=peers, discovery=discovery, redis_url=redis_url,
@@ -110,10 +117,14 @@ class Node:
         # The applier's lock is the apply lock; the listener registry shares it, so
         # apply()/revoke() from other threads never race a dispatch (an RLock:
         # callbacks may apply listeners themselves).
+        network_options = dict(network_options or {}, curve=curve, broker=broker)
+        if dial is not None:
+            network_options["dial"] = dial
         self.applier = Applier(self.store, self.clock, policy=self.policy_for,
                                skew_ms=self.skew_ms, is_owned=self.is_owned,
                                display_value=self.sealer.display_value,
-                               retention=config.retention)
+                               retention=config.retention,
+                               pending_limits=PendingLimits.take(network_options))
         self._lock = self.applier.lock
         self.listeners = self.applier.listeners
         self.stats = self.applier.stats
@@ -125,7 +136,7 @@ class Node:
         self._arrivals = threading.Condition()
         self.on_accepted(self._wake_waiters)
         self.network: Any = None
-        self._network_options = dict(network_options or {}, curve=curve, broker=broker)
+        self._network_options = network_options
         if self.clock.ahead_ms() > self.skew_ms:
             logger.warning("this host's clock is %.0f s behind the timestamps this node issued "
                            "before; peers hold its new updates until their clocks catch up: "
@@ -228,15 +239,17 @@ class Node:
         """
         return self.ingest_many([raw])[0]
 
-    def ingest_many(self, raws: Iterable[bytes]) -> list[pipeline.Decision | None]:
+    def ingest_many(self, raws: Iterable[bytes], sources: Sequence[Any] | None = None
+                    ) -> list[pipeline.Decision | None]:
         """Take several updates from elsewhere, in order, as one batch.
 
         The batch is read from the store in one round trip, signatures are checked on
         a small thread pool, and everything accepted is committed in one atomic step;
-        the result is the same as ingesting them one by one.
+        the result is the same as ingesting them one by one. ``sources[i]``: the peer
+        ``raws[i]`` came from (the pending set's budgets are per source).
         """
         self._check_open()
-        return self.applier.ingest_raw(raws)
+        return self.applier.ingest_raw(raws, sources)
 
     @property
     def pending_count(self) -> int:
@@ -261,8 +274,8 @@ class Node:
         return len(self.applier.future)
 
     @property
-    def _pending_order(self) -> Any:  # the pending set's bookkeeping, for tests
-        return self.applier.pending._order
+    def _pending_bookkeeping(self) -> int:  # the pending set's index entries, for tests
+        return self.applier.pending.bookkeeping()
 
     # ----------------------------------------------------------- local writes
     def identity(self, db_id: str) -> Identity:
