@@ -263,7 +263,7 @@ class NetworkService(CatchUp):
             return out
         guard: dict[str, Any] = dict(bus["dropped"])
         for key in ("bans", "proofs_ok", "proofs_failed", "dials_refused", "sessions",
-                    "request_timeouts"):
+                    "request_timeouts", "beacons_in", "beacons_failed"):
             guard[key] = bus.get(key, 0)
         guard["banned"] = [b.hex() if isinstance(b, bytes) else b for b in bus["banned"]]
         guard["unreached"] = bus["unreached"]

@@ -46,7 +46,8 @@ from .sealing import Sealer, live_meta
 logger = logging.getLogger(__name__)
 
 # Seconds after the network starts by which a configured peer should have answered;
-# one that has not is named in a warning (and in ``unreached_peers()``).
+# one that has not is in ``unreached_peers()`` (the bus names it in a WARNING, see
+# ``unreached_after`` in the README's Limits table).
 PEER_REACH_SECONDS = 5.0
 
 
@@ -131,7 +132,6 @@ class Node:
         self._heads: dict[str, bytes] = {}
         self._closed = False
         self._network_started = 0.0
-        self._reach_check: threading.Timer | None = None
         # Woken after every stored update (and at shutdown): what wait() sleeps on.
         self._arrivals = threading.Condition()
         self.on_accepted(self._wake_waiters)
@@ -175,10 +175,6 @@ class Node:
         self.network = NetworkService(self, listen=self.listen, peers=self.peers,
                                       discovery=self.discovery, **merged)
         self._network_started = time.monotonic()
-        if self.peers:
-            self._reach_check = threading.Timer(PEER_REACH_SECONDS, self._warn_unreached)
-            self._reach_check.daemon = True
-            self._reach_check.start()
         return self.network
 
     def unreached_peers(self, after: float = PEER_REACH_SECONDS) -> list[str]:
@@ -190,17 +186,6 @@ class Node:
             return []
         reached = {p.endpoint for p in network.peers().values() if p.connected}
         return [e for e in self.peers if e not in reached]
-
-    def _warn_unreached(self) -> None:
-        try:
-            for endpoint in self.unreached_peers(0):
-                logger.warning("peer %s not reached within %g s: is a node running and "
-                               "listening there, on an address this host can reach (not "
-                               "127.0.0.1 of another host)? is a firewall in the way? "
-                               "(it is connected as soon as it answers)",
-                               endpoint, PEER_REACH_SECONDS)
-        except DModelError:  # shut down meanwhile
-            pass
 
     def policy_for(self, model: str) -> merge.Policy:
         """The policy for unauthorized updates to ``model`` (its Meta, else the node's)."""
@@ -485,8 +470,6 @@ class Node:
         with self._arrivals:
             self._arrivals.notify_all()  # waiters see the node closed
         self.applier.future.stop()
-        if self._reach_check is not None:
-            self._reach_check.cancel()
         if self.network is not None:
             try:
                 self.network.close()
