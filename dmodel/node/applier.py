@@ -215,6 +215,9 @@ class Applier:
             for snap, update in zip(snaps, updates, strict=True):
                 snap.gap = update.id in self._gap_ok
         verified = [local] * len(updates) if local else self._verify_batch(updates, snaps)
+        if self.pending.releasing:
+            verified = [v or self.pending.checked(u) for v, u in zip(verified, updates,
+                                                                     strict=True)]
         overlay = Overlay()
         staged: list[tuple[Update, list[merge.Write] | None]] = []
         done: list[tuple[pipeline.Decision, pipeline.Snapshot, list[Change]]] = []

@@ -172,6 +172,7 @@ class Node:
             self.discovery = discovery
         merged = {k: v for k, v in {**self._network_options, **options}.items()
                   if v is not None}
+        self.applier.pending.limits = PendingLimits.take(merged, self.applier.pending.limits)
         self.network = NetworkService(self, listen=self.listen, peers=self.peers,
                                       discovery=self.discovery, **merged)
         self._network_started = time.monotonic()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import time
@@ -70,12 +71,14 @@ class PendingLimits:
                                          f"not {value!r}")
 
     @classmethod
-    def take(cls, options: MutableMapping[str, Any]) -> PendingLimits:
+    def take(cls, options: MutableMapping[str, Any],
+             base: PendingLimits | None = None) -> PendingLimits:
         """The limits named by the ``pending_*`` entries of ``options``, which are taken
-        out of it (the rest are the bus's); defaults for those not given."""
+        out of it (the rest are the bus's); ``base``'s (default: the defaults) for those
+        not given."""
         given = {f.name: options.pop(f"pending_{f.name}") for f in fields(cls)
                  if f"pending_{f.name}" in options}
-        return cls(**given)
+        return dataclasses.replace(base or cls(), **given)
 
 
 class _Entry:
@@ -147,7 +150,8 @@ class PendingSet:
                                + s.bytes / self.limits.bytes)
         self._unverified_share = _Largest(lambda s: float(s.unverified_bytes))
         self._arriving: dict[bytes, Hashable] = {}  # token -> source, for the batch at hand
-        self._carried: dict[bytes, Hashable] = {}  # token -> source, while re-processed
+        self._carried: dict[bytes, tuple[Hashable, bool]] = {}  # token -> (source,
+        # verified), while a released update is processed again
         self._releasing: list[Update] | None = None  # released updates not yet re-processed
         self._gaps: dict[bytes, float] = {}  # token -> when it began to wait for its link
 
@@ -202,7 +206,8 @@ class PendingSet:
         token = pending_key(update)
         if token in self._entries:
             return
-        name = self._carried.get(token) or self._arriving.get(token) or update.caller
+        carried = self._carried.get(token)
+        name = carried[0] if carried else self._arriving.get(token) or update.caller
         entry = self._entries[token] = _Entry(missing[0], update, name, verified)
         if tuple(missing) == (update.prev,):
             self._gaps[token] = time.monotonic()
@@ -262,6 +267,16 @@ class PendingSet:
             del self._sources[entry.source]
         return entry
 
+    def checked(self, update: Update) -> bool:
+        """``update`` is being released and its signature was checked before it parked
+        (its key cannot have changed since: it is not checked twice)."""
+        carried = self._carried.get(pending_key(update))
+        return carried is not None and carried[1]
+
+    @property
+    def releasing(self) -> bool:
+        return self._releasing is not None
+
     @property
     def has_gaps(self) -> bool:
         return bool(self._gaps)
@@ -295,7 +310,7 @@ class PendingSet:
         for key in keys:
             for token in self._waiting.pop(key, None) or ():
                 entry = self._remove(token)
-                self._carried[token] = entry.source
+                self._carried[token] = (entry.source, entry.verified)
                 ready.append(entry.update)
         if not ready:
             return

@@ -68,3 +68,14 @@ def test_a_forgery_whose_key_is_known_is_dropped_instead_of_waiting(make_node) -
     assert b.ingest(second).verdict == "missing" and b.pending_count == 1
     assert b.ingest(first).applied
     assert b.pending_count == 0 and Parked(p.db_id, "", node=b).name.get() == "v2"
+
+
+def test_pending_limits_given_when_the_network_starts_add_to_the_node_s(make_node) -> None:
+    # `dmodel peer --network-options` hands its JSON to start_network, not to Node().
+    node = make_node("n", start_network=False, network_options={"pending_bytes": 1 << 20})
+    node.start_network(listen="tcp://127.0.0.1:*", pending_source_size=7)
+    limits = node.applier.pending.limits
+    assert (limits.bytes, limits.source_size, limits.size) == (1 << 20, 7, 10_000)
+    parked = [orphan() for _ in range(10)]
+    node.ingest_many(parked, ["one peer"] * 10)
+    assert node.pending_count == 7 and node.stats.dropped["PendingEvicted"] == 3
