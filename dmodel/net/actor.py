@@ -76,7 +76,7 @@ PIPE_WAKE = b"W"
 _COUNTERS = ("messages_in", "messages_out", "bytes_in", "bytes_out", "requests_in",
              "requests_out", "replies_in", "replies_out", "request_timeouts",
              "requests_unroutable", "callback_errors", "bans", "relinks", "resubscribes",
-             "proofs_ok", "proofs_failed", "dials_refused")
+             "proofs_ok", "proofs_failed", "dials_refused", "beacons_in", "beacons_failed")
 
 
 @dataclass(slots=True)

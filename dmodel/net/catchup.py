@@ -206,7 +206,7 @@ class CatchUp:
             return None
         self._catching_up.active = True
         try:
-            decisions = self.node.ingest_many(raws)
+            decisions = self.node.ingest_many(raws, [peer_id] * len(raws))
         finally:
             self._catching_up.active = False
         self._report_garbage([(raw, peer_id) for raw in raws], decisions)

@@ -143,14 +143,39 @@ def open_beacon_socket(config: DiscoveryConfig) -> socket.socket:
     return sock
 
 
-def send_beacon(sock: socket.socket, config: DiscoveryConfig, beacon: Beacon) -> bool:
-    """Send one beacon; False (logged at debug) if the network refused it."""
-    try:
-        sock.sendto(encode_beacon(beacon), (config.address, config.port))
-    except OSError as exc:
-        logger.debug("beacon not sent to %s:%s: %s", config.address, config.port, exc)
-        return False
-    return True
+class BeaconSender:
+    """Sends one node's beacons. The first failure of a run of failures is a WARNING with
+    a hint (a host without a route to the beacon address fails at every beacon), the
+    others are DEBUG; ``failed`` counts them all."""
+
+    def __init__(self, sock: socket.socket, config: DiscoveryConfig, beacon: Beacon) -> None:
+        self.sock, self.config = sock, config
+        self.data = encode_beacon(beacon)
+        self.failed = 0
+        self._failing = False
+
+    def send(self) -> bool:
+        """Send a beacon now; False if the network refused it."""
+        where = f"{self.config.address}:{self.config.port}"
+        try:
+            self.sock.sendto(self.data, (self.config.address, self.config.port))
+        except OSError as exc:
+            self.failed += 1
+            if self._failing:
+                logger.debug("beacon not sent to %s: %s", where, exc)
+            else:
+                self._failing = True
+                logger.warning(
+                    "discovery: cannot send beacons to %s (%s): this host has no route "
+                    "there (is a network up? is %s an address of this LAN?), so nodes on "
+                    "other hosts do not find this one; give peers=[...] instead, or "
+                    "DiscoveryConfig(address=...) (told once; beacons keep being tried)",
+                    where, exc.strerror or exc, self.config.address)
+            return False
+        if self._failing:
+            self._failing = False
+            logger.info("discovery: beacons to %s are sent again", where)
+        return True
 
 
 def recv_beacons(sock: socket.socket, limit: int = 64) -> list[tuple[bytes, str]]:

@@ -1,15 +1,16 @@
 """The node's own key: who a peer is, proven in the handshake (Ed25519, via PyNaCl).
 
 Every node has a *node key* (an Ed25519 pair, seed in ``<home>/node.key``, mode 0600,
-next to ``node.id``; a node without a home gets a fresh key per run). The 16-byte node
-id stays what ``node.id`` holds, because it is also written into every signed update
-(``Update.node``) and existing homes must keep it. A peer binds its node id to its key
+next to ``node.id``; a node without a home gets a fresh key per run). A new home's
+16-byte node id is :func:`derived_node_id` of that key (``dmodel/node/home.py``); a home
+created before keeps the random id its ``node.id`` holds, because the id is also written
+into every signed update (``Update.node``). A peer binds its node id to its key
 by signing, in the handshake, a message that names both and the other side's fresh
 nonce (:func:`proof_message`); so a HELLO or WELCOME proves possession of the key and
 cannot be replayed on another connection.
 
 Which key may speak for a node id. A node id equal to :func:`derived_node_id` of the
-key is always accepted (a home created with a derived id cannot be impersonated at all).
+key is always accepted (a home with a derived id cannot be impersonated at all).
 Any other node id is bound to the first key proven for it during the process's life
 (trust on first use, :class:`KeyPins`); another key claiming it later is refused and
 counted (``dropped["identity_conflict"]``). Bans, scores, gossip and relay decisions
@@ -78,7 +79,7 @@ def load_node_key(home: str | os.PathLike[str]) -> NodeKey:
 
 
 def derived_node_id(public: bytes) -> bytes:
-    """The node id a key implies (a home may use it so its id cannot be claimed by others)."""
+    """The node id a key implies (what a new home takes, so no other key can claim it)."""
     return hashlib.blake2b(public, digest_size=NODE_ID_SIZE, person=b"dmodel-node-id").digest()
 
 

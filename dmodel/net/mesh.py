@@ -33,12 +33,12 @@ from dmodel.net.commands import Settings
 from dmodel.net.curve import make_client
 from dmodel.net.discovery import (
     Beacon,
+    BeaconSender,
     DiscoveryConfig,
     MalformedBeacon,
     decode_beacon,
     open_beacon_socket,
     recv_beacons,
-    send_beacon,
 )
 from dmodel.net.flood import FloodGuard
 from dmodel.net.identity import KeyPins, NodeKey, proof_message, verify
@@ -47,6 +47,7 @@ from dmodel.net.peers import FIRST_BACKOFF, DialPolicy, Link, Peer, PeerTable, S
 logger = logging.getLogger("dmodel.net.bus")
 
 Handler = Callable[[], None]
+_WARNED_MAX = 4096  # endpoints remembered as warned about (learned ones are capped too)
 
 
 class SocketSet:
@@ -131,8 +132,9 @@ class Mesh:
         self.pub_endpoint: str | None = None
         self.discovery: DiscoveryConfig | None = None
         self.udp: Any = None
-        self.beacon: Beacon | None = None
+        self.beacons: BeaconSender | None = None
         self.next_beacon = 0.0
+        self.warned_unreached: dict[str, None] = {}  # endpoints named in a warning
 
     def set_state(self, peer: Peer, *, connected: bool | None = None,
                    ready: bool | None = None) -> None:
@@ -299,8 +301,7 @@ class Mesh:
             if not link.warned:
                 if link.unreached(now, self.s.unreached_after):
                     link.warned = True
-                    logger.warning("peer endpoint %s not reached after %.0fs", link.endpoint,
-                                   now - link.created)
+                    self.warn_unreached(link.endpoint, now - link.created)
                 elif not link.welcomed:
                     nxt = min(nxt, link.created + self.s.unreached_after)
             if not link.welcomed and now - link.sock_since > timeout:
@@ -345,6 +346,20 @@ class Mesh:
             else:
                 nxt = min(nxt, peer.sub_seen + timeout)
         return nxt
+
+    def warn_unreached(self, endpoint: str, waited: float) -> None:
+        """A WARNING naming ``endpoint``, once per endpoint (a link made again for it
+        later stays quiet)."""
+        if endpoint in self.warned_unreached:
+            return
+        if len(self.warned_unreached) >= _WARNED_MAX:
+            del self.warned_unreached[next(iter(self.warned_unreached))]
+        self.warned_unreached[endpoint] = None
+        logger.warning("peer %s not reached within %.1f s: is a node running and listening "
+                       "there, on an address this host can reach (not 127.0.0.1 of another "
+                       "host)? is a firewall in the way? (it is connected as soon as it "
+                       "answers; listed in node.network.stats['guard']['unreached'] "
+                       "meanwhile)", endpoint, waited)
 
     def unreached(self, now: float) -> list[str]:
         """Endpoints dialled for longer than ``unreached_after`` that never welcomed us."""
@@ -475,7 +490,8 @@ class Mesh:
         self.sockets.watch(fd, self._on_udp, key=fd)
         parts = fr.split_host(self.endpoint or "")
         if parts is not None:
-            self.beacon = Beacon(self.node_id, int(parts[1]), config.cluster_tag)
+            self.beacons = BeaconSender(self.udp, config, Beacon(
+                self.node_id, int(parts[1]), config.cluster_tag))
         elif self.endpoint is not None:
             logger.warning("discovery: %s is not tcp://, not sending beacons", self.endpoint)
 
@@ -485,12 +501,12 @@ class Mesh:
 
     def beacon_timer(self, now: float) -> float:
         """Send a beacon when one is due; when the next one is."""
-        if self.udp is None or self.beacon is None or self.discovery is None:
+        if self.beacons is None:
             return now + 3600.0
         if now >= self.next_beacon:
-            if not send_beacon(self.udp, self.discovery, self.beacon):
+            if not self.beacons.send():
                 self.counters["beacons_failed"] += 1
-            self.next_beacon = now + self.discovery.interval
+            self.next_beacon = now + self.beacons.config.interval
         return self.next_beacon
 
     def _on_udp(self) -> None:

@@ -105,7 +105,8 @@ class LogSource(Protocol):
     @property
     def pending_count(self) -> int: ...
     def on_accepted(self, callback: Callable[[Any, bool], None]) -> None: ...
-    def ingest_many(self, raws: Iterable[bytes]) -> list[Any]: ...
+    def ingest_many(self, raws: Iterable[bytes],
+                    sources: Sequence[Any] | None = None) -> list[Any]: ...
     def pending_needs(self) -> list[bytes | str]: ...
     def log_length(self) -> int: ...
 
@@ -262,7 +263,7 @@ class NetworkService(CatchUp):
             return out
         guard: dict[str, Any] = dict(bus["dropped"])
         for key in ("bans", "proofs_ok", "proofs_failed", "dials_refused", "sessions",
-                    "request_timeouts"):
+                    "request_timeouts", "beacons_in", "beacons_failed"):
             guard[key] = bus.get(key, 0)
         guard["banned"] = [b.hex() if isinstance(b, bytes) else b for b in bus["banned"]]
         guard["unreached"] = bus["unreached"]
@@ -416,7 +417,8 @@ class NetworkService(CatchUp):
                 with self._queued_lock:
                     self._queued -= sum(len(raw) for raw, _ in items)
                 if items and not self._stop.is_set():
-                    decisions = self.node.ingest_many([raw for raw, _ in items])
+                    decisions = self.node.ingest_many([raw for raw, _ in items],
+                                                      [sender for _, sender in items])
                     if any(d is not None and d.verdict == "missing" for d in decisions):
                         self._wake.set()
                     self._report_garbage(items, decisions)

@@ -20,7 +20,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from ..store.base import Store
 from ..update import Update, decode
 from . import pending as pending_module
 from .future import FutureSet
-from .pending import PendingSet
+from .pending import PendingLimits, PendingSet
 from .pruner import Pruner
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ class Applier:
                  stats: Stats | None = None,
                  is_owned: Callable[[str], bool] = lambda db_id: False,
                  display_value: Callable[[str, str | None, merge.Register | None], Any]
-                 | None = None, retention: Retention | None = None) -> None:
+                 | None = None, retention: Retention | None = None,
+                 pending_limits: PendingLimits | None = None) -> None:
         self.store = store
         self.clock = clock
         self.policy = policy
@@ -122,7 +123,7 @@ class Applier:
         self.stats = stats if stats is not None else Stats()
         self.is_owned = is_owned
         self.display_value = display_value or _plain_value
-        self.pending = PendingSet(self.stats.dropped)
+        self.pending = PendingSet(self.stats.dropped, pending_limits)
         self.pruner = Pruner(store, retention or Retention(), clock, is_owned, self.stats)
         self.future = FutureSet(store, clock, self.lock,
                                 lambda batch: self._process_batch(batch, local=False),
@@ -142,9 +143,11 @@ class Applier:
         with self.lock:
             return self._process_batch([update], local=True)[0]
 
-    def ingest_raw(self, raws: Iterable[bytes]) -> list[pipeline.Decision | None]:
+    def ingest_raw(self, raws: Iterable[bytes], sources: Sequence[Hashable] | None = None
+                   ) -> list[pipeline.Decision | None]:
         """Decode and apply updates from elsewhere; None for bytes that are no update
-        (counted as dropped, never raised)."""
+        (counted as dropped, never raised). ``sources[i]``: the peer ``raws[i]`` came from
+        (what its place in the pending set counts against)."""
         results: list[pipeline.Decision | None] = []
         updates: list[Update] = []
         where: list[int] = []
@@ -156,12 +159,15 @@ class Applier:
                 self.count_drop(exc, None)
             results.append(None)
         if updates:
-            for i, decision in zip(where, self.ingest(updates), strict=True):
+            decoded_sources = None if sources is None else [sources[i] for i in where]
+            for i, decision in zip(where, self.ingest(updates, decoded_sources), strict=True):
                 results[i] = decision
         return results
 
-    def ingest(self, updates: list[Update]) -> list[pipeline.Decision]:
-        """Apply updates from elsewhere, in order, as one batch; one decision each.
+    def ingest(self, updates: list[Update], sources: Sequence[Hashable] | None = None
+               ) -> list[pipeline.Decision]:
+        """Apply updates from elsewhere, in order, as one batch; one decision each
+        (``sources``: the peer each came from, as in ``ingest_raw``).
 
         The one dedupe point before the store: an update stored lately is dropped as
         replayed without a round trip (the snapshot's ``seen`` catches the rest).
@@ -177,7 +183,10 @@ class Applier:
                 else:
                     fresh.append((i, update))
             if fresh:
-                decisions = self._process_batch([u for _, u in fresh], local=False)
+                batch = [u for _, u in fresh]
+                with self.pending.arriving(batch, None if sources is None
+                                           else [sources[i] for i, _ in fresh]):
+                    decisions = self._process_batch(batch, local=False)
                 for (i, _), decision in zip(fresh, decisions, strict=True):
                     results[i] = decision
         return results  # type: ignore[return-value]
@@ -206,6 +215,9 @@ class Applier:
             for snap, update in zip(snaps, updates, strict=True):
                 snap.gap = update.id in self._gap_ok
         verified = [local] * len(updates) if local else self._verify_batch(updates, snaps)
+        if self.pending.releasing:
+            verified = [v or self.pending.checked(u) for v, u in zip(verified, updates,
+                                                                     strict=True)]
         overlay = Overlay()
         staged: list[tuple[Update, list[merge.Write] | None]] = []
         done: list[tuple[pipeline.Decision, pipeline.Snapshot, list[Change]]] = []
@@ -228,9 +240,7 @@ class Applier:
                 continue
             if verdict == pipeline.MISSING:
                 if not local:
-                    self.pending.park(update, decision.missing)
-                    if self.pending.has_gaps:  # the timer releases it (CHAIN_WAIT_S)
-                        self.future.wake()
+                    self._park(decision, snap, verified[index])
                 continue
             if verdict == pipeline.HELD:
                 self.future.hold(update, decision.release_at)
@@ -327,6 +337,26 @@ class Applier:
                 finally:
                     self._gap_ok = set()
             return self.pending.has_gaps
+
+    def _park(self, decision: pipeline.Decision, snap: pipeline.Snapshot,
+              verified: bool) -> None:
+        """Let a remote update wait for what it misses, its signature checked first when
+        the key is at hand (a forgery is dropped, it takes no place)."""
+        update = decision.update
+        if not verified:
+            key = pipeline.signing_key(update, snap.state.objects.get)
+            if key is not None:
+                try:
+                    update.verify(key)
+                    verified = True
+                except InvalidUpdate as exc:
+                    exc.update_id = update.id
+                    decision.verdict, decision.error = pipeline.DROPPED, exc
+                    self.count_drop(exc, update)
+                    return
+        self.pending.park(update, decision.missing, verified=verified)
+        if self.pending.has_gaps:  # the timer releases it (CHAIN_WAIT_S)
+            self.future.wake()
 
     def _release_pending(self, update: Update) -> None:
         self.pending.release(update, lambda batch: self._process_batch(batch, local=False))

@@ -40,12 +40,14 @@ from . import audit, rights
 from .applier import Applier
 from .audit import HistoryEntry
 from .home import open_home
+from .pending import PendingLimits
 from .sealing import Sealer, live_meta
 
 logger = logging.getLogger(__name__)
 
 # Seconds after the network starts by which a configured peer should have answered;
-# one that has not is named in a warning (and in ``unreached_peers()``).
+# one that has not is in ``unreached_peers()`` (the bus names it in a WARNING, see
+# ``unreached_after`` in the README's Limits table).
 PEER_REACH_SECONDS = 5.0
 
 
@@ -68,6 +70,12 @@ class Node:
     (DMODEL_PASSPHRASE), ``unauthorized_policy`` (DMODEL_UNAUTHORIZED_POLICY:
     ``"reject"`` or ``"listeners"``). ``config=`` (a resolved ``NodeConfig``) takes the
     place of all of those.
+
+    ``dial``: which endpoints learned from peers (gossip, beacons) the node may connect
+    to: ``"learned"`` (default: any ``tcp://`` one), ``"static"`` (none: only ``peers``)
+    or a list of networks such as ``["10.0.0.0/8", "192.168.1.0/24"]``. Configured
+    ``peers`` are always dialled. ``network_options`` holds the limits of the README's
+    Limits table (``pending_*`` among them).
     """
 
     def __init__(self, home: str | os.PathLike[str] | None = None, *,
@@ -78,7 +86,7 @@ class Node:
                  now: Callable[[], int] = time.time_ns, curve: Any = None,
                  broker: Any = None, network_options: dict[str, Any] | None = None,
                  start_network: bool = True, config: NodeConfig | None = None,
-                 retention: object = None) -> None:
+                 retention: object = None, dial: str | Sequence[str] | None = None) -> None:
         if config is None:
             config = NodeConfig.resolve(
                 home, listen=listen, peers=peers, discovery=discovery, redis_url=redis_url,
@@ -110,22 +118,25 @@ class Node:
         # The applier's lock is the apply lock; the listener registry shares it, so
         # apply()/revoke() from other threads never race a dispatch (an RLock:
         # callbacks may apply listeners themselves).
+        network_options = dict(network_options or {}, curve=curve, broker=broker)
+        if dial is not None:
+            network_options["dial"] = dial
         self.applier = Applier(self.store, self.clock, policy=self.policy_for,
                                skew_ms=self.skew_ms, is_owned=self.is_owned,
                                display_value=self.sealer.display_value,
-                               retention=config.retention)
+                               retention=config.retention,
+                               pending_limits=PendingLimits.take(network_options))
         self._lock = self.applier.lock
         self.listeners = self.applier.listeners
         self.stats = self.applier.stats
         self._heads: dict[str, bytes] = {}
         self._closed = False
         self._network_started = 0.0
-        self._reach_check: threading.Timer | None = None
         # Woken after every stored update (and at shutdown): what wait() sleeps on.
         self._arrivals = threading.Condition()
         self.on_accepted(self._wake_waiters)
         self.network: Any = None
-        self._network_options = dict(network_options or {}, curve=curve, broker=broker)
+        self._network_options = network_options
         if self.clock.ahead_ms() > self.skew_ms:
             logger.warning("this host's clock is %.0f s behind the timestamps this node issued "
                            "before; peers hold its new updates until their clocks catch up: "
@@ -161,13 +172,10 @@ class Node:
             self.discovery = discovery
         merged = {k: v for k, v in {**self._network_options, **options}.items()
                   if v is not None}
+        self.applier.pending.limits = PendingLimits.take(merged, self.applier.pending.limits)
         self.network = NetworkService(self, listen=self.listen, peers=self.peers,
                                       discovery=self.discovery, **merged)
         self._network_started = time.monotonic()
-        if self.peers:
-            self._reach_check = threading.Timer(PEER_REACH_SECONDS, self._warn_unreached)
-            self._reach_check.daemon = True
-            self._reach_check.start()
         return self.network
 
     def unreached_peers(self, after: float = PEER_REACH_SECONDS) -> list[str]:
@@ -179,17 +187,6 @@ class Node:
             return []
         reached = {p.endpoint for p in network.peers().values() if p.connected}
         return [e for e in self.peers if e not in reached]
-
-    def _warn_unreached(self) -> None:
-        try:
-            for endpoint in self.unreached_peers(0):
-                logger.warning("peer %s not reached within %g s: is a node running and "
-                               "listening there, on an address this host can reach (not "
-                               "127.0.0.1 of another host)? is a firewall in the way? "
-                               "(it is connected as soon as it answers)",
-                               endpoint, PEER_REACH_SECONDS)
-        except DModelError:  # shut down meanwhile
-            pass
 
     def policy_for(self, model: str) -> merge.Policy:
         """The policy for unauthorized updates to ``model`` (its Meta, else the node's)."""
@@ -228,15 +225,17 @@ class Node:
         """
         return self.ingest_many([raw])[0]
 
-    def ingest_many(self, raws: Iterable[bytes]) -> list[pipeline.Decision | None]:
+    def ingest_many(self, raws: Iterable[bytes], sources: Sequence[Any] | None = None
+                    ) -> list[pipeline.Decision | None]:
         """Take several updates from elsewhere, in order, as one batch.
 
         The batch is read from the store in one round trip, signatures are checked on
         a small thread pool, and everything accepted is committed in one atomic step;
-        the result is the same as ingesting them one by one.
+        the result is the same as ingesting them one by one. ``sources[i]``: the peer
+        ``raws[i]`` came from (the pending set's budgets are per source).
         """
         self._check_open()
-        return self.applier.ingest_raw(raws)
+        return self.applier.ingest_raw(raws, sources)
 
     @property
     def pending_count(self) -> int:
@@ -262,8 +261,8 @@ class Node:
         return len(self.applier.future)
 
     @property
-    def _pending_order(self) -> Any:  # the pending set's bookkeeping, for tests
-        return self.applier.pending._order
+    def _pending_bookkeeping(self) -> int:  # the pending set's index entries, for tests
+        return self.applier.pending.bookkeeping()
 
     # ----------------------------------------------------------- local writes
     def identity(self, db_id: str) -> Identity:
@@ -473,8 +472,6 @@ class Node:
         with self._arrivals:
             self._arrivals.notify_all()  # waiters see the node closed
         self.applier.future.stop()
-        if self._reach_check is not None:
-            self._reach_check.cancel()
         if self.network is not None:
             try:
                 self.network.close()

@@ -6,7 +6,6 @@ starts a thread of its own (the embedded Redis is a child process).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,11 @@ from typing import Any
 from ..config import NodeConfig
 from ..errors import ConfigurationError, KeyringError
 from ..keyring import Keyring, secure_home, write_private
+from ..net.identity import derived_node_id, load_node_key
 from ..store.connect import connect
 from ..store.embedded import EmbeddedRedis
 from ..store.redis import RedisStore, map_redis_errors
+from ..update import NODE_ID_SIZE
 
 
 def _lock_home(home: Path) -> Any:
@@ -34,14 +35,20 @@ def _lock_home(home: Path) -> Any:
 
 
 def _load_node_id(home: Path) -> bytes:
+    """The id in ``<home>/node.id``; a new home's is derived from its node key.
+
+    A derived id cannot be claimed by another key in the handshake
+    (``identity.KeyPins``). A home created before ids were derived keeps its random
+    id (bound to its key by trust on first use), so its signed updates stay its own.
+    """
     path = home / "node.id"
     try:
         data = path.read_bytes()
-        if len(data) == 16:
+        if len(data) == NODE_ID_SIZE:
             return data
     except FileNotFoundError:
         pass
-    data = os.urandom(16)
+    data = derived_node_id(load_node_key(home).public)
     write_private(path, data)
     return data
 

@@ -343,9 +343,11 @@ class Peer:
     def status_line(self) -> str:
         """One line: peers, updates in/out/rejected/dropped, pending, log length."""
         s = self.stats()
+        unreached = s.get("network", {}).get("guard", {}).get("unreached")
         return (f"status peers={s['peers']} in={s['remote']} local={s['local']} "
                 f"out={s['published']} rejected={s['rejected_total']} "
-                f"dropped={s['dropped_total']} pending={s['pending']} log={s['log_length']}")
+                f"dropped={s['dropped_total']} pending={s['pending']} log={s['log_length']}"
+                + (f" unreached={','.join(unreached)}" if unreached else ""))
 
     # ---------------------------------------------------------- operations
     def _model(self, name: str) -> type[DModel]:

@@ -14,7 +14,9 @@ stop it by its handle. Modes:
                                                endpoint first); the victim dials it
     dial       ENDPOINT SECONDS                proven; HELLOs and gossip naming ipc:// and a
                                                TCP target this process counts accepts on
-    beacon     PORT SECONDS                    forged UDP beacons naming a TCP target
+    beacon     PORT SECONDS                    UDP beacons from 127.0.0.3 to 127.0.0.1:PORT
+                                               that try to point at a TCP target on
+                                               127.0.0.2, at ipc:// and at inproc://
 
 :func:`proven_dealer` (the handshake from a raw DEALER) is imported by the tests too.
 """
@@ -229,18 +231,38 @@ def dial(ctx: zmq.Context, endpoint: str, seconds: float) -> dict[str, Any]:
 
 
 def beacon(port: int, seconds: float) -> dict[str, Any]:
-    listener, target_port = _target()
+    """Beacons that try to send the victim to a third address: a TCP target listens on
+    127.0.0.2 (counting accepts) while every datagram comes from 127.0.0.3. Each round:
+    a valid beacon naming the target's port, valid beacons naming other ports (each
+    from a new node id), and datagrams that spell an endpoint out (``tcp://`` to the
+    target, ``ipc://``, ``inproc://``, a beacon "version 2" with an address field)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.2", 0))
+    listener.listen(512)
+    listener.setblocking(False)
+    target_port = listener.getsockname()[1]
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-    end, sent, accepted = time.monotonic() + seconds, 0, 0
+    udp.bind(("127.0.0.3", 0))
+    spelled = [f"tcp://127.0.0.2:{target_port}", "ipc:///tmp/dmodel-beacon",
+               "inproc://dmodel-beacon"]
+    end, valid, forged, accepted = time.monotonic() + seconds, 0, 0, 0
     while time.monotonic() < end:
-        for _ in range(20):
-            data = encode_beacon(Beacon(os.urandom(16), target_port))
-            udp.sendto(data, ("127.255.255.255", port))
-            sent += 1
-        accepted += _count_accepts(listener, time.monotonic() + 0.05)
+        datagrams = [encode_beacon(Beacon(os.urandom(16), target_port))]
+        datagrams += [encode_beacon(Beacon(os.urandom(16), 20000 + valid % 20000 + i))
+                      for i in range(3)]
+        valid += len(datagrams)
+        for text in spelled:
+            head = encode_beacon(Beacon(os.urandom(16), target_port))
+            datagrams.append(head + text.encode())  # the endpoint after a beacon
+            datagrams.append(head[:4] + text.encode())  # in place of id and port
+            datagrams.append(b"DMD\x02" + os.urandom(16) + text.encode())  # "version 2"
+            forged += 3
+        for data in datagrams:
+            udp.sendto(data, ("127.0.0.1", port))
+        accepted += _count_accepts(listener, time.monotonic() + 0.1)
     accepted += _count_accepts(listener, time.monotonic() + 0.5)
-    return {"sent": sent, "accepted": accepted, "target_port": target_port}
+    return {"valid": valid, "forged": forged, "accepted": accepted,
+            "target": f"tcp://127.0.0.2:{target_port}", "source": "127.0.0.3"}
 
 
 def main(argv: list[str]) -> int:
