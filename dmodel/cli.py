@@ -87,7 +87,7 @@ class _Bars:
         shown = not as_json and _out.is_terminal and _err.is_terminal
         self._bars = Progress(TextColumn("{task.description}"), BarColumn(),
                               MofNCompleteColumn(), TimeElapsedColumn(), console=_err,
-                              transient=True) if shown else None
+                              transient=False) if shown else None
         self._tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _Bars:
