@@ -469,6 +469,8 @@ def sync(home: Path | None, redis_url: str | None, passphrase: str | None,
     The home is made if it does not exist yet (as `dmodel peer` does). On a terminal a
     bar per peer shows how far through its log the catch-up is.
     """
+    from .tools.peer import connected_peers
+
     endpoints = _peer_endpoints(peers)
     if not endpoints:
         raise click.UsageError("give at least one --peer (or set DMODEL_PEERS)")
@@ -488,8 +490,7 @@ def sync(home: Path | None, redis_url: str | None, passphrase: str | None,
         before = node.log_length()
         network.sync_now()
         network.wait_idle(timeout)
-        connected = sorted(nid for nid, p in network.peers().items() if p.connected)
-        report = {"home": str(node.home), "peers": connected,
+        report = {"home": str(node.home), "peers": connected_peers(network),
                   "pulled": node.log_length() - before, "log_length": node.log_length()}
     if as_json:
         _emit_json(report)
@@ -507,12 +508,17 @@ def sync(home: Path | None, redis_url: str | None, passphrase: str | None,
 @json_option
 def status(home: Path | None, redis_url: str | None, passphrase: str | None,
            as_json: bool) -> int:
-    """What a home holds: objects per model, updates, owned keys."""
+    """What a home holds: objects per model, updates, owned keys; and, while a `dmodel
+    peer` runs on it, the peers that one is connected to (hex node ids)."""
+    from .tools.peer import CONNECTED_META
+
     path = _home_path(home)
-    shared = not redis_url and _node_running(path) and _live_store_url(path) is not None
+    running = _node_running(path)
+    shared = not redis_url and running and _live_store_url(path) is not None
     with _open_node(path, redis_url, passphrase) as node:
         models = {m: len(node.object_ids(m)) for m in node.store.models()}
         last = node.store.last_hlc()
+        recorded = node.store.meta(CONNECTED_META) if running else None
         info: dict[str, Any] = {
             "home": str(node.home),
             "node_id": node.node_id.hex(),
@@ -524,6 +530,7 @@ def status(home: Path | None, redis_url: str | None, passphrase: str | None,
             "owned": len(node.keyring.owned()),
             "keyring_protected": (node.home / "keys" / "keyring.cfg").exists(),
             "last_update": _when(last) if last else None,
+            "connected_peers": json.loads(recorded) if recorded else [],
         }
     if as_json:
         _emit_json(info)
@@ -532,6 +539,8 @@ def status(home: Path | None, redis_url: str | None, passphrase: str | None,
     for key, value in info.items():
         if key == "models":
             value = ", ".join(f"{m} {n}" for m, n in value.items()) or "-"
+        elif key == "connected_peers":
+            value = ", ".join(value) or "-"
         elif isinstance(value, bool):
             value = "yes" if value else "no"
         table.add_row(key.replace("_", " "), str(value))

@@ -185,6 +185,18 @@ def encode(message: dict[str, Any]) -> str:
     return json.dumps(message, default=jsonable, separators=(",", ":"))
 
 
+CONNECTED_META = "peer:connected"
+"""The store meta key where a running ``dmodel peer`` keeps the hex node ids of its
+connected peers (a JSON list), for ``dmodel status`` on its home."""
+
+
+def connected_peers(network: Any) -> list[str]:
+    """The hex node ids of the peers ``network`` (a node's, or None) is connected to."""
+    if network is None:
+        return []
+    return sorted(nid for nid, info in network.peers().items() if info.connected)
+
+
 class Peer:
     """A running node plus what ``dmodel peer`` adds: commands, status, progress."""
 
@@ -196,6 +208,7 @@ class Peer:
         self.progress: dict[str, tuple[int, int]] = {}
         self._out_lock = threading.Lock()
         self._quit_requested = False
+        self._recorded: list[str] | None = None  # what CONNECTED_META says
         self.failure: BaseException | None = None
         """What stopped the peer abnormally (the process then exits non-zero), or None."""
         if node.network is not None:
@@ -301,7 +314,12 @@ class Peer:
                                                           stdout or sys.stdout),
                                  name="dmodel-peer-commands", daemon=True).start()
             next_status = time.monotonic() + status_interval
+            next_record = time.monotonic()
             while not self.stopping.is_set():
+                if time.monotonic() >= next_record:
+                    with contextlib.suppress(DModelError):  # bookkeeping for `dmodel status`
+                        self.record_connected()
+                    next_record = time.monotonic() + 1.0
                 # Short waits keep the main thread responsive to signals.
                 self.stopping.wait(0.2)
                 if status_interval > 0 and time.monotonic() >= next_status:
@@ -309,7 +327,17 @@ class Peer:
                     next_status = time.monotonic() + status_interval
         finally:
             logger.info("shutting down")
+            with contextlib.suppress(DModelError):
+                self.record_connected(stopping=True)
             self.node.shutdown()
+
+    def record_connected(self, *, stopping: bool = False) -> None:
+        """Keep the connected peers' hex ids under CONNECTED_META (written when they
+        change; none once ``stopping``)."""
+        connected = [] if stopping else connected_peers(self.node.network)
+        if connected != self._recorded:
+            self.node.store.set_meta(CONNECTED_META, json.dumps(connected))
+            self._recorded = connected
 
     # --------------------------------------------------------------- state
     def stats(self) -> dict[str, Any]:
@@ -325,11 +353,10 @@ class Peer:
         if node.network is not None:
             peers = node.network.peers()
             out["peers"] = sum(1 for p in peers.values() if p.ready)
-            out["connected"] = sorted(nid for nid, p in peers.items() if p.connected)
             out["network"] = dict(node.network.stats)
         else:
             out["peers"] = 0
-            out["connected"] = []
+        out["connected"] = connected_peers(node.network)
         out["catchup"] = {peer: list(pos) for peer, pos in self.progress.items()}
         return out
 
@@ -562,5 +589,6 @@ def configure_logging(name: str, level: str = "info", *, as_json: bool = False) 
     logging.getLogger("dmodel").setLevel(numeric)
 
 
-__all__ = ["CommandError", "JsonLines", "Peer", "configure_logging", "encode", "load_commands",
-           "load_models", "parse_listener", "stop_on_signals"]
+__all__ = ["CONNECTED_META", "CommandError", "JsonLines", "Peer", "configure_logging",
+           "connected_peers", "encode", "load_commands", "load_models", "parse_listener",
+           "stop_on_signals"]

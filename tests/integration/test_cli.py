@@ -1031,3 +1031,24 @@ def test_peer_text_status_line_names_connected_peers(children, tmp_path):
     b.line()
     assert b.ask(op="wait_peers", n=1, timeout=20)["ready"]
     wait_until(lambda: f"connected={a_id[:8]}" in "".join(b.errors), timeout=20)
+
+
+def test_status_lists_the_peers_a_running_peer_is_connected_to(children, tmp_path, capsys):
+    a = children(*peer_args(tmp_path / "a", "--stdin-commands"))
+    endpoint = a.line().split()[1]
+    b = children(*peer_args(tmp_path / "b", "--stdin-commands", "--peer", endpoint))
+    b.line()
+    assert b.ask(op="wait_peers", n=1, timeout=20)["ready"]
+    b_id = b.ask(op="ping")["node_id"]
+
+    def listed():
+        code, out, _ = run(capsys, "status", "--home", tmp_path / "a", "--json")
+        assert code == 0
+        return json.loads(out)["connected_peers"] == [b_id]
+
+    wait_until(listed, timeout=20)
+    code, out, _ = run(capsys, "status", "--home", tmp_path / "a")
+    assert code == 0 and b_id in out
+    assert a.ask(op="quit")["ok"] and a.proc.wait(20) == 0
+    code, out, _ = run(capsys, "status", "--home", tmp_path / "a", "--json")
+    assert code == 0 and json.loads(out)["connected_peers"] == []
