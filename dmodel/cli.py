@@ -135,7 +135,8 @@ def _home_path(home: Path | None, *, create: bool = False) -> Path:
                 "makes one)")
         parent = next(p for p in path.absolute().parents if p.exists())
         if not parent.is_dir() or not _writable(parent):
-            raise ConfigurationError(f"cannot make the home {path}: {parent} is read-only "
+            why = "read-only" if parent.is_dir() else "a file"
+            raise ConfigurationError(f"cannot make the home {path}: {parent} is {why} "
                                      "(hint: give --home a path you may write to)")
         return path
     for part in (path, path / "redis", path / "keys"):
@@ -155,10 +156,10 @@ def _endpoint(text: str, option: str) -> str:
     usual slips (several endpoints in one value, a host:port without ``tcp://``)."""
     value = text.strip()
     if len(value.replace(",", " ").split()) > 1:
-        raise ConfigurationError(
-            f"{option} {text!r} holds several endpoints (hint: give one per {option}, e.g. "
-            f"{option} tcp://a:7600 {option} tcp://b:7600; DMODEL_PEERS takes them "
-            "comma-separated)")
+        hint = ("separate them with commas: DMODEL_PEERS=tcp://a:7600,tcp://b:7600"
+                if option == _ENV_PEERS else f"give one per {option}: {option} tcp://a:7600 "
+                f"{option} tcp://b:7600 (DMODEL_PEERS takes them comma-separated)")
+        raise ConfigurationError(f"{option} {text!r} holds several endpoints (hint: {hint})")
     if "://" not in value:
         hint = f"did you mean tcp://{value}?" if _HOST_PORT.fullmatch(value) else \
             "an endpoint looks like tcp://HOST:PORT"
@@ -166,12 +167,15 @@ def _endpoint(text: str, option: str) -> str:
     return value
 
 
+_ENV_PEERS = "DMODEL_PEERS entry"
+
+
 def _peer_endpoints(peers: Sequence[str]) -> list[str]:
     """The --peer values, or else DMODEL_PEERS (comma-separated), each checked."""
     if peers:
         return [_endpoint(p, "--peer") for p in peers]
     listed = os.environ.get("DMODEL_PEERS", "")
-    return [_endpoint(p, "DMODEL_PEERS entry") for p in listed.split(",") if p.strip()]
+    return [_endpoint(p, _ENV_PEERS) for p in listed.split(",") if p.strip()]
 
 
 def _live_store_url(home: Path) -> str | None:

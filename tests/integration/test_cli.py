@@ -934,7 +934,7 @@ def _can_unshare() -> bool:
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs unshare -rm (user namespaces)")
-@pytest.mark.parametrize("command", [["ls"], ["status"], ["verify"]])
+@pytest.mark.parametrize("command", [["ls"], ["status"], ["verify"], ["keys", "list"]])
 def test_a_read_only_home(homes, command):
     result = run_unshared_read_only(homes["a"], *command, "--home", str(homes["a"]))
     assert result.returncode == 2, result.stderr
@@ -948,7 +948,7 @@ def test_a_new_home_under_a_file_or_read_only_parent(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     code, out, err = run(capsys, "sync", "--home", tmp_path / "afile" / "h", "--peer",
                          "tcp://127.0.0.1:1")
-    assert_usage_error(code, out, err, "cannot make the home", "hint:")
+    assert_usage_error(code, out, err, "cannot make the home", "afile is a file", "hint:")
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -972,7 +972,8 @@ def test_endpoint_slips_have_a_hint(capsys, tmp_path, args, needles):
 def test_dmodel_peers_as_one_string_has_a_hint(capsys, tmp_path, monkeypatch, command):
     monkeypatch.setenv("DMODEL_PEERS", "tcp://127.0.0.1:1 tcp://127.0.0.1:2")
     code, out, err = run(capsys, command, "--home", tmp_path / "h")
-    assert_usage_error(code, out, err, "DMODEL_PEERS", "comma-separated")
+    assert_usage_error(code, out, err, "DMODEL_PEERS", "holds several endpoints",
+                       "hint: separate them with commas: DMODEL_PEERS=tcp://")
 
 
 def test_a_passphrase_file_others_may_read_is_refused(capsys, protected_home, tmp_path):
