@@ -895,17 +895,25 @@ def keys_import(home: Path | None, passphrase: str | None, file: Any) -> int:
               help="Where peers publish (XSUB).")
 @click.option("--backend", default="tcp://127.0.0.1:*", show_default=True,
               help="Where peers subscribe (XPUB).")
-def broker(frontend: str, backend: str) -> int:
+@json_option
+def broker(frontend: str, backend: str, as_json: bool) -> int:
     """Relay publishes between peers (hub and spoke) until SIGINT/SIGTERM.
 
-    Prints `frontend ENDPOINT` and `backend ENDPOINT` first.
+    Prints `frontend ENDPOINT` and `backend ENDPOINT` first (with --json one line,
+    {"frontend": ..., "backend": ...}).
     """
     from .net.broker import Broker
     from .tools.peer import stop_on_signals
 
+    _endpoint(frontend, "--frontend")
+    _endpoint(backend, "--backend")
     with stop_on_signals(threading.Event()) as stopping, Broker(frontend, backend) as relay:
-        click.echo(f"frontend {relay.frontend_endpoint}")
-        click.echo(f"backend {relay.backend_endpoint}")
+        if as_json:
+            click.echo(dumps({"frontend": relay.frontend_endpoint,
+                              "backend": relay.backend_endpoint}))
+        else:
+            click.echo(f"frontend {relay.frontend_endpoint}")
+            click.echo(f"backend {relay.backend_endpoint}")
         sys.stdout.flush()
         while not stopping.wait(0.2):
             pass

@@ -669,6 +669,17 @@ def test_broker_runs_until_sigterm(children):
     assert broker.line().startswith("backend tcp://127.0.0.1:")
     broker.proc.send_signal(signal.SIGTERM)
     assert broker.proc.wait(20) == 0
+    broker = children("broker", "--json")
+    endpoints = json.loads(broker.line())
+    assert set(endpoints) == {"frontend", "backend"}
+    assert all(e.startswith("tcp://127.0.0.1:") for e in endpoints.values())
+    broker.proc.send_signal(signal.SIGTERM)
+    assert broker.proc.wait(20) == 0
+
+
+def test_broker_endpoint_slip_has_a_hint(capsys):
+    code, out, err = run(capsys, "broker", "--frontend", "127.0.0.1:7700")
+    assert_usage_error(code, out, err, "--frontend", "did you mean tcp://127.0.0.1:7700?")
 
 
 def test_python_dash_m_dmodel_errors_without_traceback(tmp_path):
