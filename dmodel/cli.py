@@ -3,7 +3,11 @@
 Options carry the names of ``dmodel.launch()`` and the ``DMODEL_*`` variables
 (``--home``/DMODEL_HOME, ``--listen``, ``--peer``/DMODEL_PEERS, ``--discovery``,
 ``--redis-url``, ``--unauthorized-policy``, ``--passphrase``). Every failure is one
-``error: ...`` line on stderr and a non-zero exit status; ``--debug`` shows tracebacks.
+``error: ...`` line on stderr, with a hint where one helps; the exit status is 2 for a
+usage or configuration error (a bad option, home or endpoint: ConfigurationError), 1
+for any other failure; ``--debug`` shows tracebacks. ``--json`` prints data as JSON;
+without it, ``sync``, ``verify`` and ``history`` draw progress bars on stderr when
+both stdout and stderr are terminals.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import datetime
 import functools
 import json
 import os
+import re
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -24,9 +30,10 @@ from typing import Any, TypeVar
 import click
 import redis
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__, merge
+from . import __version__, clock, merge
 from .crypto import EncryptedValue
 from .errors import (
     ConfigurationError,
@@ -37,51 +44,139 @@ from .errors import (
     ObjectNotFoundError,
 )
 from .keyring import Keyring, write_private
-from .node import Node, default_home
+from .node import Node, audit, default_home
 from .node.default import start_lan_network
+from .retention import Retention
 from .store.connect import connect
 from .tools.home import RedisLayout
-from .update import Op
+from .tools.output import SEALED, dumps, utc_iso
+from .update import AUTH_OPS, Op
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ENCRYPTED = "<encrypted>"
 _out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False)
 
 
 # ------------------------------------------------------------------ helpers
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).hex()
-    if isinstance(value, EncryptedValue):
-        return ENCRYPTED
-    if isinstance(value, set | frozenset | tuple):
-        return sorted(value, key=repr) if isinstance(value, set | frozenset) else list(value)
-    return repr(value)
-
-
 def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=_jsonable, ensure_ascii=False))
+    click.echo(dumps(data, indent=2))
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = value if isinstance(value, str) and value == ENCRYPTED else repr(value)
+    text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _when(timestamp: int) -> str:
-    ms = timestamp >> 16
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime(
-        "%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    """An HLC timestamp as ISO 8601 UTC."""
+    return utc_iso(datetime.datetime.fromtimestamp(clock.physical_ms(timestamp) / 1000,
+                                                   datetime.UTC))
 
 
-def _home_path(home: Path | None) -> Path:
+class _Bars:
+    """Progress bars on stderr for a person at a terminal; nothing otherwise.
+
+    Shown only when stdout and stderr are both terminals (as rich sees them: ``TTY_COMPATIBLE``
+    and ``FORCE_COLOR`` count) and the output is not ``--json``. Updates may come from
+    any thread.
+    """
+
+    def __init__(self, as_json: bool) -> None:
+        shown = not as_json and _out.is_terminal and _err.is_terminal
+        self._bars = Progress(TextColumn("{task.description}"), BarColumn(),
+                              MofNCompleteColumn(), TimeElapsedColumn(), console=_err,
+                              transient=False) if shown else None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _Bars:
+        if self._bars is not None:
+            self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+
+    def update(self, label: str, done: int, total: int) -> None:
+        """Set the bar ``label`` (made on first use) to ``done`` of ``total``."""
+        if self._bars is None:
+            return
+        task = self._tasks.get(label)
+        if task is None:
+            task = self._tasks[label] = self._bars.add_task(label, total=total)
+        self._bars.update(task, completed=done, total=total)
+
+    def counter(self, label: str) -> audit.Progress | None:
+        """A ``progress(done, total)`` callback for the bar ``label`` (None when hidden)."""
+        return None if self._bars is None else functools.partial(self.update, label)
+
+
+# ------------------------------------------------------------------ homes and endpoints
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _home_path(home: Path | None, *, create: bool = False) -> Path:
+    """The home to use, checked: a directory dmodel may write in (or, with ``create``, one
+    it may make). ConfigurationError with a hint otherwise."""
     path = home if home is not None else default_home()
-    if not path.is_dir():
-        raise ConfigurationError(f"no dmodel home at {path} (give --home or set DMODEL_HOME)")
+    if path.exists() and not path.is_dir():
+        raise ConfigurationError(f"the home {path} is a file, not a directory (hint: give "
+                                 "--home a directory, or a path that does not exist yet)")
+    if not path.exists():
+        if not create:
+            raise ConfigurationError(
+                f"no dmodel home at {path} (hint: give --home or set DMODEL_HOME; "
+                f"'dmodel peer --home {path}' or 'dmodel sync --home {path} --peer ...' "
+                "makes one)")
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir() or not _writable(parent):
+            why = "read-only" if parent.is_dir() else "a file"
+            raise ConfigurationError(f"cannot make the home {path}: {parent} is {why} "
+                                     "(hint: give --home a path you may write to)")
+        return path
+    for part in (path, path / "redis", path / "keys"):
+        if part.is_dir() and not _writable(part):
+            raise ConfigurationError(
+                f"the home {path} is read-only ({part} cannot be written; hint: dmodel "
+                "writes its lock and its embedded Redis there even to read: fix the "
+                "permissions, or copy the home somewhere writable)")
     return path
+
+
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[\w.-]+|\*):(\d+|\*)")
+
+
+def _endpoint(text: str, option: str) -> str:
+    """``text`` if it can be one ZeroMQ endpoint; a ConfigurationError with a hint for the
+    usual slips (several endpoints in one value, a host:port without ``tcp://``)."""
+    value = text.strip()
+    if len(value.replace(",", " ").split()) > 1:
+        hint = ("separate them with commas: DMODEL_PEERS=tcp://a:7600,tcp://b:7600"
+                if option == _ENV_PEERS else f"give one per {option}: {option} tcp://a:7600 "
+                f"{option} tcp://b:7600 (DMODEL_PEERS takes them comma-separated)")
+        raise ConfigurationError(f"{option} {text!r} holds several endpoints (hint: {hint})")
+    if "://" not in value:
+        hint = f"did you mean tcp://{value}?" if _HOST_PORT.fullmatch(value) else \
+            "an endpoint looks like tcp://HOST:PORT"
+        raise ConfigurationError(f"{option} {text!r} is not a ZeroMQ endpoint (hint: {hint})")
+    return value
+
+
+_ENV_PEERS = "DMODEL_PEERS entry"
+
+
+def _peer_endpoints(peers: Sequence[str]) -> list[str]:
+    """The --peer values, or else DMODEL_PEERS (comma-separated), each checked."""
+    if peers:
+        return [_endpoint(p, "--peer") for p in peers]
+    listed = os.environ.get("DMODEL_PEERS", "")
+    return [_endpoint(p, _ENV_PEERS) for p in listed.split(",") if p.strip()]
 
 
 def _live_store_url(home: Path) -> str | None:
@@ -110,12 +205,11 @@ def _node_running(home: Path) -> bool:
         return False
 
 
-def _refuse_if_in_use(home: Path | None, redis_url: str | None) -> None:
+def _refuse_if_in_use(home: Path, redis_url: str | None) -> None:
     """A second node on a home would share its node id and store with the running one."""
-    if redis_url:
+    if redis_url or not home.is_dir():
         return
-    path = home if home is not None else default_home()
-    url = _live_store_url(path)
+    url = _live_store_url(home)
     if url is None:
         return
     try:
@@ -124,28 +218,29 @@ def _refuse_if_in_use(home: Path | None, redis_url: str | None) -> None:
     except redis.RedisError:
         in_use = False
     if in_use:
-        raise ConfigurationError(f"a dmodel node is already running on {path}; "
-                                 "stop it first (or give each peer its own --home)")
+        raise ConfigurationError(f"a dmodel node is already running on {home} (hint: stop "
+                                 "it first, or give each peer its own --home)")
 
 
-def _check_keyring(home: Path | None, passphrase: str | None) -> None:
+def _check_keyring(home: Path, passphrase: str | None) -> None:
     """Fail on a wrong or missing passphrase before any Redis server is started.
 
     Node opens its keyring after starting the embedded Redis, and a KeyringError there
     would leave that server running.
     """
-    keys = (home if home is not None else default_home()) / "keys"
+    keys = home / "keys"
     if keys.is_dir():
         Keyring(keys, passphrase)
 
 
 @contextmanager
 def _open_node(home: Path | None, redis_url: str | None, passphrase: str | None,
-               policy: str | None = None) -> Iterator[Node]:
-    """A node over an existing home, with no networking whatever DMODEL_* says."""
-    path = _home_path(home)
+               policy: str | None = None, *, create: bool = False) -> Iterator[Node]:
+    """A node over a home (which must exist unless ``create``), with no networking
+    whatever DMODEL_* says."""
+    path = _home_path(home, create=create)
     _check_keyring(path, passphrase)
-    url = redis_url or _live_store_url(path)
+    url = redis_url or (_live_store_url(path) if path.is_dir() else None)
     node = Node(path, listen="", peers=[], discovery=False, redis_url=url,
                 passphrase=passphrase, unauthorized_policy=policy)
     try:
@@ -164,15 +259,26 @@ def _json_object(text: str, option: str) -> dict[str, Any]:
     return value
 
 
-def _env_peers() -> list[str]:
-    return [p.strip() for p in os.environ.get("DMODEL_PEERS", "").split(",") if p.strip()]
-
-
 # ------------------------------------------------------------------ options
 
 
 def _keyring_protected(home: Path | None) -> bool:
     return ((home if home is not None else default_home()) / "keys" / "keyring.cfg").exists()
+
+
+def _read_passphrase_file(file: Path) -> str:
+    """The first line of ``file``, which only its owner may read or write."""
+    try:
+        mode = file.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigurationError(
+                f"--passphrase-file {file} is open to other users (mode "
+                f"{stat.S_IMODE(mode):04o}; hint: chmod 600 {file})")
+        text = file.read_text()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {file}: {exc.strerror}",
+                                 param_hint="--passphrase-file") from None
+    return text.partition("\n")[0].rstrip("\r")
 
 
 def _resolve_passphrase(home: Path | None, passphrase: str | None, file: Path | None,
@@ -184,14 +290,9 @@ def _resolve_passphrase(home: Path | None, passphrase: str | None, file: Path | 
     if file is not None and prompt:
         raise click.UsageError("give --passphrase-file or --passphrase-prompt, not both")
     if file is not None:
-        try:
-            text = file.read_text()
-        except OSError as exc:
-            raise click.BadParameter(f"cannot read {file}: {exc.strerror}",
-                                     param_hint="--passphrase-file") from None
-        return text.rstrip("\r\n")
+        return _read_passphrase_file(file)
     if prompt or (passphrase is None and sys.stdin.isatty() and _keyring_protected(home)):
-        return str(click.prompt("Keyring passphrase", hide_input=True))
+        return str(click.prompt("Keyring passphrase", hide_input=True, err=True))
     return passphrase
 
 
@@ -211,11 +312,19 @@ def passphrase_options(f: F) -> F:
     g = click.option("--passphrase-prompt", is_flag=True,
                      help="Ask for the keyring passphrase (no echo).")(g)
     g = click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Read the keyring passphrase from this file (its first line).")(g)
+                     help="Read the keyring passphrase from the first line of this file "
+                          "(refused unless only its owner may read it: chmod 600).")(g)
     g = click.option("--passphrase", envvar="DMODEL_PASSPHRASE", show_envvar=True,
                      help="Passphrase of the keyring (visible to other users of this "
                           "machine: prefer the file, the prompt or the variable).")(g)
     return g  # type: ignore[no-any-return]
+
+
+def home_option(f: F) -> F:
+    """--home (or DMODEL_HOME); checked by the command (see _home_path), not by click."""
+    return click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
+                        type=click.Path(path_type=Path),
+                        help="Keyring and embedded data (default ~/.local/share/dmodel).")(f)
 
 
 def store_options(f: F) -> F:
@@ -223,10 +332,7 @@ def store_options(f: F) -> F:
     f = passphrase_options(f)
     f = click.option("--redis-url", envvar="DMODEL_REDIS_URL", show_envvar=True,
                      help="Use this Redis instead of the embedded one.")(f)
-    f = click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
-                     type=click.Path(file_okay=False, path_type=Path),
-                     help="Keyring and embedded data (default ~/.local/share/dmodel).")(f)
-    return f
+    return home_option(f)
 
 
 def json_option(f: F) -> F:
@@ -285,14 +391,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Add the op_* methods of CLASS(peer) to the --stdin-commands protocol.")
 @click.option("--network-options", metavar="JSON", hidden=True,
               help="More network options (a JSON object), e.g. '{\"rcvhwm\": 100000}'.")
+@json_option
 def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
          unauthorized_policy: str | None, listen: str | None, peers: Sequence[str],
          discovery: bool | None, model_specs: Sequence[str], listener_specs: Sequence[str],
          name: str, status_interval: float, stdin_commands: bool, log_level: str,
-         sync_page_size: int, commands_spec: str | None, network_options: str | None) -> int:
+         sync_page_size: int, commands_spec: str | None, network_options: str | None,
+         as_json: bool) -> int:
     """Run a long-lived peer until SIGINT/SIGTERM.
 
-    The first line on stdout is `endpoint tcp://HOST:PORT`; logs go to stderr.
+    The first line on stdout is `endpoint tcp://HOST:PORT`; logs go to stderr. With
+    --json the first line is {"endpoint": ..., "node_id": ...} and every log line
+    (status lines too: {"status": {...}}) is one JSON object.
     """
     from .tools.peer import (
         Peer,
@@ -303,22 +413,26 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
         stop_on_signals,
     )
 
+    path = _home_path(home, create=True)
+    endpoints = _peer_endpoints(peers)
+    if listen:
+        _endpoint(listen, "--listen")
     for spec in model_specs:
         load_models(spec)
     listeners = [parse_listener(spec) for spec in listener_specs]
     commands = load_commands(commands_spec) if commands_spec else None
     extra = _json_object(network_options, "--network-options") if network_options else {}
-    configure_logging(name, log_level)
-    _refuse_if_in_use(home, redis_url)
-    _check_keyring(home, passphrase)
+    configure_logging(name, log_level, as_json=as_json)
+    _refuse_if_in_use(path, redis_url)
+    _check_keyring(path, passphrase)
     with stop_on_signals(threading.Event()) as stopping:
-        node = Node(home, redis_url=redis_url, passphrase=passphrase,
+        node = Node(path, redis_url=redis_url, passphrase=passphrase,
                     unauthorized_policy=unauthorized_policy, start_network=False)
         try:
             for listener, pattern in listeners:
                 listener.apply(pattern, node=node)
             # Networking starts only now, so no update is decided before the listeners are on.
-            network = dict(peers=list(peers) or _env_peers(), discovery=bool(discovery),
+            network = dict(peers=endpoints, discovery=bool(discovery),
                            page_size=sync_page_size, **extra)
             if discovery and not listen:
                 # Beacons tell other hosts our port: listen where they can reach it.
@@ -331,7 +445,8 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
         except BaseException:
             node.shutdown()
             raise
-        click.echo(f"endpoint {process.endpoint}")
+        click.echo(dumps({"endpoint": process.endpoint, "node_id": node.node_id.hex()})
+                   if as_json else f"endpoint {process.endpoint}")
         sys.stdout.flush()
         process.run(stdin_commands=stdin_commands, status_interval=status_interval)
     if process.failure is not None:
@@ -346,29 +461,47 @@ def peer(home: Path | None, redis_url: str | None, passphrase: str | None,
 @cli.command()
 @store_options
 @policy_option
+@json_option
 @click.option("--peer", "peers", multiple=True, metavar="ENDPOINT",
-              help="Endpoint of a peer; repeatable (default: DMODEL_PEERS).")
+              help="Endpoint of a peer; repeatable (default: DMODEL_PEERS, comma-separated).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
               show_default=True, help="Seconds to wait for the peers.")
 def sync(home: Path | None, redis_url: str | None, passphrase: str | None,
-         unauthorized_policy: str | None, peers: Sequence[str], timeout: float) -> int:
-    """Pull what the peers have and this home has not, then exit."""
-    endpoints = list(peers) or _env_peers()
+         unauthorized_policy: str | None, as_json: bool, peers: Sequence[str],
+         timeout: float) -> int:
+    """Pull what the peers have and this home has not, then exit.
+
+    The home is made if it does not exist yet (as `dmodel peer` does). On a terminal a
+    bar per peer shows how far through its log the catch-up is.
+    """
+    from .tools.peer import connected_peers
+
+    endpoints = _peer_endpoints(peers)
     if not endpoints:
         raise click.UsageError("give at least one --peer (or set DMODEL_PEERS)")
-    _refuse_if_in_use(home, redis_url)
-    with _open_node(home, redis_url, passphrase, unauthorized_policy) as node:
-        node.start_network(peers=endpoints)
-        if not node.network.wait_for_peers(len(endpoints), timeout):
-            ready = [p.endpoint for p in node.network.peers().values() if p.ready]
+    path = _home_path(home, create=True)
+    _refuse_if_in_use(path, redis_url)
+    with _open_node(path, redis_url, passphrase, unauthorized_policy, create=True) as node, \
+            _Bars(as_json) as bars:
+        network = node.start_network(peers=endpoints)
+        network.on_progress(lambda peer, done, total: bars.update(f"peer {peer[:8]}", done,
+                                                                  total))
+        if not network.wait_for_peers(len(endpoints), timeout):
+            ready = [p.endpoint for p in network.peers().values() if p.ready]
             missing = [e for e in endpoints if e not in ready]
             raise NetworkError(f"cannot reach peer {', '.join(missing) or endpoints[0]} "
-                               f"within {timeout:g} s")
+                               f"within {timeout:g} s (hint: is a peer running there, "
+                               "listening on an address this host can reach?)")
         before = node.log_length()
-        node.network.sync_now()
-        node.network.wait_idle(timeout)
-        click.echo(f"pulled from {len(endpoints)} peer(s): "
-                   f"{node.log_length() - before} new updates, log length {node.log_length()}")
+        network.sync_now()
+        network.wait_idle(timeout)
+        report = {"home": str(node.home), "peers": connected_peers(network),
+                  "pulled": node.log_length() - before, "log_length": node.log_length()}
+    if as_json:
+        _emit_json(report)
+    else:
+        click.echo(f"pulled from {len(endpoints)} peer(s): {report['pulled']} new updates, "
+                   f"log length {report['log_length']}")
     return 0
 
 
@@ -380,13 +513,18 @@ def sync(home: Path | None, redis_url: str | None, passphrase: str | None,
 @json_option
 def status(home: Path | None, redis_url: str | None, passphrase: str | None,
            as_json: bool) -> int:
-    """What a home holds: objects per model, updates, owned keys."""
+    """What a home holds: objects per model, updates, owned keys; and, while a `dmodel
+    peer` runs on it, the peers that one is connected to (hex node ids)."""
+    from .tools.peer import CONNECTED_META
+
     path = _home_path(home)
-    shared = not redis_url and _node_running(path) and _live_store_url(path) is not None
-    with _open_node(home, redis_url, passphrase) as node:
+    running = _node_running(path)
+    shared = not redis_url and running and _live_store_url(path) is not None
+    with _open_node(path, redis_url, passphrase) as node:
         models = {m: len(node.object_ids(m)) for m in node.store.models()}
         last = node.store.last_hlc()
-        info = {
+        recorded = node.store.meta(CONNECTED_META) if running else None
+        info: dict[str, Any] = {
             "home": str(node.home),
             "node_id": node.node_id.hex(),
             "store": redis_url or ("embedded, served by a running peer" if shared
@@ -397,6 +535,7 @@ def status(home: Path | None, redis_url: str | None, passphrase: str | None,
             "owned": len(node.keyring.owned()),
             "keyring_protected": (node.home / "keys" / "keyring.cfg").exists(),
             "last_update": _when(last) if last else None,
+            "connected_peers": json.loads(recorded) if recorded else [],
         }
     if as_json:
         _emit_json(info)
@@ -405,6 +544,8 @@ def status(home: Path | None, redis_url: str | None, passphrase: str | None,
     for key, value in info.items():
         if key == "models":
             value = ", ".join(f"{m} {n}" for m, n in value.items()) or "-"
+        elif key == "connected_peers":
+            value = ", ".join(value) or "-"
         elif isinstance(value, bool):
             value = "yes" if value else "no"
         table.add_row(key.replace("_", " "), str(value))
@@ -439,6 +580,7 @@ def ls_command(home: Path | None, redis_url: str | None, passphrase: str | None,
 
 
 def _field_values(node: Node, db_id: str, caller: str | None) -> dict[str, Any]:
+    """The object's fields as this home reads them (SEALED where no key opens one)."""
     regs = node.read_all(db_id)
 
     def value(name: str, reg: merge.Register) -> Any:
@@ -448,9 +590,9 @@ def _field_values(node: Node, db_id: str, caller: str | None) -> dict[str, Any]:
             try:
                 return node.read(db_id, name, reader=caller)
             except DecryptionError:
-                return ENCRYPTED
+                return SEALED
         shown = node.display_value(db_id, name, reg)
-        return ENCRYPTED if isinstance(shown, EncryptedValue) else shown
+        return SEALED if isinstance(shown, EncryptedValue) else shown
 
     out: dict[str, Any] = {}
     lists: set[str] = set()
@@ -478,7 +620,8 @@ def _field_values(node: Node, db_id: str, caller: str | None) -> dict[str, Any]:
 @click.option("--verified", is_flag=True, help="Check every value against its signed update.")
 def show(home: Path | None, redis_url: str | None, passphrase: str | None, as_json: bool,
          db_id: str, caller: str | None, verified: bool) -> int:
-    """Show an object's fields (`<encrypted>` where no key here opens them)."""
+    """Show an object's fields (`<encrypted>`, in JSON {"encrypted": true}, where no key
+    here opens them)."""
     with _open_node(home, redis_url, passphrase) as node:
         node.object_meta(db_id)
         if caller is not None and not node.is_owned(caller):
@@ -486,7 +629,7 @@ def show(home: Path | None, redis_url: str | None, passphrase: str | None, as_js
         if verified:
             for name, reg in node.read_all(db_id).items():
                 node.verify_register(db_id, name, reg)
-        info = {
+        info: dict[str, Any] = {
             "db_id": db_id,
             "owned": node.is_owned(db_id),
             "read_authorized": sorted(merge.current_members(node.store.auth_events(db_id, "r"))),
@@ -502,24 +645,75 @@ def show(home: Path | None, redis_url: str | None, passphrase: str | None, as_js
     _out.print(f"  may update: {', '.join(info['update_authorized']) or '-'}")
     table = Table("field", "value", box=None)
     for name, value in info["fields"].items():
-        table.add_row(name, value if value == ENCRYPTED else repr(value))
+        table.add_row(name, repr(value))
     _out.print(table)
     return 0
 
 
-def _describe_op(op: Op) -> str:
-    if op.op == "create":
+def _op_record(op: Op) -> dict[str, Any]:
+    """One operation as data: ``{"op": "set", "field": "name", "value": "Bob"}``; a
+    sealed value is ``"encrypted": true`` instead of a value."""
+    kind = op.op.removesuffix("_enc")
+    record: dict[str, Any] = {"op": kind}
+    if kind == "create":
         value = op.value or {}
-        return (f"create (read {len(value.get('read', []))}, "
-                f"update {len(value.get('update', []))})")
-    if op.op.endswith("_enc"):
-        return f"{op.op[:-4]} {op.register} = {ENCRYPTED}"
-    if op.op in ("set", "dset", "lins", "lset"):
-        value = op.value[1] if op.op != "set" else op.value
-        return f"{op.op} {op.register} = {_short(value)}"
-    if op.op in ("grant_read", "grant_update", "revoke_read", "revoke_update"):
-        return f"{op.op} {(op.value or {}).get('id')}"
-    return f"{op.op} {op.register}".strip()
+        record.update(read=list(value.get("read", [])), update=list(value.get("update", [])))
+        return record
+    if kind in AUTH_OPS:
+        record["member"] = (op.value or {}).get("id")
+        return record
+    if kind == "remove":
+        return record
+    record["field"] = op.field
+    if kind in ("dset", "ddel"):
+        record["key"] = op.value[0] if kind == "dset" else op.value
+    elif kind in ("lset", "ldel"):
+        record["element"] = (op.value[0] if kind == "lset" else op.value).hex()
+    if kind in ("set", "dset", "lins", "lset"):
+        if op.op.endswith("_enc"):
+            record["encrypted"] = True
+        else:
+            record["value"] = op.value if kind == "set" else op.value[1]
+    return record
+
+
+def _describe(record: dict[str, Any]) -> str:
+    """An operation record as text: ``set name = 'Bob'``, ``set salary = <encrypted>``."""
+    kind = record["op"]
+    if kind == "create":
+        return f"create (read {len(record['read'])}, update {len(record['update'])})"
+    if "member" in record:
+        return f"{kind} {record['member']}"
+    target = record.get("field", "")
+    if "key" in record:
+        target += f":{record['key']}"
+    if "element" in record:
+        target += f"#{record['element'][:8]}"
+    if record.get("encrypted"):
+        return f"{kind} {target} = {SEALED!r}"
+    if "value" in record:
+        return f"{kind} {target} = {_short(record['value'])}"
+    return f"{kind} {target}".strip()
+
+
+_DURATION = re.compile(r"\d+(\.\d+)?[smhd]", re.IGNORECASE)
+
+
+def _since(text: str) -> datetime.datetime:
+    """``--since``: an ISO 8601 date or date and time (UTC unless it carries an offset),
+    or a duration back from now: ``90s``, ``10m``, ``2h``, ``3d``."""
+    value = text.strip()
+    if _DURATION.fullmatch(value):  # the durations of DMODEL_RETENTION
+        seconds = Retention.parse(value).seconds or 0.0
+        return datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds)
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a date/time (2024-05-01, 2024-05-01T12:30, "
+            "2024-05-01T12:30+02:00) nor a duration (90s, 10m, 2h, 3d)",
+            param_hint="--since") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=datetime.UTC)
 
 
 @cli.command()
@@ -528,24 +722,37 @@ def _describe_op(op: Op) -> str:
 @click.argument("db_id")
 @click.option("--rejected/--no-rejected", default=True, show_default=True,
               help="Include updates rejected as unauthorized.")
+@click.option("--since", "since_text", metavar="WHEN",
+              help="Only updates made since WHEN: a date/time in ISO 8601 (UTC unless it has "
+                   "an offset: 2024-05-01, 2024-05-01T12:30) or a duration back from now "
+                   "(90s, 10m, 2h, 3d).")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N",
+              help="Only the N latest updates (after --since).")
 def history(home: Path | None, redis_url: str | None, passphrase: str | None, as_json: bool,
-            db_id: str, rejected: bool) -> int:
-    """The stored updates of an object, in merge order."""
-    with _open_node(home, redis_url, passphrase) as node:
+            db_id: str, rejected: bool, since_text: str | None, limit: int | None) -> int:
+    """The stored updates of an object, in merge order, with their times in UTC."""
+    since = _since(since_text) if since_text is not None else None
+    with _open_node(home, redis_url, passphrase) as node, _Bars(as_json) as bars:
         if node.store.object_meta(db_id) is None:
             raise ObjectNotFoundError(f"{db_id} is not known here")
-        entries = node.history(db_id, include_rejected=rejected)
-    rows = [{"update_id": e.update_id, "time": _when(e.timestamp), "caller": e.caller_id,
-             "verdict": e.verdict, "ops": [_describe_op(op) for op in e.ops]}
-            for e in entries]
+        entries = audit.history(node.store, db_id, include_rejected=rejected,
+                                progress=bars.counter("updates read"))
+    if since is not None:
+        entries = [e for e in entries if e.datetime >= since]
+    if limit is not None:
+        entries = entries[-limit:]
+    rows: list[dict[str, Any]] = [
+        {"update_id": e.update_id, "time": utc_iso(e.datetime), "timestamp": e.timestamp,
+         "caller": e.caller_id, "verdict": e.verdict, "ops": [_op_record(op) for op in e.ops]}
+        for e in entries]
     if as_json:
         _emit_json(rows)
         return 0
     table = Table("time (UTC)", "update", "caller", "verdict", "change", box=None)
     for row in rows:
-        table.add_row(row["time"][:19], row["update_id"][:12],
+        table.add_row(row["time"][:19] + "Z", row["update_id"][:12],
                       "self" if row["caller"] == db_id else row["caller"], row["verdict"],
-                      "; ".join(row["ops"]))
+                      "; ".join(_describe(op) for op in row["ops"]))
     _out.print(table)
     return 0
 
@@ -556,8 +763,8 @@ def history(home: Path | None, redis_url: str | None, passphrase: str | None, as
 def verify(home: Path | None, redis_url: str | None, passphrase: str | None,
            as_json: bool) -> int:
     """Re-check every stored value and log entry against the signatures."""
-    with _open_node(home, redis_url, passphrase) as node:
-        problems = node.verify_store()
+    with _open_node(home, redis_url, passphrase) as node, _Bars(as_json) as bars:
+        problems = audit.verify_store(node.store, progress=bars.counter("objects, updates"))
         objects, updates = len(node.store.object_ids()), node.log_length()
     if as_json:
         _emit_json({"ok": not problems, "objects": objects, "updates": updates,
@@ -600,8 +807,7 @@ def cluster_init(file: Path, force: bool) -> None:
 
 @cluster.command("join")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
-              type=click.Path(file_okay=False, path_type=Path))
+@home_option
 def cluster_join(file: Path, home: Path | None) -> None:
     """Install the cluster key FILE into the home (0600): its node then uses CURVE."""
     from .keyring import secure_home
@@ -609,7 +815,7 @@ def cluster_join(file: Path, home: Path | None) -> None:
     from .net.replication import CLUSTER_KEY_FILE
 
     config = CurveConfig.load(file)  # refuses a key file others can read
-    path = home if home is not None else default_home()
+    path = _home_path(home, create=True)
     secure_home(path)
     config.save(path / CLUSTER_KEY_FILE)
     click.echo(f"{path / CLUSTER_KEY_FILE} installed: this home's node uses CURVE now")
@@ -628,8 +834,7 @@ def _keyring(home: Path | None, passphrase: str | None) -> Keyring:
 
 
 @keys.command("list")
-@click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
-              type=click.Path(file_okay=False, path_type=Path))
+@home_option
 @passphrase_options
 @json_option
 def keys_list(home: Path | None, passphrase: str | None, as_json: bool) -> int:
@@ -644,8 +849,7 @@ def keys_list(home: Path | None, passphrase: str | None, as_json: bool) -> int:
 
 
 @keys.command("export")
-@click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
-              type=click.Path(file_okay=False, path_type=Path))
+@home_option
 @passphrase_options
 @click.argument("db_id")
 @click.option("--i-know-what-i-am-doing", "confirmed", is_flag=True,
@@ -669,8 +873,7 @@ def keys_export(home: Path | None, passphrase: str | None, db_id: str, confirmed
 
 
 @keys.command("import")
-@click.option("--home", envvar="DMODEL_HOME", show_envvar=True,
-              type=click.Path(file_okay=False, path_type=Path))
+@home_option
 @passphrase_options
 @click.argument("file", type=click.File("rb"))
 def keys_import(home: Path | None, passphrase: str | None, file: Any) -> int:
@@ -693,17 +896,25 @@ def keys_import(home: Path | None, passphrase: str | None, file: Any) -> int:
               help="Where peers publish (XSUB).")
 @click.option("--backend", default="tcp://127.0.0.1:*", show_default=True,
               help="Where peers subscribe (XPUB).")
-def broker(frontend: str, backend: str) -> int:
+@json_option
+def broker(frontend: str, backend: str, as_json: bool) -> int:
     """Relay publishes between peers (hub and spoke) until SIGINT/SIGTERM.
 
-    Prints `frontend ENDPOINT` and `backend ENDPOINT` first.
+    Prints `frontend ENDPOINT` and `backend ENDPOINT` first (with --json one line,
+    {"frontend": ..., "backend": ...}).
     """
     from .net.broker import Broker
     from .tools.peer import stop_on_signals
 
+    _endpoint(frontend, "--frontend")
+    _endpoint(backend, "--backend")
     with stop_on_signals(threading.Event()) as stopping, Broker(frontend, backend) as relay:
-        click.echo(f"frontend {relay.frontend_endpoint}")
-        click.echo(f"backend {relay.backend_endpoint}")
+        if as_json:
+            click.echo(dumps({"frontend": relay.frontend_endpoint,
+                              "backend": relay.backend_endpoint}))
+        else:
+            click.echo(f"frontend {relay.frontend_endpoint}")
+            click.echo(f"backend {relay.backend_endpoint}")
         sys.stdout.flush()
         while not stopping.wait(0.2):
             pass
@@ -739,6 +950,10 @@ def demo(home: Path | None, updates: int, timeout: float, keep: bool,
 # ------------------------------------------------------------------ entry
 
 
+USAGE_ERROR = 2
+"""Exit status for what the user gave wrong (as click's usage errors); 1 is a failure."""
+
+
 def _error(message: str) -> None:
     click.echo(f"error: {' '.join(message.split())}", err=True)
 
@@ -763,7 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         _error(str(exc) or type(exc).__name__)
-        return 1
+        return USAGE_ERROR if isinstance(exc, ConfigurationError) else 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

@@ -279,8 +279,9 @@ class NetworkService(CatchUp):
     def connect(self, endpoint: str) -> None:
         self.bus.connect(endpoint)
 
-    def peers(self) -> dict[bytes, Any]:
-        return self.bus.peers()
+    def peers(self) -> dict[str, Any]:
+        """The peers this node connects to, by hex node id (``bus.peers()``: by bytes)."""
+        return {nid.hex(): info for nid, info in self.bus.peers().items()}
 
     def wait_for_peers(self, n: int, timeout: float = 10.0) -> bool:
         return self.bus.wait_for_peers(n, timeout)

@@ -7,12 +7,15 @@ digest is taken under the node's apply lock, so no update is applied halfway thr
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgpack
 
-from .. import merge
+from .. import clock, merge
 from ..errors import IntegrityError, InvalidUpdate
 from ..pipeline import signing_key
 from ..store.base import Store
@@ -21,6 +24,21 @@ from ..update import FIELD_OPS, LIST_OPS, Op, Update, decode, op_register
 # What unpacking or checking a damaged stored register can raise (msgpack's errors are
 # ValueErrors; a value of the wrong shape gives TypeError or IndexError).
 _DAMAGED = (ValueError, TypeError, IndexError, KeyError)
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: called after each item a long check has finished."""
+
+_T = TypeVar("_T")
+
+
+def _counted(items: Iterable[_T], progress: Progress | None, start: int,
+             total: int) -> Iterator[_T]:
+    """``items``, calling ``progress(start + n, total)`` once the loop body is done with
+    the n-th (the generator resumes only when the next item is asked for)."""
+    for done, item in enumerate(items, start + 1):
+        yield item
+        if progress is not None:
+            progress(done, total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +50,11 @@ class HistoryEntry:
     timestamp: int
     verdict: str  # "accepted" or "unauthorized"
     ops: tuple[Op, ...]
+
+    @property
+    def datetime(self) -> _dt.datetime:
+        """When it was made (the wall-clock part of its HLC timestamp), timezone-aware UTC."""
+        return _dt.datetime.fromtimestamp(clock.physical_ms(self.timestamp) / 1000, _dt.UTC)
 
 
 def signed_op(store: Store, db_id: str, name: str, ref: bytes) -> tuple[Update, int]:
@@ -103,10 +126,15 @@ def state_digest(store: Store) -> str:
     return digest.hexdigest()
 
 
-def verify_store(store: Store) -> list[str]:
-    """Re-check every stored value and log entry; return a list of problems (empty = ok)."""
+def verify_store(store: Store, progress: Progress | None = None) -> list[str]:
+    """Re-check every stored value and log entry; return a list of problems (empty = ok).
+
+    ``progress(done, total)`` counts objects, then log entries, as they are checked.
+    """
     problems: list[str] = []
-    for db_id in store.object_ids():
+    objects, log = store.object_ids(), store.log_range()
+    total = len(objects) + len(log)
+    for db_id in _counted(objects, progress, 0, total):
         for name, reg in _stored_registers(store, db_id, problems).items():
             try:
                 verify_register(store, db_id, name, reg)
@@ -117,7 +145,7 @@ def verify_store(store: Store) -> list[str]:
         for uid in store.history(db_id):
             if not store.has_update(uid):
                 problems.append(f"{db_id}: history names missing update {uid.hex()[:12]}")
-    for uid in store.log_range():
+    for uid in _counted(log, progress, len(objects), total):
         raw = store.raw_update(uid)
         if raw is None:
             problems.append(f"log names missing update {uid.hex()[:12]}")
@@ -177,14 +205,20 @@ def _stored_registers(store: Store, db_id: str, problems: list[str]) -> dict[str
 
 
 def history(store: Store, db_id: str, field: str | None = None, *,
-            include_rejected: bool = False) -> list[HistoryEntry]:
-    """Stored updates of an object in merge order (timestamp, caller, id)."""
+            include_rejected: bool = False,
+            progress: Progress | None = None) -> list[HistoryEntry]:
+    """Stored updates of an object in merge order (timestamp, caller, id).
+
+    ``progress(done, total)`` counts the stored updates read.
+    """
     entries = []
     sources = [("accepted", store.history(db_id))]
     if include_rejected:
         sources.append(("unauthorized", store.history(db_id, held=True)))
+    total = sum(len(uids) for _, uids in sources)
+    done = 0
     for verdict, uids in sources:
-        for raw in store.raw_updates(uids):
+        for raw in _counted(store.raw_updates(uids), progress, done, total):
             if raw is None:
                 continue
             update = decode(raw)
@@ -193,9 +227,10 @@ def history(store: Store, db_id: str, field: str | None = None, *,
             if ops:
                 entries.append((update, HistoryEntry(update.hex_id, update.caller,
                                                      update.timestamp, verdict, ops)))
+        done += len(uids)
     entries.sort(key=lambda e: merge.order_key(e[0]))
     return [e for _, e in entries]
 
 
-__all__ = ["HistoryEntry", "history", "signed_op", "state_digest", "verify_register",
+__all__ = ["HistoryEntry", "Progress", "history", "signed_op", "state_digest", "verify_register",
            "verify_store"]

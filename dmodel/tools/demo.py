@@ -291,7 +291,8 @@ def run_demo(*, home: Path | None = None, updates: int = 1000, timeout: float = 
     out = console or Console(highlight=False, soft_wrap=True)
     if home is not None:
         if home.exists() and (not home.is_dir() or any(home.iterdir())):
-            raise ConfigurationError(f"--home {home} is not an empty directory")
+            raise ConfigurationError(f"--home {home} is not an empty directory (hint: give "
+                                     "a new or empty one, or none for a temporary one)")
         home.mkdir(parents=True, exist_ok=True)
         root = home
     else:

@@ -42,6 +42,7 @@ that value equals ``value`` (if given), read as ``caller``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import importlib.util
 import json
@@ -57,12 +58,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..actions import DAction
-from ..crypto import EncryptedValue
 from ..errors import CommandError, ConfigurationError, DecryptionError, DModelError
 from ..filters import compile as compile_filter
 from ..model import BoundDict, BoundField, DDict, DField, DModel, model_class, transaction
 from ..node import Node
 from ..runtime import tune_gc
+from .output import jsonable, utc_iso
 
 logger = logging.getLogger(__name__)
 
@@ -179,19 +180,21 @@ def _parse_listener(spec: str) -> tuple[DAction, str]:
 # ------------------------------------------------------------ the protocol
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).hex()
-    if isinstance(value, EncryptedValue):
-        return "<encrypted>"
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return repr(value)
-
-
 def encode(message: dict[str, Any]) -> str:
     """One protocol line (no newline)."""
-    return json.dumps(message, default=_jsonable, separators=(",", ":"))
+    return json.dumps(message, default=jsonable, separators=(",", ":"))
+
+
+CONNECTED_META = "peer:connected"
+"""The store meta key where a running ``dmodel peer`` keeps the hex node ids of its
+connected peers (a JSON list), for ``dmodel status`` on its home."""
+
+
+def connected_peers(network: Any) -> list[str]:
+    """The hex node ids of the peers ``network`` (a node's, or None) is connected to."""
+    if network is None:
+        return []
+    return sorted(nid for nid, info in network.peers().items() if info.connected)
 
 
 class Peer:
@@ -205,6 +208,7 @@ class Peer:
         self.progress: dict[str, tuple[int, int]] = {}
         self._out_lock = threading.Lock()
         self._quit_requested = False
+        self._recorded: list[str] | None = None  # what CONNECTED_META says
         self.failure: BaseException | None = None
         """What stopped the peer abnormally (the process then exits non-zero), or None."""
         if node.network is not None:
@@ -310,15 +314,30 @@ class Peer:
                                                           stdout or sys.stdout),
                                  name="dmodel-peer-commands", daemon=True).start()
             next_status = time.monotonic() + status_interval
+            next_record = time.monotonic()
             while not self.stopping.is_set():
+                if time.monotonic() >= next_record:
+                    with contextlib.suppress(DModelError):  # bookkeeping for `dmodel status`
+                        self.record_connected()
+                    next_record = time.monotonic() + 1.0
                 # Short waits keep the main thread responsive to signals.
                 self.stopping.wait(0.2)
                 if status_interval > 0 and time.monotonic() >= next_status:
-                    logger.info("%s", self.status_line())
+                    self.log_status()
                     next_status = time.monotonic() + status_interval
         finally:
             logger.info("shutting down")
+            with contextlib.suppress(DModelError):
+                self.record_connected(stopping=True)
             self.node.shutdown()
+
+    def record_connected(self, *, stopping: bool = False) -> None:
+        """Keep the connected peers' hex ids under CONNECTED_META (written when they
+        change; none once ``stopping``)."""
+        connected = [] if stopping else connected_peers(self.node.network)
+        if connected != self._recorded:
+            self.node.store.set_meta(CONNECTED_META, json.dumps(connected))
+            self._recorded = connected
 
     # --------------------------------------------------------------- state
     def stats(self) -> dict[str, Any]:
@@ -337,17 +356,34 @@ class Peer:
             out["network"] = dict(node.network.stats)
         else:
             out["peers"] = 0
+        out["connected"] = connected_peers(node.network)
         out["catchup"] = {peer: list(pos) for peer, pos in self.progress.items()}
         return out
 
-    def status_line(self) -> str:
-        """One line: peers, updates in/out/rejected/dropped, pending, log length."""
+    def status(self) -> dict[str, Any]:
+        """What a status line tells: ready peers, the connected ones (hex node ids),
+        updates in/local/out/rejected/dropped, pending, log length."""
         s = self.stats()
         unreached = s.get("network", {}).get("guard", {}).get("unreached")
-        return (f"status peers={s['peers']} in={s['remote']} local={s['local']} "
-                f"out={s['published']} rejected={s['rejected_total']} "
-                f"dropped={s['dropped_total']} pending={s['pending']} log={s['log_length']}"
-                + (f" unreached={','.join(unreached)}" if unreached else ""))
+        out = {"peers": s["peers"], "connected": s["connected"], "in": s["remote"],
+               "local": s["local"], "out": s["published"], "rejected": s["rejected_total"],
+               "dropped": s["dropped_total"], "pending": s["pending"], "log": s["log_length"]}
+        if unreached:
+            out["unreached"] = list(unreached)
+        return out
+
+    def status_line(self, status: dict[str, Any] | None = None) -> str:
+        """The status as one line of text (connected peers by their first 8 hex digits)."""
+        s = self.status() if status is None else status
+        connected = ",".join(nid[:8] for nid in s["connected"]) or "-"
+        fields = [f"{k}={v}" for k, v in s.items() if k not in ("connected", "unreached")]
+        unreached = [f"unreached={','.join(s['unreached'])}"] if s.get("unreached") else []
+        return " ".join(["status", *fields, f"connected={connected}", *unreached])
+
+    def log_status(self) -> None:
+        """Log the status line (with ``--json``, the status object: see JsonLines)."""
+        status = self.status()
+        logger.info("%s", self.status_line(status), extra={"data": {"status": status}})
 
     # ---------------------------------------------------------- operations
     def _model(self, name: str) -> type[DModel]:
@@ -523,11 +559,32 @@ def stop_on_signals(event: threading.Event) -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def configure_logging(name: str, level: str = "info") -> None:
-    """One readable line per record on stderr: ``time name LEVEL logger: message``."""
+class JsonLines(logging.Formatter):
+    """One JSON object per record: ``time`` (ISO 8601 UTC), ``name`` (the peer's),
+    ``level``, ``logger``, ``message``, plus the record's ``data`` (a status line's
+    ``status`` object) and ``traceback`` when there is one."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.peer_name = name
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": utc_iso(datetime.datetime.fromtimestamp(record.created, datetime.UTC)),
+            "name": self.peer_name, "level": record.levelname.lower(), "logger": record.name,
+            "message": record.getMessage()}
+        out.update(getattr(record, "data", None) or {})
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=jsonable, separators=(",", ":"))
+
+
+def configure_logging(name: str, level: str = "info", *, as_json: bool = False) -> None:
+    """One line per record on stderr: ``time name LEVEL logger: message``, or with
+    ``as_json`` one JSON object (see :class:`JsonLines`)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: "
-                                           "%(message)s", datefmt="%H:%M:%S"))
+    handler.setFormatter(JsonLines(name) if as_json else logging.Formatter(
+        f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -537,5 +594,6 @@ def configure_logging(name: str, level: str = "info") -> None:
     logging.getLogger("dmodel").setLevel(numeric)
 
 
-__all__ = ["CommandError", "Peer", "configure_logging", "encode", "load_commands", "load_models",
-           "parse_listener", "stop_on_signals"]
+__all__ = ["CONNECTED_META", "CommandError", "JsonLines", "Peer", "configure_logging",
+           "connected_peers", "encode", "load_commands", "load_models", "parse_listener",
+           "stop_on_signals"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import queue
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import click
 import pytest
+from helpers import wait_until
 
 import dmodel
 from dmodel import merge
@@ -59,6 +61,17 @@ def homes(tmp_path):
         b.shutdown()
     return {"a": tmp_path / "a", "b": tmp_path / "b", "worker": worker.db_id,
             "chief": chief.db_id}
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """`dmodel peer` in-process points the root logger at the stderr of its test."""
+    root, ours = logging.getLogger(), logging.getLogger("dmodel")
+    handlers, levels = root.handlers[:], (root.level, ours.level)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(levels[0])
+    ours.setLevel(levels[1])
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -196,7 +209,7 @@ def test_show_encrypted_when_no_key_opens_it(capsys, homes, tmp_path):
         c.shutdown()
     code, out, _ = run(capsys, "show", homes["worker"], "--home", tmp_path / "c", "--json")
     assert code == 0
-    assert json.loads(out)["fields"] == {"name": "Bob", "salary": "<encrypted>"}
+    assert json.loads(out)["fields"] == {"name": "Bob", "salary": {"encrypted": True}}
     code, out, _ = run(capsys, "show", homes["worker"], "--home", tmp_path / "c")
     assert "<encrypted>" in out and "'Bob'" in out
 
@@ -212,12 +225,12 @@ def test_history(capsys, homes):
     assert code == 0
     rows = json.loads(out)
     changes = [op for row in rows for op in row["ops"]]
-    assert changes[0].startswith("create")
-    assert "set name = 'Bob'" in changes
-    assert "set salary = <encrypted>" in changes
+    assert changes[0] == {"op": "create", "read": [homes["chief"]], "update": [homes["chief"]]}
+    assert {"op": "set", "field": "name", "value": "Bob"} in changes
+    assert {"op": "set", "field": "salary", "encrypted": True} in changes
     assert all(row["verdict"] == "accepted" for row in rows)
     code, out, _ = run(capsys, "history", homes["worker"], "--home", homes["a"])
-    assert code == 0 and "set name = 'Bob'" in out
+    assert code == 0 and "set name = 'Bob'" in out and "set salary = <encrypted>" in out
 
 
 @pytest.mark.parametrize("command", ["show", "history"])
@@ -257,7 +270,8 @@ def test_passphrase_from_option_and_environment(capsys, protected_home, monkeypa
 
 def test_passphrase_from_a_file(capsys, protected_home, tmp_path):
     secret = tmp_path / "passphrase"
-    secret.write_text("right horse\n")
+    secret.write_text("right horse\nthe second line is not read\n")
+    secret.chmod(0o600)
     for command in (["ls"], ["keys", "list"]):
         code, out, err = run(capsys, *command, "--home", protected_home, "--passphrase-file",
                              secret, "--json")
@@ -281,6 +295,7 @@ def test_passphrase_prompt_does_not_echo(protected_home):
 
 def test_passphrase_file_and_prompt_are_exclusive(capsys, protected_home, tmp_path):
     (tmp_path / "pw").write_text("right horse")
+    (tmp_path / "pw").chmod(0o600)
     code, out, err = run(capsys, "ls", "--home", protected_home, "--passphrase-prompt",
                          "--passphrase-file", tmp_path / "pw")
     assert_one_line_error(code, out, err, "not both")
@@ -654,11 +669,399 @@ def test_broker_runs_until_sigterm(children):
     assert broker.line().startswith("backend tcp://127.0.0.1:")
     broker.proc.send_signal(signal.SIGTERM)
     assert broker.proc.wait(20) == 0
+    broker = children("broker", "--json")
+    endpoints = json.loads(broker.line())
+    assert set(endpoints) == {"frontend", "backend"}
+    assert all(e.startswith("tcp://127.0.0.1:") for e in endpoints.values())
+    broker.proc.send_signal(signal.SIGTERM)
+    assert broker.proc.wait(20) == 0
+
+
+def test_broker_endpoint_slip_has_a_hint(capsys):
+    code, out, err = run(capsys, "broker", "--frontend", "127.0.0.1:7700")
+    assert_usage_error(code, out, err, "--frontend", "did you mean tcp://127.0.0.1:7700?")
 
 
 def test_python_dash_m_dmodel_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dmodel", "show", "Person:x", "--home",
                              str(tmp_path / "none")], capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.startswith("error: no dmodel home") and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ long work (issue 14.7)
+
+
+@pytest.fixture
+def long_history(tmp_path):
+    """A home whose object has 12 updates, each in its own millisecond."""
+    node = dmodel.Node(tmp_path / "h", listen="", peers=[], discovery=False)
+    try:
+        person = Person([], node=node)
+        for i in range(11):
+            time.sleep(0.002)  # distinct times, so --since can fall between two updates
+            person.name = f"v{i}"
+        entries = node.history(person.db_id)
+    finally:
+        node.shutdown()
+    return tmp_path / "h", person.db_id, entries
+
+
+def history_rows(capsys, home, db_id, *extra):
+    code, out, err = run(capsys, "history", db_id, "--home", home, "--json", *extra)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_history_entry_datetime_is_utc_from_the_hlc_timestamp(long_history):
+    from datetime import UTC
+
+    from dmodel import clock
+
+    _, _, entries = long_history
+    for entry in entries:
+        assert entry.datetime.tzinfo is UTC
+        assert round(entry.datetime.timestamp() * 1000) == clock.physical_ms(entry.timestamp)
+    assert [e.datetime for e in entries] == sorted(e.datetime for e in entries)
+
+
+def test_history_times_are_iso_8601_utc(capsys, long_history):
+    from datetime import datetime
+
+    home, db_id, entries = long_history
+    rows = history_rows(capsys, home, db_id)
+    assert [r["update_id"] for r in rows] == [e.update_id for e in entries]
+    for row, entry in zip(rows, entries, strict=True):
+        assert row["time"].endswith("Z") and "T" in row["time"]
+        assert datetime.fromisoformat(row["time"]) == entry.datetime
+        assert row["timestamp"] == entry.timestamp
+    code, out, _ = run(capsys, "history", db_id, "--home", home)
+    assert code == 0 and rows[-1]["time"][:19] + "Z" in out
+
+
+def test_history_limit_keeps_the_latest(capsys, long_history):
+    home, db_id, entries = long_history
+    rows = history_rows(capsys, home, db_id, "--limit", "3")
+    assert [r["update_id"] for r in rows] == [e.update_id for e in entries[-3:]]
+    assert [op["value"] for r in rows for op in r["ops"]] == ["v8", "v9", "v10"]
+    assert len(history_rows(capsys, home, db_id, "--limit", "100")) == len(entries)
+
+
+def test_history_since_a_date_time(capsys, long_history):
+    home, db_id, entries = long_history
+    everything = history_rows(capsys, home, db_id)
+    cut = everything[5]["time"]  # the sixth update's millisecond, e.g. ...T12:00:00.123Z
+    rows = history_rows(capsys, home, db_id, "--since", cut)
+    assert rows == [r for r in everything if r["time"] >= cut] == everything[5:]
+    # A naive time is UTC; the same wall time with an offset is another instant.
+    assert history_rows(capsys, home, db_id, "--since", cut[:-1]) == everything[5:]
+    assert history_rows(capsys, home, db_id, "--since", f"{cut[:-1]}+00:00") == everything[5:]
+    assert history_rows(capsys, home, db_id, "--since", f"{cut[:-1]}+02:00") == everything
+    assert history_rows(capsys, home, db_id, "--since", f"{cut[:-1]}-02:00") == []
+    assert history_rows(capsys, home, db_id, "--since", "2000-01-01") == everything
+    assert history_rows(capsys, home, db_id, "--since", "9999-12-31") == []
+    rows = history_rows(capsys, home, db_id, "--since", cut, "--limit", "2")
+    assert rows == everything[-2:]
+
+
+def test_history_since_a_duration(capsys, long_history):
+    home, db_id, entries = long_history
+    assert len(history_rows(capsys, home, db_id, "--since", "3d")) == len(entries)
+    assert len(history_rows(capsys, home, db_id, "--since", "2h")) == len(entries)
+    time.sleep(0.01)  # the last update is now more than 0 s old
+    assert history_rows(capsys, home, db_id, "--since", "0s") == []
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--since", "yesterday"], "--since"), (["--since", "10 minutes"], "duration"),
+    (["--limit", "0"], "--limit"),
+])
+def test_history_bad_since_or_limit_is_a_usage_error(capsys, long_history, args, needle):
+    home, db_id, _ = long_history
+    code, out, err = run(capsys, "history", db_id, "--home", home, *args)
+    assert_one_line_error(code, out, err, needle)
+    assert code == 2
+
+
+def test_json_ops_and_encrypted_values_are_structured(capsys, homes, tmp_path):
+    # A stored string that reads "<encrypted>" is a value like any other in JSON.
+    a = dmodel.Node(homes["a"], listen="", peers=[], discovery=False)
+    c = dmodel.Node(tmp_path / "c", listen="", peers=[], discovery=False)
+    try:
+        Person(homes["worker"], node=a).name = "<encrypted>"
+        ship(a, c)
+    finally:
+        a.shutdown()
+        c.shutdown()
+    code, out, _ = run(capsys, "show", homes["worker"], "--home", tmp_path / "c", "--json")
+    assert json.loads(out)["fields"] == {"name": "<encrypted>", "salary": {"encrypted": True}}
+    rows = history_rows(capsys, tmp_path / "c", homes["worker"])
+    ops = [op for row in rows for op in row["ops"]]
+    assert ops[-1] == {"op": "set", "field": "name", "value": "<encrypted>"}
+    assert {"op": "set", "field": "salary", "encrypted": True} in ops
+    assert all("value" not in op for op in ops if op.get("encrypted"))
+
+
+# Progress bars: rich draws them when it sees terminals. TTY_COMPATIBLE=1 tells it that
+# stdout and stderr are ones (tests/multiprocess/test_cli_tty.py uses a real pty).
+
+BAR = "━"
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+
+
+def test_verify_draws_a_bar_on_a_terminal(capsys, homes, terminal):
+    code, out, err = run(capsys, "verify", "--home", homes["b"])
+    assert code == 0 and out.startswith("ok: 2 objects and ")
+    updates = int(out.split(" and ")[1].split()[0])
+    assert BAR in err and f"{2 + updates}/{2 + updates}" in err  # objects, then log entries
+
+
+def test_history_draws_a_bar_on_a_terminal(capsys, long_history, terminal):
+    home, db_id, entries = long_history
+    code, out, err = run(capsys, "history", db_id, "--home", home)
+    assert code == 0 and "set name = 'v10'" in out
+    assert "updates read" in err and f"{len(entries)}/{len(entries)}" in err
+
+
+@pytest.mark.parametrize("command", ["verify", "history"])
+def test_no_bar_with_json_or_when_piped(capsys, long_history, monkeypatch, command):
+    home, db_id, _ = long_history
+    args = [command, *([db_id] if command == "history" else []), "--home", home]
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    code, out, err = run(capsys, *args, "--json")
+    assert code == 0 and err == "" and json.loads(out)
+    monkeypatch.delenv("TTY_COMPATIBLE")  # capsys's streams are not terminals
+    code, out, err = run(capsys, *args)
+    assert code == 0 and err == "" and BAR not in out
+
+
+def test_verify_store_reports_progress(homes):
+    from dmodel.node import audit
+
+    node = dmodel.Node(homes["a"], listen="", peers=[], discovery=False)
+    try:
+        seen: list[tuple[int, int]] = []
+        assert audit.verify_store(node.store, progress=lambda *p: seen.append(p)) == []
+        total = len(node.store.object_ids()) + node.log_length()
+        assert seen == [(i, total) for i in range(1, total + 1)]
+        read: list[tuple[int, int]] = []
+        entries = audit.history(node.store, homes["worker"], progress=lambda *p: read.append(p))
+        assert read == [(i, len(entries)) for i in range(1, len(entries) + 1)]
+    finally:
+        node.shutdown()
+
+
+# sync against a live in-process node
+
+
+@pytest.fixture
+def serving(tmp_path):
+    """A node with networking on loopback, holding an object with 20 updates."""
+    node = dmodel.Node(tmp_path / "server", listen="tcp://127.0.0.1:*", peers=[],
+                       discovery=False)
+    person = Person([], node=node)
+    for i in range(20):
+        person.name = f"v{i}"
+    yield node, person.db_id
+    node.shutdown()
+
+
+def test_sync_makes_a_new_home_and_reports_json(capsys, serving, tmp_path):
+    server, db_id = serving
+    new = tmp_path / "not" / "yet"
+    code, out, err = run(capsys, "sync", "--home", new, "--peer", server.network.endpoint,
+                         "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    live = len(server.updates_since(0))  # what retention left of its log: the live updates
+    assert report == {"home": str(new), "peers": [server.node_id.hex()],
+                      "pulled": live, "log_length": live}
+    assert err == ""  # no bar in JSON mode
+    code, out, _ = run(capsys, "show", db_id, "--home", new, "--json")
+    assert json.loads(out)["fields"] == {"name": "v19"}
+
+
+def test_sync_draws_a_bar_per_peer_on_a_terminal(capsys, serving, tmp_path, terminal):
+    server, _ = serving
+    code, out, err = run(capsys, "sync", "--home", tmp_path / "new", "--peer",
+                         server.network.endpoint)
+    assert code == 0, err
+    assert f"{len(server.updates_since(0))} new updates" in out
+    total = server.log_length()  # the bar walks log positions, pruned ones included
+    assert f"peer {server.node_id.hex()[:8]}" in err and f"{total}/{total}" in err
+
+
+# one-line errors with a hint, exit status 2
+
+
+def assert_usage_error(code, out, err, *needles):
+    assert_one_line_error(code, out, err, *needles)
+    assert code == 2
+
+
+@pytest.mark.parametrize("command", [["ls"], ["status"], ["verify"], ["keys", "list"],
+                                     ["history", "Person:x"]])
+def test_missing_home_has_a_hint(capsys, tmp_path, command):
+    code, out, err = run(capsys, *command, "--home", tmp_path / "nowhere")
+    assert_usage_error(code, out, err, "no dmodel home", "hint:", "dmodel sync --home")
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("command", [["ls"], ["status"], ["keys", "list"], ["peer"],
+                                     ["sync", "--peer", "tcp://127.0.0.1:1"],
+                                     ["cluster", "join", "cluster.key"]])
+def test_a_file_as_home(capsys, tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    if command[0] == "cluster":
+        assert run(capsys, "cluster", "init")[0] == 0
+    (tmp_path / "afile").write_text("not a home")
+    code, out, err = run(capsys, *command, "--home", tmp_path / "afile")
+    assert_usage_error(code, out, err, "is a file, not a directory", "hint:")
+    monkeypatch.setenv("DMODEL_HOME", str(tmp_path / "afile"))
+    code, out, err = run(capsys, *command)
+    assert_usage_error(code, out, err, "is a file")
+
+
+def run_unshared_read_only(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m dmodel ARGS`` with ``home`` bind-mounted read-only (in a user and mount
+    namespace of its own, so even root cannot write there)."""
+    script = (f'mount --bind "{home}" "{home}" && mount -o remount,bind,ro "{home}" && '
+              f'exec "{sys.executable}" -m dmodel "$@"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DMODEL_")}
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs unshare -rm (user namespaces)")
+@pytest.mark.parametrize("command", [["ls"], ["status"], ["verify"], ["keys", "list"]])
+def test_a_read_only_home(homes, command):
+    result = run_unshared_read_only(homes["a"], *command, "--home", str(homes["a"]))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the home "), result.stderr
+    assert "is read-only" in lines[0] and "hint:" in lines[0]
+    assert_no_store_running(homes["a"])
+
+
+def test_a_new_home_under_a_file_or_read_only_parent(capsys, tmp_path):
+    (tmp_path / "afile").write_text("")
+    code, out, err = run(capsys, "sync", "--home", tmp_path / "afile" / "h", "--peer",
+                         "tcp://127.0.0.1:1")
+    assert_usage_error(code, out, err, "cannot make the home", "afile is a file", "hint:")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["peer", "--peer", "tcp://127.0.0.1:1 tcp://127.0.0.1:2"],
+     ["holds several endpoints", "hint: give one per --peer"]),
+    (["peer", "--peer", "tcp://127.0.0.1:1,tcp://127.0.0.1:2"], ["holds several endpoints"]),
+    (["sync", "--peer", "tcp://127.0.0.1:1 tcp://127.0.0.1:2"], ["holds several endpoints"]),
+    (["peer", "--peer", "10.0.0.1:7600"], ["not a ZeroMQ endpoint",
+                                            "did you mean tcp://10.0.0.1:7600?"]),
+    (["sync", "--peer", "10.0.0.1:7600"], ["did you mean tcp://10.0.0.1:7600?"]),
+    (["peer", "--listen", "0.0.0.0:7600"], ["--listen", "did you mean tcp://0.0.0.0:7600?"]),
+    (["peer", "--peer", "somewhere"], ["not a ZeroMQ endpoint", "tcp://HOST:PORT"]),
+])
+def test_endpoint_slips_have_a_hint(capsys, tmp_path, args, needles):
+    code, out, err = run(capsys, *args, "--home", tmp_path / "h")
+    assert_usage_error(code, out, err, *needles)
+    assert not (tmp_path / "h").exists()  # refused before any node started
+
+
+@pytest.mark.parametrize("command", ["peer", "sync"])
+def test_dmodel_peers_as_one_string_has_a_hint(capsys, tmp_path, monkeypatch, command):
+    monkeypatch.setenv("DMODEL_PEERS", "tcp://127.0.0.1:1 tcp://127.0.0.1:2")
+    code, out, err = run(capsys, command, "--home", tmp_path / "h")
+    assert_usage_error(code, out, err, "DMODEL_PEERS", "holds several endpoints",
+                       "hint: separate them with commas: DMODEL_PEERS=tcp://")
+
+
+def test_a_passphrase_file_others_may_read_is_refused(capsys, protected_home, tmp_path):
+    secret = tmp_path / "passphrase"
+    secret.write_text("right horse\n")
+    secret.chmod(0o644)
+    code, out, err = run(capsys, "ls", "--home", protected_home, "--passphrase-file", secret)
+    assert_usage_error(code, out, err, "open to other users", "0644", f"chmod 600 {secret}")
+    assert_no_store_running(protected_home)
+    secret.chmod(0o600)
+    code, out, err = run(capsys, "ls", "--home", protected_home, "--passphrase-file", secret,
+                         "--json")
+    assert code == 0 and len(json.loads(out)) == 1, err
+
+
+# `dmodel peer --json` and its status objects (real processes)
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_peer_json_status_lists_connected_peers_by_hex_id(children, tmp_path):
+    a = children(*peer_args(tmp_path / "a", "--stdin-commands", "--json"))
+    first = json.loads(a.line())
+    assert set(first) == {"endpoint", "node_id"} and first["endpoint"].startswith("tcp://")
+    b = children(*peer_args(tmp_path / "b", "--stdin-commands", "--json", "--peer",
+                            first["endpoint"], "--status-interval", "0.2", "--name", "beta"))
+    b_id = json.loads(b.line())["node_id"]
+    assert b.ask(op="wait_peers", n=1, timeout=20)["ready"]
+    assert b.ask(op="stats")["stats"]["connected"] == [first["node_id"]]
+
+    def connected_status():
+        # Every stderr line is one JSON object; the status ones carry "status".
+        found = [r for r in json_lines("".join(b.errors)) if "status" in r]
+        return [r for r in found if r["status"]["connected"] == [first["node_id"]]]
+
+    records = wait_until(connected_status, timeout=20)
+    record = records[-1]
+    assert record["name"] == "beta" and record["level"] == "info"
+    assert record["time"].endswith("Z")
+    assert record["message"].startswith("status peers=1 ")
+    assert record["message"].endswith(f"connected={first['node_id'][:8]}")
+    assert set(record["status"]) == {"peers", "connected", "in", "local", "out", "rejected",
+                                     "dropped", "pending", "log"}
+    assert a.ask(op="stats")["stats"]["connected"] == [b_id]
+    assert all(isinstance(r, dict) for r in json_lines("".join(b.errors)))
+
+
+def test_peer_text_status_line_names_connected_peers(children, tmp_path):
+    a = children(*peer_args(tmp_path / "a", "--stdin-commands"))
+    endpoint = a.line().split()[1]
+    a_id = a.ask(op="ping")["node_id"]
+    b = children(*peer_args(tmp_path / "b", "--stdin-commands", "--peer", endpoint,
+                            "--status-interval", "0.2"))
+    b.line()
+    assert b.ask(op="wait_peers", n=1, timeout=20)["ready"]
+    wait_until(lambda: f"connected={a_id[:8]}" in "".join(b.errors), timeout=20)
+
+
+def test_status_lists_the_peers_a_running_peer_is_connected_to(children, tmp_path, capsys):
+    a = children(*peer_args(tmp_path / "a", "--stdin-commands"))
+    endpoint = a.line().split()[1]
+    b = children(*peer_args(tmp_path / "b", "--stdin-commands", "--peer", endpoint))
+    b.line()
+    assert b.ask(op="wait_peers", n=1, timeout=20)["ready"]
+    b_id = b.ask(op="ping")["node_id"]
+
+    def listed():
+        code, out, _ = run(capsys, "status", "--home", tmp_path / "a", "--json")
+        assert code == 0
+        return json.loads(out)["connected_peers"] == [b_id]
+
+    wait_until(listed, timeout=20)
+    code, out, _ = run(capsys, "status", "--home", tmp_path / "a")
+    assert code == 0 and b_id in out
+    assert a.ask(op="quit")["ok"] and a.proc.wait(20) == 0
+    code, out, _ = run(capsys, "status", "--home", tmp_path / "a", "--json")
+    assert code == 0 and json.loads(out)["connected_peers"] == []

@@ -84,7 +84,7 @@ def converged(*nodes: dmodel.Node) -> bool:
 
 
 def peer_ids(node: dmodel.Node) -> set[bytes]:
-    return {nid for nid, info in node.network.peers().items() if info.connected}
+    return {bytes.fromhex(nid) for nid, info in node.network.peers().items() if info.connected}
 
 
 # ------------------------------------------------------------------ two nodes
@@ -274,7 +274,7 @@ def test_restarted_node_catches_up_from_its_cursor(net) -> None:
     # to the old endpoint "alive", or a never dials the new one.
     r = Person.create(name="back", node=b)
     wait_until(lambda: value(a, r.db_id, "name") == "back")
-    assert a.network.peers()[b.node_id].endpoint == b.network.endpoint
+    assert a.network.peers()[b.node_id.hex()].endpoint == b.network.endpoint
 
 
 def test_partition_heals_to_the_same_registers(net) -> None:

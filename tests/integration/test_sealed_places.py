@@ -158,7 +158,8 @@ def test_copied_envelopes_open_nowhere_and_leak_nowhere(make_node, capsys) -> No
                         (c.home, ("--as", reader))):
         info, out = show_json(capsys, home, x.db_id, *extra)
         fields = info["fields"]
-        assert fields["note"] == fields["vault:k"] == fields["salary"] == "<encrypted>", extra
+        assert fields["note"] == fields["vault:k"] == fields["salary"] == {"encrypted": True}, \
+            extra
         assert fields["title"] == "memo"
         assert str(SALARY) not in out
         assert out.count(SECRET) == (0 if extra == ("--as", y.db_id) else 1)   # X.secret only

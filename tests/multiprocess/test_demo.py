@@ -71,6 +71,6 @@ def test_demo_refuses_a_home_in_use(tmp_path):
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "something").write_text("x")
     result = demo(tmp_path / "demo")
-    assert result.returncode == 1
+    assert result.returncode == 2  # a usage error
     assert result.stderr.startswith("error: --home") and "not an empty directory" in result.stderr
     assert result.stdout == ""
