@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import merge
 from .errors import NodeNotRunningError
 from .update import Op, Update
+
+if TYPE_CHECKING:
+    from .actions import ListenerRegistry
 
 _policies: dict[str, merge.Policy] = {}
 _R = TypeVar("_R")
@@ -42,6 +45,8 @@ class ModelHost(Protocol):
     def home(self) -> object: ...  # where the node keeps its data (shown in messages)
     @property
     def closed(self) -> bool: ...
+    @property
+    def listeners(self) -> ListenerRegistry: ...  # what DAction.apply registers with
 
     def exists(self, db_id: str) -> bool: ...
     def object_state(self, db_id: str) -> str: ...

@@ -77,7 +77,8 @@ def version(timestamp: int, caller_oid: str, update_id: bytes, index: int) -> by
 
 
 def version_timestamp(ver: bytes) -> int:
-    return _TS.unpack_from(ver)[0]
+    timestamp: int = _TS.unpack_from(ver)[0]
+    return timestamp
 
 
 def version_caller(ver: bytes) -> str:
