@@ -84,9 +84,9 @@ class PendingSet:
         self._gaps = {t: s for t, s in self._gaps.items() if t not in due and t in self._ids}
         if not due:
             return []
-        out = []
+        out: list[Update] = []
         for key in list(self._pending):
-            keep = []
+            keep: list[Update] = []
             for parked in self._pending[key]:
                 (out if pending_key(parked) in due else keep).append(parked)
             if keep:
