@@ -19,14 +19,15 @@ registration order, then callbacks in the fixed order of :data:`BEFORE_CALLBACKS
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import heapq
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from dmodel import filters
@@ -131,7 +132,7 @@ class Change:
     field: str | None
     old_value: Any = None
     new_value: Any = None
-    context: Context = field(kw_only=True)
+    context: Context = dataclasses.field(kw_only=True)  # `field` is the attribute here
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -318,7 +319,7 @@ _ARITY: Final = {
 def _resolve_registry() -> ListenerRegistry:
     """The default node's registry (found through ``dmodel.host``: actions never import
     the node)."""
-    return default_host().listeners  # type: ignore[no-any-return]
+    return default_host().listeners
 
 
 def _pick_registry(registry: ListenerRegistry | None, node: Any) -> ListenerRegistry:
@@ -368,7 +369,8 @@ def _inspect_listener(listener: DAction) -> dict[str, _Callback]:
 
 
 def _reject_unknown_callbacks(listener: DAction, cls_name: str) -> None:
-    namespaces = [vars(k) for k in type(listener).__mro__ if k not in (DAction, object)]
+    namespaces: list[Mapping[str, Any]] = [vars(k) for k in type(listener).__mro__
+                                           if k not in (DAction, object)]
     namespaces.append(getattr(listener, "__dict__", {}))
     for namespace in namespaces:
         for name, value in namespace.items():

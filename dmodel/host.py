@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import merge
 from .errors import NodeNotRunningError
 from .update import Op, Update
 
+if TYPE_CHECKING:
+    from .actions import ListenerRegistry
+
 _policies: dict[str, merge.Policy] = {}
+_R = TypeVar("_R")
 
 
 def register_model_policy(model: str, policy: merge.Policy | None) -> None:
@@ -37,13 +41,17 @@ def model_policy(model: str) -> merge.Policy | None:
 class ModelHost(Protocol):
     """The node as models see it: reads, sealing, and signed local writes."""
 
-    home: Any
-    closed: bool
+    @property
+    def home(self) -> object: ...  # where the node keeps its data (shown in messages)
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def listeners(self) -> ListenerRegistry: ...  # what DAction.apply registers with
 
     def exists(self, db_id: str) -> bool: ...
     def object_state(self, db_id: str) -> str: ...
-    def wait(self, predicate: Callable[[], Any], timeout: float = 10.0,
-             what: str = "the condition") -> Any: ...
+    def wait(self, predicate: Callable[[], _R | None], timeout: float = 10.0,
+             what: str = "the condition") -> _R: ...
     def is_owned(self, db_id: str) -> bool: ...
     def object_ids(self, model: str | None = None, *, owned: bool = False) -> list[str]: ...
     def read(self, db_id: str, name: str, *, reader: str | None = None,
@@ -67,10 +75,10 @@ class ModelHost(Protocol):
                fields: Callable[[str, dict[str, bytes]], Sequence[Op]] | None = None) -> str: ...
 
 
-def default_host() -> Any:
+def default_host() -> ModelHost:
     """The node started by ``dmodel.launch()``; NodeNotRunningError if there is none."""
     module = sys.modules.get("dmodel.node")
-    lookup = getattr(module, "default_node", None)
+    lookup: Callable[[], ModelHost] | None = getattr(module, "default_node", None)
     if lookup is None:
         raise NodeNotRunningError("call dmodel.launch() first")
     return lookup()

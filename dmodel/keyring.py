@@ -220,6 +220,7 @@ class Keyring:
 
     def import_(self, data: bytes) -> str:
         """Add keys produced by ``export``; returns the db_id."""
+        db_id: str
         try:
             item = msgpack.unpackb(data, raw=False)
             identity, db_id = Identity(item["sign"], item["box"]), item["id"]

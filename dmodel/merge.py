@@ -77,7 +77,8 @@ def version(timestamp: int, caller_oid: str, update_id: bytes, index: int) -> by
 
 
 def version_timestamp(ver: bytes) -> int:
-    return _TS.unpack_from(ver)[0]
+    timestamp: int = _TS.unpack_from(ver)[0]
+    return timestamp
 
 
 def version_caller(ver: bytes) -> str:
@@ -401,7 +402,7 @@ def element_value(name: str, reg: Register) -> Any:
 
 
 def _list_op(out: Outcome, op: Op, index: int, ver: bytes, update_id: bytes, current: Any,
-             registers: dict) -> None:
+             registers: dict[tuple[str, str], Register | None]) -> None:
     name = op_register(op, update_id, index)
     old = current(op.obj, name)
     pos = old.value[0] if old is not None else None
@@ -481,7 +482,8 @@ def between(low: bytes, high: bytes | None, toward: str | None = None) -> bytes:
         i += 1
 
 
-def _auth_event(out: Outcome, state: State, pending: dict, db_id: str, kind: str, member: str,
+def _auth_event(out: Outcome, state: State,
+                pending: dict[tuple[str, str, str], AuthEvents], db_id: str, kind: str, member: str,
                 ver: bytes, granted: bool, frontier: frozenset[bytes] = NO_FRONTIER) -> None:
     key = (db_id, kind, member)
     events = pending.get(key, state.auth.get(key, ()))

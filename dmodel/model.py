@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar, cast, overload
 
 from . import host, merge
 from .crypto import is_oid
@@ -43,6 +43,15 @@ from .errors import (
 )
 from .update import _FIELD_NAME, MAX_DICT_KEY, MAX_POSITION, Op, check_value, element_register
 
+if TYPE_CHECKING:  # a field's value type; Any where a declaration does not say (PEP 696)
+    from typing_extensions import TypeVar as _TypeVarWithDefault
+
+    T = _TypeVarWithDefault("T", default=Any)
+else:
+    T = TypeVar("T")
+_Handle = TypeVar("_Handle")  # what a declaration gives on an instance
+_D = TypeVar("_D")
+
 logger = logging.getLogger(__name__)
 
 _models: dict[str, type[DModel]] = {}
@@ -59,10 +68,10 @@ def model_policy(name: str) -> merge.Policy | None:
     return host.model_policy(name)
 
 
-def _node(node: Any) -> host.ModelHost:
+def _node(node: host.ModelHost | None) -> host.ModelHost:
     if node is not None:
-        return node  # type: ignore[no-any-return]
-    return host.default_host()  # type: ignore[no-any-return]
+        return node
+    return host.default_host()
 
 
 def _as_id(value: Any) -> str:
@@ -101,7 +110,7 @@ class _ModelOptions:
 
     __slots__ = ("name", "fields", "policy")
 
-    def __init__(self, name: str, fields: dict[str, Any], policy: str | None):
+    def __init__(self, name: str, fields: dict[str, _Declared[Any]], policy: str | None):
         self.name = name
         self.fields = fields
         self.policy: merge.Policy | None = policy  # type: ignore[assignment]
@@ -110,7 +119,7 @@ class _ModelOptions:
 # ------------------------------------------------------------------ fields
 
 
-class _Declared:
+class _Declared(Generic[_Handle]):
     """What DField, DDict and DList share: a name (default: the attribute's) and whether
     values are encrypted. Class access gives the declaration, instance access a handle
     bound to the object."""
@@ -118,45 +127,64 @@ class _Declared:
     def __init__(self, name: str | None = None, encrypted: bool = False) -> None:
         if name is not None and not _FIELD_NAME.fullmatch(name):
             raise ModelDefinitionError(f"bad field name {name!r}: letters, digits, _ (max 64)")
-        self.name = name
+        self.name: str = "" if name is None else name  # "": the attribute's, once bound
         self.encrypted = bool(encrypted)
         self.attr: str | None = None
 
     def __set_name__(self, owner: type, attr: str) -> None:
         self.attr = attr
-        if self.name is None:
+        if not self.name:
             if not _FIELD_NAME.fullmatch(attr):
                 raise ModelDefinitionError(f"attribute {attr!r} cannot be a field name")
             self.name = attr
 
-    def __get__(self, obj: DModel | None, cls: type | None = None) -> Any:
+    @overload
+    def __get__(self, obj: None, cls: type | None = None) -> Self: ...
+    @overload
+    def __get__(self, obj: DModel, cls: type | None = None) -> _Handle: ...
+    def __get__(self, obj: DModel | None, cls: type | None = None) -> Self | _Handle:
         if obj is None:
             return self
         return self._bind(obj)
 
-    def _bind(self, obj: DModel) -> Any:
+    def _bind(self, obj: DModel) -> _Handle:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}{' encrypted' if self.encrypted else ''}>"
 
 
-class DField(_Declared):
+class DField(_Declared["BoundField[T]"], Generic[T]):
     """A field: ``DField('name', encrypted)`` (PyDinemic) or ``DField(encrypted=True, type=int)``.
 
-    ``type`` (a type or tuple of types) is checked on every local ``set``.
+    ``type`` (a type or tuple of types) is checked on every local ``set``. For type
+    checkers, ``DField(type=int)`` holds ``int | None`` (None until set),
+    ``DField(type=int, default=0)`` and ``DField[int]()`` hold ``int``, and a field
+    declared without a type holds ``Any``.
     """
 
+    @overload
+    def __init__(self, name: str | None = None, encrypted: bool = False, *,
+                 type: None = None, default: Any = None) -> None: ...
+    @overload
+    def __init__(self: DField[T], name: str | None = None, encrypted: bool = False, *,
+                 type: type[T], default: T) -> None: ...
+    @overload
+    def __init__(self: DField[T | None], name: str | None = None, encrypted: bool = False,
+                 *, type: type[T], default: None = None) -> None: ...
+    @overload
+    def __init__(self, name: str | None = None, encrypted: bool = False, *,
+                 type: tuple[type, ...], default: Any = None) -> None: ...
     def __init__(self, name: str | None = None, encrypted: bool = False, *,
                  type: type | tuple[type, ...] | None = None, default: Any = None) -> None:
         super().__init__(name, encrypted)
         self.type = type
         self.default = default
 
-    def _bind(self, obj: DModel) -> BoundField:
+    def _bind(self, obj: DModel) -> BoundField[T]:
         return BoundField(obj, self)
 
-    def __set__(self, obj: DModel, value: Any) -> None:
+    def __set__(self, obj: DModel, value: T) -> None:
         BoundField(obj, self).set(value)
 
     def __delete__(self, obj: DModel) -> None:
@@ -192,16 +220,16 @@ def _check_value(name: str | None, value: Any) -> None:
 _ANY = object()  # no value given / none there
 
 
-class BoundField:
+class BoundField(Generic[T]):
     """A field of one object: ``get()``, ``set(value)``, ``delete()``."""
 
     __slots__ = ("obj", "field")
 
-    def __init__(self, obj: DModel, field: DField) -> None:
+    def __init__(self, obj: DModel, field: DField[T]) -> None:
         self.obj = obj
         self.field = field
 
-    def get(self, default: Any = None, *, verified: bool = False) -> Any:
+    def get(self, default: T | None = None, *, verified: bool = False) -> T:
         """The current value (decrypted as the object's caller if encrypted).
 
         ``verified=True`` re-checks the value against its signed update first.
@@ -209,9 +237,9 @@ class BoundField:
         if default is None:
             default = self.field.default
         obj = self.obj
-        return obj._read(self.field.name, verified=verified, default=default)
+        return cast(T, obj._read(self.field.name, verified=verified, default=default))
 
-    def wait(self, value: Any = _ANY, timeout: float = _WAIT) -> Any:
+    def wait(self, value: object = _ANY, timeout: float = _WAIT) -> T:
         """Block until the field holds a value (equal to ``value`` if given) and return it;
         WaitTimeout (a TimeoutError) after ``timeout`` seconds. An encrypted value this
         caller cannot open raises DecryptionError once it is there (with ``value``, the
@@ -219,7 +247,7 @@ class BoundField:
         obj, name = self.obj, self.field.name
         seen: list[str] = []
 
-        def arrived() -> tuple[Any] | None:
+        def arrived() -> tuple[T] | None:
             try:
                 current = obj._read(name, default=_ANY)
             except DecryptionError as exc:
@@ -240,7 +268,7 @@ class BoundField:
         except TimeoutError as exc:
             raise type(exc)(f"{exc} ({seen[0] if seen else 'nothing arrived'})") from None
 
-    def set(self, value: Any) -> None:
+    def set(self, value: T) -> None:
         """Write a new value: one signed update (or part of the current transaction)."""
         self.field.check(value)
         obj, name = self.obj, self.field.name
@@ -256,29 +284,32 @@ class BoundField:
         obj._submit(lambda: Op(obj.db_id, "del", name))
 
     @property
-    def value(self) -> Any:
+    def value(self) -> T:
         return self.get()
 
     def __repr__(self) -> str:
         return f"<field {self.obj.db_id}:{self.field.name}>"
 
 
-class DDict(_Declared):
-    """A last-writer-wins map field: ``p.tags.set('k', v)``, ``p.tags['k']``, ``p.tags.keys()``."""
+class DDict(_Declared["BoundDict[T]"], Generic[T]):
+    """A last-writer-wins map field: ``p.tags.set('k', v)``, ``p.tags['k']``, ``p.tags.keys()``.
 
-    def _bind(self, obj: DModel) -> BoundDict:
+    ``DDict[int]()`` tells type checkers its values are ints (not checked at run time).
+    """
+
+    def _bind(self, obj: DModel) -> BoundDict[T]:
         return BoundDict(obj, self)
 
 
 _MISSING = object()
 
 
-class BoundDict:
+class BoundDict(Generic[T]):
     """The DDict of one object. Keys are non-empty strings of at most 256 characters."""
 
     __slots__ = ("obj", "field")
 
-    def __init__(self, obj: DModel, field: DDict) -> None:
+    def __init__(self, obj: DModel, field: DDict[T]) -> None:
         self.obj = obj
         self.field = field
 
@@ -287,10 +318,14 @@ class BoundDict:
             raise FieldValueError("a dict key is a non-empty string of at most 256 characters")
         return f"{self.field.name}:{key}"
 
-    def get(self, key: str, default: Any = None) -> Any:
+    @overload
+    def get(self, key: str) -> T | None: ...
+    @overload
+    def get(self, key: str, default: _D) -> T | _D: ...
+    def get(self, key: str, default: object = None) -> object:
         return self.obj._read(self._register(key), default=default)
 
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: T) -> None:
         self._register(key)
         _check_value(self.field.name, value)
         obj, name = self.obj, self.field.name
@@ -314,22 +349,22 @@ class BoundDict:
         prefix = f"{self.field.name}:"
         return sorted(k[len(prefix):] for k in self.obj._registers() if k.startswith(prefix))
 
-    def items(self) -> list[tuple[str, Any]]:
+    def items(self) -> list[tuple[str, T | None]]:
         return [(k, self.get(k)) for k in self.keys()]
 
-    def values(self) -> list[Any]:
+    def values(self) -> list[T | None]:
         return [v for _, v in self.items()]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, T | None]:
         return dict(self.items())
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: str) -> T:
         value = self.get(key, _MISSING)
         if value is _MISSING:
             raise KeyError(key)
-        return value
+        return cast(T, value)
 
-    def __setitem__(self, key: str, value: Any) -> None:
+    def __setitem__(self, key: str, value: T) -> None:
         self.set(key, value)
 
     def __delitem__(self, key: str) -> None:
@@ -353,23 +388,24 @@ class BoundDict:
 setattr(BoundDict, "del", BoundDict.del_)
 
 
-class DList(_Declared):
+class DList(_Declared["BoundList[T]"], Generic[T]):
     """A list field (a sequence CRDT): ``append``, ``insert``, ``at``, ``set``, ``delete``,
     ``index``, ``length``, iteration. Indexes refer to the list as this node sees it
     when called; concurrent inserts at one place from several nodes all survive, in
-    the same order on every node.
+    the same order on every node. ``DList[str]()`` tells type checkers its values are
+    strs (not checked at run time).
     """
 
-    def _bind(self, obj: DModel) -> BoundList:
+    def _bind(self, obj: DModel) -> BoundList[T]:
         return BoundList(obj, self)
 
 
-class BoundList:
+class BoundList(Generic[T]):
     """The DList of one object."""
 
     __slots__ = ("obj", "field")
 
-    def __init__(self, obj: DModel, field: DList) -> None:
+    def __init__(self, obj: DModel, field: DList[T]) -> None:
         self.obj = obj
         self.field = field
 
@@ -398,23 +434,23 @@ class BoundList:
             raise IndexError("list index out of range")
         return ids[0]
 
-    def _read(self, element: bytes) -> Any:
-        return self.obj._read(element_register(self.field.name, element))
+    def _read(self, element: bytes) -> T:
+        return cast(T, self.obj._read(element_register(self.field.name, element)))
 
-    def at(self, index: int) -> Any:
+    def at(self, index: int) -> T:
         """The value at ``index``."""
         return self._read(self._element(self._index(index)))
 
     __getitem__ = at
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[T]:
         return iter([self._read(e) for e in
                      self._host.list_range(self.obj.db_id, self.field.name)])
 
-    def to_list(self) -> list[Any]:
+    def to_list(self) -> list[T]:
         return list(self)
 
-    def index(self, value: Any) -> int:
+    def index(self, value: object) -> int:
         """Position of the first element equal to ``value`` (ValueError if none)."""
         for i, item in enumerate(self):
             if item == value:
@@ -424,14 +460,14 @@ class BoundList:
     def __contains__(self, value: object) -> bool:
         return any(item == value for item in self)
 
-    def _op(self, kind: str, first: Any, value: Any) -> Op:
+    def _op(self, kind: str, first: bytes, value: T) -> Op:
         obj = self.obj
         if self.field.encrypted:
             return Op(obj.db_id, f"{kind}_enc", self.field.name,
                       [first, obj._node.seal_value(obj.db_id, f"{self.field.name}#", value)])
         return Op(obj.db_id, kind, self.field.name, [first, value])
 
-    def insert(self, index: int, value: Any) -> None:
+    def insert(self, index: int, value: T) -> None:
         """Insert ``value`` before position ``index`` (at the end if ``index >= len``)."""
         _check_value(self.field.name, value)
         if not isinstance(index, int) or isinstance(index, bool):
@@ -460,11 +496,11 @@ class BoundList:
 
         obj._submit(build)
 
-    def append(self, value: Any) -> None:
+    def append(self, value: T) -> None:
         """Add ``value`` at the end."""
         self.insert(_END, value)
 
-    def set(self, index: int, value: Any) -> None:
+    def set(self, index: int, value: T) -> None:
         """Replace the value at ``index`` (last writer wins)."""
         _check_value(self.field.name, value)
         element = self._element(self._index(index))
@@ -533,10 +569,10 @@ def _toward(lists: host.ModelHost, db_id: str, name: str, low: bytes | None,
 class _Transaction:
     """Operations collected by ``with obj.transaction():``, signed as one update on exit."""
 
-    def __init__(self, node: Any, caller: str) -> None:
+    def __init__(self, node: host.ModelHost, caller: str) -> None:
         self.node = node
         self.caller = caller
-        self.ops: list[Any] = []
+        self.ops: list[Op] = []
 
 
 class DModel:
@@ -556,7 +592,7 @@ class DModel:
         name = cls.__name__
         if not name.isidentifier() or len(name) > 64:
             raise ModelDefinitionError(f"model name {name!r} must be an identifier (max 64)")
-        fields: dict[str, DField | DDict | DList] = {}
+        fields: dict[str, _Declared[Any]] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
                 if isinstance(value, _Declared):
@@ -579,7 +615,8 @@ class DModel:
         host.register_model_policy(name, cls._meta.policy)
 
     def __init__(self, authorized_or_id: Iterable[str | DModel] | str | None = None,
-                 caller_id: str | DModel | None = None, *, node: Any = None) -> None:
+                 caller_id: str | DModel | None = None, *,
+                 node: host.ModelHost | None = None) -> None:
         self._host_node = _node(node)
         caller = None if caller_id is None else _as_id(caller_id)
         if isinstance(authorized_or_id, str):
@@ -615,7 +652,7 @@ class DModel:
         self._caller = caller
 
     @property
-    def _node(self) -> Any:
+    def _node(self) -> host.ModelHost:
         node = self._host_node
         if getattr(node, "closed", False):
             home = str(getattr(node, "home", "HOME"))
@@ -637,17 +674,17 @@ class DModel:
                 raise self.DoesNotExist(self._removed_message(self.db_id)) from None
             return default
 
-    def _registers(self) -> dict[str, Any]:
+    def _registers(self) -> dict[str, merge.Register]:
         node = self._node
         regs = node.read_all(self.db_id)
         if not regs and node.object_state(self.db_id) == "removed":
             raise self.DoesNotExist(self._removed_message(self.db_id))
-        return regs  # type: ignore[no-any-return]
+        return regs
 
     @classmethod
     def create(cls, *, authorized: Iterable[str | DModel] = (),
                read: Iterable[str | DModel] = (), update: Iterable[str | DModel] = (),
-               node: Any = None, **values: Any) -> Any:
+               node: host.ModelHost | None = None, **values: Any) -> Self:
         """Create an owned object with initial values, in one signed update.
 
         ``authorized`` ids may read and update it; ``read``/``update`` grant one of the two.
@@ -662,8 +699,8 @@ class DModel:
                 raise FieldValueError(f"{attr!r} is a dict field: set its entries after create")
             field.check(value)
         n = _node(node)
-        authorized = [_as_id(a) for a in authorized]
-        read, update = [_as_id(a) for a in read], [_as_id(a) for a in update]
+        authorized_ids = [_as_id(a) for a in authorized]
+        read_ids, update_ids = [_as_id(a) for a in read], [_as_id(a) for a in update]
 
         def initial(db_id: str, readers: dict[str, bytes]) -> list[Op]:
             ops = []
@@ -676,8 +713,8 @@ class DModel:
                     ops.append(Op(db_id, "set", field.name, value))
             return ops
 
-        db_id = n.create(cls._meta.name, read=[*authorized, *read],
-                         update=[*authorized, *update], fields=initial)
+        db_id = n.create(cls._meta.name, read=[*authorized_ids, *read_ids],
+                         update=[*authorized_ids, *update_ids], fields=initial)
         obj = cls.__new__(cls)
         obj._host_node = n
         obj._bind(db_id, db_id)
@@ -689,7 +726,8 @@ class DModel:
         return cls(db_id, caller_id, node=node)
 
     @classmethod
-    def all(cls, *, node: Any = None, owned: bool = False, caller_id: str | None = None) -> list:
+    def all(cls, *, node: Any = None, owned: bool = False,
+            caller_id: str | None = None) -> list[Self]:
         """Every live object of this model known to the node."""
         n = _node(node)
         return [cls(i, caller_id, node=n) for i in n.object_ids(cls._meta.name, owned=owned)]
@@ -749,7 +787,7 @@ class DModel:
         return self
 
     # -------------------------------------------------------------- changes
-    def _submit(self, build: Any) -> None:
+    def _submit(self, build: Callable[[], Op]) -> None:
         tx: _Transaction | None = getattr(_tx, "current", None)
         if tx is not None and tx.node is self._node:
             if tx.caller != self._caller:
@@ -826,7 +864,8 @@ class DModel:
         self._submit(lambda: self._node.revoke_update_op(self.db_id, object_id))
 
     # --------------------------------------------------------------- misc
-    def history(self, field: str | None = None, include_rejected: bool = False) -> list:
+    def history(self, field: str | None = None,
+                include_rejected: bool = False) -> list[Any]:  # the node's HistoryEntry
         """Accepted updates of this object in merge order (and rejected ones if asked)."""
         return self._node.history(self.db_id, field, include_rejected=include_rejected)
 
@@ -846,7 +885,8 @@ def _check_name(field: str) -> None:
 
 
 @contextlib.contextmanager
-def transaction(caller: str | DModel, *, node: Any = None) -> Iterator[_Transaction]:
+def transaction(caller: str | DModel, *,
+                node: host.ModelHost | None = None) -> Iterator[_Transaction]:
     """``with dmodel.transaction(caller_id):`` signs every change made inside as one update.
 
     Changes to several objects may be collected, all used as the same caller.
@@ -872,7 +912,7 @@ def transaction(caller: str | DModel, *, node: Any = None) -> Iterator[_Transact
         n.write(caller, tx.ops)
 
 
-def object_list(filter: str = "*", *, node: Any = None) -> list[str]:
+def object_list(filter: str = "*", *, node: host.ModelHost | None = None) -> list[str]:
     """db_ids of live objects matching an id filter such as ``Person:*`` or ``Person:[id]``."""
     from .filters import compile as compile_filter
 
@@ -881,7 +921,8 @@ def object_list(filter: str = "*", *, node: Any = None) -> list[str]:
     return [i for i in n.object_ids(matcher.model) if matcher.match(i)]
 
 
-def wait_for(db_id: str | DModel, timeout: float = _WAIT, *, node: Any = None) -> None:
+def wait_for(db_id: str | DModel, timeout: float = _WAIT, *,
+             node: host.ModelHost | None = None) -> None:
     """Block until the create of ``db_id`` has arrived on the node (default: the one
     ``dmodel.launch()`` started). WaitTimeout (a TimeoutError) after ``timeout`` seconds;
     ObjectNotFoundError at once for a malformed id or one removed here."""
@@ -897,7 +938,7 @@ def wait_for(db_id: str | DModel, timeout: float = _WAIT, *, node: Any = None) -
         raise ObjectNotFoundError(DModel._removed_message(db_id))
 
 
-def object_list_owned(filter: str = "*", *, node: Any = None) -> list[str]:
+def object_list_owned(filter: str = "*", *, node: host.ModelHost | None = None) -> list[str]:
     """Like ``object_list``, only objects this node owns."""
     n = _node(node)
     return [i for i in object_list(filter, node=n) if n.is_owned(i)]

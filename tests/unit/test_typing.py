@@ -1,0 +1,134 @@
+"""What a type checker sees of a model: mypy (its API, in-process) checks a user file
+outside the repository that imports dmodel from this checkout (found through
+``mypy_path``: the development venv's editable install is an import hook, which type
+checkers cannot follow; a regular install is found without it).
+
+Each line of ``USER`` that must fail ends in ``# E: <error code>``, each ``reveal_type``
+in ``# R: <type>``; every other line must pass. One mypy run, cached in tmp_path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+api = pytest.importorskip("mypy.api")
+
+pytestmark = pytest.mark.timeout(300)
+
+USER = '''\
+import dmodel
+
+
+class Person(dmodel.DModel):
+    name = dmodel.DField("name", False)        # no type: Any, as in PyDinemic
+    age = dmodel.DField(type=int)              # None until set
+    score = dmodel.DField(type=int, default=0)
+    nick = dmodel.DField[str]()
+    tags = dmodel.DDict[int]()
+    notes = dmodel.DList[str]()
+    misc = dmodel.DDict()
+
+
+def on(node: dmodel.Node) -> Person:
+    return Person([], node=node)
+
+
+p = Person.create(name="Bob", age=42)
+reveal_type(p)  # R: Person
+reveal_type(p.age.get())  # R: int | None
+reveal_type(p.score.get())  # R: int
+reveal_type(p.nick.get())  # R: str
+reveal_type(p.name.get())  # R: Any
+reveal_type(p.tags["k"])  # R: int
+reveal_type(p.notes.at(0))  # R: str
+reveal_type(Person.age)  # R: DField[int | None]
+p.age.set(43)
+p.age = 44
+p.age.set(None)
+p.score.set(1)
+p.name.set(["anything", 1])
+p.misc["k"] = {"a": 1}
+p.tags["k"] = 1
+p.notes.append("x")
+p.age.set("x")  # E: arg-type
+p.age = "x"  # E: assignment
+p.score.set(None)  # E: arg-type
+p.nick.set(1)  # E: arg-type
+p.tags["k"] = "x"  # E: assignment
+p.notes.append(1)  # E: arg-type
+p.nosuch.get()  # E: attr-defined
+'''
+
+REPO = Path(__file__).resolve().parents[2]
+LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+): (?P<kind>error|note): (?P<text>.*)$")
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[tuple[str, str]]]:
+    """mypy's messages on USER, by line: (kind, text); run from outside the repository,
+    dmodel's own errors not reported (it is checked by ``mypy`` in the repository)."""
+    tmp = tmp_path_factory.mktemp("typing")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp)
+        return _check(tmp)
+
+
+def _check(tmp: Path) -> dict[int, list[tuple[str, str]]]:
+    user = tmp / "user.py"
+    user.write_text(USER)
+    config = tmp / "mypy.ini"
+    config.write_text(f"[mypy]\nstrict = True\nmypy_path = {REPO}\n\n"
+                      "[mypy-dmodel.*]\nfollow_imports = silent\n")
+    stdout, stderr, _ = api.run([
+        "--config-file", str(config), "--cache-dir", str(tmp / "cache"),
+        "--no-error-summary", "--show-error-codes", "--no-pretty", str(user)])
+    assert not stderr, stderr
+    messages: dict[int, list[tuple[str, str]]] = {}
+    for raw in stdout.splitlines():
+        match = LINE.match(raw)
+        assert match, f"unexpected mypy output: {raw}"
+        assert Path(match["file"]).name == "user.py", raw
+        messages.setdefault(int(match["line"]), []).append((match["kind"], match["text"]))
+    return messages
+
+
+def _marked(marker: str) -> dict[int, str]:
+    out = {}
+    for number, line in enumerate(USER.splitlines(), 1):
+        if f"# {marker}: " in line:
+            out[number] = line.rsplit(f"# {marker}: ", 1)[1].strip()
+    return out
+
+
+def test_the_package_is_found(checked: dict[int, list[tuple[str, str]]]) -> None:
+    assert not any("import" in text for found in checked.values() for _, text in found), \
+        checked
+
+
+def test_revealed_types(checked: dict[int, list[tuple[str, str]]]) -> None:
+    expected = _marked("R")
+    assert expected
+    for number, want in expected.items():
+        notes = [text for kind, text in checked.get(number, []) if kind == "note"]
+        got = [re.sub(r"\b(builtins|user|dmodel\.model)\.", "", n) for n in notes]
+        assert got == [f'Revealed type is "{want}"'], (number, USER.splitlines()[number - 1])
+
+
+def test_wrong_types_are_errors_and_right_ones_are_not(
+        checked: dict[int, list[tuple[str, str]]]) -> None:
+    expected = _marked("E")
+    errors = {number: [text for kind, text in found if kind == "error"]
+              for number, found in checked.items()}
+    errors = {number: texts for number, texts in errors.items() if texts}
+    assert sorted(errors) == sorted(expected), errors
+    for number, code in expected.items():
+        assert len(errors[number]) == 1 and errors[number][0].endswith(f"[{code}]"), \
+            (number, errors[number])
+    assert 'incompatible type "str"; expected "int | None"' in errors[_line('p.age.set("x")')][0]
+
+
+def _line(prefix: str) -> int:
+    return next(n for n, line in enumerate(USER.splitlines(), 1) if line.startswith(prefix))
