@@ -361,9 +361,8 @@ class Query:
 
     def count(self) -> int:
         """How many objects match (after offset and limit)."""
-        fast = self._index_only()
-        if fast is not None and self._limit is None and self._offset == 0:
-            plan, _ = fast
+        plan = self._one_range()
+        if plan is not None and self._limit is None and self._offset == 0:
             (low, high), = plan.found
             return int(self._host.index_count(self._name, plan.field.name, low, high))
         return len(self.ids())
@@ -377,13 +376,21 @@ class Query:
     def _name(self) -> str:
         return str(self._model._meta.name)
 
-    def _index_only(self) -> tuple[_Plan, bool] | None:
-        """The one indexed condition that answers the query straight from its index, in
-        the query's order and with its offset and limit (and whether backwards)."""
+    def _one_range(self) -> _Plan | None:
+        """The query's one condition, if it is one range of an index that holds every
+        match (the default does not match)."""
         if len(self._plans) != 1:
             return None
         plan = self._plans[0]
         if not plan.field.index or plan.default or len(plan.found) != 1:
+            return None
+        return plan
+
+    def _index_only(self) -> tuple[_Plan, bool] | None:
+        """The one indexed condition that answers the query straight from its index, in
+        the query's order and with its offset and limit (and whether backwards)."""
+        plan = self._one_range()
+        if plan is None:
             return None
         order = self._order
         if order is None:
