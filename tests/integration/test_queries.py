@@ -8,6 +8,8 @@ commits query first, so that what they check afterwards is the upkeep, not a reb
 from __future__ import annotations
 
 import operator
+import re
+from pathlib import Path
 
 import pytest
 
@@ -356,3 +358,22 @@ def test_get_all_and_to_dict(make_node) -> None:
     assert anonymous["salary"] == EncryptedValue(p.db_id, "salary")
     assert anonymous["name"] == "Ann"
     assert [o.db_id for o in QPerson.all(node=node)] == [p.db_id]
+
+
+def test_the_readme_queries_section_runs(tmp_path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Queries", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace("node.shutdown()", "")
+    scope: dict = {"home": tmp_path / "readme"}
+    exec(compile(code, "README Queries", "exec"), scope)
+    node, member = scope["node"], scope["Member"]
+    try:
+        assert [m.name.get() for m in member.find(name="Bob", node=node)] == ["Bob"]
+        assert scope["q"].count() == 1
+        assert [m.name.get() for m in scope["older"]] == ["Bob", "Ann"]
+        assert scope["bob"].to_dict() == {"name": "Bob", "age": 42, "city": "Oslo",
+                                          "salary": None}
+        assert len(member.all(node=node)) == 3
+    finally:
+        node.shutdown()
