@@ -429,17 +429,20 @@ class Node:
                     reverse: bool = False, offset: int = 0, count: int = -1) -> list[bytes]:
         """Members of the value index of ``model.field`` between two ZRANGEBYLEX bounds
         (see dmodel/query.py); an index this store does not keep yet is built first."""
-        self._check_open()
-        if not self.store.has_index(model, field):
-            with self._lock:
-                self.store.ensure_index(model, field)
+        self._ensure_index(model, field)
         return self.store.index_range(model, field, low, high, reverse=reverse,
                                       offset=offset, count=count)
 
     def index_count(self, model: str, field: str, low: bytes, high: bytes) -> int:
         """How many members ``index_range`` would give (without offset or count)."""
-        self.index_range(model, field, b"+", b"+")  # builds the index if new
+        self._ensure_index(model, field)
         return self.store.index_count(model, field, low, high)
+
+    def _ensure_index(self, model: str, field: str) -> None:
+        self._check_open()
+        if not self.store.has_index(model, field):
+            with self._lock:  # the build reads, then writes: no commit in between
+                self.store.ensure_index(model, field)
 
     def field_registers(self, db_ids: Sequence[str], name: str) -> list[merge.Register | None]:
         """Register ``name`` of each object, raw (what a query scans)."""
