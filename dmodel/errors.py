@@ -74,6 +74,11 @@ class FieldValueError(FieldError, ValueError):
     """A value too large or of an unsupported shape."""
 
 
+class QueryError(FieldError, ValueError):
+    """A query that cannot be answered: an encrypted or unknown field, a value that
+    cannot be compared (``Model.find``, ``Model.query()``)."""
+
+
 class CryptoError(DModelError):
     """A cryptographic operation failed."""
 
@@ -215,6 +220,7 @@ __all__ = [
     "ObjectNotFoundError",
     "OversizedUpdate",
     "ProtocolError",
+    "QueryError",
     "RejectedError",
     "ReplayedUpdate",
     "StaleUpdate",

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar, cast, overload
 
 from . import host, merge
-from .crypto import is_oid
+from .crypto import EncryptedValue, is_oid
 from .errors import (
     ConfigurationError,
     DecryptionError,
@@ -39,8 +39,10 @@ from .errors import (
     NodeNotRunningError,
     ObjectNotFoundError,
     OversizedUpdate,
+    QueryError,
     UnauthorizedError,
 )
+from .query import Condition, Order, Query
 from .update import _FIELD_NAME, MAX_DICT_KEY, MAX_POSITION, Op, check_value, element_register
 
 if TYPE_CHECKING:  # a field's value type; Any where a declaration does not say (PEP 696)
@@ -161,6 +163,9 @@ class DField(_Declared["BoundField[T]"], Generic[T]):
     checkers, ``DField(type=int)`` holds ``int | None`` (None until set),
     ``DField(type=int, default=0)`` and ``DField[int]()`` hold ``int``, and a field
     declared without a type holds ``Any``.
+    ``index=True`` keeps a value index for queries (plain fields only). On the class, a
+    field builds query conditions: ``Person.age >= 30``, ``Person.name == 'Bob'``,
+    ``-Person.age``.
     """
 
     @overload
@@ -176,10 +181,41 @@ class DField(_Declared["BoundField[T]"], Generic[T]):
     def __init__(self, name: str | None = None, encrypted: bool = False, *,
                  type: tuple[type, ...], default: Any = None) -> None: ...
     def __init__(self, name: str | None = None, encrypted: bool = False, *,
-                 type: type | tuple[type, ...] | None = None, default: Any = None) -> None:
+                 type: type | tuple[type, ...] | None = None, default: Any = None,
+                 index: bool = False) -> None:
         super().__init__(name, encrypted)
+        if index and self.encrypted:
+            raise ModelDefinitionError(f"field {name or ''!r}: an encrypted field cannot be "
+                                       "indexed (its values are sealed)")
         self.type = type
         self.default = default
+        self.index = bool(index)
+
+    # Comparing two fields stays a plain identity test (fields in lists and dicts);
+    # comparing a field with a value gives a query condition.
+    def __eq__(self, other: object) -> Any:  # type: ignore[override]
+        return self is other if isinstance(other, _Declared) else Condition(self, "==", other)
+
+    def __ne__(self, other: object) -> Any:  # type: ignore[override]
+        return self is not other if isinstance(other, _Declared) \
+            else Condition(self, "!=", other)
+
+    def __lt__(self, other: Any) -> Condition:
+        return Condition(self, "<", other)
+
+    def __le__(self, other: Any) -> Condition:
+        return Condition(self, "<=", other)
+
+    def __gt__(self, other: Any) -> Condition:
+        return Condition(self, ">", other)
+
+    def __ge__(self, other: Any) -> Condition:
+        return Condition(self, ">=", other)
+
+    def __neg__(self) -> Order:
+        return Order(self, desc=True)
+
+    __hash__ = _Declared.__hash__
 
     def _bind(self, obj: DModel) -> BoundField[T]:
         return BoundField(obj, self)
@@ -721,16 +757,91 @@ class DModel:
         return obj
 
     @classmethod
-    def get(cls, db_id: str, caller_id: str | None = None, *, node: Any = None) -> Any:
-        """Open an existing object (Person.DoesNotExist if unknown)."""
-        return cls(db_id, caller_id, node=node)
+    def _handle(cls, db_id: str, caller_id: str | None, node: Any) -> Any:
+        """A handle on a live object of this model (the id is known good)."""
+        obj = cls.__new__(cls)
+        obj._host_node = node
+        obj._bind(db_id, db_id if caller_id is None else _as_id(caller_id))
+        return obj
+
+    @classmethod
+    def get(cls, db_id: str, caller_id: str | DModel | None = None, *,
+            node: Any = None) -> Any:
+        """An object of this node, by db_id or by its oid alone: ``Person.get(oid)``.
+
+        Person.DoesNotExist (an ObjectNotFoundError) if it has not arrived here, was
+        removed, or is of another model; unlike ``Person(db_id)``, which gives a handle
+        on an object still to arrive.
+        """
+        if isinstance(db_id, str) and is_oid(db_id):
+            db_id = f"{cls._meta.name}:{db_id}"
+        obj = cls(db_id, caller_id, node=node)
+        if not obj._node.exists(obj.db_id):
+            raise cls.DoesNotExist(f"{obj.db_id} is not known on this node (it has not "
+                                   "arrived here, or was never created)")
+        return obj
 
     @classmethod
     def all(cls, *, node: Any = None, owned: bool = False,
-            caller_id: str | None = None) -> list[Self]:
-        """Every live object of this model known to the node."""
+            caller_id: str | DModel | None = None) -> list[Self]:
+        """Every live object of this model known to the node (removed ones excluded),
+        in db_id order; ``owned=True``: only those this node holds the keys of."""
         n = _node(node)
-        return [cls(i, caller_id, node=n) for i in n.object_ids(cls._meta.name, owned=owned)]
+        return [cls._handle(i, caller_id, n) for i in n.object_ids(cls._meta.name, owned=owned)]
+
+    @classmethod
+    def query(cls, *, node: Any = None, caller_id: str | DModel | None = None) -> Query:
+        """A query on this model's live objects: ``Person.query().where(Person.age >= 30)
+        .order_by(-Person.age).limit(10)``, run by ``all()``, iteration, ``count()``,
+        ``first()`` or ``ids()``. See dmodel/query.py for what a condition matches."""
+        return Query(cls, _node(node), None if caller_id is None else _as_id(caller_id))
+
+    @classmethod
+    def find(cls, *, node: Any = None, caller_id: str | DModel | None = None,
+             **equal: Any) -> list[Any]:
+        """The live objects whose plain fields equal the values given:
+        ``Person.find(name='Bob', city='Oslo')``, in db_id order. An indexed field
+        (``DField(index=True)``) is looked up in its index, any other by a scan of the
+        model's objects; an encrypted field raises QueryError."""
+        if not equal:
+            raise QueryError(f"{cls.__name__}.find() takes field=value pairs; "
+                             f"{cls.__name__}.all() gives every object")
+        return cls.query(node=node, caller_id=caller_id).where(**equal).all()
+
+    @classmethod
+    def _query_field(cls, field: Any) -> DField:
+        """The plain field of this model that ``field`` (a DField or an attribute name) is;
+        QueryError for anything else, or for an encrypted field."""
+        fields = cls._meta.fields
+        if isinstance(field, str):
+            if field not in fields:
+                raise QueryError(f"{cls.__name__} has no field {field!r}")
+            field = fields[field]
+        if not isinstance(field, DField) or not any(f is field for f in fields.values()):
+            raise QueryError(f"{field!r} is not a plain field of {cls.__name__} "
+                             "(queries take its DField attributes)")
+        if field.encrypted:
+            raise QueryError(f"{cls.__name__}.{field.attr} is encrypted: its values are "
+                             "sealed, so no query can compare them")
+        return field
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by attribute name: plain values, encrypted ones this handle's caller
+        can open, DList fields as lists and DDict fields as dicts. An encrypted field the
+        caller cannot open is an ``EncryptedValue`` placeholder (``<encrypted>``)."""
+        out: dict[str, Any] = {}
+        for attr, field in self._meta.fields.items():
+            bound = field._bind(self)
+            try:
+                if isinstance(field, DField):
+                    out[attr] = bound.get()
+                elif isinstance(field, DDict):
+                    out[attr] = bound.to_dict()
+                else:
+                    out[attr] = bound.to_list()
+            except DecryptionError:
+                out[attr] = EncryptedValue(self.db_id, field.name)
+        return out
 
     # ------------------------------------------------------------- identity
     @property

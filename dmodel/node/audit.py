@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import msgpack
 
-from .. import clock, merge
+from .. import clock, merge, query
 from ..errors import IntegrityError, InvalidUpdate
 from ..pipeline import signing_key
 from ..store.base import Store
@@ -166,6 +166,34 @@ def verify_store(store: Store, progress: Progress | None = None) -> list[str]:
             update.verify(keys)
         except InvalidUpdate:
             problems.append(f"update {uid.hex()[:12]}: signature does not verify")
+    problems.extend(index_problems(store))
+    return problems
+
+
+def index_problems(store: Store) -> list[str]:
+    """Every difference between the value indexes and what the registers give: a missing
+    or stale entry in an index, a wrong per-object record of it."""
+    problems: list[str] = []
+    for model, field in sorted(store.indexes()):
+        want: dict[bytes, str] = {}  # member -> db_id
+        for db_id in store.object_ids(model):
+            meta = store.object_meta(db_id)
+            try:
+                reg = store.register(db_id, field)
+            except _DAMAGED:
+                continue  # reported as a damaged register
+            entry = query.entry_for(db_id, reg) if meta and meta.removed is None else None
+            if entry is not None:
+                want[entry] = db_id
+            if store.index_entries(db_id).get(field) != entry:
+                problems.append(f"index {model}.{field}: the entry recorded for {db_id} "
+                                "differs from its register")
+        held = set(store.index_range(model, field, b"-", b"+"))
+        for entry in sorted(held - want.keys()):
+            problems.append(f"index {model}.{field}: a stale entry for "
+                            f"{model}:{query.member_oid(entry)} (no register gives it)")
+        for entry in sorted(want.keys() - held):
+            problems.append(f"index {model}.{field}: the entry of {want[entry]} is missing")
     return problems
 
 
@@ -232,5 +260,5 @@ def history(store: Store, db_id: str, field: str | None = None, *,
     return [e for _, e in entries]
 
 
-__all__ = ["HistoryEntry", "Progress", "history", "signed_op", "state_digest", "verify_register",
-           "verify_store"]
+__all__ = ["HistoryEntry", "Progress", "history", "index_problems", "signed_op", "state_digest",
+           "verify_register", "verify_store"]

@@ -424,6 +424,31 @@ class Node:
             ids = [i for i in ids if self.is_owned(i)]
         return ids
 
+    # --------------------------------------------------------------- queries
+    def index_range(self, model: str, field: str, low: bytes, high: bytes, *,
+                    reverse: bool = False, offset: int = 0, count: int = -1) -> list[bytes]:
+        """Members of the value index of ``model.field`` between two ZRANGEBYLEX bounds
+        (see dmodel/query.py); an index this store does not keep yet is built first."""
+        self._ensure_index(model, field)
+        return self.store.index_range(model, field, low, high, reverse=reverse,
+                                      offset=offset, count=count)
+
+    def index_count(self, model: str, field: str, low: bytes, high: bytes) -> int:
+        """How many members ``index_range`` would give (without offset or count)."""
+        self._ensure_index(model, field)
+        return self.store.index_count(model, field, low, high)
+
+    def _ensure_index(self, model: str, field: str) -> None:
+        self._check_open()
+        if not self.store.has_index(model, field):
+            with self._lock:  # the build reads, then writes: no commit in between
+                self.store.ensure_index(model, field)
+
+    def field_registers(self, db_ids: Sequence[str], name: str) -> list[merge.Register | None]:
+        """Register ``name`` of each object, raw (what a query scans)."""
+        self._check_open()
+        return self.store.field_registers(db_ids, name)
+
     # ----------------------------------------------------------------- audit
     def verify_register(self, db_id: str, name: str, reg: merge.Register) -> None:
         """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote."""

@@ -12,10 +12,11 @@ thread (the network's I/O thread serves catch-up straight from the store).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
-from .. import merge
+from .. import merge, query
 from ..clock import physical_ms
 from ..pipeline import Snapshot, needs, wrap_keys
 from ..update import Update
@@ -80,6 +81,18 @@ class Store(Protocol):
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]: ...
     def history(self, db_id: str, held: bool = False) -> list[bytes]: ...
 
+    # value indexes (see dmodel/query.py); ensure_index runs under the apply lock
+    def indexes(self) -> set[tuple[str, str]]: ...
+    def has_index(self, model: str, field: str) -> bool: ...
+    def ensure_index(self, model: str, field: str) -> None: ...
+    def index_range(self, model: str, field: str, low: bytes, high: bytes, *,
+                    reverse: bool = False, offset: int = 0,
+                    count: int = -1) -> list[bytes]: ...
+    def index_count(self, model: str, field: str, low: bytes, high: bytes) -> int: ...
+    def index_entries(self, db_id: str) -> dict[str, bytes]: ...
+    def field_registers(self, db_ids: Sequence[str],
+                        name: str) -> list[merge.Register | None]: ...
+
     # retention (see node/pruner.py)
     def retention_reads(self, pairs: Sequence[tuple[str, str]],
                         chains: Sequence[tuple[str, bytes]] = ()
@@ -129,6 +142,8 @@ class MemoryStore:
         self.future: dict[bytes, bytes] = {}
         self.kept: dict[tuple[str, str], list[bytes]] = {}
         self.pruned: dict[str, int] = {}
+        self.index: dict[tuple[str, str], list[bytes]] = {}  # sorted members
+        self.entries: dict[str, dict[str, bytes]] = {}  # db_id -> field -> member
         self.closed = False
 
     # ------------------------------------------------------------- pipeline
@@ -186,6 +201,10 @@ class MemoryStore:
             for db_id in touched:
                 self.hist.setdefault(db_id, []).append(uid)
             self.state.commit(writes)
+            indexed = self.indexes()
+            current = {d: dict(self.entries.get(d, {}))
+                       for d in query.needs_entries(writes, indexed)}
+            self._apply_index(query.index_changes(writes, indexed, current))
             for w in writes:
                 if w.kind == "object":
                     model, _, oid = w.db_id.partition(":")
@@ -207,6 +226,57 @@ class MemoryStore:
         self.state.commit(writes)
         self.hist[db_id] = list(accepted)
         self.held[db_id] = list(held[-HELD_CAP:])
+        live = meta is not None and meta.removed is None
+        self._apply_index(query.object_changes(db_id, live, registers, self.indexes(),
+                                               dict(self.entries.get(db_id, {}))))
+
+    # ------------------------------------------------------------ value indexes
+    def indexes(self) -> set[tuple[str, str]]:
+        return set(self.index)
+
+    def has_index(self, model: str, field: str) -> bool:
+        return (model, field) in self.index
+
+    def ensure_index(self, model: str, field: str) -> None:
+        if (model, field) in self.index:
+            return
+        self.index[(model, field)] = []
+        for db_id in self.object_ids(model):
+            meta = self.state.objects.get(db_id)
+            live = meta is not None and meta.removed is None
+            reg = self.register(db_id, field)
+            self._apply_index(query.object_changes(db_id, live, {field: reg} if reg else {},
+                                                    {(model, field)}, {}))
+
+    def index_range(self, model: str, field: str, low: bytes, high: bytes, *,
+                    reverse: bool = False, offset: int = 0, count: int = -1) -> list[bytes]:
+        found = [m for m in self.index.get((model, field), ())
+                 if query.above(m, low) and query.below(m, high)]
+        if reverse:
+            found.reverse()
+        return found[offset:] if count < 0 else found[offset:offset + count]
+
+    def index_count(self, model: str, field: str, low: bytes, high: bytes) -> int:
+        return len(self.index_range(model, field, low, high))
+
+    def index_entries(self, db_id: str) -> dict[str, bytes]:
+        return dict(self.entries.get(db_id, {}))
+
+    def field_registers(self, db_ids: Sequence[str], name: str) -> list[merge.Register | None]:
+        return [self.register(db_id, name) for db_id in db_ids]
+
+    def _apply_index(self, changes: list[query.IndexChange]) -> None:
+        for c in changes:
+            members = self.index[(c.model, c.field)]
+            at = bisect.bisect_left(members, c.old or b"")
+            if c.old is not None and at < len(members) and members[at] == c.old:
+                del members[at]
+            entries = self.entries.setdefault(c.db_id, {})
+            if c.new is not None:
+                bisect.insort(members, c.new)
+                entries[c.field] = c.new
+            else:
+                entries.pop(c.field, None)
 
     # ------------------------------------------------------------ state reads
     def object_meta(self, db_id: str) -> merge.ObjectMeta | None:

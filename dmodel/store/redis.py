@@ -24,6 +24,10 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P lf:{db_id}       SET   names of the object's DList fields
     P m:{Model}        SET   oids of known objects of that model
     P models           SET   model names
+    P ix               SET   "Model#field" of each value index this store keeps up
+    P i:{Model}#{field} ZSET value index: members order-preserving value key + 0x00 + oid,
+                             all with score 0 (see dmodel/query.py)
+    P ie:{db_id}       HASH  indexed field -> the object's member in that index
     P fut              HASH  update id -> raw update held for its future timestamp
     P meta             HASH  "hlc" -> greatest timestamp, "seq" -> next log position,
                              "epoch" -> random id of this store
@@ -48,7 +52,7 @@ from typing import Any
 import msgpack
 import redis
 
-from .. import merge
+from .. import merge, query
 from ..clock import physical_ms
 from ..errors import StoreError, StoreUnavailableError
 from ..pipeline import Snapshot, needs, wrap_keys
@@ -126,6 +130,13 @@ class StoreCache:
             del self.auth[key]
 
 
+def _as_map(reply: Any) -> dict[str, bytes]:
+    """An HGETALL reply as a dict, whichever connection gave it (a dict or a flat list)."""
+    pairs = list(reply.items()) if isinstance(reply, dict) else list(
+        zip(reply[::2], reply[1::2], strict=True))
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in pairs}
+
+
 @contextlib.contextmanager
 def map_redis_errors() -> Iterator[None]:
     """Translate redis-py exceptions into StoreError subclasses."""
@@ -152,6 +163,8 @@ class RedisStore:
         self.k_log, self.k_models, self.k_meta = f"{p}log", f"{p}models", f"{p}meta"
         self.k_next, self.k_future = f"{p}next", f"{p}fut"
         self.k_pruned = f"{p}pc"
+        self.k_indexes = f"{p}ix"
+        self._indexes: set[tuple[str, str]] | None = None  # loaded from k_indexes
         self.cache = StoreCache()
         self._script_sha = _BATCH_SHA
         self._seq: int | None = None  # next log position; this node is the only writer
@@ -208,6 +221,12 @@ class RedisStore:
 
     def k_kept(self, db_id: str) -> str:
         return f"{self.prefix}kv:{db_id}"
+
+    def k_index(self, model: str, field: str) -> str:
+        return f"{self.prefix}i:{model}#{field}"
+
+    def k_entries(self, db_id: str) -> str:
+        return f"{self.prefix}ie:{db_id}"
 
     # ------------------------------------------------------------ retention
     def retention_reads(self, pairs: Sequence[tuple[str, str]],
@@ -371,6 +390,7 @@ class RedisStore:
                 log_positions.append(seq)
                 self._update_commands(cmds, update, writes, list_keys, seq)
                 seq += 1
+            cmds.extend(self._index_commands([w for _, ws in items for w in ws or ()]))
             cmds.append(("HSET", self.k_meta, "hlc", hlc))
             cmds.append(("HSET", self.k_meta, "seq", seq))
             try:
@@ -480,7 +500,121 @@ class RedisStore:
             cmds.append(("RPUSH", self.k_hist(db_id), *accepted))
         if held:
             cmds.append(("RPUSH", self.k_held(db_id), *held[-HELD_CAP:]))
+        with map_redis_errors():
+            cmds.extend(self._reindex_commands(db_id, meta, registers))
         self._run(cmds, write=True)
+
+    # --------------------------------------------------------- value indexes
+    def indexes(self) -> set[tuple[str, str]]:
+        """The (model, field) value indexes this store keeps up."""
+        if self._indexes is None:
+            with map_redis_errors():
+                names: Any = self.client.smembers(self.k_indexes)
+            found = [n.decode().partition("#") for n in names]
+            self._indexes = {(model, field) for model, _, field in found}
+        return self._indexes
+
+    def has_index(self, model: str, field: str) -> bool:
+        return (model, field) in self.indexes()
+
+    def ensure_index(self, model: str, field: str) -> None:
+        """Keep an index of ``model.field`` from now on, built from the registers first
+        (under the node's apply lock: the build reads, then writes)."""
+        if self.has_index(model, field):
+            return
+        indexed = {(model, field)}
+        key = self.k_index(model, field)
+        with map_redis_errors():
+            self.client.delete(key)  # what a build cut short left
+            members: Any = self.client.smembers(self.k_model(model))
+            oids = sorted(o.decode() for o in members)
+            for start in range(0, len(oids), 5000):
+                db_ids = [f"{model}:{oid}" for oid in oids[start:start + 5000]]
+                reads: list[tuple[Any, ...]] = []
+                for db_id in db_ids:
+                    reads += [("GET", self.k_obj(db_id)), ("HGET", self.k_reg(db_id), field),
+                              ("HGET", self.k_entries(db_id), field)]
+                out = self._run(reads, write=False)
+                cmds: list[tuple[Any, ...]] = []
+                for i, db_id in enumerate(db_ids):
+                    meta, reg, old = out[3 * i:3 * i + 3]
+                    live = bool(meta) and merge.ObjectMeta.unpack(meta).removed is None
+                    regs = {field: merge.Register.unpack(reg)} if reg else {}
+                    self._change_commands(cmds, query.object_changes(
+                        db_id, live, regs, indexed, {field: old} if old else {}))
+                if cmds:
+                    self._run(cmds, write=True)
+            self.client.sadd(self.k_indexes, f"{model}#{field}")
+        self.indexes().add((model, field))
+
+    def index_range(self, model: str, field: str, low: bytes, high: bytes, *,
+                    reverse: bool = False, offset: int = 0, count: int = -1) -> list[bytes]:
+        """Members of an index between two ZRANGEBYLEX bounds, in order (or backwards)."""
+        key = self.k_index(model, field)
+        limit = ("LIMIT", offset, count) if offset or count >= 0 else ()
+        if reverse:
+            return list(self._call("ZREVRANGEBYLEX", key, high, low, *limit))
+        return list(self._call("ZRANGEBYLEX", key, low, high, *limit))
+
+    def index_count(self, model: str, field: str, low: bytes, high: bytes) -> int:
+        return int(self._call("ZLEXCOUNT", self.k_index(model, field), low, high))
+
+    def index_entries(self, db_id: str) -> dict[str, bytes]:
+        """The object's member in each index (field -> member)."""
+        with map_redis_errors():
+            return _as_map(self.client.hgetall(self.k_entries(db_id)))
+
+    def field_registers(self, db_ids: Sequence[str], name: str) -> list[merge.Register | None]:
+        """Register ``name`` of each object (one round trip per 10,000)."""
+        out: list[merge.Register | None] = []
+        with map_redis_errors():
+            for start in range(0, len(db_ids), 10_000):
+                cmds = [("HGET", self.k_reg(db_id), name)
+                        for db_id in db_ids[start:start + 10_000]]
+                out += [merge.Register.unpack(d) if d else None
+                        for d in self._run(cmds, write=False)]
+        return out
+
+    def _index_commands(self, writes: list[merge.Write]) -> list[tuple[Any, ...]]:
+        """The index commands of a commit's writes; reads the objects' current entries
+        first (safe: the node's apply lock makes it the only writer)."""
+        indexed = self.indexes()
+        if not indexed:
+            return []
+        db_ids = query.needs_entries(writes, indexed)
+        if not db_ids:
+            return []
+        current = self._entries(db_ids)
+        cmds: list[tuple[Any, ...]] = []
+        self._change_commands(cmds, query.index_changes(writes, indexed, current))
+        return cmds
+
+    def _reindex_commands(self, db_id: str, meta: merge.ObjectMeta | None,
+                          registers: dict[str, merge.Register]) -> list[tuple[Any, ...]]:
+        indexed = self.indexes()
+        if not any(m == db_id.partition(":")[0] for m, _ in indexed):
+            return []
+        live = meta is not None and meta.removed is None
+        cmds: list[tuple[Any, ...]] = []
+        self._change_commands(cmds, query.object_changes(
+            db_id, live, registers, indexed, self._entries([db_id]).get(db_id, {})))
+        return cmds
+
+    def _entries(self, db_ids: list[str]) -> dict[str, dict[str, bytes]]:
+        out = self._run([("HGETALL", self.k_entries(db_id)) for db_id in db_ids], write=False)
+        return {db_id: _as_map(reply) for db_id, reply in zip(db_ids, out, strict=True)}
+
+    def _change_commands(self, cmds: list[tuple[Any, ...]],
+                         changes: list[query.IndexChange]) -> None:
+        for c in changes:
+            key = self.k_index(c.model, c.field)
+            if c.old:
+                cmds.append(("ZREM", key, c.old))
+            if c.new is not None:
+                cmds.append(("ZADD", key, 0, c.new))
+                cmds.append(("HSET", self.k_entries(c.db_id), c.field, c.new))
+            else:
+                cmds.append(("HDEL", self.k_entries(c.db_id), c.field))
 
     # ---------------------------------------------------------------- reads
     def _call(self, *cmd: Any) -> Any:
