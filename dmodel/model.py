@@ -960,7 +960,7 @@ class DModel:
         """Collect changes (to this and other objects used as the same caller) into one update.
 
         All of them are applied, on every node, or none. Reads inside the block see the
-        values from before it.
+        values from before it (a DList reads as the block leaves it).
         """
         with transaction(self._caller, node=self._node):
             yield self
