@@ -20,8 +20,11 @@ defined; the node reads it from there. Everything runs on the caller's thread.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
+import secrets
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar, cast, overload
@@ -43,7 +46,16 @@ from .errors import (
     UnauthorizedError,
 )
 from .query import Condition, Order, Query
-from .update import _FIELD_NAME, MAX_DICT_KEY, MAX_POSITION, Op, check_value, element_register
+from .update import (
+    _FIELD_NAME,
+    LIST_OPS,
+    MAX_DICT_KEY,
+    MAX_POSITION,
+    Op,
+    check_value,
+    element_id,
+    element_register,
+)
 
 if TYPE_CHECKING:  # a field's value type; Any where a declaration does not say (PEP 696)
     from typing_extensions import TypeVar as _TypeVarWithDefault
@@ -425,11 +437,17 @@ setattr(BoundDict, "del", BoundDict.del_)
 
 
 class DList(_Declared["BoundList[T]"], Generic[T]):
-    """A list field (a sequence CRDT): ``append``, ``insert``, ``at``, ``set``, ``delete``,
-    ``index``, ``length``, iteration. Indexes refer to the list as this node sees it
-    when called; concurrent inserts at one place from several nodes all survive, in
-    the same order on every node. ``DList[str]()`` tells type checkers its values are
-    strs (not checked at run time).
+    """A list field (a sequence CRDT) used like a Python list: ``append``, ``extend``,
+    ``insert``, ``pop``, ``remove``, ``clear``, ``index``, ``count``, ``lst[i]``,
+    ``lst[a:b]``, ``lst[i] = v``, ``del lst[i]``, ``del lst[a:b]``, ``len``, ``in``,
+    iteration (also ``at``, ``set``, ``delete``, ``length``, ``to_list``).
+
+    Indexes refer to the list as this node sees it when called; concurrent inserts at one
+    place from several nodes all survive, in the same order on every node. Inside a
+    transaction the list reads as the block leaves it (its own inserts, sets and deletes
+    show), so a series of changes gives what it gives on a Python list.
+
+    ``DList[str]()`` tells type checkers its values are strs (not checked at run time).
     """
 
     def _bind(self, obj: DModel) -> BoundList[T]:
@@ -445,56 +463,60 @@ class BoundList(Generic[T]):
         self.obj = obj
         self.field = field
 
-    @property
-    def _host(self) -> host.ModelHost:
-        return self.obj._node  # its list reads
+    def _view(self) -> _ListView:
+        return _ListView(self.obj, self.field.name)
 
     def length(self) -> int:
-        return self._host.list_length(self.obj.db_id, self.field.name)
+        return len(self._view())
 
     __len__ = length
 
-    def _index(self, index: int) -> int:
+    def _key(self, view: _ListView, index: int, message: str = "list index out of range"
+             ) -> bytes:
+        """The order key of the element at ``index`` (negative: from the end)."""
         if not isinstance(index, int) or isinstance(index, bool):
             raise FieldTypeError("list indexes are integers")
-        n = self.length()
+        n = len(view)
         if index < 0:
             index += n
-        if not 0 <= index < n:
-            raise IndexError("list index out of range")
-        return index
-
-    def _element(self, index: int) -> bytes:
-        ids = self._host.list_range(self.obj.db_id, self.field.name, index, index)
-        if not ids:
-            raise IndexError("list index out of range")
-        return ids[0]
-
-    def _read(self, element: bytes) -> T:
-        return cast(T, self.obj._read(element_register(self.field.name, element)))
+        keys = view.keys(index, index) if 0 <= index < n else []
+        if not keys:
+            raise IndexError(message)
+        return keys[0]
 
     def at(self, index: int) -> T:
         """The value at ``index``."""
-        return self._read(self._element(self._index(index)))
+        view = self._view()
+        return view.value(self._key(view, index))
 
-    __getitem__ = at
+    def __getitem__(self, index: int | slice) -> Any:
+        """``lst[i]``, or a Python list for ``lst[a:b:step]``."""
+        if isinstance(index, slice):
+            view = self._view()
+            return [view.value(key) for key in view.keys()[index]]
+        return self.at(index)
 
-    def __iter__(self) -> Iterator[T]:
-        return iter([self._read(e) for e in
-                     self._host.list_range(self.obj.db_id, self.field.name)])
+    def __iter__(self) -> Iterator[Any]:
+        view = self._view()
+        return iter([view.value(key) for key in view.keys()])
 
     def to_list(self) -> list[T]:
         return list(self)
 
-    def index(self, value: object) -> int:
-        """Position of the first element equal to ``value`` (ValueError if none)."""
-        for i, item in enumerate(self):
-            if item == value:
-                return i
-        raise ValueError(f"{value!r} is not in the list")
+    def index(self, value: Any, start: int = 0, stop: int = sys.maxsize) -> int:
+        """Position of the first element equal to ``value`` in ``[start:stop]`` (ValueError
+        if none)."""
+        try:
+            return self.to_list().index(value, start, stop)
+        except ValueError:
+            raise ValueError(f"{value!r} is not in the list") from None
+
+    def count(self, value: Any) -> int:
+        """How many elements equal ``value``."""
+        return self.to_list().count(value)
 
     def __contains__(self, value: object) -> bool:
-        return any(item == value for item in self)
+        return value in self.to_list()
 
     def _op(self, kind: str, first: bytes, value: T) -> Op:
         obj = self.obj
@@ -503,100 +525,254 @@ class BoundList(Generic[T]):
                       [first, obj._node.seal_value(obj.db_id, f"{self.field.name}#", value)])
         return Op(obj.db_id, kind, self.field.name, [first, value])
 
-    def insert(self, index: int, value: T) -> None:
-        """Insert ``value`` before position ``index`` (at the end if ``index >= len``)."""
+    def _submit(self, build: Callable[[], Op], value: Any = None) -> None:
+        """Submit the op ``build`` makes; an open transaction keeps ``value`` for its reads."""
+        obj = self.obj
+
+        def build_and_keep() -> Op:
+            op = build()
+            tx = _open_transaction(obj)
+            if tx is not None:
+                tx.list_values[id(op)] = value
+            return op
+
+        obj._submit(build_and_keep)
+
+    def _together(self, count: int) -> contextlib.AbstractContextManager[Any]:
+        """One signed update for ``count`` changes (one transaction if there are several;
+        an anonymous handle's first change raises UnauthorizedError as any would)."""
+        if count > 1 and self.obj._caller:
+            return self.obj.transaction()
+        return contextlib.nullcontext()
+
+    def insert(self, index: int, value: Any) -> None:
+        """Insert ``value`` before position ``index``, as ``list.insert`` does (at the end if
+        ``index >= len``, at the start if ``index < -len``)."""
         _check_value(self.field.name, value)
         if not isinstance(index, int) or isinstance(index, bool):
             raise FieldTypeError("list indexes are integers")
-        obj, name, lists = self.obj, self.field.name, self._host
 
         def build() -> Op:
-            low, high = _neighbours(lists, obj.db_id, name, index)
-            low_pos, high_pos = _position(low), _position(high) if high else None
-            pending = _pending_positions(obj, name)
-            if high is None and pending:  # appends in one transaction: keep them in order
-                low_pos = max(low_pos, *pending)
-            elif high_pos is not None and low_pos == high_pos:
-                # Concurrent inserts at one place may share a position; nothing fits
-                # between those two, so the new element goes just before the pair.
-                below = lists.list_key_below(obj.db_id, name, high_pos)
-                low, low_pos = below, _position(below)
-            toward = _toward(lists, obj.db_id, name, low, high)
-            try:
-                position = merge.between(low_pos, high_pos, toward)
-            except ValueError as exc:  # pragma: no cover - the cases above leave room
-                raise FieldValueError(f"list {name!r}: {exc}") from None
-            if len(position) > MAX_POSITION:
-                raise FieldValueError(f"list {name!r}: no room left between these elements")
-            return self._op("lins", position, value)
+            view = self._view()
+            return self._op("lins", _new_position(view, *_neighbours(view, index)), value)
 
-        obj._submit(build)
+        self._submit(build, value)
 
     def append(self, value: T) -> None:
         """Add ``value`` at the end."""
         self.insert(_END, value)
 
-    def set(self, index: int, value: T) -> None:
+    def extend(self, values: Iterable[Any]) -> None:
+        """Append every value, in one signed update."""
+        items = list(values)
+        for item in items:
+            _check_value(self.field.name, item)
+        with self._together(len(items)):
+            for item in items:
+                self.append(item)
+
+    def set(self, index: int, value: Any) -> None:
         """Replace the value at ``index`` (last writer wins)."""
         _check_value(self.field.name, value)
-        element = self._element(self._index(index))
-        self.obj._submit(lambda: self._op("lset", element, value))
+        view = self._view()
+        key = self._key(view, index)
+        inserted = view.inserts.get(key)
+        if inserted is not None:  # inserted by the open transaction: insert the new value
+            view.replace(inserted, self._op("lins", inserted.value[0], value), value)
+            return
+        self._submit(lambda: self._op("lset", key[-_ID:], value), value)
 
     __setitem__ = set
 
+    def _remove(self, view: _ListView, keys: list[bytes]) -> None:
+        """Delete the elements of these order keys, in one signed update."""
+        obj, name = self.obj, self.field.name
+        with self._together(len(keys)):
+            for key in keys:
+                inserted = view.inserts.get(key)
+                if inserted is not None:
+                    view.replace(inserted, None, None)
+                else:
+                    obj._submit(lambda key=key: Op(obj.db_id, "ldel", name, key[-_ID:]))
+
     def delete(self, index: int) -> None:
         """Remove the element at ``index`` (final: a concurrent set does not bring it back)."""
-        element = self._element(self._index(index))
-        obj = self.obj
-        obj._submit(lambda: Op(obj.db_id, "ldel", self.field.name, element))
+        view = self._view()
+        self._remove(view, [self._key(view, index)])
 
-    __delitem__ = delete
+    def __delitem__(self, index: int | slice) -> None:
+        """``del lst[i]``, or ``del lst[a:b:step]`` in one signed update."""
+        if not isinstance(index, slice):
+            self.delete(index)
+            return
+        view = self._view()
+        self._remove(view, view.keys()[index])
+
+    def pop(self, index: int = -1) -> Any:
+        """Remove the element at ``index`` (default: the last) and return its value."""
+        view = self._view()
+        if not len(view):
+            raise IndexError("pop from empty list")
+        key = self._key(view, index, "pop index out of range")
+        value = view.value(key)
+        self._remove(view, [key])
+        return value
+
+    def remove(self, value: Any) -> None:
+        """Remove the first element equal to ``value`` (ValueError if none)."""
+        view = self._view()
+        for key in view.keys():
+            if view.value(key) == value:
+                self._remove(view, [key])
+                return
+        raise ValueError(f"{value!r} is not in the list")
+
+    def clear(self) -> None:
+        """Remove every element, in one signed update."""
+        del self[:]
 
     def __repr__(self) -> str:
         return f"<list field {self.obj.db_id}:{self.field.name}>"
 
 
 _END = 1 << 62  # an insert index past any list: append
+_ID = 34  # bytes of an element id, the tail of an order key (position + 0x00 + id)
+_NEW = bytes(32)  # the update id the open transaction's own inserts have in a _ListView
+_UNIQUE_DIGITS = 4  # random digits ending each new position (see _new_position)
 
 
-def _neighbours(lists: host.ModelHost, db_id: str, name: str,
-                index: int) -> tuple[bytes | None, bytes | None]:
+def _open_transaction(obj: DModel) -> _Transaction | None:
+    tx: _Transaction | None = getattr(_tx, "current", None)
+    return tx if tx is not None and tx.node is obj._node else None
+
+
+class _ListView:
+    """One DList as indexes address it: order keys in list order, and their values.
+
+    Outside a transaction that is the stored list. Inside one it is the stored list with
+    the block's own changes applied: its inserts (with element ids ``element_id(_NEW,
+    op number)``, as they have none before signing), sets and deletes.
+    """
+
+    __slots__ = ("obj", "name", "tx", "sorted_keys", "inserts", "values")
+
+    def __init__(self, obj: DModel, name: str) -> None:
+        self.obj, self.name = obj, name
+        self.tx = _open_transaction(obj)
+        self.sorted_keys: list[bytes] | None = None  # None: read the stored list
+        self.inserts: dict[bytes, Op] = {}  # order key -> the block's op inserting it
+        self.values: dict[bytes, Any] = {}  # element id -> value the block gave it
+        ops = [(i, op) for i, op in enumerate(self.tx.ops if self.tx else ())
+               if op.obj == obj.db_id and op.field == name and op.op in LIST_OPS]
+        if not ops:
+            return
+        assert self.tx is not None
+        keys = {key[-_ID:]: key for key in obj._node.list_keys_range(obj.db_id, name, 0, -1)}
+        for i, op in ops:
+            if op.op.startswith("lins"):
+                ref = element_id(_NEW, i & 0xFFFF)
+                keys[ref] = op.value[0] + b"\0" + ref
+                self.inserts[keys[ref]] = op
+            elif op.op == "ldel":
+                keys.pop(op.value, None)
+                continue
+            else:
+                ref = op.value[0]
+            self.values[ref] = self.tx.list_values.get(id(op), op.value[1])
+        self.sorted_keys = sorted(keys.values())
+
+    def __len__(self) -> int:
+        if self.sorted_keys is None:
+            return self.obj._node.list_length(self.obj.db_id, self.name)
+        return len(self.sorted_keys)
+
+    def keys(self, start: int = 0, stop: int = -1) -> list[bytes]:
+        """Order keys ``start``..``stop``, both included (negative: from the end)."""
+        if self.sorted_keys is None:
+            return self.obj._node.list_keys_range(self.obj.db_id, self.name, start, stop)
+        n = len(self.sorted_keys)
+        start, stop = max(start + n if start < 0 else start, 0), stop + n if stop < 0 else stop
+        return self.sorted_keys[start:stop + 1]
+
+    def key_below(self, position: bytes) -> bytes | None:
+        """The order key of the last element whose position is below ``position``."""
+        if self.sorted_keys is None:
+            return self.obj._node.list_key_below(self.obj.db_id, self.name, position)
+        i = bisect.bisect_left(self.sorted_keys, position + b"\0")
+        return self.sorted_keys[i - 1] if i else None
+
+    def value(self, key: bytes) -> Any:
+        ref = key[-_ID:]
+        if ref in self.values:
+            return self.values[ref]
+        return self.obj._read(element_register(self.name, ref))
+
+    def replace(self, op: Op, new: Op | None, value: Any) -> None:
+        """Put ``new`` in the open transaction in place of ``op`` (None: drop ``op``)."""
+        assert self.tx is not None
+        ops = self.tx.ops
+        at = next(i for i, candidate in enumerate(ops) if candidate is op)
+        if new is None:
+            del ops[at]
+        else:
+            ops[at] = new
+            self.tx.list_values[id(new)] = value
+
+    def inserted_later(self, key: bytes) -> tuple[bool, bytes]:
+        """Sorts elements by when they were last written (the block's own last of all)."""
+        if key in self.inserts:
+            return True, b""
+        reg = self.obj._node.raw_register(self.obj.db_id, element_register(self.name, key[-_ID:]))
+        return False, reg.version if reg is not None else b""
+
+
+def _neighbours(view: _ListView, index: int) -> tuple[bytes | None, bytes | None]:
     """Order keys of the elements a new one inserted at ``index`` goes between."""
-    if index < 0:
-        index = max(0, lists.list_length(db_id, name) + index)
+    n = len(view)
+    index = max(0, n + index) if index < 0 else min(index, n)
     if index == 0:
-        first = lists.list_keys_range(db_id, name, 0, 0)
+        first = view.keys(0, 0)
         return None, (first[0] if first else None)
-    keys = lists.list_keys_range(db_id, name, index - 1, index) if index < _END else []
-    if not keys:  # past the end: append after the last element
-        last = lists.list_keys_range(db_id, name, -1, -1)
+    keys = view.keys(index - 1, index)
+    if not keys:  # the list shrank meanwhile: append after the last element
+        last = view.keys(-1, -1)
         return (last[0] if last else None), None
     return keys[0], (keys[1] if len(keys) > 1 else None)
 
 
-def _pending_positions(obj: DModel, name: str) -> list[bytes]:
-    """Positions of elements inserted into this list by the current transaction."""
-    tx: _Transaction | None = getattr(_tx, "current", None)
-    if tx is None or tx.node is not obj._node:
-        return []
-    return [op.value[0] for op in tx.ops
-            if op.obj == obj.db_id and op.field == name and op.op.startswith("lins")]
-
-
 def _position(key: bytes | None) -> bytes:
-    return key[:-35] if key else b""
+    return key[:-_ID - 1] if key else b""
 
 
-def _toward(lists: host.ModelHost, db_id: str, name: str, low: bytes | None,
-            high: bytes | None) -> str | None:
+def _new_position(view: _ListView, low: bytes | None, high: bytes | None) -> bytes:
+    """A position for an element between order keys ``low`` and ``high`` (None: an end).
+
+    It ends in random digits: two nodes inserting at one place at once (two appends, say)
+    pick different positions, so a later insert between those two elements has room and
+    lands at its index. Two elements can still share a position if an older or hostile
+    writer gave them one; nothing fits between those, so the new element goes just before
+    the pair.
+    """
+    low_pos, high_pos = _position(low), (_position(high) if high else None)
+    if high_pos is not None and low_pos == high_pos:
+        low = view.key_below(high_pos)
+        low_pos = _position(low)
+    toward = _toward(view, low, high)
+    try:
+        position = merge.between(low_pos, high_pos, toward)
+    except ValueError as exc:  # pragma: no cover - the cases above leave room
+        raise FieldValueError(f"list {view.name!r}: {exc}") from None
+    position += bytes(2 + digit % 254 for digit in secrets.token_bytes(_UNIQUE_DIGITS))
+    if len(position) > MAX_POSITION:
+        raise FieldValueError(f"list {view.name!r}: no room left between these elements")
+    return position
+
+
+def _toward(view: _ListView, low: bytes | None, high: bytes | None) -> str | None:
     """Which neighbour was inserted last: new positions hug it (see merge.between)."""
     if low is None or high is None:
         return None
-    versions = []
-    for key in (low, high):
-        reg = lists.raw_register(db_id, element_register(name, key[-34:]))
-        versions.append(reg.version if reg is not None else b"")
-    return "low" if versions[0] > versions[1] else "high"
+    return "low" if view.inserted_later(low) > view.inserted_later(high) else "high"
 
 
 # ------------------------------------------------------------------ models
@@ -609,6 +785,7 @@ class _Transaction:
         self.node = node
         self.caller = caller
         self.ops: list[Op] = []
+        self.list_values: dict[int, Any] = {}  # id(DList op) -> its plain value (_ListView)
 
 
 class DModel:
@@ -933,7 +1110,7 @@ class DModel:
         """Collect changes (to this and other objects used as the same caller) into one update.
 
         All of them are applied, on every node, or none. Reads inside the block see the
-        values from before it.
+        values from before it (a DList reads as the block leaves it).
         """
         with transaction(self._caller, node=self._node):
             yield self
