@@ -52,7 +52,10 @@ def _page_error(page: sync.LogPage, asked: int, limit: int) -> str:
         return "page longer than asked"
     if page.end < page.start + len(page.ids):
         return "page end before its own ids"
-    if not page.ids and page.end > page.start:
+    if not page.start + len(page.ids) <= page.resume <= max(page.end, page.start):
+        return f"page resumes at {page.resume}, outside its ids and its log of {page.end}"
+    # Retention leaves gaps in a log, but a page skips them: an empty page is the end.
+    if not page.ids and page.resume < page.end:
         return f"empty page claims a log of {page.end}"
     return ""
 
@@ -168,7 +171,7 @@ class CatchUp:
                 missing = [uid for uid in missing if uid not in got]
             if missing:
                 break  # the turn ran out mid-page: the cursor stays before it
-            pos = page.start + len(page.ids)
+            pos = page.resume
             self._save_cursor(peer_id, epoch, pos)
             if page.ids:  # progress through that peer's log, whether or not we lacked them
                 for callback in self._progress:

@@ -367,9 +367,10 @@ class NetworkService(CatchUp):
         try:
             if isinstance(request, sync.LogRequest):
                 start = request.start if request.epoch == self.epoch else 0
-                uids = store.log_range(start, start + request.limit - 1)
+                uids, resume = store.log_page(start, request.limit)
                 return sync.encode_log_page(sync.LogPage(self.epoch, start,
-                                                         self.node.log_length(), tuple(uids)))
+                                                         self.node.log_length(), tuple(uids),
+                                                         resume))
             if allowance <= 0:
                 return None
             if request.kind == "get":

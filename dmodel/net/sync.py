@@ -54,6 +54,11 @@ class LogPage:
     start: int
     end: int
     ids: tuple[bytes, ...]
+    next: int = -1  # where the next page starts (-1: start + len(ids), as before gaps)
+
+    @property
+    def resume(self) -> int:
+        return self.start + len(self.ids) if self.next < 0 else self.next
 
 
 def encode_log_request(epoch: bytes, start: int, limit: int = 500) -> bytes:
@@ -87,17 +92,18 @@ def decode_request(data: bytes) -> LogRequest | FetchRequest:
 
 def encode_log_page(page: LogPage) -> bytes:
     return msgpack.packb({"e": page.epoch, "from": page.start, "end": page.end,
-                          "ids": list(page.ids)}, use_bin_type=True)
+                          "ids": list(page.ids), "next": page.next}, use_bin_type=True)
 
 
 def decode_log_page(data: bytes) -> LogPage:
     msg = _unpack(data)
     epoch, start, end, ids = msg.get("e"), msg.get("from"), msg.get("end"), msg.get("ids")
+    nxt = msg.get("next", -1)
     if not isinstance(epoch, bytes) or type(start) is not int or type(end) is not int \
-            or not isinstance(ids, list) or len(ids) > MAX_PAGE \
+            or type(nxt) is not int or not isinstance(ids, list) or len(ids) > MAX_PAGE \
             or not all(isinstance(u, bytes) and len(u) == 32 for u in ids):
         raise SyncMessageError("bad log page")
-    return LogPage(epoch, start, end, tuple(ids))
+    return LogPage(epoch, start, end, tuple(ids), nxt)
 
 
 def encode_updates(updates: list[bytes]) -> bytes:

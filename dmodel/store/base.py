@@ -79,6 +79,7 @@ class Store(Protocol):
     def chain_head(self, caller: str, node: bytes) -> bytes: ...
     def log_length(self) -> int: ...
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]: ...
+    def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]: ...
     def history(self, db_id: str, held: bool = False) -> list[bytes]: ...
 
     # value indexes (see dmodel/query.py); ensure_index runs under the apply lock
@@ -348,6 +349,14 @@ class MemoryStore:
         if start < 0:  # counted from the end among stored updates, like RedisStore
             return _inclusive([uid for uid in self.log if uid], start, stop)
         return [uid for uid in _inclusive(self.log, start, stop) if uid]
+
+    def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]:
+        ids, pos = [], start
+        while pos < len(self.log) and len(ids) < limit:
+            if self.log[pos]:
+                ids.append(self.log[pos])
+            pos += 1
+        return ids, pos if len(ids) == limit else len(self.log)
 
     def history(self, db_id: str, held: bool = False) -> list[bytes]:
         return list((self.held if held else self.hist).get(db_id, ()))

@@ -738,6 +738,18 @@ class RedisStore:
         return list(self._call("ZRANGEBYSCORE", self.k_log, start,
                                "+inf" if stop < 0 else stop))
 
+    def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]:
+        """Up to ``limit`` stored update ids from log position ``start`` on (skipping the
+        gaps retention left), and the position to ask from next: past the last id given,
+        or the log's end when the page reaches it."""
+        end = self._next_seq()
+        out = self._call("ZRANGEBYSCORE", self.k_log, start, "+inf", "WITHSCORES",
+                         "LIMIT", 0, limit)
+        ids, scores = list(out[0::2]), out[1::2]
+        if len(ids) < limit or not scores:
+            return ids, max(end, start)
+        return ids, int(float(scores[-1])) + 1
+
     def history(self, db_id: str, held: bool = False) -> list[bytes]:
         with map_redis_errors():
             return self.client.lrange(self.k_held(db_id) if held else self.k_hist(db_id), 0, -1)
