@@ -485,6 +485,9 @@ def check_value(value: Any) -> None:
 
 
 def _check_shape(value: Any, depth: int) -> None:
+    if isinstance(value, float) and value != value:
+        raise MalformedUpdate("NaN is refused: it equals nothing, itself included, so no "
+                              "read of it could be verified")
     if value is None or isinstance(value, (bool, float, str, bytes)):
         return
     if isinstance(value, int):

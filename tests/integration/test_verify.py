@@ -108,3 +108,24 @@ def test_a_damaged_list_element_is_reported(stored) -> None:
     assert problems == [f"{db_id}:{name}: stored value differs from the signed one"]
     problems = damage(node, key, name, b"\xc1")
     assert any(p.startswith(f"{db_id}:{name}:") and "damaged" in p for p in problems)
+
+
+def test_nan_is_refused_and_tuples_become_lists(make_node) -> None:
+    import math
+
+    class Measured(dmodel.DModel):
+        value = dmodel.DField()
+        secret = dmodel.DField(encrypted=True)
+        items = dmodel.DList()
+
+    node = make_node("nan")
+    m = Measured.create(node=node)
+    for write in (lambda: m.value.set(math.nan), lambda: m.secret.set([1.0, math.nan]),
+                  lambda: m.items.append({"x": math.nan})):
+        with pytest.raises(dmodel.errors.FieldValueError, match="NaN"):
+            write()
+    m.value = (1, "a", (2.5,))
+    assert m.value.get(verified=True) == [1, "a", [2.5]]
+    m.value = math.inf  # infinities compare equal to themselves: kept
+    assert m.value.get(verified=True) == math.inf
+    assert node.verify_store() == []
