@@ -127,6 +127,26 @@ def wrap_keys(update: Update) -> list[tuple[str, bytes, str]]:
             for op in update.ops if op.op == "grant_read" for ref in op.value["w"]]
 
 
+def unknown_elements(update: Update, state: merge.State) -> tuple[bytes, ...]:
+    """Ids of the inserts of the DList elements ``update`` sets that this node does not
+    hold. Such a set waits for its insert: stored now, it would leave an element with
+    no position (a set may overtake its insert; one naming no element waits, bounded)."""
+    out = set()
+    for op in update.ops:
+        if op.op in ("lset", "lset_enc"):
+            reg = state.registers.get((op.obj, op.register))
+            if reg is None or (reg.value[0] is None and not reg.deleted):
+                insert = element_insert(op.register)
+                if insert != update.id:
+                    out.add(insert)
+    return tuple(sorted(out))
+
+
+def element_insert(register: str) -> bytes:
+    """The id of the update that inserted the DList element ``register`` names."""
+    return bytes.fromhex(register.partition("#")[2])[:32]
+
+
 def unknown_grants(update: Update, snap: Snapshot) -> tuple[bytes, ...]:
     """Ids of the updates named by ``update.grants`` that this node has not stored.
 
@@ -195,6 +215,9 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
     grants = unknown_grants(update, snap)
     if grants:
         return Decision(update, MISSING, missing=grants)
+    elements = unknown_elements(update, state)
+    if elements:
+        return Decision(update, MISSING, missing=elements)
     if not verified:
         update.verify(keys)
     if update.ops[0].op == "create":  # its keys are ``keys``

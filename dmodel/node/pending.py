@@ -41,6 +41,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..pipeline import element_insert
 from ..update import Update
 
 MAX_PENDING = 10_000
@@ -309,6 +310,8 @@ class PendingSet:
         created = update.creates()
         if created is not None:
             keys.append(update.caller)
+        # A delete stands for its element: a set that waits for a pruned insert goes on.
+        keys.extend(element_insert(op.register) for op in update.ops if op.op == "ldel")
         ready = []
         for key in keys:
             for token in self._waiting.pop(key, None) or ():

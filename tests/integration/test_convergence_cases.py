@@ -184,6 +184,67 @@ def test_a_set_on_a_deleted_element_does_not_revive_it(make_node) -> None:
     assert reg is not None and reg.deleted
 
 
+def test_a_set_that_overtakes_its_insert_waits_for_it(make_node, later) -> None:
+    # The set comes from a second device (another chain), so no chain orders the two.
+    a, b = make_node("a", now=Clock(), retention="all"), make_node("b", now=Clock())
+    doc = CaseDoc.create(node=a)
+    doc.items.append("x")
+    insert = last(a)
+    ship(a, b)
+    b.keyring.add(a.identity(doc.db_id), doc.db_id)
+    CaseDoc(doc.db_id, node=b).items[0] = "y"
+    setting = last(b)
+    rest = [r for r in a.updates_since(0) if r != insert]
+    for order in ([setting, insert], [insert, setting]):
+        r = later(f"r{len(order)}{order[0] == insert}")
+        for raw in rest:
+            r.ingest(raw)
+        r.ingest(order[0])
+        assert r.verify_store() == []  # never a register without its position
+        r.ingest(order[1])
+        assert r.pending_count == 0
+        assert CaseDoc(doc.db_id, node=r).items.to_list() == ["y"]
+        assert r.verify_store() == []
+
+
+def test_a_set_naming_an_element_that_never_existed_is_never_stored(make_node, later) -> None:
+    a = make_node("a", now=Clock())
+    doc = CaseDoc.create(node=a)
+    ghost = bytes(34)
+    signed = Update.create(a.identity(doc.db_id), node=a.node_id, caller=doc.db_id,
+                           timestamp=a.clock.tick(), prev=a.store.chain_head(doc.db_id, a.node_id),
+                           ops=[Op(doc.db_id, "lset", "items", [ghost, "boo"])])
+    for node in (a, later("r")):
+        if node is not a:
+            deliver(node, a.updates_since(0))
+        node.ingest(signed.raw)
+        assert node.pending_count == 1  # waits (bounded) for an insert that never comes
+        assert node.store.register(doc.db_id, f"items#{ghost.hex()}") is None
+        assert node.verify_store() == []
+        assert CaseDoc(doc.db_id, node=node).items.to_list() == []
+
+
+def test_a_set_whose_insert_was_pruned_goes_on_with_its_delete(make_node, later) -> None:
+    # The insert of a deleted element may be pruned everywhere; the set still merges
+    # once the delete (pinned) arrives, and revives nothing.
+    a = make_node("a", now=Clock(), retention="all")
+    doc = CaseDoc.create(node=a)
+    doc.items.append("x")
+    insert = last(a)
+    doc.items[0] = "y"
+    setting = last(a)
+    doc.items.delete(0)
+    removal = last(a)
+    rest = [r for r in a.updates_since(0) if r not in (insert, setting, removal)]
+    r = later("r")
+    for raw in [*rest, setting, removal]:
+        r.ingest(raw)
+    r.release_gaps()
+    assert r.pending_count == 0
+    assert CaseDoc(doc.db_id, node=r).items.to_list() == []
+    assert r.verify_store() == []
+
+
 # ---------------------------------------------------------------- authorization races
 
 
