@@ -240,9 +240,10 @@ def _open_node(home: Path | None, redis_url: str | None, passphrase: str | None,
     whatever DMODEL_* says."""
     path = _home_path(home, create=create)
     _check_keyring(path, passphrase)
-    url = redis_url or (_live_store_url(path) if path.is_dir() else None)
-    node = Node(path, listen="", peers=[], discovery=False, redis_url=url,
-                passphrase=passphrase, unauthorized_policy=policy)
+    shared = None if redis_url else (_live_store_url(path) if path.is_dir() else None)
+    # On a running peer's store, the peer keeps the root: this node only checks it.
+    node = Node(path, listen="", peers=[], discovery=False, redis_url=redis_url or shared,
+                passphrase=passphrase, unauthorized_policy=policy, keep_root=shared is None)
     try:
         yield node
     finally:
@@ -764,7 +765,7 @@ def verify(home: Path | None, redis_url: str | None, passphrase: str | None,
            as_json: bool) -> int:
     """Re-check every stored value and log entry against the signatures."""
     with _open_node(home, redis_url, passphrase) as node, _Bars(as_json) as bars:
-        problems = audit.verify_store(node.store, progress=bars.counter("objects, updates"))
+        problems = node.verify_store(progress=bars.counter("objects, updates"))
         objects, updates = len(node.store.object_ids()), node.log_length()
     if as_json:
         _emit_json({"ok": not problems, "objects": objects, "updates": updates,

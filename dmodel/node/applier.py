@@ -37,6 +37,7 @@ from . import pending as pending_module
 from .future import FutureSet
 from .pending import PendingLimits, PendingSet
 from .pruner import Pruner
+from .root import LiveDigest
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ class Applier:
         self.is_owned = is_owned
         self.display_value = display_value or _plain_value
         self.pending = PendingSet(self.stats.dropped, pending_limits)
-        self.pruner = Pruner(store, retention or Retention(), clock, is_owned, self.stats)
+        self.live = LiveDigest()  # the stored update ids (node/root.py keeps it signed)
+        self.pruner = Pruner(store, retention or Retention(), clock, is_owned, self.stats,
+                             self.live)
         self.future = FutureSet(store, clock, self.lock,
                                 lambda batch: self._process_batch(batch, local=False),
                                 self.stats, also=self.release_gaps)
@@ -284,7 +287,12 @@ class Applier:
             for update, writes in staged:
                 if writes is not None:  # held unauthorized updates move no clock
                     self.clock.observe(update.timestamp)
-            self.store.commit_many(staged, hlc=self.clock.last)
+            try:
+                self.store.commit_many(staged, hlc=self.clock.last)
+            except BaseException:
+                self.live.stale = True  # it may or may not have happened
+                raise
+            self.live.add(update.id for update, _ in staged)
             for update, _ in staged:
                 self._recent.add(update.id)
             outcomes = [d.outcome for d, _, _ in done if d.outcome is not None]

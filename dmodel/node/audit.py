@@ -76,11 +76,33 @@ def signed_op(store: Store, db_id: str, name: str, ref: bytes) -> tuple[Update, 
     return update, index
 
 
-def verify_register(store: Store, db_id: str, name: str, reg: merge.Register) -> None:
-    """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote.
+def newest_versions(store: Store, db_id: str) -> dict[str, bytes]:
+    """For each plain or dict register of the object: the greatest version an accepted
+    update in its history wrote (what the register must hold: last writer wins)."""
+    newest: dict[str, bytes] = {}
+    for raw in store.raw_updates(store.history(db_id)):
+        if raw is None:
+            continue  # reported as missing by verify_store
+        try:
+            update = decode(raw)
+        except InvalidUpdate:
+            continue  # reported by the log check
+        for index, op in enumerate(update.ops):
+            if op.obj == db_id and op.op in FIELD_OPS and op.op not in LIST_OPS:
+                ver = merge.version(update.timestamp, update.caller_oid, update.id, index)
+                if ver > newest.get(op.register, b""):
+                    newest[op.register] = ver
+    return newest
+
+
+def verify_register(store: Store, db_id: str, name: str, reg: merge.Register,
+                    newest: dict[str, bytes] | None = None) -> None:
+    """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote, and
+    no newer accepted update in the object's history wrote it (a rollback).
 
     For a DList element the position is checked against its insert as well; that an
-    element is deleted is not (a delete leaves no value to check).
+    element is deleted is not (a delete leaves no value to check). ``newest``: the
+    object's ``newest_versions`` if the caller has them (read here otherwise).
     """
     if reg.deleted and "#" in name:
         return  # a deleted list element shows nothing (retention may prune its writes)
@@ -103,6 +125,12 @@ def verify_register(store: Store, db_id: str, name: str, reg: merge.Register) ->
         expected = merge.Register(reg.version, value, op.op.endswith("_enc"))
     if expected != reg:
         raise IntegrityError(f"{db_id}:{name}: stored value differs from the signed one")
+    if "#" not in name:
+        newer = (newest_versions(store, db_id) if newest is None else newest).get(name)
+        if newer is not None and newer > reg.version:
+            raise IntegrityError(f"{db_id}:{name}: rolled back: update "
+                                 f"{merge.version_ref(newer)[:32].hex()[:12]} wrote a newer "
+                                 "value, and it is not the one stored")
 
 
 def state_digest(store: Store) -> str:
@@ -135,9 +163,21 @@ def verify_store(store: Store, progress: Progress | None = None) -> list[str]:
     objects, log = store.object_ids(), store.log_range()
     total = len(objects) + len(log)
     for db_id in _counted(objects, progress, 0, total):
-        for name, reg in _stored_registers(store, db_id, problems).items():
+        newest = newest_versions(store, db_id)
+        registers = _stored_registers(store, db_id, problems)
+        meta = store.object_meta(db_id)
+        if meta is not None and meta.removed is None:  # a removal drops the registers
+            problems.extend(f"{db_id}:{name}: missing: update "
+                            f"{merge.version_ref(ver)[:32].hex()[:12]} wrote it"
+                            for name, ver in sorted(newest.items()) if name not in registers)
+        in_history = set(store.history(db_id))
+        for name, reg in registers.items():
             try:
-                verify_register(store, db_id, name, reg)
+                verify_register(store, db_id, name, reg, newest)
+                ref = merge.version_ref(reg.version)[:32] if reg.version else b""
+                if ref and ref not in in_history and not (reg.deleted and "#" in name):
+                    problems.append(f"{db_id}:{name}: its update {ref.hex()[:12]} is not in "
+                                    "the object's history")
             except IntegrityError as exc:
                 problems.append(str(exc))
             except _DAMAGED as exc:
@@ -145,6 +185,9 @@ def verify_store(store: Store, progress: Progress | None = None) -> list[str]:
         for uid in store.history(db_id):
             if not store.has_update(uid):
                 problems.append(f"{db_id}: history names missing update {uid.hex()[:12]}")
+    logged = set(log)
+    problems.extend(f"update {uid.hex()[:12]} is stored but not in the log"
+                    for uid in sorted(set(store.update_ids()) - logged))
     for uid in _counted(log, progress, len(objects), total):
         raw = store.raw_update(uid)
         if raw is None:

@@ -35,12 +35,14 @@ from ..errors import (
     RejectedError,
     WaitTimeout,
 )
+from ..net.identity import load_node_key
 from ..update import Op, Update
 from . import audit, rights
 from .applier import Applier
 from .audit import HistoryEntry
 from .home import open_home
 from .pending import PendingLimits
+from .root import RootKeeper
 from .sealing import Sealer, live_meta
 
 logger = logging.getLogger(__name__)
@@ -86,7 +88,8 @@ class Node:
                  now: Callable[[], int] = time.time_ns, curve: Any = None,
                  broker: Any = None, network_options: dict[str, Any] | None = None,
                  start_network: bool = True, config: NodeConfig | None = None,
-                 retention: object = None, dial: str | Sequence[str] | None = None) -> None:
+                 retention: object = None, dial: str | Sequence[str] | None = None,
+                 keep_root: bool = True) -> None:
         if config is None:
             config = NodeConfig.resolve(
                 home, listen=listen, peers=peers, discovery=discovery, redis_url=redis_url,
@@ -127,6 +130,11 @@ class Node:
                                retention=config.retention,
                                pending_limits=PendingLimits.take(network_options))
         self._lock = self.applier.lock
+        key = load_node_key(config.home)
+        # keep_root=False: a tool sharing a running peer's store checks that peer's root.
+        self.root = RootKeeper(config.home, key.sign, key.public, self.store, self._lock,
+                               self.applier.live, write=keep_root)
+        self.root.start()
         self.listeners = self.applier.listeners
         self.stats = self.applier.stats
         self._heads: dict[str, bytes] = {}
@@ -454,9 +462,10 @@ class Node:
         """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote."""
         audit.verify_register(self.store, db_id, name, reg)
 
-    def verify_store(self) -> list[str]:
-        """Re-check every stored value and log entry; return a list of problems (empty = ok)."""
-        return audit.verify_store(self.store)
+    def verify_store(self, progress: audit.Progress | None = None) -> list[str]:
+        """Re-check every stored value and log entry, and the store against the node's
+        signed root (node/root.py); return a list of problems (empty = ok)."""
+        return self.root.verify() + audit.verify_store(self.store, progress=progress)
 
     def state_digest(self) -> str:
         """A hash of the whole merged state: nodes that hold the same state agree on it."""
@@ -502,6 +511,7 @@ class Node:
                 self.network.close()
             except DModelError:
                 logger.exception("closing the network failed")
+        self.root.close()
         with self._lock:
             self._close_home()
 

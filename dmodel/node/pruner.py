@@ -26,6 +26,7 @@ from .. import merge, retention
 from ..clock import HybridClock, physical_ms
 from ..store.base import Store
 from ..update import AUTH_OPS, Update, decode, element_id, op_register
+from .root import LiveDigest
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ class Pruner:
     """Applies a node's retention policy after each commit."""
 
     def __init__(self, store: Store, policy: retention.Retention, clock: HybridClock,
-                 is_owned: Callable[[str], bool], counters: object) -> None:
+                 is_owned: Callable[[str], bool], counters: object,
+                 live: LiveDigest | None = None) -> None:
+        self.live = live
         self.store = store
         self.policy = policy
         self.clock = clock
@@ -126,7 +129,14 @@ class Pruner:
         reg_at = dict(zip(pairs, regs, strict=True)) | known
         gone = set(removed)
         prunable = [u for u in updates if not self._contributes(u, reg_at, kept_at, gone)]
-        self.store.prune(kept, prunable, {h for h in heads if h}, removed)
+        try:
+            self.store.prune(kept, prunable, {h for h in heads if h}, removed)
+        except BaseException:
+            if self.live is not None:
+                self.live.stale = True
+            raise
+        if self.live is not None:
+            self.live.remove(u.id for u in prunable)
         if prunable:
             self.stats.pruned += len(prunable)  # type: ignore[attr-defined]
             logger.debug("pruned %d superseded updates", len(prunable))

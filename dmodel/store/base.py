@@ -13,7 +13,7 @@ thread (the network's I/O thread serves catch-up straight from the store).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from .. import merge, query
@@ -80,6 +80,7 @@ class Store(Protocol):
     def log_length(self) -> int: ...
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]: ...
     def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]: ...
+    def update_ids(self) -> Iterator[bytes]: ...
     def history(self, db_id: str, held: bool = False) -> list[bytes]: ...
 
     # value indexes (see dmodel/query.py); ensure_index runs under the apply lock
@@ -349,6 +350,9 @@ class MemoryStore:
         if start < 0:  # counted from the end among stored updates, like RedisStore
             return _inclusive([uid for uid in self.log if uid], start, stop)
         return [uid for uid in _inclusive(self.log, start, stop) if uid]
+
+    def update_ids(self) -> Iterator[bytes]:
+        return iter(list(self.updates))
 
     def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]:
         ids, pos = [], start

@@ -738,6 +738,11 @@ class RedisStore:
         return list(self._call("ZRANGEBYSCORE", self.k_log, start,
                                "+inf" if stop < 0 else stop))
 
+    def update_ids(self) -> Iterator[bytes]:
+        """The ids of every stored update, in no order (one HKEYS: ~32 bytes per id)."""
+        with map_redis_errors():
+            return iter(self.client.hkeys(self.k_updates))
+
     def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]:
         """Up to ``limit`` stored update ids from log position ``start`` on (skipping the
         gaps retention left), and the position to ask from next: past the last id given,

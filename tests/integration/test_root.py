@@ -1,0 +1,188 @@
+"""The signed root in the home: rollbacks, deleted and injected updates, a replaced store
+(real embedded Redis; the tampering is done to Redis directly, as an intruder would)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import dmodel
+from dmodel.cli import main
+from dmodel.node.root import ROOT_FILE, LiveDigest, Root
+from dmodel.store.embedded import EmbeddedRedis
+
+
+class Ledger(dmodel.DModel):
+    balance = dmodel.DField()
+
+
+def reopen(make_node, home, **options):
+    return make_node(home.name, **options)
+
+
+def test_a_clean_stop_and_reopen_verifies(make_node) -> None:
+    a = make_node("a")
+    doc = Ledger.create(balance=1, node=a)
+    for i in range(30):
+        doc.balance = i
+    a.shutdown()
+    assert (a.home / ROOT_FILE).stat().st_mode & 0o777 == 0o600
+    b = reopen(make_node, a.home)
+    assert b.verify_store() == []
+    assert b.root.recorded is not None and b.root.recorded.seq == b.log_length()
+
+
+def test_a_restore_from_an_older_snapshot_is_a_rollback(make_node, tmp_path, capsys) -> None:
+    a = make_node("a")
+    doc = Ledger.create(balance=100, node=a)
+    a.shutdown()
+    saved = tmp_path / "saved-redis"
+    shutil.copytree(a.home / "redis", saved, ignore=shutil.ignore_patterns("*.sock", "*.pid",
+                                                                           "socket-dir"))
+    b = reopen(make_node, a.home)
+    Ledger(doc.db_id, node=b).balance = 0  # spent
+    b.shutdown()
+    shutil.rmtree(a.home / "redis")
+    shutil.copytree(saved, a.home / "redis")  # the intruder restores the old balance
+    c = reopen(make_node, a.home)
+    assert Ledger(doc.db_id, node=c).balance.get() == 100
+    problems = c.verify_store()
+    assert any("rolled back" in p for p in problems), problems
+    c.shutdown()
+    assert main(["verify", "--home", str(a.home)]) == 1
+    assert "rolled back" in capsys.readouterr().err
+
+
+def test_a_deleted_update_is_found_while_running_and_after_a_restart(make_node) -> None:
+    a = make_node("a")
+    doc = Ledger.create(balance=1, node=a)
+    doc.balance = 2
+    victim = a.store.log_range(-1)[0]
+    client = a.store.client
+    client.hdel(a.store.k_updates, victim)  # gone from the update store, log untouched
+    assert any("deleted or injected while it runs" in p for p in a.verify_store())
+    a.shutdown()  # its root records what it committed, not what Redis holds now
+    b = reopen(make_node, a.home)
+    assert any("deleted or injected" in p for p in b.verify_store())
+    assert b.root.frozen  # a store found tampered is never blessed
+    before = (a.home / ROOT_FILE).read_bytes()
+    b.shutdown()
+    assert (a.home / ROOT_FILE).read_bytes() == before
+
+
+def test_an_injected_update_is_found(make_node) -> None:
+    a, other = make_node("a"), make_node("other")
+    Ledger.create(balance=1, node=a)
+    stranger = Ledger.create(balance=5, node=other)  # validly signed, never sent to a
+    uid, raw = other.store.log_range(0, 0)[0], other.updates_since(0)[0]
+    assert stranger.exists()
+    a.store.client.hset(a.store.k_updates, uid, raw)
+    problems = a.verify_store()
+    assert any("deleted or injected" in p for p in problems), problems
+
+
+def test_a_replaced_store_is_found(make_node) -> None:
+    a = make_node("a")
+    Ledger.create(balance=1, node=a)
+    a.shutdown()
+    server = EmbeddedRedis(a.home)
+    try:
+        server.client().flushall()  # an empty Redis in its place
+    finally:
+        server.stop()
+    b = reopen(make_node, a.home)
+    assert any("not the one this home recorded" in p for p in b.verify_store())
+
+
+def test_a_root_not_signed_by_the_node_is_refused(make_node) -> None:
+    a = make_node("a")
+    Ledger.create(balance=1, node=a)
+    a.shutdown()
+    path = a.home / ROOT_FILE
+    data = bytearray(path.read_bytes())
+    data[70] ^= 1
+    path.write_bytes(bytes(data))
+    b = reopen(make_node, a.home)
+    assert any("not signed by this node" in p for p in b.verify_store())
+
+
+def test_the_digest_depends_on_the_set_only() -> None:
+    ids = [bytes([i]) * 32 for i in range(20)]
+    one = LiveDigest.of(ids)
+    two = LiveDigest.of(reversed(ids))
+    assert one.same(two)
+    two.remove(ids[:5])
+    two.add(ids[:5])
+    assert one.same(two)
+    two.remove(ids[:1])
+    assert not one.same(two)
+
+
+def test_a_root_round_trips(tmp_path) -> None:
+    import nacl.signing
+
+    key = nacl.signing.SigningKey.generate()
+    root = Root(b"e" * 16, 7, 3, 12345, 2)
+    body = root.body()
+    (tmp_path / "root").write_bytes(key.sign(body).signature + body)
+    assert Root.load(tmp_path / "root", bytes(key.verify_key)) == root
+    other = nacl.signing.SigningKey.generate()
+    with pytest.raises(ValueError):
+        Root.load(tmp_path / "root", bytes(other.verify_key))
+
+
+# ------------------------------------------------------------- one case per tampering
+
+
+def tampered(make_node):
+    a = make_node("t", retention="all")
+    doc = Ledger.create(balance=100, node=a)
+    doc.balance = 50
+    return a, doc
+
+
+def test_a_register_rolled_back_to_an_older_signed_value(make_node) -> None:
+    a, doc = tampered(make_node)
+    key = a.store.k_reg(doc.db_id)
+    old = [r for r in a.history(doc.db_id, "balance")][0]
+    assert old.ops[0].value == 100
+    # The intruder puts back the register as the first update wrote it (genuine bytes).
+    first = a.store.raw_update(bytes.fromhex(old.update_id))
+    doc.balance = 50  # (a no-op write keeps the test honest: the register is live)
+    registers = a.store.registers(doc.db_id)
+    from dmodel import merge
+    from dmodel.update import decode
+    update = decode(first)
+    index = next(i for i, op in enumerate(update.ops) if op.field == "balance")
+    ver = merge.version(update.timestamp, update.caller_oid, update.id, index)
+    a.store.client.hset(key, "balance", merge.Register(ver, 100).pack())
+    assert registers["balance"].value == 50
+    with pytest.raises(dmodel.errors.IntegrityError, match="rolled back"):
+        doc.balance.get(verified=True)
+    assert any("rolled back" in p for p in a.verify_store())
+
+
+def test_an_undone_delete(make_node) -> None:
+    a, doc = tampered(make_node)
+    before = a.store.client.hget(a.store.k_reg(doc.db_id), "balance")
+    doc.delete("balance")
+    a.store.client.hset(a.store.k_reg(doc.db_id), "balance", before)
+    assert doc.balance.get() == 50
+    with pytest.raises(dmodel.errors.IntegrityError, match="rolled back"):
+        doc.balance.get(verified=True)
+    assert any("rolled back" in p for p in a.verify_store())
+
+
+def test_a_deleted_register(make_node) -> None:
+    a, doc = tampered(make_node)
+    a.store.client.hdel(a.store.k_reg(doc.db_id), "balance")
+    assert any("balance: missing" in p for p in a.verify_store())
+
+
+def test_deleted_log_and_history_entries(make_node) -> None:
+    a, doc = tampered(make_node)
+    uid = a.store.log_range(-1)[0]
+    a.store.client.zrem(a.store.k_log, uid)
+    a.store.client.lrem(a.store.k_hist(doc.db_id), 0, uid)
+    problems = a.verify_store()
+    assert problems, "a deleted log and history entry went unnoticed"
