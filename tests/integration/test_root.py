@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 import dmodel
 from dmodel.cli import main
 from dmodel.node.root import ROOT_FILE, LiveDigest, Root
