@@ -1,0 +1,167 @@
+"""bench_growth: what the store costs as one field is overwritten, under each retention.
+
+For each retention setting (``all``, the default ``10`` versions, ``1``) one node on its
+embedded Redis writes one field of one object again and again; after 1, 1,000, 10,000
+and 100,000 overwrites it records Redis's ``used_memory``, the AOF size and the RDB
+size (after a SAVE), and the CPU per write (process + redis-server) of each stretch:
+the difference between the settings is the cost of pruning. Then a node that joins
+late catches up from it over ZeroMQ on 127.0.0.1: how many updates it receives, and
+how long it takes. Last, a joiner behind ``--objects`` live objects (one create
+each), with retention ``all`` and the default: catch-up rate in updates per second.
+
+    .venv/bin/python benchmarks/bench_growth.py             # 100,000 overwrites
+    .venv/bin/python benchmarks/bench_growth.py --quick     # 10,000: a smoke run
+
+Results go to ``benchmarks/results/bench_growth.json`` unless ``--json`` says where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as common  # noqa: E402
+
+import dmodel  # noqa: E402
+
+
+class GrowthDoc(dmodel.DModel):
+    n = dmodel.DField()
+
+
+def _sizes(node: dmodel.Node) -> dict[str, int]:
+    client = node.store.client
+    client.save()
+    redis_dir = node.home / "redis"
+    aof = redis_dir / "appendonly.aof"
+    rdb = redis_dir / "dump.rdb"
+    return {"used_memory": int(client.info("memory")["used_memory"]),
+            "aof_bytes": aof.stat().st_size if aof.exists() else 0,
+            "rdb_bytes": rdb.stat().st_size if rdb.exists() else 0,
+            "live_updates": len(node.store.log_range()),
+            "log_positions": node.log_length()}
+
+
+def _node(home: Path, retention: str, **options: Any) -> dmodel.Node:
+    return dmodel.Node(home, listen=options.pop("listen", ""), peers=options.pop("peers", []),
+                       discovery=False, retention=retention, **options)
+
+
+def overwrites(tmp: Path, retention: str, marks: list[int]) -> dict[str, Any]:
+    """Overwrite one field up to ``marks[-1]`` times; sizes and CPU at each mark."""
+    a = _node(tmp / f"a-{retention}", retention, listen="tcp://127.0.0.1:*")
+    try:
+        doc = GrowthDoc.create(n=0, node=a)
+        doc.n = 1
+        samples = [{"writes": 1, **_sizes(a)}]
+        done = 1
+        for mark in marks:
+            with common.CpuMeter([a.store.client]) as meter:
+                for i in range(done, mark):
+                    doc.n = i
+            samples.append({"writes": mark, **_sizes(a), **meter.per_op(mark - done),
+                            "writes_per_s": round((mark - done) / meter.wall, 1)})
+            done = mark
+            common.log(f"  retention {retention}: {mark:,} writes, "
+                       f"used_memory {samples[-1]['used_memory']:,} B")
+        joined = join(tmp / f"b-{retention}", a, lambda b: GrowthDoc(doc.db_id, node=b).n.get()
+                      == mark - 1)
+        return {"retention": retention, "samples": samples, "joiner": joined,
+                "verify_problems": a.verify_store()}
+    finally:
+        a.shutdown()
+
+
+def join(home: Path, a: dmodel.Node, done: Any, timeout: float = 600.0) -> dict[str, Any]:
+    """A new node that catches up from ``a``: updates received, seconds."""
+    t0 = time.perf_counter()
+    b = _node(home, "10", listen="tcp://127.0.0.1:*", peers=[a.network.endpoint])
+    try:
+        b.network.wait_for_peers(1, timeout=30)
+        deadline = time.monotonic() + timeout
+        while not done(b) and time.monotonic() < deadline:
+            b.network.sync_now()
+        return {"caught_up": bool(done(b)), "seconds": round(time.perf_counter() - t0, 2),
+                "updates_received": b.log_length(),
+                "updates_per_s": round(b.log_length() / (time.perf_counter() - t0), 1),
+                "chain_gaps_released": b.stats.chain_gaps}
+    finally:
+        b.shutdown()
+
+
+def live_objects(tmp: Path, retention: str, n: int) -> dict[str, Any]:
+    a = _node(tmp / f"objects-a-{retention}", retention, listen="tcp://127.0.0.1:*")
+    try:
+        last = None
+        for i in range(n):
+            last = GrowthDoc.create(n=i, node=a).db_id
+        common.log(f"  {n:,} live objects written (retention {retention}); joining")
+        joined = join(tmp / f"objects-b-{retention}", a,
+                      lambda b: last is not None and b.exists(last))
+        return {"retention": retention, "objects": n, "joiner": joined}
+    finally:
+        a.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--writes", type=int, default=100_000,
+                        help="overwrites of the one field (default 100,000)")
+    parser.add_argument("--objects", type=int, default=10_000,
+                        help="live objects behind the second joiner (default 10,000)")
+    parser.add_argument("--retention", default="all,10,1",
+                        help="retention settings, comma-separated (default all,10,1)")
+    parser.add_argument("--quick", action="store_true", help="10,000 writes, 2,000 objects")
+    parser.add_argument("--json", type=Path, default=common.RESULTS_DIR / "bench_growth.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.writes, args.objects = min(args.writes, 10_000), min(args.objects, 2_000)
+    marks = [m for m in (1_000, 10_000, 100_000) if m < args.writes] + [args.writes]
+    started = time.perf_counter()
+    load_start = common.loadavg()
+    settings = [s.strip() for s in args.retention.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory(prefix="dmbench-g-") as tmp:
+        runs = [overwrites(Path(tmp), s, marks) for s in settings]
+        objects = [live_objects(Path(tmp), s, args.objects) for s in ("all", "10")]
+    rows = []
+    for run in runs:
+        base = run["samples"][0]
+        for s in run["samples"][1:]:
+            grown = s["used_memory"] - base["used_memory"]
+            rows.append([run["retention"], f"{s['writes']:,}", f"{s['used_memory']:,}",
+                         f"{grown:+,}", f"{s['aof_bytes']:,}", f"{s['rdb_bytes']:,}",
+                         f"{s['live_updates']:,}", f"{s.get('total_cpu_us', 0):,.0f}"])
+    common.print_table(["retention", "writes", "used_memory", "vs 1 write", "AOF", "RDB",
+                        "live updates", "CPU µs/write"], rows)
+    for run in runs:
+        j = run["joiner"]
+        print(f"joiner behind {marks[-1]:,} overwrites (retention {run['retention']}): "
+              f"{j['updates_received']:,} updates in {j['seconds']} s"
+              f"{'' if j['caught_up'] else ' (NOT caught up)'}")
+    for o in objects:
+        j = o["joiner"]
+        print(f"joiner behind {o['objects']:,} live objects (retention {o['retention']}): "
+              f"{j['updates_received']:,} updates in {j['seconds']} s, "
+              f"{j['updates_per_s']:,.0f} updates/s")
+    result = {
+        "benchmark": "bench_growth",
+        "date": common.utc_now(),
+        "params": common.params(args),
+        "machine": common.machine_info({"loadavg_start": load_start}),
+        "overwrites": runs,
+        "live_objects": objects,
+        "notes": ["One node on its embedded Redis writes one field; sizes after SAVE.",
+                  "The joiners keep the default retention and catch up over ZeroMQ on "
+                  "127.0.0.1 with sync_now() (the log pull, then fetches)."],
+    }
+    return common.finish(args.json, result, started)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
