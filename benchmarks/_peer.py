@@ -150,7 +150,7 @@ class BenchCommands(_children.BenchCommandsBase):
     def cpu(self) -> dict[str, float]:
         with self.apply_cpu.lock:
             apply = self.apply_cpu.seconds
-        return {**super().cpu(), "apply_thread": apply}
+        return {**super().cpu(), "ingest_many": apply}
 
     # ------------------------------------------------------------- commands
     def op_create_items(self, req: dict[str, Any]) -> dict[str, Any]:
