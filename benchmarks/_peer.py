@@ -16,10 +16,10 @@ With ``DMODEL_BENCH_PROFILE=1`` every call of ``node.ingest_many`` (apply thread
 sync thread) runs under a per-thread cProfile; ``{"op": "profile"}`` returns the top
 functions by own time.
 
-``python benchmarks/_peer.py --zmq-pub ENDPOINT --count N --size S`` is a separate
-mode, for the raw pyzmq reference (no dmodel): a PUB socket connects to ENDPOINT,
-sends tiny warm-up messages until ``go`` arrives on stdin, then N messages of S bytes
-and an end marker.
+``python benchmarks/_peer.py --zmq-pub ENDPOINT --count N --size S [--rate R]`` is a
+separate mode, for the raw pyzmq reference (no dmodel): a PUB socket connects to
+ENDPOINT, sends tiny warm-up messages until ``go`` arrives on stdin, then N messages of
+S bytes (paced at R a second if given) and an end marker.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import msgpack  # noqa: E402
 # -------------------------------------------------------------- raw pyzmq mode
 
 
-def zmq_pub(endpoint: str, count: int, size: int) -> int:
+def zmq_pub(endpoint: str, count: int, size: int, rate: float = 0.0) -> int:
     import zmq
 
     ctx = zmq.Context()
@@ -65,7 +65,12 @@ def zmq_pub(endpoint: str, count: int, size: int) -> int:
     if go:
         payload = b"d" + os.urandom(size - 1)
         send = sock.send
-        for _ in range(count):
+        start = time.perf_counter()
+        for i in range(count):
+            if rate:
+                wait = start + i / rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
             send(payload)
         for _ in range(100):  # the end marker, a few times (a SUB may drop at HWM)
             send(b"e")
@@ -291,8 +296,9 @@ def main() -> int:
     parser.add_argument("--zmq-pub", required=True, help="the SUB endpoint to connect to")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--size", type=int, default=250)
+    parser.add_argument("--rate", type=float, default=0.0, help="messages/s (0: flat out)")
     args = parser.parse_args()
-    return zmq_pub(args.zmq_pub, args.count, args.size)
+    return zmq_pub(args.zmq_pub, args.count, args.size, args.rate)
 
 
 if __name__ == "__main__":

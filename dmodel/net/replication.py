@@ -30,7 +30,8 @@ Threads (each started here is joined by :meth:`NetworkService.close`):
   signatures (``node.prepare_many``; the Ed25519 verify releases the GIL). Those checks
   go into the one pipeline with the batch, which skips them; what it could not check
   (a key only the store knows) the pipeline checks itself. With no backlog the apply
-  thread prepares its batch itself: no hand-off per update.
+  thread prepares its batch itself: no hand-off per update. Batches prepared there are
+  counted (``stats["prepared_ahead"]``).
 - **sync thread** (``dmodel-sync-*``): pulls each peer's log from where it last stopped
   (per peer epoch and position, kept in the store), at start, when a peer connects,
   every ``sync_interval`` seconds, and whenever updates wait for a missing dependency.
@@ -274,7 +275,8 @@ class NetworkService(CatchUp):
         self.sync_turn_bytes = sync_turn_bytes
         self._counts = {"received": 0, "queue_dropped": 0, "pulled": 0, "served": 0,
                         "sync_errors": 0, "requests_dropped": 0, "invalid_updates": 0,
-                        "sync_bad_replies": 0, "sync_turns_cut": 0}
+                        "sync_bad_replies": 0, "sync_turns_cut": 0,
+                        "prepared_ahead": 0}
         self._queue = Inbox(queue_size, queue_bytes, apply_window)
         self._scores: dict[bytes, int] = {}  # peer -> catch-up score (0 = clean)
         self._rotation = 0
@@ -495,6 +497,7 @@ class NetworkService(CatchUp):
                 raws = [raw for raw, _ in items]
                 if ahead is not None and self._verifier is not None:
                     nxt = (items, self._verifier.submit(self.node.prepare_many, raws))
+                    self._counts["prepared_ahead"] += 1
                 else:
                     nxt = (items, self._prepare(raws))
             if ahead is not None:

@@ -160,9 +160,14 @@ class Applier:
                 out.append(raw)
                 continue
             out.append(update)
-            key = update.creates() or self._keys.get(update.caller)
-            if key is None:
-                continue
+            key = update.creates()
+            if key is not None:  # decode checked that the oid names this key
+                with self._checked_lock:
+                    self._keys.add(update.caller, key)
+            else:
+                key = self._keys.get(update.caller)
+                if key is None:
+                    continue
             try:
                 update.verify(key)
             except InvalidUpdate:
