@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 _PARALLEL_VERIFY_MIN = 16
 CHAIN_WAIT_S = 2.0  # how long an update waits for a chain link no peer may have any more
 _RECENT = 100_000  # ids of updates stored lately: a relayed copy costs no store round trip
+_CHECKED = 4096  # signature checks made ahead of their batch (a batch or two: 256 each)
+_KEYS = 10_000  # callers' keys kept for those checks
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -132,8 +134,8 @@ class Applier:
         self._vetoed = Bounded(pending_module.MAX_PENDING)  # vetoed here -> their chain
         # Signature checks done before the lock (preverify): (id, signature) -> the key
         # that checked it; an oid names its key, so callers' keys are kept by db_id.
-        self._checked = Bounded(_RECENT)
-        self._keys = Bounded(_RECENT)
+        self._checked = Bounded(_CHECKED)
+        self._keys = Bounded(_KEYS)
         self._checked_lock = threading.Lock()
         self._on_accepted: list[Callable[[Update, bool], None]] = []
 
