@@ -130,6 +130,7 @@ class BenchCommands(_children.BenchCommandsBase):
         self.profiles: dict[int, cProfile.Profile] = {}
         self._wrap_ingest(profile=os.environ.get("DMODEL_BENCH_PROFILE") == "1")
         self.objects: list[Any] = []
+        self.accepted_samples: list[int] | None = None
 
     def _wrap_ingest(self, *, profile: bool) -> None:
         original = self.node.ingest_many
@@ -215,9 +216,29 @@ class BenchCommands(_children.BenchCommandsBase):
         self.listeners.append((listener, f"{self.model.__name__}:*"))
         return {}
 
+    def op_listen_accepted(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Latency without a listener: an ``on_accepted`` callback takes now - the value
+        of every remote set of ``t`` (a matching listener makes the node commit each
+        update alone, so this measures the plain live path)."""
+        self.accepted_samples: list[int] = []
+        if not getattr(self, "_accepted_hooked", False):
+            self._accepted_hooked = True
+
+            def record(update: Any, local: bool) -> None:
+                if local or self.accepted_samples is None:
+                    return
+                now = time.time_ns()
+                for op in update.ops:
+                    if op.op == "set" and op.field == "t" and isinstance(op.value, int):
+                        self.accepted_samples.append(now - op.value)
+
+            self.node.on_accepted(record)
+        return {}
+
     def op_latencies(self, req: dict[str, Any]) -> dict[str, Any]:
         samples = [s for lst, _ in self.listeners if isinstance(lst, self.latency_cls)
                    for s in lst.samples]
+        samples += getattr(self, "accepted_samples", None) or []
         return {"samples_us": [round(s / 1000, 1) for s in samples]}
 
     def op_slow(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +251,7 @@ class BenchCommands(_children.BenchCommandsBase):
         for listener, pattern in self.listeners:
             listener.revoke(pattern, node=self.node)
         self.listeners.clear()
+        self.accepted_samples = None
         return {}
 
     def op_deaf(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -294,20 +294,23 @@ def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[s
         log(f"    A wrote {wrote['rate']:,.0f}/s; B applied {rate:,.0f}/s")
 
         base = done["log_length"]
-        for key, count, pace in (("latency", latency_n, latency_rate),
-                                 ("latency_low_rate", max(1, latency_n // 20),
-                                  latency_rate / 10)):
-            out[key], base = measure_latency(a, b, base, count, pace)
+        for key, count, pace, listener in (
+                ("latency", latency_n, latency_rate, True),
+                ("latency_low_rate", max(1, latency_n // 20), latency_rate / 10, True),
+                ("live_paced", latency_n, latency_rate, False)):
+            out[key], base = measure_latency(a, b, base, count, pace, listener=listener)
     return out
 
 
 def measure_latency(a: PeerProcess, b: PeerProcess, base: int, count: int,
-                    pace: float) -> tuple[dict[str, Any], int]:
+                    pace: float, *, listener: bool = True) -> tuple[dict[str, Any], int]:
     """3: A writes ``count`` updates paced at ``pace``/s, the value its time_ns; B's
-    listener takes the difference. Also every GC pause in A and in B meanwhile
+    listener takes the difference (``listener`` False: an ``on_accepted`` callback, so
+    B batches as with no listener). Also every GC pause in A and in B meanwhile
     (``gc.callbacks``) and the CPU per update of both. The figure and B's log length."""
-    log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B listens")
-    b.ok("listen_latency")
+    log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B "
+        f"{'listens' if listener else 'records on_accepted (no listener)'}")
+    b.ok("listen_latency" if listener else "listen_accepted")
     for p in (a, b):
         p.ok("gc_watch")
     a0, mark = a.ok("bench_stats"), b.ok("mark")
@@ -322,7 +325,8 @@ def measure_latency(a: PeerProcess, b: PeerProcess, base: int, count: int,
     received = net1["received"] - net0["received"]
     batches = net1.get("apply_batches", 0) - net0.get("apply_batches", 0)
     b_cpu = cpu_delta(mark["cpu"], done["cpu"], count)
-    out = {"n": count, "target_rate": pace, "a_achieved_rate": round(paced["rate"], 1),
+    out = {"n": count, "target_rate": pace, "listener": listener,
+           "a_achieved_rate": round(paced["rate"], 1),
            "a_late_writes": paced["behind"], "complete": done["reached"],
            **latency_summary(samples),
            "a_cpu_us": common.cpu_us(cpu_diff(a0["cpu"], a1["cpu"]), count),
@@ -669,7 +673,7 @@ def speed_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 15's aims: CPU per update against one raw verify (the run before the phase),
     the unbounded live rate, bus receive per message, p99 and gen-2 pauses at B."""
     aims = []
-    lat, cat = res["latency"], res["catchup"]
+    lat, cat = res.get("live_paced") or res["latency"], res["catchup"]
     for label, cpu, phase in (
             (f"live at {lat['target_rate']:,.0f}/s", lat.get("b_cpu", {}), res["live"]),
             ("catch-up", cat["catchup"]["c_cpu"], cat)):
@@ -691,10 +695,15 @@ def speed_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
                             f"{lat['target_rate']:,.0f}/s (raw pyzmq SUB there: {raw:.0f} µs)",
                      "ratio": bus, "target": AIM_BUS_RECV_US, "unit": "µs",
                      "met": bus <= AIM_BUS_RECV_US})
+        aims.append({"aim": f"p99 latency < {AIM_P99_MS:g} ms at {lat['target_rate']:,.0f}"
+                            "/s, no listener at B", "ratio": lat["p99_ms"],
+                     "target": AIM_P99_MS, "unit": "ms",
+                     "met": lat["p99_ms"] < AIM_P99_MS and lat["complete"]})
+        gen2 = max(lat["b_gen2_max_ms"], res["latency"].get("b_gen2_max_ms", 0.0))
         aims.append({"aim": f"no gen-2 GC pause over {AIM_GEN2_PAUSE_MS:g} ms in the receiver "
-                            f"at {lat['target_rate']:,.0f}/s", "ratio": lat["b_gen2_max_ms"],
+                            f"at {lat['target_rate']:,.0f}/s (both runs)", "ratio": gen2,
                      "target": AIM_GEN2_PAUSE_MS, "unit": "ms",
-                     "met": lat["b_gen2_max_ms"] <= AIM_GEN2_PAUSE_MS})
+                     "met": gen2 <= AIM_GEN2_PAUSE_MS})
     return aims
 
 
@@ -763,10 +772,11 @@ def print_report(res: dict[str, Any]) -> None:
                         burst["b_rate"], burst["b_cpu"].get("total_cpu_us"), burst,
                         f"{burst['b_has_everything_seconds']:.1f} s, "
                         f"{burst['live_lost_total']:,} live msgs lost; B's CPU"))
-    for key in ("latency", "latency_low_rate"):
+    for key in ("latency", "latency_low_rate", "live_paced"):
         fig = res.get(key, {})
         if fig.get("samples"):
-            rows.append(row(f"latency run at {fig['target_rate']:,.0f}/s: A + B",
+            rows.append(row(f"{'latency' if fig['listener'] else 'paced, no listener'} run at "
+                            f"{fig['target_rate']:,.0f}/s: A + B",
                             fig["a_achieved_rate"], fig["a_cpu_us"] + fig["b_cpu_us"], live,
                             f"A {fig['a_cpu_us']:,.0f} + B {fig['b_cpu_us']:,.0f}"))
             bc = fig.get("b_cpu", {})
@@ -780,7 +790,7 @@ def print_report(res: dict[str, Any]) -> None:
                             fig["b_bus_recv_cpu_us_per_msg"], live,
                             "raw pyzmq SUB (poll+recv) at 1,000/s: "
                             f"{refs['zmq_paced']['receiver_thread_cpu_us_per_op']:,.1f} µs/msg"
-                            if key == "latency" else ""))
+                            if key != "latency_low_rate" else ""))
     rows.append(row("   C's process in catch-up (all threads)", None,
                     cat["c_cpu"].get("process_cpu_us"), cu,
                     f"sync {cat['c_cpu'].get('sync_thread_cpu_us', 0):,.0f} + verify pool "
@@ -796,6 +806,12 @@ def print_report(res: dict[str, Any]) -> None:
               f"(achieved {lat['a_achieved_rate']:,.0f}/s, {lat['samples']:,} samples): "
               f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, "
               f"p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms")
+    paced = res.get("live_paced", {})
+    if paced.get("samples"):
+        print(f"Latency at B with no listener (on_accepted), A writing at "
+              f"{paced['target_rate']:,.0f}/s: p50 {paced['p50_ms']:.2f} ms, p90 "
+              f"{paced['p90_ms']:.2f} ms, p99 {paced['p99_ms']:.2f} ms, max "
+              f"{paced['max_ms']:.2f} ms; batches of {paced['b_mean_batch']}")
     low = res.get("latency_low_rate", {})
     if low.get("samples"):
         print(f"Latency at B, A writing at {low['target_rate']:,.0f}/s "
