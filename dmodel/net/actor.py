@@ -341,7 +341,8 @@ class Actor(RouterSide):
         assert self.pipe is not None
         for frames in drain(self.pipe):
             if frames[0] == PIPE_PUBLISH:
-                self._publish(frames[1])
+                for payload in frames[1:]:
+                    self._publish(payload)
         while not self.stopping:
             try:
                 cmd = self.cmds.get_nowait()

@@ -43,7 +43,8 @@ Threads (each started here is joined by :meth:`NetworkService.close`):
   of score (``stats["sync_bad_replies"]``), so one hostile peer delays a pass by at most
   one turn (``sync_turn_seconds``) and then goes last.
 - whichever thread accepted an update (a local writer, the apply or the sync thread)
-  runs ``_publish``.
+  runs ``_publish``; the apply thread collects a batch's relays and hands them to the
+  bus at once (``Bus.publish_many``: one wake-up of the I/O thread per batch).
 
 Every update the node accepts, local or received live, is published: remote ones are
 thereby relayed, so a partial mesh delivers everything; duplicates are dropped by
@@ -284,6 +285,7 @@ class NetworkService(CatchUp):
         self._stop = threading.Event()
         self._progress: list[ProgressCallback] = []
         self._catching_up = threading.local()  # set while the sync thread ingests
+        self._relays = threading.local()  # .batch: relays collected while applying
         self._dropped_seen = 0
         self._force_pull = threading.Event()
         self._mesh: dict[bytes, frozenset[bytes]] = {}  # ready peer -> peers it hears
@@ -415,9 +417,16 @@ class NetworkService(CatchUp):
             return  # pulled from a peer that has it: whoever lacks it pulls it likewise
         if not local and not relay_targets(self._mesh, update.node):
             return  # every other peer hears the signing node directly: no relay needed
+        relays = getattr(self._relays, "batch", None)
+        if relays is not None:
+            relays.append(update.raw)  # the apply thread sends a batch's relays at once
+            return
+        self._send([update.raw])
+
+    def _send(self, raws: list[bytes]) -> None:
         try:
-            self.bus.publish(update.raw)
-            self.node.stats.published += 1
+            self.bus.publish_many(raws)
+            self.node.stats.published += len(raws)
         except NetworkError as exc:
             if not self._stop.is_set():
                 logger.warning("publish failed: %s", exc)
@@ -520,7 +529,13 @@ class NetworkService(CatchUp):
                     logger.exception("preparing updates failed")
                     prepared = [raw for raw, _ in items]
             if not self._stop.is_set():
-                decisions = self.node.ingest_many(prepared)
+                self._relays.batch = relays = []
+                try:
+                    decisions = self.node.ingest_many(prepared)
+                finally:
+                    self._relays.batch = None
+                    if relays:
+                        self._send(relays)
                 if any(d is not None and d.verdict == "missing" for d in decisions):
                     self._wake.set()
                 self._report_garbage(items, decisions)

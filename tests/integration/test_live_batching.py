@@ -19,6 +19,7 @@ import dmodel
 from dmodel.crypto import Identity
 from dmodel.errors import ConfigurationError
 from dmodel.net import frames as fr
+from dmodel.net.bus import Bus
 from dmodel.update import Op, Update, decode
 
 pytestmark = pytest.mark.timeout(90)
@@ -163,3 +164,21 @@ def test_the_io_thread_still_limits_updates_per_source(pair) -> None:
         item.n.set(i)
     wait_until(lambda: b.network.stats["guard"].get("updates_limited", 0) > 0)
     wait_until(lambda: has(b, item.db_id, 39), 30)  # catch-up brings what was refused
+
+
+def test_publish_many_delivers_every_payload_in_order() -> None:
+    got: list[bytes] = []
+    quiet = {"on_request": lambda payload, sender: None}
+    with Bus(node_id=os.urandom(16), on_publish=lambda p, s: None, **quiet) as a, \
+            Bus(node_id=os.urandom(16), peers=[a.endpoint],
+                on_publish=lambda payload, sender: got.append(payload), **quiet) as b:
+        assert a.wait_for_peers(1, 10) and b.wait_for_peers(1, 10)
+        payloads = [f"m{i}".encode() for i in range(50)]
+        a.publish_many(payloads[:1])
+        a.publish_many(payloads[1:])
+        a.publish_many([])
+        wait_until(lambda: len(got) >= 50)
+        assert got == payloads
+        assert b.stats["messages_in"] == 50
+        with pytest.raises(TypeError):
+            a.publish_many(["text"])  # type: ignore[list-item]
