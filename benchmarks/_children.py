@@ -175,8 +175,10 @@ class BenchCommandsBase:
         return _common.redis_cpu_seconds(self.node.store.client)
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far: this process (user+sys, all threads) and its redis-server."""
-        return {"process": _common.cpu_seconds(), "redis": self.redis_cpu()}
+        """CPU seconds so far: this process (user+sys, all threads), its redis-server and
+        its dmodel threads by role (``bus_thread``, ``apply_thread``, ...)."""
+        return {"process": _common.cpu_seconds(), "redis": self.redis_cpu(),
+                **{f"{role}_thread": secs for role, secs in _common.thread_cpu_seconds().items()}}
 
     def wait_log(self, target: int, timeout: float, poll: float) -> tuple[int, float]:
         """Wait until the log holds ``target`` updates (or ``timeout`` s pass).

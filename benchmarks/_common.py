@@ -18,6 +18,7 @@ import pstats
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,27 @@ PACKAGES = ("dmodel", "redis", "hiredis", "redis-om", "pydantic", "PyNaCl", "msg
 def cpu_seconds() -> float:
     """This process's CPU seconds so far (user + system, all threads)."""
     return time.process_time()
+
+
+THREAD_ROLES = ("bus", "apply", "verify", "sync", "serve")
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of this process's dmodel threads, by role (the second part of
+    a ``dmodel-<role>-...`` thread name: bus I/O, apply, verify pool, sync, request
+    worker), read from each thread's own CPU clock (Linux ``pthread_getcpuclockid``).
+    A role with no live thread is 0; a thread that ended takes its CPU with it."""
+    out = dict.fromkeys(THREAD_ROLES, 0.0)
+    for thread in threading.enumerate():
+        parts = thread.name.split("-")
+        role = parts[1].split("_")[0] if len(parts) > 1 and parts[0] == "dmodel" else ""
+        if role in out and thread.ident is not None:
+            try:
+                clock = time.pthread_getcpuclockid(thread.ident)
+                out[role] += time.clock_gettime(clock)
+            except (OSError, AttributeError):  # ended meanwhile, or not Linux
+                pass
+    return out
 
 
 def children_cpu_seconds() -> float:

@@ -16,10 +16,10 @@ With ``DMODEL_BENCH_PROFILE=1`` every call of ``node.ingest_many`` (apply thread
 sync thread) runs under a per-thread cProfile; ``{"op": "profile"}`` returns the top
 functions by own time.
 
-``python benchmarks/_peer.py --zmq-pub ENDPOINT --count N --size S`` is a separate
-mode, for the raw pyzmq reference (no dmodel): a PUB socket connects to ENDPOINT,
-sends tiny warm-up messages until ``go`` arrives on stdin, then N messages of S bytes
-and an end marker.
+``python benchmarks/_peer.py --zmq-pub ENDPOINT --count N --size S [--rate R]`` is a
+separate mode, for the raw pyzmq reference (no dmodel): a PUB socket connects to
+ENDPOINT, sends tiny warm-up messages until ``go`` arrives on stdin, then N messages of
+S bytes (paced at R a second if given) and an end marker.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import msgpack  # noqa: E402
 # -------------------------------------------------------------- raw pyzmq mode
 
 
-def zmq_pub(endpoint: str, count: int, size: int) -> int:
+def zmq_pub(endpoint: str, count: int, size: int, rate: float = 0.0) -> int:
     import zmq
 
     ctx = zmq.Context()
@@ -65,7 +65,12 @@ def zmq_pub(endpoint: str, count: int, size: int) -> int:
     if go:
         payload = b"d" + os.urandom(size - 1)
         send = sock.send
-        for _ in range(count):
+        start = time.perf_counter()
+        for i in range(count):
+            if rate:
+                wait = start + i / rate - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
             send(payload)
         for _ in range(100):  # the end marker, a few times (a SUB may drop at HWM)
             send(b"e")
@@ -125,6 +130,7 @@ class BenchCommands(_children.BenchCommandsBase):
         self.profiles: dict[int, cProfile.Profile] = {}
         self._wrap_ingest(profile=os.environ.get("DMODEL_BENCH_PROFILE") == "1")
         self.objects: list[Any] = []
+        self.accepted_samples: list[int] | None = None
 
     def _wrap_ingest(self, *, profile: bool) -> None:
         original = self.node.ingest_many
@@ -150,7 +156,7 @@ class BenchCommands(_children.BenchCommandsBase):
     def cpu(self) -> dict[str, float]:
         with self.apply_cpu.lock:
             apply = self.apply_cpu.seconds
-        return {**super().cpu(), "apply_thread": apply}
+        return {**super().cpu(), "ingest_many": apply}
 
     # ------------------------------------------------------------- commands
     def op_create_items(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -210,9 +216,29 @@ class BenchCommands(_children.BenchCommandsBase):
         self.listeners.append((listener, f"{self.model.__name__}:*"))
         return {}
 
+    def op_listen_accepted(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Latency without a listener: an ``on_accepted`` callback takes now - the value
+        of every remote set of ``t`` (a matching listener makes the node commit each
+        update alone, so this measures the plain live path)."""
+        self.accepted_samples: list[int] = []
+        if not getattr(self, "_accepted_hooked", False):
+            self._accepted_hooked = True
+
+            def record(update: Any, local: bool) -> None:
+                if local or self.accepted_samples is None:
+                    return
+                now = time.time_ns()
+                for op in update.ops:
+                    if op.op == "set" and op.field == "t" and isinstance(op.value, int):
+                        self.accepted_samples.append(now - op.value)
+
+            self.node.on_accepted(record)
+        return {}
+
     def op_latencies(self, req: dict[str, Any]) -> dict[str, Any]:
         samples = [s for lst, _ in self.listeners if isinstance(lst, self.latency_cls)
                    for s in lst.samples]
+        samples += getattr(self, "accepted_samples", None) or []
         return {"samples_us": [round(s / 1000, 1) for s in samples]}
 
     def op_slow(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +251,7 @@ class BenchCommands(_children.BenchCommandsBase):
         for listener, pattern in self.listeners:
             listener.revoke(pattern, node=self.node)
         self.listeners.clear()
+        self.accepted_samples = None
         return {}
 
     def op_deaf(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -291,8 +318,9 @@ def main() -> int:
     parser.add_argument("--zmq-pub", required=True, help="the SUB endpoint to connect to")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--size", type=int, default=250)
+    parser.add_argument("--rate", type=float, default=0.0, help="messages/s (0: flat out)")
     args = parser.parse_args()
-    return zmq_pub(args.zmq_pub, args.count, args.size)
+    return zmq_pub(args.zmq_pub, args.count, args.size, args.rate)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,11 @@ AIM_APPLY_VS_VERIFY = 1.0      # sustained apply >= 1.0x raw single-core verify
 AIM_APPLY_FLOOR = 0.6          # ... and never below 0.6x
 AIM_P99_MS = 10.0              # p99 latency < 10 ms at 1,000 updates/s
 AIM_CATCHUP_VS_LIVE = 1.0      # catch-up at least as fast as live apply
+# Issue 15 (speed): CPU per update, bus receive, GC pauses.
+AIM_APPLY_CPU_VS_VERIFY = 2.0  # apply at a peer costs <= 2 raw verifies of CPU (process)
+AIM_LIVE_RATE_VS_VERIFY = 0.6  # unbounded live apply >= 0.6x one core's raw verify rate
+AIM_BUS_RECV_US = 20.0         # bus I/O thread CPU per message received at 1,000/s
+AIM_GEN2_PAUSE_MS = 5.0        # no full collection longer than this in the receiver
 
 MODEL = "BenchItem"            # the model _peer.py declares
 OBJECTS = 4                    # owned objects written round-robin
@@ -99,8 +104,10 @@ def ref_verify(n: int) -> dict[str, Any]:
             "cpu_bound_ops_per_s": round(1e6 / statistics.median(cpus), 1)}
 
 
-def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
-    """Raw pyzmq PUB (child process) -> SUB (this process) over tcp://127.0.0.1."""
+def ref_zmq(tmp: Path, n: int, size: int, rate: float = 0.0) -> dict[str, Any]:
+    """Raw pyzmq PUB (child process) -> SUB (this process) over tcp://127.0.0.1, flat out
+    or paced at ``rate``/s. ``receiver_thread_cpu_us_per_op``: the CPU of the receiving
+    thread (poll + recv) per message, what the bus I/O thread's figure compares to."""
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.rcvhwm = 0
@@ -109,7 +116,8 @@ def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
     port = sub.bind_to_random_port("tcp://127.0.0.1")
     err = open(tmp / "zmqpub.stderr", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, str(PEER_SCRIPT), "--zmq-pub",
-                             f"tcp://127.0.0.1:{port}", "--count", str(n), "--size", str(size)],
+                             f"tcp://127.0.0.1:{port}", "--count", str(n), "--size", str(size),
+                             "--rate", str(rate)],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
                             text=True)
     got, first, last, lost_end = 0, 0.0, 0.0, False
@@ -121,8 +129,9 @@ def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        deadline = time.monotonic() + 60 + n / 20_000
+        deadline = time.monotonic() + 60 + n / (rate or 20_000)
         recv = sub.recv
+        thread0 = time.thread_time()
         while time.monotonic() < deadline:
             if not sub.poll(5000):
                 lost_end = True
@@ -135,6 +144,7 @@ def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
                 last = time.perf_counter()
             elif msg[:1] == b"e":
                 break
+        thread_cpu = time.thread_time() - thread0
     finally:
         sub.close()
         ctx.term()
@@ -148,7 +158,8 @@ def ref_zmq(tmp: Path, n: int, size: int) -> dict[str, Any]:
         err.close()
         meter.__exit__()
     elapsed = last - first
-    return {"n": n, "size": size, "received": got, "lost": n - got,
+    return {"n": n, "size": size, "rate": rate, "received": got, "lost": n - got,
+            "receiver_thread_cpu_us_per_op": round(thread_cpu * 1e6 / max(1, got), 2),
             "ops_per_s": round((got - 1) / elapsed, 1) if got > 1 and elapsed > 0 else 0.0,
             "mb_per_s": round((got - 1) * size / elapsed / 1e6, 1) if elapsed > 0 else 0.0,
             "end_marker_lost": lost_end,
@@ -283,20 +294,23 @@ def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[s
         log(f"    A wrote {wrote['rate']:,.0f}/s; B applied {rate:,.0f}/s")
 
         base = done["log_length"]
-        for key, count, pace in (("latency", latency_n, latency_rate),
-                                 ("latency_low_rate", max(1, latency_n // 20),
-                                  latency_rate / 10)):
-            out[key], base = measure_latency(a, b, base, count, pace)
+        for key, count, pace, listener in (
+                ("latency", latency_n, latency_rate, True),
+                ("latency_low_rate", max(1, latency_n // 20), latency_rate / 10, True),
+                ("live_paced", latency_n, latency_rate, False)):
+            out[key], base = measure_latency(a, b, base, count, pace, listener=listener)
     return out
 
 
 def measure_latency(a: PeerProcess, b: PeerProcess, base: int, count: int,
-                    pace: float) -> tuple[dict[str, Any], int]:
+                    pace: float, *, listener: bool = True) -> tuple[dict[str, Any], int]:
     """3: A writes ``count`` updates paced at ``pace``/s, the value its time_ns; B's
-    listener takes the difference. Also every GC pause in A and in B meanwhile
+    listener takes the difference (``listener`` False: an ``on_accepted`` callback, so
+    B batches as with no listener). Also every GC pause in A and in B meanwhile
     (``gc.callbacks``) and the CPU per update of both. The figure and B's log length."""
-    log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B listens")
-    b.ok("listen_latency")
+    log(f"  latency: A writes {count:,} at {pace:,.0f}/s, B "
+        f"{'listens' if listener else 'records on_accepted (no listener)'}")
+    b.ok("listen_latency" if listener else "listen_accepted")
     for p in (a, b):
         p.ok("gc_watch")
     a0, mark = a.ok("bench_stats"), b.ok("mark")
@@ -307,17 +321,33 @@ def measure_latency(a: PeerProcess, b: PeerProcess, base: int, count: int,
     samples = b.ok("latencies")["samples_us"]
     gcs = {"a": a.ok("gc_pauses")["gc"], "b": b.ok("gc_pauses")["gc"]}
     b.ok("unlisten")
-    out = {"n": count, "target_rate": pace, "a_achieved_rate": round(paced["rate"], 1),
+    net0, net1 = mark["stats"]["network"], done["stats"]["network"]
+    received = net1["received"] - net0["received"]
+    batches = net1.get("apply_batches", 0) - net0.get("apply_batches", 0)
+    b_cpu = cpu_delta(mark["cpu"], done["cpu"], count)
+    out = {"n": count, "target_rate": pace, "listener": listener,
+           "a_achieved_rate": round(paced["rate"], 1),
            "a_late_writes": paced["behind"], "complete": done["reached"],
            **latency_summary(samples),
            "a_cpu_us": common.cpu_us(cpu_diff(a0["cpu"], a1["cpu"]), count),
            "b_cpu_us": common.cpu_us(cpu_diff(mark["cpu"], done["cpu"]), count),
+           "b_cpu": b_cpu, "b_received": received,
+           "b_bus_recv_cpu_us_per_msg": round(
+               (done["cpu"]["bus_thread"] - mark["cpu"]["bus_thread"]) * 1e6 / max(1, received),
+               1),
+           "b_apply_batches": batches,
+           "b_mean_batch": round(received / batches, 2) if batches else None,
+           "b_prepared_ahead": net1.get("prepared_ahead", 0) - net0.get("prepared_ahead", 0),
+           "b_gen2_max_ms": gcs["b"]["gen2"]["max_ms"] or 0.0,
            "gc": gcs}
     if out.get("samples"):
         g2 = gcs["b"]["gen2"]
         log(f"    p50 {out['p50_ms']:.2f} ms, p99 {out['p99_ms']:.2f} ms, max "
             f"{out['max_ms']:.1f} ms (A achieved {paced['rate']:,.0f}/s); B: {g2['count']} "
-            f"full GCs, longest {g2['max_ms'] or 0:.1f} ms")
+            f"full GCs, longest {g2['max_ms'] or 0:.1f} ms; B CPU "
+            f"{b_cpu.get('process_cpu_us', 0):,.0f} µs/upd (bus "
+            f"{out['b_bus_recv_cpu_us_per_msg']:,.0f} µs/msg), batches of "
+            f"{out['b_mean_batch']}")
     return out, done["log_length"]
 
 
@@ -572,6 +602,8 @@ def summarize_zmq(runs: list[dict[str, Any]]) -> dict[str, Any]:
     best = max(runs, key=lambda r: r["ops_per_s"])
     return {**best, "ops_per_s": round(statistics.median(r["ops_per_s"] for r in runs), 1),
             "cpu_us_per_op": round(statistics.median(r["cpu_us_per_op"] for r in runs), 2),
+            "receiver_thread_cpu_us_per_op": round(statistics.median(
+                r["receiver_thread_cpu_us_per_op"] for r in runs), 2),
             "runs_ops_per_s": [r["ops_per_s"] for r in runs],
             "lost": sum(r["lost"] for r in runs)}
 
@@ -628,11 +660,50 @@ def build_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
                             f"{lat['target_rate']:,.0f} updates/s",
                      "ratio": lat["p99_ms"], "target": AIM_P99_MS, "unit": "ms",
                      "met": lat["p99_ms"] < AIM_P99_MS and lat["complete"]})
+    aims.extend(speed_aims(res))
     cu = res["catchup"]["catchup"]["converge_rate"]
     best_live = max(live["b_apply_rate"], pump["b_apply_rate"])
     aims.append({"aim": "catch-up (converge rate) >= live apply (best of A-writing and "
                         "unbounded)", "ratio": round(cu / best_live, 3),
                  "target": AIM_CATCHUP_VS_LIVE, "met": cu / best_live >= AIM_CATCHUP_VS_LIVE})
+    return aims
+
+
+def speed_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 15's aims: CPU per update against one raw verify (the run before the phase),
+    the unbounded live rate, bus receive per message, p99 and gen-2 pauses at B."""
+    aims = []
+    lat, cat = res.get("live_paced") or res["latency"], res["catchup"]
+    for label, cpu, phase in (
+            (f"live at {lat['target_rate']:,.0f}/s", lat.get("b_cpu", {}), res["live"]),
+            ("catch-up", cat["catchup"]["c_cpu"], cat)):
+        per = cpu.get("process_cpu_us", 0.0)
+        ratio = per / phase["verify"]["cpu_us_per_op"]
+        aims.append({"aim": f"CPU per update at the receiver, {label} (process, all threads) "
+                            f"<= {AIM_APPLY_CPU_VS_VERIFY:g}x one raw verify",
+                     "ratio": round(ratio, 3), "target": AIM_APPLY_CPU_VS_VERIFY,
+                     "met": 0 < ratio <= AIM_APPLY_CPU_VS_VERIFY})
+    pump = res["pump"]
+    ratio = pump["b_apply_rate"] / pump["verify"]["ops_per_s"]
+    aims.append({"aim": f"live apply rate (not bounded by A) >= {AIM_LIVE_RATE_VS_VERIFY:g}x "
+                        "one core's raw verify rate", "ratio": round(ratio, 3),
+                 "target": AIM_LIVE_RATE_VS_VERIFY, "met": ratio >= AIM_LIVE_RATE_VS_VERIFY})
+    if lat.get("samples"):
+        bus = lat["b_bus_recv_cpu_us_per_msg"]
+        raw = res["references"]["zmq_paced"]["receiver_thread_cpu_us_per_op"]
+        aims.append({"aim": f"bus receive <= {AIM_BUS_RECV_US:g} µs CPU per message at "
+                            f"{lat['target_rate']:,.0f}/s (raw pyzmq SUB there: {raw:.0f} µs)",
+                     "ratio": bus, "target": AIM_BUS_RECV_US, "unit": "µs",
+                     "met": bus <= AIM_BUS_RECV_US})
+        aims.append({"aim": f"p99 latency < {AIM_P99_MS:g} ms at {lat['target_rate']:,.0f}"
+                            "/s, no listener at B", "ratio": lat["p99_ms"],
+                     "target": AIM_P99_MS, "unit": "ms",
+                     "met": lat["p99_ms"] < AIM_P99_MS and lat["complete"]})
+        gen2 = max(lat["b_gen2_max_ms"], res["latency"].get("b_gen2_max_ms", 0.0))
+        aims.append({"aim": f"no gen-2 GC pause over {AIM_GEN2_PAUSE_MS:g} ms in the receiver "
+                            f"at {lat['target_rate']:,.0f}/s (both runs)", "ratio": gen2,
+                     "target": AIM_GEN2_PAUSE_MS, "unit": "ms",
+                     "met": gen2 <= AIM_GEN2_PAUSE_MS})
     return aims
 
 
@@ -701,12 +772,29 @@ def print_report(res: dict[str, Any]) -> None:
                         burst["b_rate"], burst["b_cpu"].get("total_cpu_us"), burst,
                         f"{burst['b_has_everything_seconds']:.1f} s, "
                         f"{burst['live_lost_total']:,} live msgs lost; B's CPU"))
-    for key in ("latency", "latency_low_rate"):
+    for key in ("latency", "latency_low_rate", "live_paced"):
         fig = res.get(key, {})
         if fig.get("samples"):
-            rows.append(row(f"latency run at {fig['target_rate']:,.0f}/s: A + B",
+            rows.append(row(f"{'latency' if fig['listener'] else 'paced, no listener'} run at "
+                            f"{fig['target_rate']:,.0f}/s: A + B",
                             fig["a_achieved_rate"], fig["a_cpu_us"] + fig["b_cpu_us"], live,
                             f"A {fig['a_cpu_us']:,.0f} + B {fig['b_cpu_us']:,.0f}"))
+            bc = fig.get("b_cpu", {})
+            rows.append(row("   B's process (all threads)", None, bc.get("process_cpu_us"),
+                            live, f"bus {bc.get('bus_thread_cpu_us', 0):,.0f} + apply "
+                            f"{bc.get('apply_thread_cpu_us', 0):,.0f} + verify "
+                            f"{bc.get('verify_thread_cpu_us', 0):,.0f} + rest; redis "
+                            f"{bc.get('redis_cpu_us', 0):,.0f}; batches of "
+                            f"{fig.get('b_mean_batch')}"))
+            rows.append(row("   B's bus I/O thread per message", None,
+                            fig["b_bus_recv_cpu_us_per_msg"], live,
+                            "raw pyzmq SUB (poll+recv) at 1,000/s: "
+                            f"{refs['zmq_paced']['receiver_thread_cpu_us_per_op']:,.1f} µs/msg"
+                            if key != "latency_low_rate" else ""))
+    rows.append(row("   C's process in catch-up (all threads)", None,
+                    cat["c_cpu"].get("process_cpu_us"), cu,
+                    f"sync {cat['c_cpu'].get('sync_thread_cpu_us', 0):,.0f} + verify pool "
+                    f"and the rest; redis {cat['c_cpu'].get('redis_cpu_us', 0):,.0f}"))
     print()
     common.print_table(["figure", "updates/s", "CPU µs/upd", "vs verify", "CPU vs verify",
                         "vs zmq", "notes"], rows, align="<>>>>><")
@@ -718,6 +806,12 @@ def print_report(res: dict[str, Any]) -> None:
               f"(achieved {lat['a_achieved_rate']:,.0f}/s, {lat['samples']:,} samples): "
               f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, "
               f"p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms")
+    paced = res.get("live_paced", {})
+    if paced.get("samples"):
+        print(f"Latency at B with no listener (on_accepted), A writing at "
+              f"{paced['target_rate']:,.0f}/s: p50 {paced['p50_ms']:.2f} ms, p90 "
+              f"{paced['p90_ms']:.2f} ms, p99 {paced['p99_ms']:.2f} ms, max "
+              f"{paced['max_ms']:.2f} ms; batches of {paced['b_mean_batch']}")
     low = res.get("latency_low_rate", {})
     if low.get("samples"):
         print(f"Latency at B, A writing at {low['target_rate']:,.0f}/s "
@@ -825,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  pre-signing {max(args.n, args.catchup):,} updates")
         res["presigned"] = timed("presign", presign, file, max(args.n, args.catchup))
         latency_n = max(1, int(args.latency_seconds * args.latency_rate))
+        paced_n = max(100, int(3 * args.latency_rate))
+        zmq_paced_runs = [timed("zmq-paced", ref_zmq, tmp, paced_n, 250, args.latency_rate)]
         v = anchor_verify("live")
         res.update(timed("live+latency", phase_live, tmp, args.n, latency_n,
                          args.latency_rate))
@@ -844,8 +940,12 @@ def main(argv: list[str] | None = None) -> int:
         res["burst"] = timed("burst", phase_burst, tmp, args.burst, args.hwm, args.slow_ms)
         res["burst"]["verify"] = v
         zmq_runs.append(timed("zmq-end", ref_zmq, tmp, args.zmq_n, 250))
+        zmq_paced_runs.append(timed("zmq-paced-end", ref_zmq, tmp, paced_n, 250,
+                                    args.latency_rate))
         res["references"] = {"ed25519_verify": summarize_verify(verify_runs),
                              "zmq_pubsub": summarize_zmq(zmq_runs),
+                             "zmq_paced": summarize_zmq(zmq_paced_runs),
+                             "zmq_paced_runs": zmq_paced_runs,
                              "ed25519_verify_runs": verify_runs, "zmq_pubsub_runs": zmq_runs}
         if args.profile:
             res["profile"] = {"pump": timed("profile", phase_pump, tmp, file,

@@ -34,7 +34,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import zmq
@@ -310,16 +310,23 @@ class Bus:
 
     def publish(self, payload: bytes) -> None:
         """Send payload to every subscriber; never blocks (drops at HWM are counted)."""
-        if not isinstance(payload, bytes | bytearray | memoryview):
+        self.publish_many((payload,))
+
+    def publish_many(self, payloads: Sequence[bytes]) -> None:
+        """Send each payload to every subscriber, in order, with one wake-up of the I/O
+        thread; never blocks (drops at HWM are counted, one per payload)."""
+        if not all(isinstance(p, bytes | bytearray | memoryview) for p in payloads):
             raise TypeError("payload must be bytes")
         self._check()
+        if not payloads:
+            return
         with self._pipe_lock:
             if self._pipe.closed:
                 raise NetworkError("bus is closed")
             try:
-                self._pipe.send_multipart([PIPE_PUBLISH, payload], zmq.NOBLOCK)
+                self._pipe.send_multipart([PIPE_PUBLISH, *payloads], zmq.NOBLOCK)
             except zmq.Again:
-                self._api_dropped += 1
+                self._api_dropped += len(payloads)
 
     def request(self, node_id: bytes, payload: bytes, timeout: float = 5.0) -> bytes | None:
         """Ask one connected peer; its reply, or None on timeout or no answer.

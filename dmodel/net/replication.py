@@ -13,14 +13,25 @@ Threads (each started here is joined by :meth:`NetworkService.close`):
   asker treats that as a peer that did not answer and asks again on its next pass.
   Each requester has a byte budget for replies (``reply_bytes_per_s``, a token
   bucket): a reply holds what the budget allows, or nothing (``["replies_limited"]``).
-- **apply thread** (``dmodel-apply-*``): drains the queue of published updates into
-  ``ingest_many``. The queue is bounded by count (``queue_size``) and by bytes
-  (``queue_bytes``); when it is full, messages are dropped and counted
-  (``stats["queue_dropped"]``) and a catch-up pass is scheduled: catch-up
-  (``dmodel.net.sync``) brings them back, so nothing accepted is lost for good. An
-  update the node drops as malformed, oversized or forged is reported to the bus, which
-  counts it toward its sender's flood ban like a malformed frame
+- **apply thread** (``dmodel-apply-*``): drains the :class:`Inbox` of published updates
+  into ``ingest_many``. The bus I/O thread only appends the payloads, undecoded; the
+  apply thread takes what arrived within ``apply_window`` seconds of the first one
+  (default 1 ms, 0 to take only what is there), up to 256, as one batch: updates
+  arriving together are applied together, and one alone waits at most the window
+  (``stats["apply_batches"]``, ``["apply_batch_max"]``). The inbox is bounded by count
+  (``queue_size``) and by bytes (``queue_bytes``); when it is full, messages are
+  dropped and counted (``stats["queue_dropped"]``) and a catch-up pass is scheduled:
+  catch-up (``dmodel.net.sync``) brings them back, so nothing accepted is lost for
+  good. An update the node drops as malformed, oversized or forged is reported to the
+  bus, which counts it toward its sender's flood ban like a malformed frame
   (``stats["invalid_updates"]``).
+- **verify thread** (``dmodel-verify-*``, only on a machine with two cores or more):
+  while the apply thread applies one batch, it decodes the next and checks its
+  signatures (``node.prepare_many``; the Ed25519 verify releases the GIL). Those checks
+  go into the one pipeline with the batch, which skips them; what it could not check
+  (a key only the store knows) the pipeline checks itself. With no backlog the apply
+  thread prepares its batch itself: no hand-off per update. Batches prepared there are
+  counted (``stats["prepared_ahead"]``).
 - **sync thread** (``dmodel-sync-*``): pulls each peer's log from where it last stopped
   (per peer epoch and position, kept in the store), at start, when a peer connects,
   every ``sync_interval`` seconds, and whenever updates wait for a missing dependency.
@@ -32,7 +43,8 @@ Threads (each started here is joined by :meth:`NetworkService.close`):
   of score (``stats["sync_bad_replies"]``), so one hostile peer delays a pass by at most
   one turn (``sync_turn_seconds``) and then goes last.
 - whichever thread accepted an update (a local writer, the apply or the sync thread)
-  runs ``_publish``.
+  runs ``_publish``; the apply thread collects a batch's relays and hands them to the
+  bus at once (``Bus.publish_many``: one wake-up of the I/O thread per batch).
 
 Every update the node accepts, local or received live, is published: remote ones are
 thereby relayed, so a partial mesh delivers everything; duplicates are dropped by
@@ -45,6 +57,8 @@ to anyone else who lacks them. A missed relay is made up by the next catch-up pa
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
 import os
 import queue
@@ -55,7 +69,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import merge
-from ..errors import NetworkError
+from ..errors import ConfigurationError, NetworkError
 from . import sync
 from .bus import Bus, DeferredReply
 from .catchup import CatchUp
@@ -69,6 +83,7 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
 _BATCH = 256  # updates applied (and committed) together by the apply thread
+DEFAULT_APPLY_WINDOW = 0.001  # seconds a live batch waits for more after its first update
 _MiB = 1024 * 1024
 CLUSTER_KEY_FILE = "cluster.key"
 # Verdicts that only a broken or hostile sender produces (a replay or an unknown model
@@ -105,10 +120,83 @@ class LogSource(Protocol):
     @property
     def pending_count(self) -> int: ...
     def on_accepted(self, callback: Callable[[Any, bool], None]) -> None: ...
-    def ingest_many(self, raws: Iterable[bytes],
+    def ingest_many(self, raws: Iterable[Any],
                     sources: Sequence[Any] | None = None) -> list[Any]: ...
+    def prepare_many(self, raws: Iterable[bytes]) -> list[Any]: ...
     def pending_needs(self) -> list[bytes | str]: ...
     def log_length(self) -> int: ...
+
+
+class Inbox:
+    """Updates received live, from the bus I/O thread to the apply thread.
+
+    :meth:`put` (I/O thread) is a deque append and a few int adds, with no lock: each
+    counter is written by one thread only. It sets the event only when the apply thread
+    may be waiting. Bounded by count and by bytes; ``put`` says False when full.
+    """
+
+    def __init__(self, size: int, max_bytes: int, window: float) -> None:
+        self.size = size
+        self.max_bytes = max_bytes
+        self.window = window
+        self._items: collections.deque[tuple[bytes, bytes, float]] = collections.deque()
+        self._ready = threading.Event()
+        self.bytes_in = self.put_count = 0  # written by the I/O thread
+        self.bytes_out = self.done_count = 0  # written by the apply thread
+        self.batches = self.largest = 0
+
+    def put(self, payload: bytes, sender: bytes) -> bool:
+        items = self._items
+        queued = self.bytes_in - self.bytes_out
+        if len(items) >= self.size or (queued + len(payload) > self.max_bytes and queued):
+            return False
+        self.bytes_in += len(payload)
+        self.put_count += 1
+        items.append((payload, sender, time.monotonic()))
+        if not self._ready.is_set():
+            self._ready.set()
+        return True
+
+    def take(self, limit: int, *, block: bool) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` items. ``block``: wait for one (until :meth:`wake`), then for
+        more until ``window`` seconds after the first arrived. Apply thread only."""
+        items = self._items
+        if block:
+            while not items:
+                self._ready.clear()
+                if items:
+                    break
+                self._ready.wait()
+                if not items:
+                    return []  # woken by close
+            if self.window > 0 and len(items) < limit:
+                delay = items[0][2] + self.window - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+        batch = [items.popleft()[:2] for _ in range(min(limit, len(items)))]
+        if batch:
+            self.bytes_out += sum(len(payload) for payload, _ in batch)
+            self.batches += 1
+            self.largest = max(self.largest, len(batch))
+        return batch  # type: ignore[return-value]
+
+    def done(self, count: int) -> None:
+        """``count`` taken items were applied (apply thread)."""
+        self.done_count += count
+
+    def wake(self) -> None:
+        self._ready.set()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    @property
+    def idle(self) -> bool:
+        """Everything put was applied."""
+        return self.done_count >= self.put_count
 
 
 class RequestWorker:
@@ -177,7 +265,10 @@ class NetworkService(CatchUp):
                  discovery_config: Any = None, request_queue_size: int = 256,
                  queue_bytes: int = 64 * _MiB, reply_bytes_per_s: float = 16 * _MiB,
                  sync_turn_seconds: float = 5.0, sync_turn_bytes: int = 64 * _MiB,
-                 **bus_options: Any) -> None:
+                 apply_window: float = DEFAULT_APPLY_WINDOW, **bus_options: Any) -> None:
+        if isinstance(apply_window, bool) or not isinstance(apply_window, int | float) \
+                or not 0 <= apply_window <= 1:
+            raise ConfigurationError("apply_window must be between 0 and 1 second")
         self.node = node
         self.sync_interval = sync_interval
         self.page_size = page_size
@@ -186,17 +277,16 @@ class NetworkService(CatchUp):
         self.sync_turn_bytes = sync_turn_bytes
         self._counts = {"received": 0, "queue_dropped": 0, "pulled": 0, "served": 0,
                         "sync_errors": 0, "requests_dropped": 0, "invalid_updates": 0,
-                        "sync_bad_replies": 0, "sync_turns_cut": 0}
-        self._queue: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(
-            maxsize=queue_size)
-        self._queued = 0  # bytes in self._queue
-        self._queued_lock = threading.Lock()
+                        "sync_bad_replies": 0, "sync_turns_cut": 0,
+                        "prepared_ahead": 0}
+        self._queue = Inbox(queue_size, queue_bytes, apply_window)
         self._scores: dict[bytes, int] = {}  # peer -> catch-up score (0 = clean)
         self._rotation = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: list[ProgressCallback] = []
         self._catching_up = threading.local()  # set while the sync thread ingests
+        self._relays = threading.local()  # .batch: relays collected while applying
         self._dropped_seen = 0
         self._force_pull = threading.Event()
         self._mesh: dict[bytes, frozenset[bytes]] = {}  # ready peer -> peers it hears
@@ -236,6 +326,9 @@ class NetworkService(CatchUp):
             self._server.close()
             raise
         node.on_accepted(self._publish)
+        self._verifier = (concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"dmodel-verify-{short}") if (os.cpu_count() or 1) > 1
+            else None)
         self._apply_thread = threading.Thread(target=self._apply_loop, daemon=True,
                                               name=f"dmodel-apply-{short}")
         self._sync_thread = threading.Thread(target=self._sync_loop, daemon=True,
@@ -257,6 +350,8 @@ class NetworkService(CatchUp):
         reason, bans, refused dials, unreached endpoints), JSON-ready."""
         out: dict[str, Any] = dict(self._counts)
         out["replies_limited"] = self._server.limited
+        out["apply_batches"] = self._queue.batches
+        out["apply_batch_max"] = self._queue.largest
         try:
             bus = self.bus.stats
         except NetworkError:
@@ -299,7 +394,7 @@ class NetworkService(CatchUp):
         """Wait until the apply queue is drained (tests, demo)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._queue.unfinished_tasks == 0:
+            if self._queue.idle:
                 return True
             self._stop.wait(0.01)
         return False
@@ -310,14 +405,13 @@ class NetworkService(CatchUp):
             return
         self._stop.set()
         self._wake.set()
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass  # the apply thread sees _stop after its batch
+        self._queue.wake()
         self.bus.close()
         self._server.close()
         self._apply_thread.join(10)
         self._sync_thread.join(10)
+        if self._verifier is not None:
+            self._verifier.shutdown(wait=True)
 
     # --------------------------------------------------------------- I/O side
     def _publish(self, update: Any, local: bool) -> None:
@@ -325,9 +419,16 @@ class NetworkService(CatchUp):
             return  # pulled from a peer that has it: whoever lacks it pulls it likewise
         if not local and not relay_targets(self._mesh, update.node):
             return  # every other peer hears the signing node directly: no relay needed
+        relays = getattr(self._relays, "batch", None)
+        if relays is not None:
+            relays.append(update.raw)  # the apply thread sends a batch's relays at once
+            return
+        self._send([update.raw])
+
+    def _send(self, raws: list[bytes]) -> None:
         try:
-            self.bus.publish(update.raw)
-            self.node.stats.published += 1
+            self.bus.publish_many(raws)
+            self.node.stats.published += len(raws)
         except NetworkError as exc:
             if not self._stop.is_set():
                 logger.warning("publish failed: %s", exc)
@@ -335,19 +436,9 @@ class NetworkService(CatchUp):
     def _on_publish(self, payload: bytes, sender: bytes) -> None:
         # Runs on the bus I/O thread: enqueue only.
         self._counts["received"] += 1
-        with self._queued_lock:
-            full = self._queued + len(payload) > self.queue_bytes and self._queued > 0
-            if not full:
-                self._queued += len(payload)
-        if not full:
-            try:
-                self._queue.put_nowait((payload, sender))
-                return
-            except queue.Full:
-                with self._queued_lock:
-                    self._queued -= len(payload)
-        self._counts["queue_dropped"] += 1
-        self._wake.set()
+        if not self._queue.put(payload, sender):
+            self._counts["queue_dropped"] += 1
+            self._wake.set()
 
     def _on_request(self, payload: bytes, sender: bytes) -> DeferredReply | None:
         # Runs on the bus I/O thread: hand over to the request worker.
@@ -407,31 +498,56 @@ class NetworkService(CatchUp):
 
     # ------------------------------------------------------------ apply thread
     def _apply_loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < _BATCH:
+        # ``ahead``: the next batch and its prepare_many result (a future while the verify
+        # thread works on it). Only with a backlog does that thread get a batch: the one
+        # taken while the previous batch is applied here.
+        ahead: tuple[list[tuple[bytes, bytes]], Any] | None = None
+        while not (self._stop.is_set() or self.node.closed):
+            items = self._queue.take(_BATCH, block=ahead is None)
+            nxt = None
+            if items:
+                raws = [raw for raw, _ in items]
+                if ahead is not None and self._verifier is not None:
+                    nxt = (items, self._verifier.submit(self.node.prepare_many, raws))
+                    self._counts["prepared_ahead"] += 1
+                else:
+                    nxt = (items, self._prepare(raws))
+            if ahead is not None:
+                self._apply(*ahead)
+            ahead = nxt
+
+    def _prepare(self, raws: list[bytes]) -> list[Any]:
+        try:
+            return self.node.prepare_many(raws)
+        except Exception:
+            logger.exception("preparing updates failed")
+            return list(raws)
+
+    def _apply(self, items: list[tuple[bytes, bytes]], prepared: Any) -> None:
+        try:
+            if isinstance(prepared, concurrent.futures.Future):
                 try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                items = [item for item in batch if item is not None]
-                with self._queued_lock:
-                    self._queued -= sum(len(raw) for raw, _ in items)
-                if items and not self._stop.is_set():
-                    decisions = self.node.ingest_many([raw for raw, _ in items],
+                    prepared = prepared.result()
+                except Exception:
+                    logger.exception("preparing updates failed")
+                    prepared = [raw for raw, _ in items]
+            if not self._stop.is_set():
+                self._relays.batch = relays = []
+                try:
+                    decisions = self.node.ingest_many(prepared,
                                                       [sender for _, sender in items])
-                    if any(d is not None and d.verdict == "missing" for d in decisions):
-                        self._wake.set()
-                    self._report_garbage(items, decisions)
-            except Exception:
-                if not self.node.closed:
-                    logger.exception("applying updates failed")
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-            if None in batch or self._stop.is_set() or self.node.closed:
-                return
+                finally:
+                    self._relays.batch = None
+                    if relays:
+                        self._send(relays)
+                if any(d is not None and d.verdict == "missing" for d in decisions):
+                    self._wake.set()
+                self._report_garbage(items, decisions)
+        except Exception:
+            if not self.node.closed:
+                logger.exception("applying updates failed")
+        finally:
+            self._queue.done(len(items))
 
     def _report_garbage(self, items: list[tuple[bytes, bytes]], decisions: list[Any]) -> None:
         """Tell the bus who sent updates that no honest node sends."""

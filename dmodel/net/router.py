@@ -16,12 +16,7 @@ from typing import Any
 import zmq
 
 from dmodel.net import frames as fr
-from dmodel.net.commands import (
-    RECV_BATCH,
-    DeferredReply,
-    Report,
-    SendReply,
-)
+from dmodel.net.commands import DeferredReply, Report, SendReply, drain
 from dmodel.net.peers import Peer, Session
 
 logger = logging.getLogger("dmodel.net.bus")
@@ -32,11 +27,7 @@ class RouterSide:
 
     def _on_router(self) -> None:
         assert self.router is not None
-        for _ in range(RECV_BATCH):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        for frames in drain(self.router, copy=False):
             self._router_message(frames)
             if self.stopping:
                 break
@@ -67,7 +58,7 @@ class RouterSide:
             if len(msg.payload) > self.s.max_message_size:
                 self.mesh.bad(src, "oversize", peer)
                 return
-            self._deliver(msg.payload, src, peer, src)
+            self._deliver(msg.payload, src, peer, src, now)
 
     def _unproven_message(self, ident: bytes, session: Session | None,
                           frames: list[zmq.Frame], now: float) -> None:

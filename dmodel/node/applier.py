@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 _PARALLEL_VERIFY_MIN = 16
 CHAIN_WAIT_S = 2.0  # how long an update waits for a chain link no peer may have any more
 _RECENT = 100_000  # ids of updates stored lately: a relayed copy costs no store round trip
+_CHECKED = 4096  # signature checks made ahead of their batch (a batch or two: 256 each)
+_KEYS = 10_000  # callers' keys kept for those checks
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -134,6 +136,11 @@ class Applier:
         self._gap_ok: set[bytes] = set()
         self._recent = Bounded(_RECENT)  # ids of updates stored lately
         self._vetoed = Bounded(pending_module.MAX_PENDING)  # vetoed here -> their chain
+        # Signature checks done before the lock (preverify): (id, signature) -> the key
+        # that checked it; an oid names its key, so callers' keys are kept by db_id.
+        self._checked = Bounded(_CHECKED)
+        self._keys = Bounded(_KEYS)
+        self._checked_lock = threading.Lock()
         self._on_accepted: list[Callable[[Update, bool], None]] = []
 
     def on_accepted(self, callback: Callable[[Update, bool], None]) -> None:
@@ -146,17 +153,47 @@ class Applier:
         with self.lock:
             return self._process_batch([update], local=True)[0]
 
-    def ingest_raw(self, raws: Iterable[bytes], sources: Sequence[Hashable] | None = None
-                   ) -> list[pipeline.Decision | None]:
-        """Decode and apply updates from elsewhere; None for bytes that are no update
-        (counted as dropped, never raised). ``sources[i]``: the peer ``raws[i]`` came from
-        (what its place in the pending set counts against)."""
+    def preverify(self, raws: Iterable[bytes]) -> list[Update | bytes]:
+        """Decode updates and check the signatures whose keys are known without the store
+        (a create's own, or a caller's seen before), without the apply lock and on any
+        thread; ``ingest_raw`` of the result then skips those checks. Bytes that are no
+        update stay bytes (``ingest_raw`` counts them)."""
+        out: list[Update | bytes] = []
+        for raw in raws:
+            try:
+                update = decode(raw)
+            except InvalidUpdate:
+                out.append(raw)
+                continue
+            out.append(update)
+            key = update.creates()
+            if key is not None:  # decode checked that the oid names this key
+                with self._checked_lock:
+                    self._keys.add(update.caller, key)
+            else:
+                key = self._keys.get(update.caller)
+                if key is None:
+                    continue
+            try:
+                update.verify(key)
+            except InvalidUpdate:
+                continue  # decide checks it again, and drops it
+            with self._checked_lock:
+                self._checked.add((update.id, update.signature), key.verify_key)
+        return out
+
+    def ingest_raw(self, raws: Iterable[bytes | Update],
+                   sources: Sequence[Hashable] | None = None) -> list[pipeline.Decision | None]:
+        """Decode and apply updates from elsewhere (bytes, or what ``preverify`` gave);
+        None for bytes that are no update (counted as dropped, never raised).
+        ``sources[i]``: the peer ``raws[i]`` came from (what its place in the pending set
+        counts against)."""
         results: list[pipeline.Decision | None] = []
         updates: list[Update] = []
         where: list[int] = []
         for raw in raws:
             try:
-                updates.append(decode(raw))
+                updates.append(raw if isinstance(raw, Update) else decode(raw))
                 where.append(len(results))
             except InvalidUpdate as exc:
                 self.count_drop(exc, None)
@@ -371,20 +408,29 @@ class Applier:
 
     def _verify_batch(self, updates: list[Update], snaps: list[pipeline.Snapshot]) -> list[bool]:
         """Check the signatures whose keys are at hand, on a thread pool (the Ed25519
-        verify releases the GIL). An update left unchecked here is checked by decide."""
-        if len(updates) < _PARALLEL_VERIFY_MIN:
-            return [False] * len(updates)
+        verify releases the GIL), except those ``preverify`` checked with the same key.
+        An update left unchecked here is checked by decide."""
         keys: list[PublicIdentity | None] = []
         created: dict[str, PublicIdentity] = {}
-        for update, snap in zip(updates, snaps, strict=True):
-            if snap.seen:
-                keys.append(None)  # a duplicate: dropped without a signature check
-                continue
-            own = update.creates()
-            if own is not None:
-                created.setdefault(update.caller, own)
-            keys.append(pipeline.signing_key(update, snap.state.objects.get)
-                        or created.get(update.caller))
+        done: list[bool] = []
+        with self._checked_lock:
+            for update, snap in zip(updates, snaps, strict=True):
+                if snap.seen:
+                    keys.append(None)  # a duplicate: dropped without a signature check
+                    done.append(False)
+                    continue
+                own = update.creates()
+                if own is not None:
+                    created.setdefault(update.caller, own)
+                key = (pipeline.signing_key(update, snap.state.objects.get)
+                       or created.get(update.caller))
+                if key is not None and update.caller not in self._keys:
+                    self._keys.add(update.caller, key)
+                checked = self._checked.pop((update.id, update.signature), None)
+                done.append(key is not None and checked == key.verify_key)
+                keys.append(None if done[-1] else key)
+        if len(updates) - sum(done) < _PARALLEL_VERIFY_MIN:
+            return done
 
         def check(items: list[tuple[Update, PublicIdentity | None]]) -> list[bool]:
             out = []
@@ -409,7 +455,7 @@ class Applier:
         results = check(chunks[0])
         for future in futures:
             results.extend(future.result())
-        return results
+        return [a or b for a, b in zip(done, results, strict=True)]
 
     def _recompute(self, seeds: set[str]) -> None:
         """Re-decide the stored updates of objects whose update-authorization changed after

@@ -233,9 +233,10 @@ class Node:
         """
         return self.ingest_many([raw])[0]
 
-    def ingest_many(self, raws: Iterable[bytes], sources: Sequence[Any] | None = None
+    def ingest_many(self, raws: Iterable[bytes | Update], sources: Sequence[Any] | None = None
                     ) -> list[pipeline.Decision | None]:
-        """Take several updates from elsewhere, in order, as one batch.
+        """Take several updates from elsewhere, in order, as one batch (raw bytes, or
+        what :meth:`prepare_many` made of them).
 
         The batch is read from the store in one round trip, signatures are checked on
         a small thread pool, and everything accepted is committed in one atomic step;
@@ -244,6 +245,11 @@ class Node:
         """
         self._check_open()
         return self.applier.ingest_raw(raws, sources)
+
+    def prepare_many(self, raws: Iterable[bytes]) -> list[Update | bytes]:
+        """Decode updates and check the signatures that need no store read, on the
+        calling thread and without the apply lock; hand the result to ``ingest_many``."""
+        return self.applier.preverify(raws)
 
     @property
     def pending_count(self) -> int:
