@@ -38,7 +38,7 @@ def test_a_home_with_an_older_random_id_keeps_it_and_still_proves_it(make_node,
     new = make_node("new", listen=LOOPBACK, peers=[old.network.endpoint])
     assert new.network.wait_for_peers(1, timeout=10)
     assert old.network.wait_for_peers(1, timeout=10)
-    assert old_id in new.network.peers()  # bound to its key on first use
+    assert old_id.hex() in new.network.peers()  # bound to its key on first use
     assert new.network.stats["guard"].get("identity_conflict", 0) == 0
     old.shutdown()
     assert make_node("old").node_id == old_id  # and it stays

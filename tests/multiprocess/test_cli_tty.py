@@ -108,7 +108,8 @@ def terminals():
 
 @pytest.fixture
 def home(tmp_path) -> tuple[Path, str]:
-    node = dmodel.Node(tmp_path / "h", listen="", peers=[], discovery=False)
+    # Every version kept, so that the bars have 41 updates to count.
+    node = dmodel.Node(tmp_path / "h", listen="", peers=[], discovery=False, retention="all")
     try:
         person = Person([], node=node)
         for i in range(40):
