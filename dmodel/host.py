@@ -46,6 +46,8 @@ class ModelHost(Protocol):
     @property
     def closed(self) -> bool: ...
     @property
+    def node_id(self) -> bytes: ...  # this node's id (DList positions differ per node)
+    @property
     def listeners(self) -> ListenerRegistry: ...  # what DAction.apply registers with
 
     def exists(self, db_id: str) -> bool: ...

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import logging
-import secrets
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -747,7 +747,8 @@ def _position(key: bytes | None) -> bytes:
 def _new_position(view: _ListView, low: bytes | None, high: bytes | None) -> bytes:
     """A position for an element between order keys ``low`` and ``high`` (None: an end).
 
-    It ends in random digits: two nodes inserting at one place at once (two appends, say)
+    It ends in digits drawn from this node's id and the place (a hash: reproducible, and
+    different on each node): two nodes inserting at one place at once (two appends, say)
     pick different positions, so a later insert between those two elements has room and
     lands at its index. Two elements can still share a position if an older or hostile
     writer gave them one; nothing fits between those, so the new element goes just before
@@ -762,7 +763,11 @@ def _new_position(view: _ListView, low: bytes | None, high: bytes | None) -> byt
         position = merge.between(low_pos, high_pos, toward)
     except ValueError as exc:  # pragma: no cover - the cases above leave room
         raise FieldValueError(f"list {view.name!r}: {exc}") from None
-    position += bytes(2 + digit % 254 for digit in secrets.token_bytes(_UNIQUE_DIGITS))
+    seed = hashlib.blake2b(b"\0".join([view.obj._node.node_id, view.obj._caller.encode(),
+                                        view.obj.db_id.encode(), view.name.encode(),
+                                        position, low or b"", high or b""]),
+                           digest_size=_UNIQUE_DIGITS).digest()
+    position += bytes(2 + digit % 254 for digit in seed)
     if len(position) > MAX_POSITION:
         raise FieldValueError(f"list {view.name!r}: no room left between these elements")
     return position

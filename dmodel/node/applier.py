@@ -373,6 +373,10 @@ class Applier:
         (``0``: all of them, now; ``links``: only those waiting for one of these ids).
         Under the apply lock. True while gaps remain."""
         with self.lock:
+            if waited and not self.pruner.active:
+                # A node that keeps every version waits for links as long as it takes:
+                # catch-up releases those no connected peer has (see net/catchup.py).
+                return False
             gaps = self.pending.take_gaps(waited, links)
             if gaps:
                 self._gap_ok = {u.id for u in gaps}
@@ -400,7 +404,7 @@ class Applier:
                     self.count_drop(exc, update)
                     return
         self.pending.park(update, decision.missing, verified=verified)
-        if self.pending.has_gaps:  # the timer releases it (CHAIN_WAIT_S)
+        if self.pruner.active and self.pending.has_gaps:  # the timer releases it
             self.future.wake()
 
     def _release_pending(self, update: Update) -> None:

@@ -145,7 +145,9 @@ def test_revocation_races_converge_to_the_rule(server, data) -> None:
 
         raws = list({decode(r).id: r for w in writers for r in w.updates_since(0)}.values())
         objects = [owner.db_id, member]
-        receivers = [world.node(f"r{i}", lambda: RECEIVER_NOW_NS, "reject") for i in range(3)]
+        # They keep every version: the verdicts below are read from their histories.
+        receivers = [world.node(f"r{i}", lambda: RECEIVER_NOW_NS, "reject", "all")
+                     for i in range(3)]
         for receiver in receivers:
             deliver(data, receiver, raws)
             assert receiver.pending_count == 0
@@ -154,6 +156,11 @@ def test_revocation_races_converge_to_the_rule(server, data) -> None:
         states = [node_state(r, objects) for r in receivers]
         for other in states[1:]:
             assert other == states[0]
+        # One that prunes all it can reaches the same state (not the same history).
+        pruning = world.node("rp", lambda: RECEIVER_NOW_NS, "reject", "1")
+        deliver(data, pruning, raws)
+        assert pruning.pending_count == 0
+        assert pruning.state_digest() == receivers[0].state_digest()
         reference = fold_state(merge.fold([decode(r) for r in raws]), objects)
         for db_id in objects:
             got = {k: v for k, v in states[0][db_id].items() if k in reference[db_id]}
