@@ -110,6 +110,7 @@ def open_home(config: NodeConfig) -> Home:
     try:
         with map_redis_errors():
             client.ping()
+        store.recover()
     except BaseException:
         home.close()
         raise
