@@ -82,8 +82,8 @@ from redis.exceptions import RedisClusterException
 
 from .. import merge, query
 from ..clock import physical_ms
-from ..errors import ConfigurationError, StoreError, StoreUnavailableError
 from ..crypto import is_oid
+from ..errors import ConfigurationError, StoreError, StoreUnavailableError
 from ..pipeline import Snapshot, needs, wrap_keys
 from ..update import Update, op_register
 from .base import HELD_CAP, pack_versions, unpack_versions
