@@ -1018,6 +1018,8 @@ class RedisStore:
         end = self._next_seq()
         out = self._call("ZRANGEBYSCORE", self.k_log, start, "+inf", "WITHSCORES",
                          "LIMIT", 0, limit)
+        if out and isinstance(out[0], list | tuple):  # the cluster client gives pairs
+            out = [item for pair in out for item in pair]
         ids, scores = list(out[0::2]), out[1::2]
         if len(ids) < limit or not scores:
             return ids, max(end, start)
