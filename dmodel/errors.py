@@ -2,7 +2,8 @@
 
     DModelError
     ├── ConfigurationError (ValueError)        bad launch()/env values
-    │   └── ModelDefinitionError               bad DModel/DField/DAction declaration
+    │   ├── ModelDefinitionError               bad DModel/DField/DAction declaration
+    │   └── StoreInUseError                    another running node holds this store's lock
     ├── NodeNotRunningError                    no node launched, or it was shut down
     ├── ObjectNotFoundError (LookupError)      unknown db_id (Model.DoesNotExist derives from it)
     ├── WaitTimeout (TimeoutError)             obj.wait()/wait_for(): nothing arrived in time
@@ -48,6 +49,10 @@ class ConfigurationError(DModelError, ValueError):
 
 class ModelDefinitionError(ConfigurationError):
     """A model, field or listener declaration that cannot work."""
+
+
+class StoreInUseError(ConfigurationError):
+    """Another running node uses this Redis database and prefix (it holds the lock key)."""
 
 
 class NodeNotRunningError(DModelError):
@@ -201,6 +206,7 @@ __all__ = [
     "BrokenChainUpdate",
     "CommandError",
     "ConfigurationError",
+    "StoreInUseError",
     "ConflictingCreate",
     "CryptoError",
     "DModelError",

@@ -1,23 +1,92 @@
 """A node's home: its lock, node id, keyring and store (embedded Redis, or one by URL).
 
-Opened and closed on the thread that builds and shuts down the ``Node``; nothing here
-starts a thread of its own (the embedded Redis is a child process).
+Opened and closed on the thread that builds and shuts down the ``Node``. The embedded
+Redis is a child process; a Redis given by URL is held with an expiring lock key, kept
+fresh by one small daemon thread (``StoreLock``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import NodeConfig
-from ..errors import ConfigurationError, KeyringError
+from ..errors import ConfigurationError, KeyringError, StoreError, StoreInUseError
 from ..keyring import Keyring, secure_home, write_private
 from ..net.identity import derived_node_id, load_node_key
 from ..store.connect import connect
 from ..store.embedded import EmbeddedRedis
 from ..store.redis import RedisStore, map_redis_errors
 from ..update import NODE_ID_SIZE
+
+logger = logging.getLogger(__name__)
+
+LOCK_TTL = 15.0  # seconds a store lock outlives its holder; refreshed every third of it
+
+# Refresh (ARGV[2] ms) or release (no ARGV[2]) the lock, only if ARGV[1] still holds it.
+_LOCK_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
+"""
+
+
+class StoreLock:
+    """One node per Redis database and prefix: the store's lock key (``SET NX`` with
+    the holder's node id, pid and host, expiring after ``ttl`` seconds unless
+    refreshed). A holder that died without releasing it is taken over once it expires."""
+
+    def __init__(self, store: RedisStore, node_id: bytes, ttl: float = LOCK_TTL) -> None:
+        self.store, self.ttl = store, ttl
+        self.holder = f"node {node_id.hex()} pid {os.getpid()} on {socket.gethostname()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise StoreInUseError naming its holder."""
+        client, key = self.store.client, self.store.k_lock
+        with map_redis_errors():
+            if not client.set(key, self.holder, nx=True, px=int(self.ttl * 1000)):
+                holder = (client.get(key) or b"a node that just left").decode(errors="replace")
+                raise StoreInUseError(
+                    f"the Redis store with prefix {self.store.prefix!r} is in use by "
+                    f"{holder} (one node per database and prefix: stop that node, or give "
+                    f"this one another redis_prefix; a dead holder's lock expires within "
+                    f"{self.ttl:g} s)")
+        self._thread = threading.Thread(target=self._refresh, name="dmodel-store-lock",
+                                        daemon=True)
+        self._thread.start()
+
+    def _call(self, *args: Any) -> Any:
+        return self.store.client.execute_command("EVAL", _LOCK_LUA, 1, self.store.k_lock,
+                                                 self.holder, *args)
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                with map_redis_errors():
+                    if not self._call(int(self.ttl * 1000)):
+                        logger.warning("the store lock %s is no longer held by this node",
+                                       self.store.k_lock)
+            except StoreError as exc:  # Redis away for a while: try again later
+                logger.warning("cannot refresh the store lock: %s", exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+            try:
+                with map_redis_errors():
+                    self._call()
+            except StoreError as exc:
+                logger.warning("cannot release the store lock (it expires by itself): %s",
+                               exc)
 
 
 def _lock_home(home: Path) -> Any:
@@ -62,9 +131,14 @@ class Home:
     store: RedisStore
     embedded: EmbeddedRedis | None
     lock: Any
+    store_lock: StoreLock | None = None
 
     def close(self) -> None:
-        """Close the store, stop the embedded Redis, release the home."""
+        """Release the store's lock, close the store, stop the embedded Redis, release
+        the home."""
+        if self.store_lock is not None:
+            self.store_lock.release()
+            self.store_lock = None
         self.store.close()
         if self.embedded is not None:
             self.embedded.stop()
@@ -110,6 +184,10 @@ def open_home(config: NodeConfig) -> Home:
     try:
         with map_redis_errors():
             client.ping()
+        if redis_url:
+            home.store_lock = StoreLock(store, node_id)
+            home.store_lock.acquire()
+        store.recover()
     except BaseException:
         home.close()
         raise

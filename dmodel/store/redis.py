@@ -1,15 +1,33 @@
 """The Redis store: snapshot reads for the pipeline, atomic commits, log and history.
 
-Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)::
+Key layout. ``P`` is the prefix (``dm:`` by default; no ``{`` or ``}`` in it), ``G`` is
+``P{P}`` (e.g. ``dm:{dm:}``: the store's global keys all share the hash tag ``{P}``, so
+on a Redis Cluster they live in one slot), and ``db_id`` is ``Model:oid``: every key of
+one object carries the hash tag ``{db_id}``, so one object's keys share a slot too::
 
-    P u                HASH  update id -> raw signed update (every stored update)
-    P ch               HASH  update id -> node id (16 bytes) + caller db_id   (chain links)
-    P head             HASH  caller db_id + "|" + node hex -> id of the latest update of that chain
+    G u                HASH  update id -> raw signed update (every stored update)
+    G ch               HASH  update id -> node id (16 bytes) + caller db_id   (chain links)
+    G head             HASH  caller db_id + "|" + node hex -> id of the latest update of that chain
                              + its timestamp (8 bytes, big-endian)
-    P log              ZSET  update id -> its sequence number here (store order); pruned
+    G log              ZSET  update id -> its sequence number here (store order); pruned
                              updates leave a gap, so positions never move
+    G pc               HASH  db_id -> number of its updates pruned by retention
+    G next             HASH  update id -> id of the update that named it as previous
+    G m:{Model}        SET   oids of known objects of that model
+    G models           SET   model names
+    G ix               SET   "Model#field" of each value index this store keeps up
+    G i:{Model}#{field} ZSET value index: members order-preserving value key + 0x00 + oid,
+                             all with score 0 (see dmodel/query.py)
+    G fut              HASH  update id -> raw update held for its future timestamp
+    G meta             HASH  "hlc" -> greatest timestamp, "seq" -> next log position,
+                             "epoch" -> random id of this store
+                             (catch-up), "cursor:<peer hex>" -> [epoch, position] read
+                             so far in that peer's log
+    G jr               HASH  commit id -> the per-slot writes of a commit spanning slots,
+                             until they are all applied (the journal; cluster only)
+    G done             STR   id of the last commit step applied in the global slot
+    G lock             STR   node id, pid and host of the node using this store (expiring)
     P kv:{db_id}       HASH  register name -> superseded versions kept by retention (packed)
-    P pc               HASH  db_id -> number of its updates pruned by retention
     P o:{db_id}        STR   packed ObjectMeta (public keys, create version, removal version)
     P r:{db_id}        HASH  register name -> packed Register (value + version + update ref)
     P a:{db_id}        HASH  "r:"/"u:" + member db_id -> packed authorization events
@@ -18,43 +36,54 @@ Key layout (``P`` is the prefix, ``dm:`` by default; ``db_id`` is ``Model:oid``)
     P x:{db_id}        LIST  ids of held (unauthorized) updates touching the object, capped
     P lw:{db_id}       ZSET  caller db_id -> greatest timestamp (ms) of its ops on the object,
                              for callers other than the object itself (late-grant detection)
-    P next             HASH  update id -> id of the update that named it as previous
     P l:{db_id}#{field} ZSET live DList elements: members position + 0x00 + element id, all
                              with score 0, so lexicographic order is list order
     P lf:{db_id}       SET   names of the object's DList fields
-    P m:{Model}        SET   oids of known objects of that model
-    P models           SET   model names
-    P ix               SET   "Model#field" of each value index this store keeps up
-    P i:{Model}#{field} ZSET value index: members order-preserving value key + 0x00 + oid,
-                             all with score 0 (see dmodel/query.py)
     P ie:{db_id}       HASH  indexed field -> the object's member in that index
-    P fut              HASH  update id -> raw update held for its future timestamp
-    P meta             HASH  "hlc" -> greatest timestamp, "seq" -> next log position,
-                             "epoch" -> random id of this store
-                             (catch-up), "cursor:<peer hex>" -> [epoch, position] read
-                             so far in that peer's log
+    P jd:{db_id}       STR   id of the last commit step applied in this object's slot (cluster)
 
-Each update (or batch of updates) is committed with its log entries in one atomic
-step (MULTI/EXEC on the embedded server, a Lua script over redis-py), which Redis
-applies as a whole and writes to the AOF as one unit, so a crash never leaves half an
-update. The register keeps the update's version, whose last 34
-bytes are the update id and op index: that is how any read is verified against the
-signed update (``verified=True`` reads, ``dmodel verify``).
+(The braces are literal: ``dm:r:{Person:abc...}``.) A store written with the layout
+before hash tags (``dm:r:Person:abc...``, ``dm:u``...) is renamed key by key into this one
+when it is opened (``RedisStore.recover``), which is safe to cut short and run again.
+
+Commits. All the writes of an update (or a batch) are decided first, then sent as one
+script call (``_WRITE_LUA``) that checks the type of every key it writes before the first
+write, so a commit either happens whole or not at all: a hand-edited key of the wrong
+type fails it with nothing written, and ``maxmemory`` refuses a script at its first
+write. The script also records the commit step's id (``G done``, ``P jd:{db_id}``) and
+skips a step already applied, so a call re-sent after a lost reply changes nothing. On
+one Redis every commit is that one atomic step (it reaches the AOF as one unit, so a
+crash never leaves half an update). On a Redis Cluster the writes are grouped by slot:
+when they span several, the step of the global slot (log, chain, raw update) also
+writes the other slots' steps into the journal ``G jr``; then each slot's step runs
+(atomic in its slot, idempotent), and the journal entry goes. A node killed in between
+finishes the update when it opens the store again (``recover``), and any later commit
+first finishes one left pending. A reader may thus see one object's part of a
+multi-object update before another's, never a part of one object's writes. The
+register keeps the update's version, whose last 34 bytes are the update id and op
+index: that is how any read is verified against the signed update (``verified=True``
+reads, ``dmodel verify``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import msgpack
 import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
 from .. import merge, query
 from ..clock import physical_ms
-from ..errors import StoreError, StoreUnavailableError
+from ..crypto import is_oid
+from ..errors import ConfigurationError, StoreError, StoreUnavailableError
 from ..pipeline import Snapshot, needs, wrap_keys
 from ..update import Update, op_register
 from .base import HELD_CAP, pack_versions, unpack_versions
@@ -71,6 +100,53 @@ for i, cmd in ipairs(cmsgpack.unpack(ARGV[1])) do out[i] = redis.call(unpack(cmd
 return cmsgpack.pack(out)
 """
 _BATCH_SHA = hashlib.sha1(_BATCH_LUA.encode()).hexdigest()
+
+# One commit step (see the module docstring). KEYS[1]: the step's guard (a string), then
+# every key it writes; ARGV[1]: one letter per written key, the type it must have if it
+# exists (h hash, z zset, s set, l list, "." any); ARGV[2]: the step's id; then each
+# command as its argument count followed by its arguments. Nothing is written unless
+# every key has its type; a step whose id the guard already holds is skipped.
+_WRITE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[2] then return 0 end
+local kinds = {h = 'hash', z = 'zset', s = 'set', l = 'list'}
+for i = 2, #KEYS do
+  local kind = kinds[string.sub(ARGV[1], i - 1, i - 1)]
+  if kind then
+    local found = redis.call('TYPE', KEYS[i])['ok']
+    if found ~= 'none' and found ~= kind then
+      return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. found ..
+                               ', not a ' .. kind .. ': nothing was written')
+    end
+  end
+end
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+_WRITE_SHA = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
+
+# The type each written command needs of its key ("." for any).
+_KEY_KIND = {"HSET": "h", "HSETNX": "h", "HDEL": "h", "HINCRBY": "h", "ZADD": "z",
+             "ZREM": "z", "SADD": "s", "SREM": "s", "RPUSH": "l", "LTRIM": "l",
+             "LREM": "l", "SET": ".", "DEL": "."}
+
+# A commit step's keys, their type letters and its flat command list (see _WRITE_LUA).
+Step = tuple[list[str], str, list[Any]]
+
+# Cluster replies a client may get while slots move or a master fails over: the step is
+# sent again after a short pause (it is idempotent), for at most _RETRY_SECONDS.
+_RETRY_SECONDS = 15.0
+_TRANSIENT = (redis.exceptions.TryAgainError, redis.exceptions.AskError,
+              redis.exceptions.ClusterError, redis.ConnectionError, redis.TimeoutError,
+              redis.exceptions.SlotNotCoveredError)
+
+_OLD_GLOBALS = ("u", "ch", "head", "log", "next", "meta", "pc", "fut", "models", "ix")
+_OLD_OBJECT_KINDS = ("kv", "o", "r", "a", "w", "h", "x", "lw", "lf", "ie")
 
 
 def _trim(cache: dict[Any, Any], limit: int) -> None:
@@ -144,30 +220,92 @@ def map_redis_errors() -> Iterator[None]:
         yield
     except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError) as exc:
         raise StoreUnavailableError(f"Redis is unreachable: {exc}") from exc
-    except redis.RedisError as exc:
+    except (redis.exceptions.SlotNotCoveredError, redis.exceptions.ClusterDownError) as exc:
+        raise StoreUnavailableError(f"the Redis Cluster cannot serve: {exc}") from exc
+    except (redis.RedisError, RedisClusterException) as exc:
         raise StoreError(f"Redis error: {exc}") from exc
 
 
-class RedisStore:
-    """dmodel's state in one Redis database."""
+def _retrying(call: Callable[[], Any], cluster: bool) -> Any:
+    """``call()``, sent again after a short pause while a cluster answers that its slots
+    are moving or a master is away (bounded); at once otherwise."""
+    if not cluster:
+        return call()
+    deadline = time.monotonic() + _RETRY_SECONDS
+    pause = 0.02
+    while True:
+        try:
+            return call()
+        except _TRANSIENT:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
-    def __init__(self, client: redis.Redis, prefix: str = "dm:",
+
+def _glob_escape(text: str) -> str:
+    """``text`` with the glob characters of SCAN MATCH escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _single_key(cmds: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """The commands, a DEL of several keys split into one DEL per key."""
+    for cmd in cmds:
+        if cmd[0] == "DEL" and len(cmd) > 2:
+            yield from (("DEL", key) for key in cmd[1:])
+        else:
+            yield cmd
+
+
+def _step(guard: str, cmds: Iterable[tuple[Any, ...]]) -> Step:
+    """The commit step of ``cmds`` (all in one slot) guarded by ``guard``."""
+    kinds: dict[str, str] = {}
+    flat: list[Any] = []
+    for cmd in cmds:
+        for key in cmd[1:] if cmd[0] == "DEL" else cmd[1:2]:
+            kinds.setdefault(key, _KEY_KIND[cmd[0]])  # the first use decides: after
+            # a DEL, any type will do
+        flat.append(len(cmd))
+        flat.extend(cmd)
+    return [guard, *kinds], "".join(kinds.values()), flat
+
+
+def _tag(key: str) -> str:
+    """The hash tag of one of the store's keys (what lies between its first braces)."""
+    start = key.index("{") + 1
+    return key[start:key.index("}", start)]
+
+
+class RedisStore:
+    """dmodel's state in one Redis database, or spread over a Redis Cluster."""
+
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str = "dm:",
                  unix_socket: str | None = None) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ConfigurationError(f"the Redis prefix {prefix!r} may not hold braces "
+                                     "(the store's keys use them as hash tags)")
         self.client = client
+        self.cluster = isinstance(client, RedisCluster)
         # The hot path (one script call per batch, one HGET per field read) goes over a
         # lean connection when the server is a local unix socket (see wire.py).
         self.wire = Wire(unix_socket) if unix_socket else None
         self.prefix = prefix
-        p = prefix
+        p = self.k_global = f"{prefix}{{{prefix}}}"
         self.k_updates, self.k_chain, self.k_head = f"{p}u", f"{p}ch", f"{p}head"
         self.k_log, self.k_models, self.k_meta = f"{p}log", f"{p}models", f"{p}meta"
         self.k_next, self.k_future = f"{p}next", f"{p}fut"
         self.k_pruned = f"{p}pc"
         self.k_indexes = f"{p}ix"
+        self.k_journal, self.k_done, self.k_lock = f"{p}jr", f"{p}done", f"{p}lock"
+        self._global_slot = key_slot(self.k_done.encode())
         self._indexes: set[tuple[str, str]] | None = None  # loaded from k_indexes
         self.cache = StoreCache()
         self._script_sha = _BATCH_SHA
         self._seq: int | None = None  # next log position; this node is the only writer
+        self._journal_pending = True  # until recover() or the first commit looked
+        # Called between a journaled commit's global step and its other slots' steps
+        # (tests make it raise, or kill the process, to check recovery).
+        self.after_journal: Callable[[], None] | None = None
 
     def _next_seq(self) -> int:
         if self._seq is None:
@@ -188,45 +326,172 @@ class RedisStore:
         pipe.hset(self.k_meta, "seq", len(uids))
         pipe.execute()
 
+    def recover(self) -> None:
+        """Make the store ready for use on open: rename the keys of a store written with
+        the layout before hash tags, and finish a commit a killed node left half done."""
+        with map_redis_errors():
+            if not self.cluster and self.client.exists(f"{self.prefix}meta"):
+                self._migrate_layout()
+        self.replay_journal()
+
+    def _migrate_layout(self) -> None:
+        """Rename every key of the old layout (``P r:Model:oid``...) to its hash-tagged
+        name. Each RENAME is atomic and the old meta hash goes last, so a migration cut
+        short is picked up where it stopped at the next open."""
+        old_meta = f"{self.prefix}meta"
+        batch: list[tuple[bytes, str]] = []
+        for raw in self.client.scan_iter(match=_glob_escape(self.prefix) + "*", count=1000):
+            new = self._new_name(raw.decode(errors="replace"))
+            if new is not None and new != self.k_meta:
+                batch.append((raw, new))
+            if len(batch) >= 1000:
+                self._rename(batch)
+        self._rename(batch)
+        self.client.rename(old_meta, self.k_meta)
+
+    def _rename(self, batch: list[tuple[bytes, str]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for old, new in batch:
+            pipe.rename(old, new)
+        pipe.execute()
+        batch.clear()
+
+    def _new_name(self, key: str) -> str | None:
+        """The hash-tagged name of a key of the old layout, None for any other key (a
+        new one, or another prefix's that happens to start with ours)."""
+        rest = key[len(self.prefix):]
+        if "{" in rest or "}" in rest:
+            return None
+        if rest in _OLD_GLOBALS:
+            return self.k_global + rest
+        kind, _, name = rest.partition(":")
+        if kind == "m" and name.isidentifier():
+            return self.k_global + rest
+        if kind == "i":
+            model, _, field = name.partition("#")
+            return self.k_global + rest if model.isidentifier() and field else None
+        if kind == "l":
+            name, _, field = name.partition("#")
+            if not field:
+                return None
+        elif kind not in _OLD_OBJECT_KINDS:
+            return None
+        model, _, oid = name.partition(":")
+        if not (model.isidentifier() and is_oid(oid)):
+            return None
+        return f"{self.prefix}{kind}:{{{name}}}" + (f"#{field}" if kind == "l" else "")
+
     # ------------------------------------------------------------------ keys
     def k_obj(self, db_id: str) -> str:
-        return f"{self.prefix}o:{db_id}"
+        return f"{self.prefix}o:{{{db_id}}}"
 
     def k_reg(self, db_id: str) -> str:
-        return f"{self.prefix}r:{db_id}"
+        return f"{self.prefix}r:{{{db_id}}}"
 
     def k_auth(self, db_id: str) -> str:
-        return f"{self.prefix}a:{db_id}"
+        return f"{self.prefix}a:{{{db_id}}}"
 
     def k_wrap(self, db_id: str) -> str:
-        return f"{self.prefix}w:{db_id}"
+        return f"{self.prefix}w:{{{db_id}}}"
 
     def k_hist(self, db_id: str) -> str:
-        return f"{self.prefix}h:{db_id}"
+        return f"{self.prefix}h:{{{db_id}}}"
 
     def k_held(self, db_id: str) -> str:
-        return f"{self.prefix}x:{db_id}"
+        return f"{self.prefix}x:{{{db_id}}}"
 
     def k_last(self, db_id: str) -> str:
-        return f"{self.prefix}lw:{db_id}"
+        return f"{self.prefix}lw:{{{db_id}}}"
 
     def k_list(self, db_id: str, name: str) -> str:
-        return f"{self.prefix}l:{db_id}#{name}"
+        return f"{self.prefix}l:{{{db_id}}}#{name}"
 
     def k_lists(self, db_id: str) -> str:
-        return f"{self.prefix}lf:{db_id}"
+        return f"{self.prefix}lf:{{{db_id}}}"
 
     def k_model(self, model: str) -> str:
-        return f"{self.prefix}m:{model}"
+        return f"{self.k_global}m:{model}"
 
     def k_kept(self, db_id: str) -> str:
-        return f"{self.prefix}kv:{db_id}"
+        return f"{self.prefix}kv:{{{db_id}}}"
 
     def k_index(self, model: str, field: str) -> str:
-        return f"{self.prefix}i:{model}#{field}"
+        return f"{self.k_global}i:{model}#{field}"
 
     def k_entries(self, db_id: str) -> str:
-        return f"{self.prefix}ie:{db_id}"
+        return f"{self.prefix}ie:{{{db_id}}}"
+
+    def k_guard(self, tag: str) -> str:
+        """The guard of commit steps in the slot of hash tag ``tag`` (see _WRITE_LUA)."""
+        return self.k_done if tag == self.prefix else f"{self.prefix}jd:{{{tag}}}"
+
+    # --------------------------------------------------------------- commits
+    def _write(self, cmds: list[tuple[Any, ...]]) -> None:
+        """Apply ``cmds`` whole or not at all: one atomic step when their keys are on one
+        server, else journaled steps per slot (see the module docstring)."""
+        if self._journal_pending:
+            self.replay_journal()
+        commit_id = time.time_ns().to_bytes(8, "big") + os.urandom(4)
+        if not self.cluster:
+            self._apply(_step(self.k_done, cmds), commit_id)
+            return
+        groups: dict[int, tuple[str, list[tuple[Any, ...]]]] = {}
+        for cmd in _single_key(cmds):
+            tag = _tag(cmd[1])
+            slot = key_slot(tag.encode())
+            guard = self.k_done if slot == self._global_slot else self.k_guard(tag)
+            groups.setdefault(slot, (guard, []))[1].append(cmd)
+        if len(groups) == 1:
+            ((guard, group),) = groups.values()
+            self._apply(_step(guard, group), commit_id)
+            return
+        _, global_cmds = groups.pop(self._global_slot, (self.k_done, []))
+        steps = [_step(guard, group) for guard, group in groups.values()]
+        global_cmds.append(("HSET", self.k_journal, commit_id,
+                            msgpack.packb(steps, use_bin_type=True)))
+        self._journal_pending = True
+        self._apply(_step(self.k_done, global_cmds), commit_id)
+        if self.after_journal is not None:
+            self.after_journal()
+        self._finish(commit_id, steps)
+
+    def _finish(self, commit_id: bytes, steps: Sequence[Step]) -> None:
+        for step in steps:
+            self._apply(step, commit_id)
+        with map_redis_errors():
+            _retrying(lambda: self.client.hdel(self.k_journal, commit_id), self.cluster)
+
+    def replay_journal(self) -> None:
+        """Finish every commit the journal still holds (in commit order; each step is
+        idempotent, so a step applied before the interruption is skipped)."""
+        with map_redis_errors():
+            entries = _retrying(lambda: self.client.hgetall(self.k_journal), self.cluster)
+        for commit_id in sorted(entries):
+            steps = msgpack.unpackb(entries[commit_id], raw=False)
+            self._finish(commit_id, [(keys, kinds, flat) for keys, kinds, flat in steps])
+        self._journal_pending = False
+
+    def _apply(self, step: Step, commit_id: bytes) -> None:
+        """Run one commit step with _WRITE_LUA (loading the script where it is missing)."""
+        keys, kinds, flat = step
+        args = ("EVALSHA", _WRITE_SHA, len(keys), *keys, kinds, commit_id, *flat)
+        if self.wire is not None:
+            reply = self.wire.call(*args)
+            if str(reply).startswith("NOSCRIPT"):
+                self.wire.check(self.wire.call("SCRIPT", "LOAD", _WRITE_LUA))
+                reply = self.wire.call(*args)
+            self.wire.check(reply)
+            return
+
+        def call() -> Any:
+            try:
+                return self.client.execute_command(*args)
+            except redis.exceptions.NoScriptError:
+                self.client.script_load(_WRITE_LUA)  # on every master of a cluster
+                return self.client.execute_command(*args)
+
+        with map_redis_errors():
+            _retrying(call, self.cluster)
 
     # ------------------------------------------------------------ retention
     def retention_reads(self, pairs: Sequence[tuple[str, str]],
@@ -240,7 +505,7 @@ class RedisStore:
             cmds.append(("HGET", self.k_reg(db_id), name))
         cmds.extend(("HGET", self.k_head, f"{caller}|{node.hex()}") for caller, node in chains)
         with map_redis_errors():
-            out = self._run(cmds, write=False) if cmds else []
+            out = self._run(cmds) if cmds else []
         kept = [unpack_versions(v) for v in out[0:2 * len(pairs):2]]
         regs = [merge.Register.unpack(v) if v else None for v in out[1:2 * len(pairs):2]]
         return kept, regs, [(h or b"")[:32] for h in out[2 * len(pairs):]]
@@ -270,7 +535,7 @@ class RedisStore:
                 cmds.append(("HINCRBY", self.k_pruned, db_id, 1))
         if cmds:
             with map_redis_errors():
-                self._run(cmds, write=True)
+                self._write(cmds)
 
     def pruned_count(self, db_id: str) -> int:
         """How many updates of ``db_id`` retention pruned here."""
@@ -327,7 +592,7 @@ class RedisStore:
             plans.append((update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
                           grants_l, wraps_l, check_chain))
         with map_redis_errors():
-            results = iter(self._run(cmds, write=False)) if cmds else iter(())
+            results = iter(self._run(cmds)) if cmds else iter(())
         snaps = []
         for (update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
              grants_l, wraps_l, check_chain) in plans:
@@ -394,7 +659,7 @@ class RedisStore:
             cmds.append(("HSET", self.k_meta, "hlc", hlc))
             cmds.append(("HSET", self.k_meta, "seq", seq))
             try:
-                self._run(cmds, write=True)
+                self._write(cmds)
             except BaseException:
                 self._seq = None  # read again: the commit may or may not have happened
                 raise
@@ -455,10 +720,18 @@ class RedisStore:
         else:  # pragma: no cover - merge only emits the kinds above
             raise ValueError(f"unknown write kind {w.kind}")
 
-    def _run(self, cmds: list[tuple[Any, ...]], *, write: bool) -> list[Any]:
-        """Run ``cmds`` in one round trip, atomically if ``write``; replies in order."""
+    def _run(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        """Run the read commands ``cmds`` in one round trip (one per master on a cluster);
+        their replies in order."""
         if self.wire is not None:
-            return self.wire.pipeline(cmds, atomic=write)
+            return self.wire.pipeline(cmds, atomic=False)
+        if self.cluster:
+            def call() -> list[Any]:
+                pipe = self.client.pipeline(transaction=False)
+                for cmd in cmds:
+                    pipe.execute_command(*cmd)
+                return list(pipe.execute())
+            return list(_retrying(call, True))
         # Integers go as text: Lua numbers are doubles and would lose digits.
         packed = msgpack.packb([[str(a) if type(a) is int else a for a in cmd] for cmd in cmds],
                                use_bin_type=False)
@@ -502,7 +775,7 @@ class RedisStore:
             cmds.append(("RPUSH", self.k_held(db_id), *held[-HELD_CAP:]))
         with map_redis_errors():
             cmds.extend(self._reindex_commands(db_id, meta, registers))
-        self._run(cmds, write=True)
+        self._write(cmds)
 
     # --------------------------------------------------------- value indexes
     def indexes(self) -> set[tuple[str, str]]:
@@ -534,7 +807,7 @@ class RedisStore:
                 for db_id in db_ids:
                     reads += [("GET", self.k_obj(db_id)), ("HGET", self.k_reg(db_id), field),
                               ("HGET", self.k_entries(db_id), field)]
-                out = self._run(reads, write=False)
+                out = self._run(reads)
                 cmds: list[tuple[Any, ...]] = []
                 for i, db_id in enumerate(db_ids):
                     meta, reg, old = out[3 * i:3 * i + 3]
@@ -543,7 +816,7 @@ class RedisStore:
                     self._change_commands(cmds, query.object_changes(
                         db_id, live, regs, indexed, {field: old} if old else {}))
                 if cmds:
-                    self._run(cmds, write=True)
+                    self._write(cmds)
             self.client.sadd(self.k_indexes, f"{model}#{field}")
         self.indexes().add((model, field))
 
@@ -572,7 +845,7 @@ class RedisStore:
                 cmds = [("HGET", self.k_reg(db_id), name)
                         for db_id in db_ids[start:start + 10_000]]
                 out += [merge.Register.unpack(d) if d else None
-                        for d in self._run(cmds, write=False)]
+                        for d in self._run(cmds)]
         return out
 
     def _index_commands(self, writes: list[merge.Write]) -> list[tuple[Any, ...]]:
@@ -601,7 +874,7 @@ class RedisStore:
         return cmds
 
     def _entries(self, db_ids: list[str]) -> dict[str, dict[str, bytes]]:
-        out = self._run([("HGETALL", self.k_entries(db_id)) for db_id in db_ids], write=False)
+        out = self._run([("HGETALL", self.k_entries(db_id)) for db_id in db_ids])
         return {db_id: _as_map(reply) for db_id, reply in zip(db_ids, out, strict=True)}
 
     def _change_commands(self, cmds: list[tuple[Any, ...]],
@@ -713,7 +986,7 @@ class RedisStore:
         """The ids among ``uids`` this store does not hold, in order."""
         if not uids:
             return []
-        held = self._run([("HEXISTS", self.k_updates, uid) for uid in uids], write=False)
+        held = self._run([("HEXISTS", self.k_updates, uid) for uid in uids])
         return [uid for uid, present in zip(uids, held, strict=True) if not present]
 
     def has_update(self, uid: bytes) -> bool:
@@ -750,6 +1023,8 @@ class RedisStore:
         end = self._next_seq()
         out = self._call("ZRANGEBYSCORE", self.k_log, start, "+inf", "WITHSCORES",
                          "LIMIT", 0, limit)
+        if out and isinstance(out[0], list | tuple):  # the cluster client gives pairs
+            out = [item for pair in out for item in pair]
         ids, scores = list(out[0::2]), out[1::2]
         if len(ids) < limit or not scores:
             return ids, max(end, start)

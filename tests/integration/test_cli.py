@@ -333,7 +333,7 @@ def test_verify_detects_a_value_altered_in_redis(capsys, homes):
     node = dmodel.Node(homes["a"], listen="", peers=[], discovery=False)
     try:
         key = node.store.k_reg(homes["worker"])
-        assert key == f"dm:r:{homes['worker']}"
+        assert key == f"dm:r:{{{homes['worker']}}}"
         reg = merge.Register.unpack(node.store.client.hget(key, "name"))
         forged = merge.Register(reg.version, "Mallory", reg.encrypted, reg.deleted)
         node.store.client.hset(key, "name", forged.pack())
@@ -352,7 +352,7 @@ def test_verify_detects_a_deleted_log_entry(capsys, homes):
     node = dmodel.Node(homes["a"], listen="", peers=[], discovery=False)
     try:
         uid = node.store.log_range()[-1]
-        assert node.store.client.hdel("dm:u", uid) == 1
+        assert node.store.client.hdel("dm:{dm:}u", uid) == 1
     finally:
         node.shutdown()
     code, out, err = run(capsys, "verify", "--home", homes["a"])

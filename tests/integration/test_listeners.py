@@ -142,7 +142,7 @@ class Vetoer(Recorder):
 
 # Keys that hold the state readers see (objects, registers, authorizations, wrapped
 # keys, histories, lists, model sets); the others hold updates, chains and the log.
-STATE_KEYS = ("o:", "r:", "a:", "w:", "h:", "l:", "lf:", "m:", "models")
+STATE_KEYS = ("o:", "r:", "a:", "w:", "h:", "l:", "lf:", "{dm:}m:", "{dm:}models")
 
 
 def dump(node: dmodel.Node, *, state_only: bool = False) -> dict[str, Any]:

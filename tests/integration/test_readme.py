@@ -12,12 +12,19 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_the_tour_runs(tmp_path, monkeypatch) -> None:
+    run_tour(tmp_path, monkeypatch)
+
+
+def run_tour(tmp_path, monkeypatch, redis_url: str | None = None) -> None:
+    """Run the README's tour and check what it did (on ``redis_url`` if given)."""
     text = README.read_text()
     tour = text.split("## A tour", 1)[1]
     code = re.search(r"```python\n(.*?)```", tour, re.S).group(1)
     monkeypatch.setenv("DMODEL_HOME", str(tmp_path / "home"))
     for name in ("DMODEL_LISTEN", "DMODEL_PEERS", "DMODEL_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
+    if redis_url:
+        monkeypatch.setenv("DMODEL_REDIS_URL", redis_url)
     monkeypatch.setenv("DMODEL_DISCOVERY", "0")  # the tour's launch() stays off the LAN
     code = code.replace("q.salary.get()", "_raises(q.salary.get)").replace(
         "dmodel.shutdown()", "")

@@ -1,0 +1,261 @@
+"""RedisStore on a real 3-master Redis Cluster (``redis+cluster://``): the tour, verify,
+two nodes converging over loopback ZeroMQ, a late joiner, a commit cut between its
+slots, a second node refused, and writes acknowledged while slots move between masters.
+
+Each test uses a prefix of its own on the session's cluster (``redis_cluster``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from helpers import wait_until
+
+import dmodel
+from dmodel import DField, DList, DModel
+from dmodel.errors import StoreInUseError
+from dmodel.merge import Register
+from dmodel.store.redis import _tag
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(60)]
+
+LOOPBACK = "tcp://127.0.0.1:*"
+_prefixes = itertools.count()
+
+
+class CPerson(DModel):
+    name = DField(index=True)
+    age = DField()
+    tags = DList()
+
+
+@pytest.fixture
+def cluster_node(redis_cluster, tmp_path):
+    """``cluster_node(name, prefix=None, **options)``: a Node whose store is the cluster,
+    under a prefix of this test's own (or ``prefix``, to reopen one)."""
+    nodes: list[dmodel.Node] = []
+    test_prefix = f"ct{os.getpid()}x{next(_prefixes)}"
+
+    def _make(name: str = "a", prefix: str | None = None, **options) -> dmodel.Node:
+        options.setdefault("listen", "")
+        options.setdefault("peers", [])
+        node = dmodel.Node(tmp_path / name, redis_url=redis_cluster.url, discovery=False,
+                           redis_prefix=prefix or f"{test_prefix}{name}:", **options)
+        nodes.append(node)
+        return node
+
+    yield _make
+    for node in reversed(nodes):
+        node.shutdown()
+
+
+def _keys(cluster, pattern: str) -> dict[bytes, int]:
+    """Every key matching ``pattern`` on any master -> that master's port."""
+    return {key: server.port for server in cluster.nodes
+            for key in server.client.keys(pattern)}
+
+
+def _masters_used(cluster, node: dmodel.Node) -> set[int]:
+    return set(_keys(cluster, node.store.prefix + "*").values())
+
+
+def test_the_tour_on_a_cluster_spreads_objects_and_verifies(cluster_node, redis_cluster):
+    node = cluster_node()
+    people = [CPerson(node=node) for _ in range(12)]
+    for i, p in enumerate(people):
+        p.name.set(f"p{i}")
+        p.age.set(20 + i)
+    people[0].tags.extend(["a", "b"])
+    people[0].tags.insert(1, "m")
+    with people[1].transaction():
+        people[1].name.set("renamed")
+        people[1].tags.append("t")
+    assert list(people[0].tags) == ["a", "m", "b"]
+    assert [p.db_id for p in CPerson.find(name="renamed", node=node)] == [people[1].db_id]
+    assert CPerson.query(node=node).where(CPerson.age >= 30).count() == 2
+    assert len(_masters_used(redis_cluster, node)) == 3  # objects on every master
+    for p in people:  # one object's keys share a slot
+        keys = _keys(redis_cluster, f"{node.store.prefix}*{{{p.db_id}}}*")
+        assert len(keys) >= 3 and len({redis_cluster.keyslot(k) for k in keys}) == 1
+    assert node.store.client.hlen(node.store.k_journal) == 0
+    assert node.verify_store() == []
+    key = node.store.k_reg(people[2].db_id)  # tampered by hand: verify says so
+    genuine = Register.unpack(node.store.client.hget(key, "age"))
+    node.store.client.hset(key, "age", Register(genuine.version, 99).pack())
+    problems = node.verify_store()
+    assert len(problems) == 1 and f"{people[2].db_id}:age" in problems[0]
+
+
+def test_the_readme_tour_runs_on_a_cluster(redis_cluster, tmp_path, monkeypatch):
+    """The README's tour as written, its store the cluster (through DMODEL_REDIS_URL,
+    under the default prefix, which no other test here uses)."""
+    from test_readme import run_tour
+
+    for server in redis_cluster.nodes:
+        for key in server.client.keys("dm:*"):
+            server.client.delete(key)
+    run_tour(tmp_path, monkeypatch, redis_url=redis_cluster.url)
+    assert len(_keys(redis_cluster, "dm:*")) > 10
+
+
+def test_two_cluster_backed_nodes_converge_and_a_late_joiner_catches_up(cluster_node):
+    a = cluster_node("a", listen=LOOPBACK, network_options={"sync_interval": 0.2})
+    b = cluster_node("b", listen=LOOPBACK, peers=[a.network.endpoint],
+                     network_options={"sync_interval": 0.2})
+    assert b.network.wait_for_peers(1, timeout=10)
+    made = [CPerson(node=a) for _ in range(5)]
+    for i, p in enumerate(made):
+        p.name.set(f"n{i}")
+    theirs = CPerson(node=b)
+    theirs.name.set("from b")
+    wait_until(lambda: set(a.store.log_range()) == set(b.store.log_range())
+               and len(a.store.log_range()) == 12, timeout=20)
+    late = cluster_node("late", listen=LOOPBACK, peers=[a.network.endpoint],
+                        network_options={"sync_interval": 0.2})
+    wait_until(lambda: set(late.store.log_range()) == set(a.store.log_range()), timeout=20)
+    for node in (a, b, late):
+        assert node.read(theirs.db_id, "name") == "from b"
+        assert [node.read(p.db_id, "name") for p in made] == [f"n{i}" for i in range(5)]
+        assert node.verify_store() == []
+    assert a.state_digest() == b.state_digest() == late.state_digest()
+
+
+def test_a_commit_cut_between_its_slots_is_finished_on_reopen(cluster_node):
+    node = cluster_node("a")
+    p = CPerson(node=node)
+    p.name.set("first")
+    prefix = node.store.prefix
+
+    def crash() -> None:
+        raise KeyboardInterrupt("killed between the journal and the other slots")
+
+    node.store.after_journal = crash
+    with pytest.raises(KeyboardInterrupt):
+        p.name.set("second")
+    assert node.store.client.hlen(node.store.k_journal) == 1  # journaled, not applied
+    assert Register.unpack(node.store.client.hget(node.store.k_reg(p.db_id), "name")) \
+        .value == "first"
+    node.shutdown()
+    again = cluster_node("a", prefix=prefix)
+    assert again.store.client.hlen(again.store.k_journal) == 0
+    assert again.read(p.db_id, "name") == "second"
+    assert len(again.history(p.db_id)) == 3 and again.verify_store() == []
+
+
+def test_a_node_killed_after_its_journal_write_is_recovered(redis_cluster, tmp_path,
+                                                            cluster_node):
+    """A real process SIGKILLs itself between the journal write and the per-slot writes."""
+    prefix = f"kill{os.getpid()}:"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import dmodel
+        from test_cluster_store import CPerson
+        node = dmodel.Node({str(tmp_path / "k")!r}, redis_url={redis_cluster.url!r},
+                           redis_prefix={prefix!r}, listen="", peers=[], discovery=False)
+        p = CPerson(node=node)
+        p.name.set("first")
+        print(p.db_id, flush=True)
+        node.store.after_journal = lambda: os.kill(os.getpid(), signal.SIGKILL)
+        p.name.set("second")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    db_id = proc.stdout.split()[0]
+    from dmodel.store.connect import connect
+    client = connect(redis_cluster.url)
+    client.delete(f"{prefix}{{{prefix}}}lock")  # the dead holder's lock, not to wait out
+    assert client.hlen(f"{prefix}{{{prefix}}}jr") == 1
+    client.close()
+    node = cluster_node("k", prefix=prefix)
+    assert node.read(db_id, "name") == "second"
+    assert node.store.client.hlen(node.store.k_journal) == 0
+    assert node.verify_store() == []
+
+
+def test_a_second_node_on_the_same_prefix_is_refused_naming_the_holder(cluster_node):
+    first = cluster_node("a")
+    with pytest.raises(StoreInUseError, match=first.node_id.hex()) as caught:
+        cluster_node("b", prefix=first.store.prefix)
+    assert f"pid {os.getpid()}" in str(caught.value)
+    other = cluster_node("c")  # another prefix is another store
+    assert other.store.prefix != first.store.prefix
+    prefix = first.store.prefix
+    first.shutdown()  # released on shutdown: the next one gets it
+    second = cluster_node("b", prefix=prefix)
+    assert first.node_id.hex() not in second.store.client.get(second.store.k_lock).decode()
+
+
+def test_a_stale_lock_of_a_dead_holder_is_taken_over_after_its_expiry(cluster_node,
+                                                                      redis_cluster):
+    from dmodel.store.connect import connect
+    prefix = f"stale{os.getpid()}:"
+    client = connect(redis_cluster.url)
+    client.set(f"{prefix}{{{prefix}}}lock", "node dead pid 1 on gone", px=300)
+    with pytest.raises(StoreInUseError, match="node dead pid 1 on gone"):
+        cluster_node("a", prefix=prefix)
+    wait_until(lambda: not client.exists(f"{prefix}{{{prefix}}}lock"), timeout=5)
+    node = cluster_node("a", prefix=prefix)
+    assert node.node_id.hex() in client.get(node.store.k_lock).decode()
+    client.close()
+
+
+def test_every_acknowledged_write_survives_slots_moving_under_a_writer(cluster_node,
+                                                                       redis_cluster):
+    node = cluster_node()
+    people = [CPerson(node=node) for _ in range(6)]
+    for p in people:
+        p.name.set("start")
+    store = node.store
+    slots = sorted({redis_cluster.keyslot(_tag(store.k_reg(p.db_id))) for p in people}
+                   | {redis_cluster.keyslot(_tag(store.k_log))})
+    acknowledged: dict[str, int] = {}
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        try:
+            for i in range(100_000):
+                if stop.is_set():
+                    return
+                p = people[i % len(people)]
+                p.name.set(i)
+                acknowledged[p.db_id] = i
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(acknowledged) == len(people) or failures, timeout=20)
+        before = sum(acknowledged.values())
+        split: list[int] = []
+        for slot in slots:  # each to the next master, the writer at work while its
+            src = redis_cluster.owner(slot)  # keys are split between the two
+            dst = redis_cluster.nodes[(redis_cluster.nodes.index(src) + 1) % 3]
+            redis_cluster.move_slots([slot], src, dst, batch=2,
+                                     midway=lambda s: (split.append(s), time.sleep(0.05)))
+        count = sum(acknowledged.values())
+        assert split and count > before  # writes went on while slots were split
+        wait_until(lambda: sum(acknowledged.values()) > count + 20 or failures, timeout=20)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert not failures, failures
+    assert store.client.hlen(store.k_journal) == 0
+    for p in people:
+        assert node.read(p.db_id, "name") == acknowledged[p.db_id]
+    log = store.log_range()
+    assert len(log) == len(set(log)) == store.log_length()
+    assert sum(len(store.history(p.db_id)) for p in people) == len(log)
+    assert node.verify_store() == []
