@@ -65,7 +65,9 @@ def test_a_key_of_the_wrong_type_fails_the_commit_and_writes_nothing(make_node):
     p.name.set("after")
     assert p.name.get() == "after" and store.log_length() == log_before + 1
     assert client.lrange(history, 0, -1) == [store.log_range(-1)[0]]
-    assert node.verify_store() == []
+    # The history deleted by hand lacks the list insert, and verify says so (only that).
+    problems = node.verify_store()
+    assert problems and all("not in the object's history" in p for p in problems), problems
 
 
 def test_maxmemory_reached_fails_the_commit_and_writes_nothing(make_node):
