@@ -95,6 +95,36 @@ def newest_versions(store: Store, db_id: str) -> dict[str, bytes]:
     return newest
 
 
+_AUTH_OP = {("r", True): "grant_read", ("r", False): "revoke_read",
+            ("u", True): "grant_update", ("u", False): "revoke_update"}
+
+
+def auth_problems(store: Store, db_id: str) -> list[str]:
+    """Authorization events of the object that no signed update of it made (an injected
+    grant, say): each must name a grant/revoke op, or the create, naming the member."""
+    problems = []
+    for kind in ("r", "u"):
+        for member, events in store.auth_events(db_id, kind).items():
+            for ver, granted, _frontier in events:
+                where = f"{db_id}: {'read' if kind == 'r' else 'update'} event of {member}"
+                try:
+                    update, index = signed_op(store, db_id, where, merge.version_ref(ver))
+                    op = update.ops[index]
+                except IntegrityError as exc:
+                    problems.append(str(exc))
+                    continue
+                except _DAMAGED as exc:
+                    problems.append(f"{where}: damaged: {exc!r}")
+                    continue
+                listed = op.op == "create" and granted and member in op.value.get(
+                    "read" if kind == "r" else "update", ())
+                named = op.op == _AUTH_OP[(kind, granted)] and op.value.get("id") == member
+                if op.obj != db_id or not (listed or named) or merge.version(
+                        update.timestamp, update.caller_oid, update.id, index) != ver:
+                    problems.append(f"{where}: no signed update made it (injected?)")
+    return problems
+
+
 def verify_register(store: Store, db_id: str, name: str, reg: merge.Register,
                     newest: dict[str, bytes] | None = None) -> None:
     """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote, and
@@ -164,6 +194,10 @@ def verify_store(store: Store, progress: Progress | None = None) -> list[str]:
     total = len(objects) + len(log)
     for db_id in _counted(objects, progress, 0, total):
         newest = newest_versions(store, db_id)
+        try:
+            problems.extend(auth_problems(store, db_id))
+        except _DAMAGED as exc:
+            problems.append(f"{db_id}: authorization events are damaged: {exc!r}")
         registers = _stored_registers(store, db_id, problems)
         meta = store.object_meta(db_id)
         if meta is not None and meta.removed is None:  # a removal drops the registers

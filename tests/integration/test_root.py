@@ -187,3 +187,16 @@ def test_deleted_log_and_history_entries(make_node) -> None:
     a.store.client.lrem(a.store.k_hist(doc.db_id), 0, uid)
     problems = a.verify_store()
     assert problems, "a deleted log and history entry went unnoticed"
+
+
+def test_an_injected_grant(make_node) -> None:
+    from dmodel import merge
+
+    a, doc = tampered(make_node)
+    intruder = Ledger.create(node=a).db_id
+    other = Ledger.create(node=a)
+    other.append_update_authorized(intruder)  # a genuine grant, on another object
+    events = a.store.auth_events(other.db_id, "u")[intruder]
+    a.store.client.hset(a.store.k_auth(doc.db_id), f"u:{intruder}", merge.pack_auth(events))
+    problems = a.verify_store()
+    assert any("injected" in p and intruder in p for p in problems), problems
