@@ -64,9 +64,10 @@ class Snapshot:
     (two updates of one caller and node name the same previous update). Both still merge.
     ``stored``: which of the updates named by ``update.grants`` are stored here.
     ``head_timestamp``: the timestamp of the latest update of the same chain stored here
-    (-1: none). An update not newer than that whose link is not stored is a replay: the
-    chain went past it here already, and retention pruned it and its link (or it was
-    decided without it as a gap, which happens only once no peer has that link).
+    (-1: none). An update not newer than that whose link is not stored does not wait for
+    the link: the chain went past it here already, so retention pruned the link (the
+    update is a replay of a pruned one, which merges as a no-op, or a fork of the chain,
+    which must merge like anywhere else).
     """
 
     state: merge.State = field(default_factory=merge.State)
@@ -198,12 +199,8 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
     if snap.seen:
         return Decision(update, DROPPED, error=ReplayedUpdate("update already seen", update.id))
     state = snap.state
-    if update.prev and snap.prev_chain is None and snap.head_timestamp >= update.timestamp:
-        # Its chain went past it here and its link is gone: retention pruned both. A
-        # replay: merging it again would change nothing but store it anew.
-        return Decision(update, DROPPED, error=ReplayedUpdate(
-            "update already seen (pruned since)", update.id))
-    if update.prev and not (snap.gap and snap.prev_chain is None):
+    if update.prev and not (snap.prev_chain is None and (
+            snap.gap or snap.head_timestamp >= update.timestamp)):
         if snap.prev_chain is None:
             return Decision(update, MISSING, missing=(update.prev,))
         if snap.prev_chain != (update.caller, update.node):

@@ -342,7 +342,9 @@ def test_receivers_converge_whatever_the_delivery_order(server, data) -> None:
     try:
         raws, objects, writers = build_history(data, world)
         policy = data.draw(st.sampled_from(["reject", "listeners"]), label="policy")
-        receivers = [world.node(f"r{i}", lambda: RECEIVER_NOW_NS, policy) for i in range(3)]
+        # They keep every version: their histories are compared too.
+        receivers = [world.node(f"r{i}", lambda: RECEIVER_NOW_NS, policy, "all")
+                     for i in range(3)]
         for receiver in receivers:
             deliver(data, receiver, raws)
             assert receiver.pending_count == 0
@@ -352,6 +354,12 @@ def test_receivers_converge_whatever_the_delivery_order(server, data) -> None:
         for db_id in objects:
             for other in states[1:]:
                 assert other[db_id] == states[0][db_id], db_id
+        # One that prunes all it can reaches the same state (not the same history).
+        pruning = world.node("rp", lambda: RECEIVER_NOW_NS, policy, "1")
+        deliver(data, pruning, raws)
+        pruning.release_gaps()  # links it pruned itself before their successors came
+        assert pruning.pending_count == 0
+        assert pruning.state_digest() == receivers[0].state_digest()
         reference = fold_state(merge.fold([decode(r) for r in raws], policy=policy), objects)
         for db_id in objects:
             got = {k: v for k, v in states[0][db_id].items() if k in reference[db_id]}
