@@ -125,7 +125,7 @@ def forge(raw: bytes) -> bytes:
 
 def test_a_backlog_goes_through_the_verify_thread_and_forgeries_are_still_dropped(
         make_node) -> None:
-    b = make_node("b", listen=LOOPBACK, discovery=False,
+    b = make_node("b", listen=LOOPBACK, discovery=False, retention="all",  # keeps all 400
                   network_options={"sync_interval": 3600.0})
     db_id, raws = signed_history(400)  # more than two batches of 256
     forged = [forge(raws[k]) for k in (50, 300, 399)]  # twins of good ones (same ids)
