@@ -29,3 +29,16 @@ def ship(src: Any, dst: Any, since: int = 0) -> int:
     for raw in src.updates_since(since):
         dst.ingest(raw)
     return src.log_length()
+
+
+T0_MS = 1_700_000_000_000  # where hand-driven clocks start (ms)
+
+
+class Clock:
+    """A physical clock (ns) the test moves by hand, in ms (``clock.ms += 1000``)."""
+
+    def __init__(self, ms: int = T0_MS) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms * 1_000_000

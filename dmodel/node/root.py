@@ -147,20 +147,6 @@ def check(root: Root | None, epoch: bytes, seq: int, live: LiveDigest) -> tuple[
     return [], ""
 
 
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically, mode 0600. Not synced to disk: a root lost in a crash
-    is only older than the store, which ``check`` tells from tampering."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class RootKeeper:
     """Keeps ``<home>/root`` up to date with the node's live digest (see module doc)."""
 
@@ -238,8 +224,11 @@ class RootKeeper:
         key = (root.seq, root.count, root.total)
         if key == self._written:
             return
+        from ..keyring import write_private  # the one 0600 writer
+
         body = root.body()
-        _replace(self.path, self._sign(body) + body)
+        # Not synced: a root lost in a crash is only older than the store (a note).
+        write_private(self.path, self._sign(body) + body, sync=False)
         self.recorded, self._written = root, key
 
     def verify(self) -> list[str]:

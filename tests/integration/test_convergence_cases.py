@@ -8,23 +8,11 @@ concrete final values on all of them.
 from __future__ import annotations
 
 import pytest
-from helpers import wait_until
+from helpers import T0_MS, Clock, wait_until
 
 import dmodel
 from dmodel import merge
 from dmodel.update import Op, Update, decode
-
-T0_MS = 1_700_000_000_000
-
-
-class Clock:
-    """A physical clock (ns) the test moves by hand, in ms."""
-
-    def __init__(self, ms: int = T0_MS) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms * 1_000_000
 
 
 class CaseDoc(dmodel.DModel):

@@ -12,22 +12,11 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import T0_MS, Clock
 
 import dmodel
 from dmodel.crypto import EncryptedValue
 from dmodel.errors import ModelDefinitionError, QueryError
-
-T0_MS = 1_700_000_000_000
-
-
-class Clock:
-    """A physical clock (ns) the test moves by hand, in ms."""
-
-    def __init__(self, ms: int = T0_MS) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms * 1_000_000
 
 
 class QPerson(dmodel.DModel):

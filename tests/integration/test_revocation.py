@@ -13,7 +13,7 @@ import os
 import random
 
 import pytest
-from helpers import wait_until
+from helpers import T0_MS, Clock, wait_until
 
 import dmodel
 from dmodel import merge
@@ -26,18 +26,9 @@ def make_node(make_node):
     """Nodes that keep every version: the tests hand whole signed histories around."""
     return lambda name=None, **options: make_node(name, **{"retention": "all", **options})
 
-T0_MS = 1_700_000_000_000
 DAY_MS = 86_400_000
 
 
-class Clock:
-    """A physical clock (ns) the test moves by hand, in ms."""
-
-    def __init__(self, ms: int = T0_MS) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms * 1_000_000
 
 
 class Worker(dmodel.DModel):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from helpers import T0_MS, Clock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,7 +40,6 @@ import dmodel
 from dmodel import merge
 from dmodel.update import Op, Update, decode
 
-T0_MS = 1_700_000_000_000          # writers' physical clocks start here (ms)
 RECEIVER_NOW_NS = (T0_MS + 86_400_000) * 1_000_000   # receivers live a day later
 LISTS = ("items", "sealed")
 MAX_EXAMPLES = 20 if os.environ.get("CI") else 40
@@ -61,14 +61,6 @@ class CvDoc(dmodel.DModel):
 _examples = itertools.count()
 
 
-class Clock:
-    """A physical clock (ns) the test moves by hand."""
-
-    def __init__(self, ms: int) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms * 1_000_000
 
 
 @dataclass
