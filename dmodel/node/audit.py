@@ -125,6 +125,27 @@ def auth_problems(store: Store, db_id: str) -> list[str]:
     return problems
 
 
+def list_problems(store: Store, db_id: str,
+                  registers: dict[str, merge.Register]) -> list[str]:
+    """DList order keys that are not exactly those of the live elements' registers (a
+    reordered, emptied or padded list): each key is the element's position + 0x00 + id."""
+    wanted: dict[str, set[bytes]] = {}
+    for name, reg in registers.items():
+        field, sep, element = name.partition("#")
+        if sep and isinstance(reg.value, list) and reg.value and reg.value[0] is not None:
+            keys = wanted.setdefault(field, set())
+            if not reg.deleted:
+                keys.add(reg.value[0] + b"\0" + bytes.fromhex(element))
+    problems = []
+    for field, keys in sorted(wanted.items()):
+        held = set(store.list_keys_range(db_id, field, 0, -1))
+        if held != keys:
+            problems.append(f"{db_id}:{field}: list order differs from its elements' "
+                            f"signed positions ({len(held - keys)} keys not theirs, "
+                            f"{len(keys - held)} missing)")
+    return problems
+
+
 def verify_register(store: Store, db_id: str, name: str, reg: merge.Register,
                     newest: dict[str, bytes] | None = None) -> None:
     """Raise IntegrityError unless ``reg`` is exactly what its signed update wrote, and
@@ -204,6 +225,10 @@ def verify_store(store: Store, progress: Progress | None = None) -> list[str]:
             problems.extend(f"{db_id}:{name}: missing: update "
                             f"{merge.version_ref(ver)[:32].hex()[:12]} wrote it"
                             for name, ver in sorted(newest.items()) if name not in registers)
+        try:
+            problems.extend(list_problems(store, db_id, registers))
+        except _DAMAGED as exc:
+            problems.append(f"{db_id}: list order keys are damaged: {exc!r}")
         in_history = set(store.history(db_id))
         for name, reg in registers.items():
             try:

@@ -200,3 +200,20 @@ def test_an_injected_grant(make_node) -> None:
     a.store.client.hset(a.store.k_auth(doc.db_id), f"u:{intruder}", merge.pack_auth(events))
     problems = a.verify_store()
     assert any("injected" in p and intruder in p for p in problems), problems
+
+
+def test_a_reordered_list(make_node) -> None:
+    class Queue(dmodel.DModel):
+        items = dmodel.DList()
+
+    a = make_node("q")
+    q = Queue.create(node=a)
+    for v in ("first", "second", "third"):
+        q.items.append(v)
+    assert a.verify_store() == []
+    key = a.store.k_list(q.db_id, "items")
+    first, *_ = a.store.list_keys_range(q.db_id, "items", 0, 0)
+    a.store.client.zrem(key, first)
+    a.store.client.zadd(key, {b"\xff" + first[1:]: 0})  # "first" moved to the end
+    assert q.items.to_list() == ["second", "third", "first"]
+    assert any("list order differs" in p for p in a.verify_store())
