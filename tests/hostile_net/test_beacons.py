@@ -8,21 +8,16 @@ this suite does not use: the source here is a real second loopback address.)"""
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from helpers import wait_until
+from test_attacks import attack  # the one runner of attacker.py
 
 from dmodel.net.discovery import DiscoveryConfig
-from dmodel.tools.driver import child_env
 
 pytestmark = pytest.mark.timeout(90)
 
-ATTACKER = Path(__file__).resolve().parent / "attacker.py"
 
 
 def _free_udp_port() -> int:
@@ -32,17 +27,7 @@ def _free_udp_port() -> int:
 
 
 def _attack(port: int, seconds: float) -> dict:
-    proc = subprocess.Popen([sys.executable, str(ATTACKER), "beacon", str(port), str(seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=child_env())
-    try:
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == 0, err[-2000:]
-    return json.loads(out.strip().splitlines()[-1])
+    return attack("beacon", str(port), str(seconds), timeout=60)
 
 
 @pytest.mark.parametrize("dial", ["learned", "static"])

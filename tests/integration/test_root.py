@@ -8,17 +8,20 @@ import shutil
 import pytest
 
 import dmodel
+from dmodel import merge
 from dmodel.cli import main
 from dmodel.node.root import ROOT_FILE, LiveDigest, Root
 from dmodel.store.embedded import EmbeddedRedis
+from dmodel.update import decode
 
 
 class Ledger(dmodel.DModel):
     balance = dmodel.DField()
 
 
-def reopen(make_node, home, **options):
-    return make_node(home.name, **options)
+def reopen(make_node, home):
+    """The node of ``home`` again (a fresh process would do the same)."""
+    return make_node(home.name)
 
 
 def test_a_clean_stop_and_reopen_verifies(make_node) -> None:
@@ -144,20 +147,14 @@ def tampered(make_node):
 
 def test_a_register_rolled_back_to_an_older_signed_value(make_node) -> None:
     a, doc = tampered(make_node)
-    key = a.store.k_reg(doc.db_id)
-    old = [r for r in a.history(doc.db_id, "balance")][0]
-    assert old.ops[0].value == 100
-    # The intruder puts back the register as the first update wrote it (genuine bytes).
-    first = a.store.raw_update(bytes.fromhex(old.update_id))
-    doc.balance = 50  # (a no-op write keeps the test honest: the register is live)
-    registers = a.store.registers(doc.db_id)
-    from dmodel import merge
-    from dmodel.update import decode
-    update = decode(first)
-    index = next(i for i, op in enumerate(update.ops) if op.field == "balance")
-    ver = merge.version(update.timestamp, update.caller_oid, update.id, index)
-    a.store.client.hset(key, "balance", merge.Register(ver, 100).pack())
-    assert registers["balance"].value == 50
+    # The intruder puts back the register as the first write made it (genuine bytes).
+    first = decode(a.store.raw_update(bytes.fromhex(a.history(doc.db_id, "balance")[0]
+                                                    .update_id)))
+    index = next(i for i, op in enumerate(first.ops) if op.field == "balance")
+    assert first.ops[index].value == 100
+    ver = merge.version(first.timestamp, first.caller_oid, first.id, index)
+    a.store.client.hset(a.store.k_reg(doc.db_id), "balance", merge.Register(ver, 100).pack())
+    assert doc.balance.get() == 100
     with pytest.raises(dmodel.errors.IntegrityError, match="rolled back"):
         doc.balance.get(verified=True)
     assert any("rolled back" in p for p in a.verify_store())
@@ -190,8 +187,6 @@ def test_deleted_log_and_history_entries(make_node) -> None:
 
 
 def test_an_injected_grant(make_node) -> None:
-    from dmodel import merge
-
     a, doc = tampered(make_node)
     intruder = Ledger.create(node=a).db_id
     other = Ledger.create(node=a)
