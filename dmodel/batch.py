@@ -72,6 +72,7 @@ class Overlay:
             snap.head_timestamp = max(snap.head_timestamp, head)
         if update.prev in self.next and self.next[update.prev] != update.id:
             snap.equivocation = True
+        snap.stored.update(uid for uid in pipeline.linked_updates(update) if uid in self.seen)
         mine, over = snap.state, self.state
         objects, registers, auth = pipeline.needs(update)
         for db_id in objects:

@@ -62,7 +62,7 @@ class Snapshot:
     ``prev_chain`` is the (caller, node) of the update named by ``update.prev``, or None
     when that update is not stored. ``equivocation``: the chain forks at ``update.prev``
     (two updates of one caller and node name the same previous update). Both still merge.
-    ``stored``: which of the updates named by ``update.grants`` are stored here.
+    ``stored``: which of the updates named by ``linked_updates(update)`` are stored here.
     ``head_timestamp``: the timestamp of the latest update of the same chain stored here
     (-1: none). An update not newer than that whose link is not stored does not wait for
     the link: the chain went past it here already, so retention pruned the link (the
@@ -128,17 +128,29 @@ def wrap_keys(update: Update) -> list[tuple[str, bytes, str]]:
             for op in update.ops if op.op == "grant_read" for ref in op.value["w"]]
 
 
-def unknown_elements(update: Update, state: merge.State) -> tuple[bytes, ...]:
-    """Ids of the inserts of the DList elements ``update`` sets that this node does not
-    hold. Such a set waits for its insert: stored now, it would leave an element with
-    no position (a set may overtake its insert; one naming no element waits, bounded)."""
+def linked_updates(update: Update) -> list[bytes]:
+    """Ids of the updates ``update`` names besides its chain link: the grants it writes
+    under and the inserts of the DList elements it sets. The store tells which of them
+    it holds (``Snapshot.stored``)."""
+    out = [ref[:32] for _, ref in update.grants]
+    out.extend(element_insert(op.register) for op in update.ops
+               if op.op in ("lset", "lset_enc"))
+    return [uid for uid in dict.fromkeys(out) if uid != update.id]
+
+
+def unknown_elements(update: Update, snap: Snapshot) -> tuple[bytes, ...]:
+    """Ids of the inserts of the DList elements ``update`` sets that this node has not
+    stored. Such a set waits for its insert: stored now, it would leave an element with
+    no position (a set may overtake its insert; one naming no element waits, bounded).
+    An insert stored here without its element (refused, or re-decided away) is not
+    waited for: the set is decided now and leaves no visible element."""
     out = set()
     for op in update.ops:
         if op.op in ("lset", "lset_enc"):
-            reg = state.registers.get((op.obj, op.register))
+            reg = snap.state.registers.get((op.obj, op.register))
             if reg is None or (reg.value[0] is None and not reg.deleted):
                 insert = element_insert(op.register)
-                if insert != update.id:
+                if insert != update.id and insert not in snap.stored:
                     out.add(insert)
     return tuple(sorted(out))
 
@@ -216,7 +228,7 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
     grants = unknown_grants(update, snap)
     if grants:
         return Decision(update, MISSING, missing=grants)
-    elements = unknown_elements(update, state)
+    elements = unknown_elements(update, snap)
     if elements:
         return Decision(update, MISSING, missing=elements)
     if not verified:

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 from .. import merge, query
 from ..clock import physical_ms
-from ..pipeline import Snapshot, needs, wrap_keys
+from ..pipeline import Snapshot, linked_updates, needs, wrap_keys
 from ..update import Update
 
 HELD_CAP = 1000  # held (unauthorized) update ids kept per object
@@ -171,7 +171,7 @@ class MemoryStore:
                     mine.last_write[(db_id, member)] = state.last_write[(db_id, member)]
             mine.wraps.update({w: state.wraps[w] for w in wrap_keys(update) if w in state.wraps})
             if not local:
-                snap.stored = {ref[:32] for _, ref in update.grants if ref[:32] in self.updates}
+                snap.stored = {uid for uid in linked_updates(update) if uid in self.updates}
             snaps.append(snap)
         return snaps
 

@@ -84,7 +84,7 @@ from .. import merge, query
 from ..clock import physical_ms
 from ..crypto import is_oid
 from ..errors import ConfigurationError, StoreError, StoreUnavailableError
-from ..pipeline import Snapshot, needs, wrap_keys
+from ..pipeline import Snapshot, linked_updates, needs, wrap_keys
 from ..update import Update, op_register
 from .base import HELD_CAP, pack_versions, unpack_versions
 from .wire import Wire
@@ -572,7 +572,7 @@ class RedisStore:
             # for a local update only its own grants and revokes need it.
             last_l = sorted(a for a in auth if a[1] == "u"
                             and (not local or a[2] != update.caller))
-            grants_l = [] if local else [ref[:32] for _, ref in update.grants]
+            grants_l = [] if local else linked_updates(update)
             check_chain = bool(update.prev) and not local
             if not local:
                 cmds.append(("HEXISTS", self.k_updates, update.id))

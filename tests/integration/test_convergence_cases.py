@@ -212,6 +212,24 @@ def test_a_set_naming_an_element_that_never_existed_is_never_stored(make_node, l
         assert CaseDoc(doc.db_id, node=node).items.to_list() == []
 
 
+def test_a_set_on_an_element_whose_insert_was_refused_does_not_wait(make_node, later) -> None:
+    # Found by the convergence property: an intruder's insert is refused (and stored, for
+    # its chain); its later set of that element must be decided too, not wait forever.
+    w = make_node("w", now=Clock(), unauthorized_policy="listeners", retention="all")
+    owner, intruder = CaseDoc.create(node=w), CaseDoc.create(node=w)
+    CaseDoc(owner.db_id, intruder.db_id, node=w).sealed.insert(0, "in")
+    CaseDoc(owner.db_id, intruder.db_id, node=w).sealed[0] = "set"
+    raws = w.updates_since(0)
+    for name, order in (("fwd", raws), ("rev", [*raws[:2], *reversed(raws[2:])])):
+        r = later(name)
+        for raw in order:
+            r.ingest(raw)
+        assert r.pending_count == 0
+        assert r.stats.rejected["UnauthorizedError"] == 2
+        assert CaseDoc(owner.db_id, node=r).sealed.to_list() == []
+        assert r.verify_store() == []
+
+
 def test_a_set_whose_insert_was_pruned_goes_on_with_its_delete(make_node, later) -> None:
     # The insert of a deleted element may be pruned everywhere; the set still merges
     # once the delete (pinned) arrives, and revives nothing.

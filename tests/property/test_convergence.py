@@ -134,9 +134,12 @@ def field_change(data: Any, obj: CvDoc) -> Callable[[], None] | None:
     if length == 0:
         return None
     index = data.draw(st.integers(-length, length - 1), label="index")
-    if kind == "lset":
-        return lambda: lst.set(index, value)
-    return lambda: lst.delete(index)
+
+    def change() -> None:
+        # An earlier change of the same transaction may have shortened the list.
+        if -lst.length() <= index < lst.length():
+            lst.set(index, value) if kind == "lset" else lst.delete(index)
+    return change
 
 
 @dataclass
