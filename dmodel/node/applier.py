@@ -129,7 +129,7 @@ class Applier:
         self.pending = PendingSet(self.stats.dropped, pending_limits)
         self.live = LiveDigest()  # the stored update ids (node/root.py keeps it signed)
         self.pruner = Pruner(store, retention or Retention(), clock, is_owned, self.stats,
-                             self.live)
+                             self.live, self.lock)
         self.future = FutureSet(store, clock, self.lock,
                                 lambda batch: self._process_batch(batch, local=False),
                                 self.stats, also=self.release_gaps)
@@ -332,6 +332,7 @@ class Applier:
             self.live.add(update.id for update, _ in staged)
             for update, _ in staged:
                 self._recent.add(update.id)
+            self.pruner.committed(update for update, _ in staged)
             outcomes = [d.outcome for d, _, _ in done if d.outcome is not None]
             self.pruner.after_commit(outcomes, [w.db_id for o in outcomes for w in o.writes
                                                 if w.kind == "drop"])

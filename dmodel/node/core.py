@@ -471,17 +471,26 @@ class Node:
     def verify_store(self, progress: audit.Progress | None = None) -> list[str]:
         """Re-check every stored value and log entry, and the store against the node's
         signed root (node/root.py); return a list of problems (empty = ok)."""
+        self.settle()
         return self.root.verify() + audit.verify_store(self.store, progress=progress)
 
     def state_digest(self) -> str:
         """A hash of the whole merged state: nodes that hold the same state agree on it."""
         with self._lock:
+            self.applier.pruner.flush()
             return audit.state_digest(self.store)
 
     def history(self, db_id: str, field: str | None = None, *,
                 include_rejected: bool = False) -> list[HistoryEntry]:
         """Stored updates of an object in merge order (timestamp, caller, id)."""
+        self.settle()
         return audit.history(self.store, db_id, field, include_rejected=include_rejected)
+
+    def settle(self) -> None:
+        """Finish the pruning that retention has gathered (it runs in batches, see
+        node/pruner.py), so that the store holds exactly what the policy keeps."""
+        with self._lock:
+            self.applier.pruner.flush()
 
     # --------------------------------------------------------------- shipping
     def log_length(self) -> int:
@@ -517,6 +526,12 @@ class Node:
                 self.network.close()
             except DModelError:
                 logger.exception("closing the network failed")
+        with self._lock:
+            self.applier.pruner.stop()
+            try:
+                self.applier.pruner.flush()
+            except DModelError:
+                logger.exception("pruning at shutdown failed")
         self.root.close()
         with self._lock:
             self._close_home()

@@ -12,15 +12,21 @@ updates whose versions all fell out are pruned, unless they still contribute els
 * a version still kept by retention in some register.
 
 Pruning deletes only the update's bytes, log position, history entries and chain links,
-never a register, so a reader never sees a half-pruned register. It runs on the
-applier's thread right after the commit, under the apply lock (two batches never prune
-at once), in two reads and one atomic write.
+never a register, so a reader never sees a half-pruned register. It runs in batches, on
+the applier's thread under the apply lock (two batches never prune at once), in two
+reads and one atomic write: what commits supersede is gathered until ``PRUNE_BATCH``
+versions (or a removal) are waiting, or ``PRUNE_IDLE_S`` passed since the first; so the
+store holds at most that many superseded versions beyond the policy, and the pruning
+round trips are shared by the writes of a batch. ``flush()`` prunes what waits at once
+(history, verify and shutdown call it).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from .. import merge, retention
 from ..clock import HybridClock, physical_ms
@@ -32,34 +38,93 @@ logger = logging.getLogger(__name__)
 
 _PINNED = AUTH_OPS | {"create", "remove", "ldel"}
 
+PRUNE_BATCH = 64  # superseded versions gathered before a pruning pass
+PRUNE_IDLE_S = 0.25  # ... or this long after the first of them
+_COMMITTED = 4096  # recently committed updates kept decoded: a pass rarely reads them back
+
 
 class Pruner:
     """Applies a node's retention policy after each commit."""
 
     def __init__(self, store: Store, policy: retention.Retention, clock: HybridClock,
                  is_owned: Callable[[str], bool], counters: object,
-                 live: LiveDigest | None = None) -> None:
+                 live: LiveDigest | None = None, lock: Any = None) -> None:
         self.live = live
         self.store = store
         self.policy = policy
         self.clock = clock
         self.is_owned = is_owned
         self.stats = counters
+        self.lock = lock if lock is not None else threading.RLock()  # the apply lock
+        self._superseded: dict[tuple[str, str], list[bytes]] = {}
+        self._removed: list[str] = []
+        self._waiting = 0
+        self._timer: threading.Timer | None = None
+        self._committed: dict[bytes, Update] = {}
 
     @property
     def active(self) -> bool:
         return not self.policy.keeps_all
 
-    def after_commit(self, outcomes: Sequence[merge.Outcome], removed: Sequence[str]) -> None:
-        """Retire what ``outcomes`` superseded; prune ``removed`` objects' updates."""
+    def committed(self, updates: Iterable[Update]) -> None:
+        """Remember updates just committed (a pruning pass then needs not read them)."""
         if not self.active:
             return
-        superseded: dict[tuple[str, str], list[bytes]] = {}
+        cache = self._committed
+        for update in updates:
+            cache[update.id] = update
+        while len(cache) > _COMMITTED:
+            del cache[next(iter(cache))]
+
+    def after_commit(self, outcomes: Sequence[merge.Outcome], removed: Sequence[str]) -> None:
+        """Gather what ``outcomes`` superseded and the ``removed`` objects; prune them when
+        a batch is full (at once for a removal), else soon (the caller holds the lock)."""
+        if not self.active:
+            return
         for outcome in outcomes:
             for db_id, name, ver in outcome.superseded:
-                superseded.setdefault((db_id, name), []).append(ver)
+                self._superseded.setdefault((db_id, name), []).append(ver)
+                self._waiting += 1
+        self._removed.extend(removed)
+        if self._waiting >= PRUNE_BATCH or self._removed:
+            self.flush()
+        elif self._waiting and self._timer is None:
+            self._timer = threading.Timer(PRUNE_IDLE_S, self._on_timer)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self.lock:
+            self._timer = None
+            try:
+                self.flush()
+            except Exception:  # the store went away (shut down, unreachable): the
+                logger.debug("deferred pruning failed", exc_info=True)  # next pass retries
+
+    def stop(self) -> None:
+        """Cancel the idle timer (the node shuts down; call flush() first)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def flush(self) -> None:
+        """Prune what the gathered commits superseded (the caller holds the lock)."""
+        superseded, removed = self._superseded, self._removed
         if not superseded and not removed:
             return
+        self._superseded, self._removed, self._waiting = {}, [], 0
+        try:
+            self._retire(superseded, removed)
+        except BaseException:
+            for pair, versions in superseded.items():  # tried again by the next pass
+                self._superseded.setdefault(pair, []).extend(versions)
+                self._waiting += len(versions)
+            self._removed.extend(removed)
+            raise
+
+    def _retire(self, superseded: dict[tuple[str, str], list[bytes]],
+                removed: list[str]) -> None:
+        removed = list(dict.fromkeys(removed))
         pairs = list(superseded)
         kept_now, regs, _ = self.store.retention_reads(pairs)
         now_ms = physical_ms(self.clock.now())
@@ -74,10 +139,10 @@ class Pruner:
                     dropped.append(reg.version)
                 continue
             versions = [v for v in versions if v != reg.version]
-            kept[pair], gone = retention.keep(
+            kept[pair], out = retention.keep(
                 versions, reg.version, anchored=self._anchored(pair[0], reg.version),
                 policy=self.policy, now_ms=now_ms)
-            dropped.extend(gone)
+            dropped.extend(out)
         candidates = dict.fromkeys(merge.version_ref(v)[:32] for v in dropped)
         for db_id in removed:
             candidates.update(dict.fromkeys(self.store.history(db_id)))
@@ -102,6 +167,7 @@ class Pruner:
                 if op.obj == db_id and name in current and current[name] != ver:
                     outcome.superseded.append((db_id, name, ver))
         self.after_commit([outcome], ())
+        self.flush()
 
     def _anchored(self, db_id: str, ver: bytes) -> bool:
         """Whether the write at version ``ver`` can no longer be retracted by a revoke."""
@@ -117,7 +183,15 @@ class Pruner:
     def _prune(self, uids: list[bytes], kept: dict[tuple[str, str], list[bytes]],
                removed: Sequence[str],
                known: dict[tuple[str, str], merge.Register | None]) -> None:
-        updates = [decode(raw) for raw in self.store.raw_updates(uids) if raw is not None]
+        cache = self._committed
+        unread = [uid for uid in uids if uid not in cache]
+        read = dict(zip(unread, self.store.raw_updates(unread), strict=True)) if unread else {}
+        updates = []
+        for uid in uids:
+            if uid in cache:
+                updates.append(cache[uid])
+            elif (raw := read.get(uid)) is not None:
+                updates.append(decode(raw))
         if not updates and not kept and not removed:
             return
         # What each candidate still holds: its registers now and the versions kept there.
@@ -135,6 +209,8 @@ class Pruner:
             if self.live is not None:
                 self.live.stale = True
             raise
+        for u in prunable:
+            cache.pop(u.id, None)
         if self.live is not None:
             self.live.remove(u.id for u in prunable)
         if prunable:

@@ -158,13 +158,20 @@ def _trim(cache: dict[Any, Any], limit: int) -> None:
             return
 
 
+_CACHED_VALUE = 256  # bytes: a register with a longer value is read from Redis each time
+_CACHED_REGISTERS = 50_000
+
+
 class StoreCache:
-    """Object metadata and authorization events, as last read or written by this node.
+    """Object metadata, authorization events and small field registers, as last read or
+    written by this node.
 
     Valid because one node is the only writer of its keys (its prefix in its Redis) and
     every write goes through ``note`` under the node's apply lock. Readers outside the
     lock only ``fill_object`` an empty slot, so a value read before a commit can never
-    replace the one the commit noted. Bounded: past ``limit`` entries the oldest go.
+    replace the one the commit noted. Registers are cached only as commits write them
+    (so a snapshot of a field this node wrote lately needs no read). Bounded: past
+    ``limit`` entries (``_CACHED_REGISTERS`` registers) the oldest go.
     """
 
     def __init__(self, limit: int = 200_000) -> None:
@@ -172,6 +179,7 @@ class StoreCache:
         self.objects: dict[str, merge.ObjectMeta] = {}
         self.auth: dict[tuple[str, str, str], merge.AuthEvents] = {}
         self.heads: dict[str, int] = {}  # chain ("caller|node hex") -> head's timestamp
+        self.registers: dict[tuple[str, str], merge.Register] = {}
 
     def put_object(self, db_id: str, meta: merge.ObjectMeta) -> merge.ObjectMeta:
         _trim(self.objects, self.limit)
@@ -199,11 +207,28 @@ class StoreCache:
         elif w.kind == "auth":
             kind, _, member = w.name.partition(":")
             self.put_auth((w.db_id, kind, member), w.data)
+        elif w.kind == "register":
+            key = (w.db_id, w.name)
+            value = w.data.value
+            if "#" in w.name or not isinstance(value, (bytes, str, int, float, bool, type(None))) \
+                    or (isinstance(value, (bytes, str)) and len(value) > _CACHED_VALUE):
+                self.registers.pop(key, None)  # DList elements and big values: not kept
+            else:
+                self.registers.pop(key, None)  # re-inserted last: the newest go last
+                _trim(self.registers, _CACHED_REGISTERS)
+                self.registers[key] = w.data
+        elif w.kind == "drop":
+            self.forget_registers(w.db_id)
+
+    def forget_registers(self, db_id: str) -> None:
+        for key in [k for k in self.registers if k[0] == db_id]:
+            del self.registers[key]
 
     def forget(self, db_id: str) -> None:
         self.objects.pop(db_id, None)
         for key in [k for k in self.auth if k[0] == db_id]:
             del self.auth[key]
+        self.forget_registers(db_id)
 
 
 def _as_map(reply: Any) -> dict[str, bytes]:
@@ -566,7 +591,8 @@ class RedisStore:
                          for i, op in enumerate(update.ops) if op.op.startswith("lins")}
                 # set/delete of a list element needs its position; a new element does not
                 regs = {r for r in regs if "#" in r[1] and r not in fresh}
-            regs_l = sorted(regs)
+            known_regs = {r: cache.registers[r] for r in regs if r in cache.registers}
+            regs_l = sorted(regs - known_regs.keys())
             auth_l = sorted(auth - known_auth.keys())
             # Which members wrote the object (a grant or revoke re-decides their updates);
             # for a local update only its own grants and revokes need it.
@@ -589,12 +615,12 @@ class RedisStore:
             wraps_l = wrap_keys(update)
             cmds.extend(("HGET", self.k_wrap(db_id), ref + oid.encode())
                         for db_id, ref, oid in wraps_l)
-            plans.append((update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
-                          grants_l, wraps_l, check_chain))
+            plans.append((update, known_objects, known_auth, known_regs, objects_l, regs_l,
+                          auth_l, last_l, grants_l, wraps_l, check_chain))
         with map_redis_errors():
             results = iter(self._run(cmds)) if cmds else iter(())
         snaps = []
-        for (update, known_objects, known_auth, objects_l, regs_l, auth_l, last_l,
+        for (update, known_objects, known_auth, known_regs, objects_l, regs_l, auth_l, last_l,
              grants_l, wraps_l, check_chain) in plans:
             # A local update's seen/chain facts come from the applier's local rule.
             snap = Snapshot(seen=False if local else bool(next(results)))
@@ -612,6 +638,7 @@ class RedisStore:
                 data = next(results)
                 if data:
                     state.objects[db_id] = cache.put_object(db_id, merge.ObjectMeta.unpack(data))
+            state.registers.update(known_regs)
             for key in regs_l:
                 data = next(results)
                 if data:
@@ -662,6 +689,9 @@ class RedisStore:
                 self._write(cmds)
             except BaseException:
                 self._seq = None  # read again: the commit may or may not have happened
+                for _, writes in items:
+                    for w in writes or ():
+                        self.cache.registers.pop((w.db_id, w.name), None)
                 raise
         self._seq = seq
         for update, writes in items:
