@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import dmodel.listeners
 import pytest
-from dmodel.listeners import AuditLog, LogChanges, ReadOnlyFields, RejectUnauthorized, RunScript
 
+import dmodel.listeners
 from dmodel.actions import Change, Context, DAction, ListenerRegistry
 from dmodel.errors import ConfigurationError, RejectedError, UnauthorizedError, VetoedError
+from dmodel.listeners import AuditLog, LogChanges, ReadOnlyFields, RejectUnauthorized, RunScript
 
 OBJ = "Person:3xk2abcdefghijklmnopqrstuvwxyz23"
 CALLER = "Person:chiefchiefchiefchiefchiefchief"
