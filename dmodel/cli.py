@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import click
 import redis
@@ -554,6 +554,14 @@ def status(home: Path | None, redis_url: str | None, passphrase: str | None,
     return 0
 
 
+class _Listed(TypedDict):
+    """One object as ``ls`` lists it (a table row, a ``--json`` element)."""
+
+    db_id: str
+    owned: bool
+    fields: int
+
+
 @cli.command("ls")
 @store_options
 @json_option
@@ -568,8 +576,8 @@ def ls_command(home: Path | None, redis_url: str | None, passphrase: str | None,
         filter = f"{filter}:*"
     with _open_node(home, redis_url, passphrase) as node:
         ids = object_list(filter, node=node)
-        rows = [{"db_id": i, "owned": node.is_owned(i),
-                 "fields": len(node.read_all(i))} for i in ids if not owned or node.is_owned(i)]
+        rows = [_Listed(db_id=i, owned=node.is_owned(i), fields=len(node.read_all(i)))
+                for i in ids if not owned or node.is_owned(i)]
     if as_json:
         _emit_json(rows)
         return 0

@@ -218,12 +218,12 @@ class State:
             elif w.kind == "list_del":
                 self.lists.get((w.db_id, w.name), set()).discard(w.data)
             elif w.kind == "drop":  # as the store does: registers, wrapped keys, lists
-                for key in [k for k in self.registers if k[0] == w.db_id]:
-                    del self.registers[key]
-                for key in [k for k in self.wraps if k[0] == w.db_id]:
-                    del self.wraps[key]
-                for key in [k for k in self.lists if k[0] == w.db_id]:
-                    del self.lists[key]
+                for register in [k for k in self.registers if k[0] == w.db_id]:
+                    del self.registers[register]
+                for wrap in [k for k in self.wraps if k[0] == w.db_id]:
+                    del self.wraps[wrap]
+                for lst in [k for k in self.lists if k[0] == w.db_id]:
+                    del self.lists[lst]
 
     def list_elements(self, db_id: str, name: str) -> list[bytes]:
         """Element ids of a list, in list order."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import hashlib
 import logging
 import sys
@@ -205,10 +206,10 @@ class DField(_Declared["BoundField[T]"], Generic[T]):
 
     # Comparing two fields stays a plain identity test (fields in lists and dicts);
     # comparing a field with a value gives a query condition.
-    def __eq__(self, other: object) -> Any:  # type: ignore[override]
+    def __eq__(self, other: object) -> Any:
         return self is other if isinstance(other, _Declared) else Condition(self, "==", other)
 
-    def __ne__(self, other: object) -> Any:  # type: ignore[override]
+    def __ne__(self, other: object) -> Any:
         return self is not other if isinstance(other, _Declared) \
             else Condition(self, "!=", other)
 
@@ -487,7 +488,7 @@ class BoundList(Generic[T]):
     def at(self, index: int) -> T:
         """The value at ``index``."""
         view = self._view()
-        return view.value(self._key(view, index))
+        return cast(T, view.value(self._key(view, index)))  # a stored (msgpack) value
 
     def __getitem__(self, index: int | slice) -> Any:
         """``lst[i]``, or a Python list for ``lst[a:b:step]``."""
@@ -593,7 +594,7 @@ class BoundList(Generic[T]):
                 if inserted is not None:
                     view.replace(inserted, None, None)
                 else:
-                    obj._submit(lambda key=key: Op(obj.db_id, "ldel", name, key[-_ID:]))
+                    obj._submit(functools.partial(Op, obj.db_id, "ldel", name, key[-_ID:]))
 
     def delete(self, index: int) -> None:
         """Remove the element at ``index`` (final: a concurrent set does not bring it back)."""
@@ -939,7 +940,7 @@ class DModel:
         return obj
 
     @classmethod
-    def _handle(cls, db_id: str, caller_id: str | None, node: Any) -> Any:
+    def _handle(cls, db_id: str, caller_id: str | DModel | None, node: Any) -> Self:
         """A handle on a live object of this model (the id is known good)."""
         obj = cls.__new__(cls)
         obj._host_node = node

@@ -58,7 +58,7 @@ def _number(x: int | float) -> bytes:
             f = math.copysign(math.inf, x)
             residual = -_RESIDUAL_MAX if x > 0 else _RESIDUAL_MAX
         residual = max(-_RESIDUAL_MAX, min(_RESIDUAL_MAX, residual))
-    bits = struct.unpack(">Q", struct.pack(">d", f))[0]
+    bits: int = struct.unpack(">Q", struct.pack(">d", f))[0]
     bits = bits ^ 0xFFFF_FFFF_FFFF_FFFF if bits >> 63 else bits | (1 << 63)
     return bits.to_bytes(8, "big") + (residual + (1 << 63)).to_bytes(8, "big")
 

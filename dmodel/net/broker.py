@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 import zmq
 
 from dmodel.errors import ConfigurationError, NetworkError
 from dmodel.net.curve import CurveConfig, make_server, start_authenticator
 from dmodel.net.frames import DEFAULT_MAX_MESSAGE_SIZE, check_endpoint, hard_limit
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +86,8 @@ class Broker:
         return (self.frontend_endpoint, self.backend_endpoint)
 
     def _run(self) -> None:
-        sockets: list[zmq.Socket] = []
-        auth: Any = None
+        sockets: list[zmq.SyncSocket] = []
+        auth: ThreadAuthenticator | None = None
         try:
             if self._curve is not None:
                 auth = start_authenticator(self._ctx, self._curve, logger.getChild("zap"))
@@ -110,8 +113,8 @@ class Broker:
                 raise NetworkError(
                     f"cannot bind broker {self._frontend_bind} / {self._backend_bind}: {exc}"
                 ) from exc
-            self.frontend_endpoint = xsub.LAST_ENDPOINT.decode()
-            self.backend_endpoint = xpub.LAST_ENDPOINT.decode()
+            self.frontend_endpoint = xsub.get_string(zmq.LAST_ENDPOINT)
+            self.backend_endpoint = xpub.get_string(zmq.LAST_ENDPOINT)
         except BaseException as exc:
             self._error = exc
             self._cleanup(sockets, auth)
@@ -129,7 +132,7 @@ class Broker:
             self._cleanup(sockets, auth)
 
     @staticmethod
-    def _cleanup(sockets: list[zmq.Socket], auth: Any) -> None:
+    def _cleanup(sockets: list[zmq.SyncSocket], auth: ThreadAuthenticator | None) -> None:
         for sock in sockets:
             sock.close(linger=0)
         if auth is not None:

@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import zmq
 
@@ -290,8 +290,17 @@ class Bus:
         self._cmds.put(cmd)
         self._wake()
 
-    def _call(self, cmd: Ask | Connect | GetPeers | GetStats, wait: float | None = None) -> Any:
-        """Run a command on the I/O thread and wait for its result."""
+    @overload
+    def _call(self, cmd: Ask, wait: float) -> bytes | None: ...
+    @overload
+    def _call(self, cmd: Connect) -> None: ...
+    @overload
+    def _call(self, cmd: GetPeers) -> dict[bytes, PeerInfo]: ...
+    @overload
+    def _call(self, cmd: GetStats) -> dict[str, Any]: ...
+    def _call(self, cmd: Ask | Connect | GetPeers | GetStats, wait: float | None = None) -> object:
+        """Run a command on the I/O thread and wait for its result (None once ``wait``
+        seconds have passed)."""
         self._check()
         fut = cmd.future
         self._post(cmd)

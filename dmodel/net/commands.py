@@ -21,6 +21,7 @@ import zmq
 from dmodel.net.curve import CurveConfig
 from dmodel.net.discovery import DiscoveryConfig
 from dmodel.net.identity import NodeKey
+from dmodel.net.peers import PeerInfo
 
 PublishCallback = Callable[[bytes, bytes], None]
 RequestCallback = Callable[[bytes, bytes], "bytes | DeferredReply | None"]
@@ -31,7 +32,7 @@ RECV_BATCH = 256  # frames taken from one socket before the poll loop looks agai
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
-def drain(sock: zmq.Socket, copy: bool = True) -> Iterator[list[Any]]:
+def drain(sock: zmq.SyncSocket, copy: bool = True) -> Iterator[list[Any]]:
     """The messages ``sock`` holds now, at most RECV_BATCH (bus I/O thread, after the
     poll said it is readable).
 
@@ -39,6 +40,7 @@ def drain(sock: zmq.Socket, copy: bool = True) -> Iterator[list[Any]]:
     raising and catching that costs more than a whole message at low rates.
     """
     for i in range(RECV_BATCH):
+        # pyzmq types every option's value as int | bytes | str; ZMQ_EVENTS is an int.
         if sock.closed or (i and not sock.getsockopt(_EVENTS) & _POLLIN):  # type: ignore[operator]
             return
         try:
@@ -55,7 +57,7 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class Connect:
     endpoint: str
-    future: Future[Any] = field(default_factory=Future)
+    future: Future[None] = field(default_factory=Future)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,17 +67,17 @@ class Ask:
     node_id: bytes
     payload: bytes
     timeout: float
-    future: Future[Any] = field(default_factory=Future)
+    future: Future[bytes | None] = field(default_factory=Future)
 
 
 @dataclass(frozen=True, slots=True)
 class GetPeers:
-    future: Future[Any] = field(default_factory=Future)
+    future: Future[dict[bytes, PeerInfo]] = field(default_factory=Future)
 
 
 @dataclass(frozen=True, slots=True)
 class GetStats:
-    future: Future[Any] = field(default_factory=Future)
+    future: Future[dict[str, Any]] = field(default_factory=Future)
 
 
 @dataclass(frozen=True, slots=True)

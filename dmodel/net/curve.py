@@ -16,17 +16,21 @@ Keys are z85 text (40 characters). Files use the ZeroMQ certificate format
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
 
 from dmodel.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 ZAP_DOMAIN = "dmodel"
 _Z85_KEY_SIZE = 40
@@ -62,17 +66,18 @@ class CurveConfig:
         set_ = object.__setattr__  # frozen dataclass: normalize in place once
         set_(self, "server_public", _key(self.server_public, "server_public"))
         set_(self, "server_secret", _key(self.server_secret, "server_secret"))
-        if (self.client_public is None) != (self.client_secret is None):
+        public, secret = self.client_public, self.client_secret
+        if (public is None) != (secret is None):
             raise ConfigurationError("give both client_public and client_secret, or neither")
-        if self.client_public is None:
-            set_(self, "client_public", self.server_public)
-            set_(self, "client_secret", self.server_secret)
+        if public is None or secret is None:
+            public, secret = self.server_public, self.server_secret
         else:
-            set_(self, "client_public", _key(self.client_public, "client_public"))
-            set_(self, "client_secret", _key(self.client_secret, "client_secret"))
+            public, secret = _key(public, "client_public"), _key(secret, "client_secret")
+        set_(self, "client_public", public)
+        set_(self, "client_secret", secret)
         if zmq.curve_public(self.server_secret) != self.server_public:
             raise ConfigurationError("server_public does not match server_secret")
-        if zmq.curve_public(self.client_secret) != self.client_public:
+        if zmq.curve_public(secret) != public:
             raise ConfigurationError("client_public does not match client_secret")
         allowed = {_key(k, "allowed client key") for k in self.allowed_clients}
         set_(self, "allowed_clients", frozenset(allowed))
@@ -130,7 +135,8 @@ class AllowList:
         return self._config.is_allowed(key)
 
 
-def start_authenticator(ctx: zmq.Context, config: CurveConfig, log: Any) -> Any:
+def start_authenticator(ctx: zmq.SyncContext, config: CurveConfig,
+                        log: logging.Logger) -> ThreadAuthenticator:
     """A started ZAP authenticator on ``ctx`` enforcing ``config``'s allow-list.
 
     It runs its own thread; the caller stops it (``.stop()``) after closing its sockets.
@@ -143,7 +149,7 @@ def start_authenticator(ctx: zmq.Context, config: CurveConfig, log: Any) -> Any:
     return auth
 
 
-def make_server(sock: zmq.Socket, config: CurveConfig | None) -> None:
+def make_server(sock: zmq.SyncSocket, config: CurveConfig | None) -> None:
     """Make a listening socket a CURVE server with the cluster pair (no-op without CURVE)."""
     if config is not None:
         sock.curve_server = True
@@ -152,7 +158,7 @@ def make_server(sock: zmq.Socket, config: CurveConfig | None) -> None:
         sock.zap_domain = ZAP_DOMAIN.encode()
 
 
-def make_client(sock: zmq.Socket, config: CurveConfig | None) -> None:
+def make_client(sock: zmq.SyncSocket, config: CurveConfig | None) -> None:
     """Make a connecting socket a CURVE client (no-op without CURVE)."""
     if config is not None:
         sock.curve_serverkey = config.server_public

@@ -53,15 +53,15 @@ _WARNED_MAX = 4096  # endpoints remembered as warned about (learned ones are cap
 class SocketSet:
     """The actor's sockets, its poller, and what to call when each is readable."""
 
-    def __init__(self, ctx: zmq.Context, rcvhwm: int, sndhwm: int) -> None:
+    def __init__(self, ctx: zmq.SyncContext, rcvhwm: int, sndhwm: int) -> None:
         self.ctx = ctx
         self.rcvhwm = rcvhwm
         self.sndhwm = sndhwm
-        self.sockets: list[zmq.Socket] = []
+        self.sockets: list[zmq.SyncSocket] = []
         self.poller = zmq.Poller()
         self.handlers: dict[Any, Handler] = {}
 
-    def open(self, kind: int) -> zmq.Socket:
+    def open(self, kind: int) -> zmq.SyncSocket:
         sock = self.ctx.socket(kind)
         self.sockets.append(sock)
         sock.linger = 0
@@ -69,7 +69,7 @@ class SocketSet:
         sock.sndhwm = self.sndhwm
         return sock
 
-    def close(self, sock: zmq.Socket | None) -> None:
+    def close(self, sock: zmq.SyncSocket | None) -> None:
         if sock is None:
             return
         self.handlers.pop(sock, None)
@@ -108,7 +108,7 @@ class Mesh:
         on_usable: Callable[[Peer, bool], None],
         on_link_closed: Callable[[Link], None],
         read_dealer: Callable[[Link], Handler],
-        read_sub: Callable[[Peer, zmq.Socket], Handler],
+        read_sub: Callable[[Peer, zmq.SyncSocket], Handler],
     ) -> None:
         self.s = settings
         self.node_id = settings.node_id
@@ -212,7 +212,7 @@ class Mesh:
         logger.debug("connecting to %s", endpoint)
         return link
 
-    def _dealer(self, endpoint: str, explicit: bool = True) -> zmq.Socket:
+    def _dealer(self, endpoint: str, explicit: bool = True) -> zmq.SyncSocket:
         sock = self.sockets.open(zmq.DEALER)
         sock.maxmsgsize = self.hard_limit
         sock.immediate = True

@@ -305,9 +305,10 @@ class SessionTable:
 
 
 DialOption = str | Sequence[str]
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
-def parse_dial(option: DialOption) -> str | tuple[Any, ...]:
+def parse_dial(option: DialOption) -> str | Networks:
     """``"learned"``, ``"static"``, or a tuple of ip_network objects."""
     if option in ("learned", "static"):
         return str(option)
@@ -337,16 +338,15 @@ class DialPolicy:
         """The policy alone: may an endpoint learned from a peer be dialled at all?"""
         if not gossip_endpoint_ok(endpoint):
             return False
-        if self.mode == "learned":
-            return True
-        if self.mode == "static":
-            return False
-        host = split_host(endpoint)[0].strip("[]")  # type: ignore[index]
+        if isinstance(self.mode, str):  # "learned" or "static"
+            return self.mode == "learned"
+        parts = split_host(endpoint)
+        assert parts is not None  # gossip_endpoint_ok: tcp://host:port
         try:
-            address = ipaddress.ip_address(host)
+            address = ipaddress.ip_address(parts[0].strip("[]"))
         except ValueError:
             return False  # no DNS for learned names under a network list
-        return any(address in net for net in self.mode)  # type: ignore[union-attr]
+        return any(address in net for net in self.mode)
 
     def attempt(self, endpoint: str, now: float, explicit: bool) -> bool:
         """May we open a socket to ``endpoint`` now? Records the attempt if so."""

@@ -91,6 +91,11 @@ CLUSTER_KEY_FILE = "cluster.key"
 _GARBAGE = frozenset({"MalformedUpdate", "OversizedUpdate", "ForgedUpdate"})
 
 
+# A batch taken from the inbox and what prepare_many made of it (a future while the
+# verify thread works on it).
+_Prepared = tuple[list[tuple[bytes, bytes]], "list[Any] | concurrent.futures.Future[list[Any]]"]
+
+
 class LogStore(Protocol):
     """The store reads and cursor writes replication needs (``node.store`` today)."""
 
@@ -100,6 +105,7 @@ class LogStore(Protocol):
     def raw_updates(self, uids: Iterable[bytes]) -> list[bytes | None]: ...
     def object_meta(self, db_id: str) -> Any: ...
     def missing(self, uids: Sequence[bytes]) -> list[bytes]: ...
+    def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]: ...
 
 
 class PublishStats(Protocol):
@@ -112,9 +118,11 @@ class LogSource(Protocol):
     published counter."""
 
     node_id: bytes
-    store: LogStore
-    stats: PublishStats
 
+    @property
+    def store(self) -> LogStore: ...
+    @property
+    def stats(self) -> PublishStats: ...
     @property
     def closed(self) -> bool: ...
     @property
@@ -178,7 +186,7 @@ class Inbox:
             self.bytes_out += sum(len(payload) for payload, _ in batch)
             self.batches += 1
             self.largest = max(self.largest, len(batch))
-        return batch  # type: ignore[return-value]
+        return batch
 
     def done(self, count: int) -> None:
         """``count`` taken items were applied (apply thread)."""
@@ -258,6 +266,9 @@ class RequestWorker:
 
 class NetworkService(CatchUp):
     """The network side of one node (publish, apply queue, catch-up)."""
+
+    bus: Bus
+    node: LogSource
 
     def __init__(self, node: LogSource, *, listen: str | None, peers: Iterable[str] = (),
                  discovery: bool = False, curve: Any = None, broker: Any = None,
@@ -501,10 +512,10 @@ class NetworkService(CatchUp):
         # ``ahead``: the next batch and its prepare_many result (a future while the verify
         # thread works on it). Only with a backlog does that thread get a batch: the one
         # taken while the previous batch is applied here.
-        ahead: tuple[list[tuple[bytes, bytes]], Any] | None = None
+        ahead: _Prepared | None = None
         while not (self._stop.is_set() or self.node.closed):
             items = self._queue.take(_BATCH, block=ahead is None)
-            nxt = None
+            nxt: _Prepared | None = None
             if items:
                 raws = [raw for raw, _ in items]
                 if ahead is not None and self._verifier is not None:
@@ -523,7 +534,8 @@ class NetworkService(CatchUp):
             logger.exception("preparing updates failed")
             return list(raws)
 
-    def _apply(self, items: list[tuple[bytes, bytes]], prepared: Any) -> None:
+    def _apply(self, items: list[tuple[bytes, bytes]],
+               prepared: list[Any] | concurrent.futures.Future[list[Any]]) -> None:
         try:
             if isinstance(prepared, concurrent.futures.Future):
                 try:
@@ -532,7 +544,8 @@ class NetworkService(CatchUp):
                     logger.exception("preparing updates failed")
                     prepared = [raw for raw, _ in items]
             if not self._stop.is_set():
-                self._relays.batch = relays = []
+                relays: list[bytes] = []
+                self._relays.batch = relays
                 try:
                     decisions = self.node.ingest_many(prepared,
                                                       [sender for _, sender in items])

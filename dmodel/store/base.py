@@ -355,7 +355,8 @@ class MemoryStore:
         return iter(list(self.updates))
 
     def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]:
-        ids, pos = [], start
+        ids: list[bytes] = []
+        pos = start
         while pos < len(self.log) and len(ids) < limit:
             if self.log[pos]:
                 ids.append(self.log[pos])

@@ -28,7 +28,7 @@ def is_cluster_url(url: str) -> bool:
     return url.partition("://")[0].lower() in CLUSTER_SCHEMES
 
 
-def connect(url: str, **options: Any) -> redis.Redis | RedisCluster:
+def connect(url: str, **options: Any) -> redis.Redis[bytes] | RedisCluster[bytes]:
     """A client for the Redis at ``url``; ``options`` go to the client (``socket_timeout``...).
 
     A single-server URL connects lazily, as ``redis.Redis.from_url`` does; a cluster URL

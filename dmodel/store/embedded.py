@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -210,9 +211,10 @@ class EmbeddedRedis:
             time.sleep(0.01)
         client.close()
 
-    def client(self, **kwargs: object) -> redis.Redis:
-        """A redis-py client connected to this server."""
-        return redis.Redis(unix_socket_path=str(self.socket), **kwargs)  # type: ignore[arg-type]
+    def client(self, **kwargs: Any) -> redis.Redis[bytes]:
+        """A redis-py client connected to this server (``kwargs`` go to ``redis.Redis``)."""
+        client: redis.Redis[bytes] = redis.Redis(unix_socket_path=str(self.socket), **kwargs)
+        return client
 
     def stop(self, timeout: float = 10.0) -> None:
         """Shut the server down (AOF flushed). Idempotent."""

@@ -61,7 +61,7 @@ class RedisLayout:
                 return None
         return pid
 
-    def client(self, timeout: float = 2.0) -> redis.Redis:
+    def client(self, timeout: float = 2.0) -> redis.Redis[bytes]:
         return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=timeout)
 
     def live_url(self) -> str | None:

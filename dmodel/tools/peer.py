@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal, overload
 
 from ..actions import DAction
 from ..errors import CommandError, ConfigurationError, DecryptionError, DModelError
@@ -516,18 +516,22 @@ class Peer:
 MAX_TIMEOUT = 86_400.0  # seconds a request may ask to wait
 
 
+@overload
+def _number(req: dict[str, Any], key: str, default: int | None, low: float, high: float,
+            *, whole: Literal[True]) -> int: ...
+@overload
 def _number(req: dict[str, Any], key: str, default: float | None, low: float, high: float,
-            *, whole: bool = False) -> Any:
+            *, whole: Literal[False] = False) -> float: ...
+def _number(req: dict[str, Any], key: str, default: float | None, low: float, high: float,
+            *, whole: bool = False) -> float:
     """``req[key]`` checked to be a finite number in ``low..high`` (an int if ``whole``);
     CommandError ProtocolError otherwise (never an OverflowError)."""
     if key not in req and default is not None:
         return default
     value = req.get(key)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) \
-        and math.isfinite(value) and low <= value <= high
-    if ok and whole and value != int(value):
-        ok = False
-    if not ok:
+    if not isinstance(value, int | float) or isinstance(value, bool) \
+            or not (math.isfinite(value) and low <= value <= high) \
+            or (whole and value != int(value)):
         kind = "a whole number" if whole else "a number"
         raise CommandError("ProtocolError", f"{key} must be {kind} from {low:g} to {high:g}, "
                                             f"not {value!r}")

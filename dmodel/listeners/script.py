@@ -13,6 +13,7 @@ from typing import Any
 from dmodel.actions import Context, DAction
 from dmodel.errors import ConfigurationError
 
+from ._context import need
 from ._values import redact, to_json
 
 __all__ = ["RunScript"]
@@ -62,16 +63,19 @@ class RunScript(DAction):
         self.timeout = timeout
         self.events = chosen
 
-    def on_created(self, object_id: str, key: str, context: Context) -> None:
-        self._run("created", object_id, "", None, None, context)
+    def on_created(self, object_id: str, key: str, context: Context | None = None) -> None:
+        self._run("created", object_id, "", None, None, need(context))
 
     def on_updated(
-        self, object_id: str, field: str, old_value: Any, new_value: Any, context: Context
+        self, object_id: str, field: str, old_value: Any, new_value: Any,
+        context: Context | None = None,
     ) -> None:
-        self._run("updated", object_id, field, old_value, new_value, context)
+        self._run("updated", object_id, field, old_value, new_value, need(context))
 
-    def on_deleted(self, object_id: str, field: str, value: Any, context: Context) -> None:
-        self._run("deleted", object_id, field, value, None, context)
+    def on_deleted(
+        self, object_id: str, field: str, value: Any, context: Context | None = None
+    ) -> None:
+        self._run("deleted", object_id, field, value, None, need(context))
 
     def _run(
         self,

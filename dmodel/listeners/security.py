@@ -8,6 +8,8 @@ from typing import Any
 from dmodel.actions import Context, DAction
 from dmodel.errors import ConfigurationError, RejectedError, UnauthorizedError
 
+from ._context import need
+
 __all__ = ["ReadOnlyFields", "RejectUnauthorized"]
 
 
@@ -22,22 +24,23 @@ class RejectUnauthorized(DAction):
     """
 
     def on_unauthorized_update(
-        self, object_id: str, field: str, old_value: Any, new_value: Any, context: Context
+        self, object_id: str, field: str, old_value: Any, new_value: Any,
+        context: Context | None = None,
     ) -> None:
         raise UnauthorizedError(
-            f"{context.caller_id} may not change {field!r} of {object_id}", db_id=object_id
+            f"{need(context).caller_id} may not change {field!r} of {object_id}", db_id=object_id
         )
 
     def on_unauthorized_delete(
-        self, object_id: str, field: str, value: Any, context: Context
+        self, object_id: str, field: str, value: Any, context: Context | None = None
     ) -> None:
         raise UnauthorizedError(
-            f"{context.caller_id} may not delete {field!r} of {object_id}", db_id=object_id
+            f"{need(context).caller_id} may not delete {field!r} of {object_id}", db_id=object_id
         )
 
-    def on_unauthorized_remove(self, object_id: str, context: Context) -> None:
+    def on_unauthorized_remove(self, object_id: str, context: Context | None = None) -> None:
         raise UnauthorizedError(
-            f"{context.caller_id} may not remove {object_id}", db_id=object_id
+            f"{need(context).caller_id} may not remove {object_id}", db_id=object_id
         )
 
 

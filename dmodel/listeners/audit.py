@@ -12,6 +12,7 @@ from typing import Any
 from dmodel.actions import Context, DAction
 from dmodel.errors import ConfigurationError
 
+from ._context import need
 from ._values import plain, redact, to_json
 
 __all__ = ["AuditLog"]
@@ -89,47 +90,54 @@ class AuditLog(DAction):
         self.close()
 
     # Accepted changes.
-    def on_created(self, object_id: str, key: str, context: Context) -> None:
-        self._record("accepted", "create", object_id, None, None, None, context)
+    def on_created(self, object_id: str, key: str, context: Context | None = None) -> None:
+        self._record("accepted", "create", object_id, None, None, None, need(context))
 
     def on_updated(
-        self, object_id: str, field: str, old_value: Any, new_value: Any, context: Context
+        self, object_id: str, field: str, old_value: Any, new_value: Any,
+        context: Context | None = None,
     ) -> None:
-        self._record("accepted", "update", object_id, field, old_value, new_value, context)
+        self._record("accepted", "update", object_id, field, old_value, new_value, need(context))
 
-    def on_deleted(self, object_id: str, field: str, value: Any, context: Context) -> None:
-        self._record("accepted", "delete", object_id, field, value, None, context)
+    def on_deleted(
+        self, object_id: str, field: str, value: Any, context: Context | None = None
+    ) -> None:
+        self._record("accepted", "delete", object_id, field, value, None, need(context))
 
     # Attempts (before the decision).
-    def on_create(self, object_id: str, key: str, context: Context) -> None:
-        self._attempt("create", object_id, None, None, None, context)
+    def on_create(self, object_id: str, key: str, context: Context | None = None) -> None:
+        self._attempt("create", object_id, None, None, None, need(context))
 
     def on_update(
-        self, object_id: str, field: str, old_value: Any, new_value: Any, context: Context
+        self, object_id: str, field: str, old_value: Any, new_value: Any,
+        context: Context | None = None,
     ) -> None:
-        self._attempt("update", object_id, field, old_value, new_value, context)
+        self._attempt("update", object_id, field, old_value, new_value, need(context))
 
-    def on_delete(self, object_id: str, field: str, value: Any, context: Context) -> None:
-        self._attempt("delete", object_id, field, value, None, context)
+    def on_delete(
+        self, object_id: str, field: str, value: Any, context: Context | None = None
+    ) -> None:
+        self._attempt("delete", object_id, field, value, None, need(context))
 
-    def on_remove(self, object_id: str, context: Context) -> None:
-        self._attempt("remove", object_id, None, None, None, context)
+    def on_remove(self, object_id: str, context: Context | None = None) -> None:
+        self._attempt("remove", object_id, None, None, None, need(context))
 
     # Changes the policy rejected (observation only).
     def on_unauthorized_update(
-        self, object_id: str, field: str, old_value: Any, new_value: Any, context: Context
+        self, object_id: str, field: str, old_value: Any, new_value: Any,
+        context: Context | None = None,
     ) -> None:
-        if context.verdict == "unauthorized":
+        if need(context).verdict == "unauthorized":
             self._observe("update", object_id, field, old_value, new_value, context)
 
     def on_unauthorized_delete(
-        self, object_id: str, field: str, value: Any, context: Context
+        self, object_id: str, field: str, value: Any, context: Context | None = None
     ) -> None:
-        if context.verdict == "unauthorized":
+        if need(context).verdict == "unauthorized":
             self._observe("delete", object_id, field, value, None, context)
 
-    def on_unauthorized_remove(self, object_id: str, context: Context) -> None:
-        if context.verdict == "unauthorized":
+    def on_unauthorized_remove(self, object_id: str, context: Context | None = None) -> None:
+        if need(context).verdict == "unauthorized":
             self._observe("remove", object_id, None, None, None, context)
 
     def _attempt(self, *args: Any) -> None:
