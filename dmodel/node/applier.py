@@ -148,10 +148,10 @@ class Applier:
         self._on_accepted.append(callback)
 
     # ------------------------------------------------------------ entries
-    def apply_local(self, update: Update) -> pipeline.Decision:
-        """Apply an update this node just signed (the caller holds the lock)."""
+    def apply_local(self, updates: list[Update]) -> list[pipeline.Decision]:
+        """Apply updates this node just signed, as one batch (see ``node/writes.py``)."""
         with self.lock:
-            return self._process_batch([update], local=True)[0]
+            return self._process_batch(updates, local=True)
 
     def preverify(self, raws: Iterable[bytes]) -> list[Update | bytes]:
         """Decode updates and check the signatures whose keys are known without the store

@@ -44,6 +44,7 @@ from .home import open_home
 from .pending import PendingLimits
 from .root import RootKeeper
 from .sealing import Sealer, live_meta
+from .writes import QueuedWrite, WriteQueue
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Node:
         self.root.start()
         self.listeners = self.applier.listeners
         self.stats = self.applier.stats
-        self._heads: dict[str, bytes] = {}
+        self.writes = WriteQueue(self.applier, self.store, self.clock, self.node_id)
         self._closed = False
         self._network_started = 0.0
         # Woken after every stored update (and at shutdown): what wait() sleeps on.
@@ -294,28 +295,11 @@ class Node:
         """Sign ``ops`` as ``caller`` and apply them here; raise if not accepted.
 
         ``ops`` may be a function, called under the apply lock (so what it reads is what
-        the update is decided against).
+        the update is decided against). Writes from several threads at once share one
+        commit (``node/writes.py``); each is still signed, decided and acknowledged alone.
         """
         self._check_open()
-        signer = self.identity(caller)
-        with self._lock:
-            op_list = tuple(ops() if callable(ops) else ops)
-            grants = rights.grants_for(self.store, caller, op_list)
-            head = self._heads.get(caller)
-            if head is None:
-                head = self.store.chain_head(caller, self.node_id)
-            update = Update.create(signer, node=self.node_id, caller=caller,
-                                   timestamp=self.clock.tick(), prev=head, ops=op_list,
-                                   grants=grants)
-            decision = self.applier.apply_local(update)
-            if decision.verdict == pipeline.ACCEPTED:
-                self._heads[caller] = update.id
-                return update
-        if decision.verdict == pipeline.MISSING:
-            missing = ", ".join(m if isinstance(m, str) else m.hex() for m in decision.missing)
-            raise ObjectNotFoundError(f"not known to this node: {missing}")
-        assert decision.error is not None
-        raise decision.error
+        return self.writes.write(QueuedWrite(caller, self.identity(caller), ops))
 
     def create(self, model: str, *, read: Iterable[str] = (), update: Iterable[str] = (),
                fields: Callable[[str, dict[str, bytes]], Sequence[Op]] | None = None,

@@ -73,8 +73,8 @@ def test_accepts_a_create_and_a_set() -> None:
 def test_local_update_uses_the_local_snapshot_rule() -> None:
     applier, store = make_applier()
     owner = Signer()
-    applier.apply_local(owner.create(NOW_MS))
-    decision = applier.apply_local(owner.sign(NOW_MS + 1, Op(owner.db_id, "set", "n", 1)))
+    applier.apply_local([owner.create(NOW_MS)])
+    decision = applier.apply_local([owner.sign(NOW_MS + 1, Op(owner.db_id, "set", "n", 1))])[0]
     assert decision.verdict == pipeline.ACCEPTED
     assert applier.stats.local == 2 and value(store, owner.db_id, "n") == 1
 
@@ -102,7 +102,7 @@ def test_local_unauthorized_stores_nothing() -> None:
     owner, stranger = Signer(), Signer()
     applier.ingest([owner.create(NOW_MS - 9), stranger.create(NOW_MS - 8)])
     log = store.log_length()
-    decision = applier.apply_local(stranger.sign(NOW_MS, Op(owner.db_id, "set", "x", 1)))
+    decision = applier.apply_local([stranger.sign(NOW_MS, Op(owner.db_id, "set", "x", 1))])[0]
     assert decision.verdict == pipeline.UNAUTHORIZED
     assert store.log_length() == log and store.history(owner.db_id, held=True) == []
 
@@ -220,5 +220,5 @@ def test_on_accepted_callbacks_see_every_stored_update() -> None:
     owner = Signer()
     create = owner.create(NOW_MS - 9)
     applier.ingest([create])
-    local = applier.apply_local(owner.sign(NOW_MS, Op(owner.db_id, "set", "n", 1)))
+    local = applier.apply_local([owner.sign(NOW_MS, Op(owner.db_id, "set", "n", 1))])[0]
     assert seen == [(create.id, False), (local.update.id, True)]
