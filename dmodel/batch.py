@@ -83,16 +83,16 @@ class Overlay:
                 mine.registers[key] = over.registers[key]
             elif key[0] in over.objects and over.objects[key[0]].removed is not None:
                 mine.registers.pop(key, None)
-        for key in auth:
-            if key in over.auth:
-                mine.auth[key] = over.auth[key]
-            if key[1] == "u":  # a grant/revoke: did the member write earlier in the batch?
-                ms = over.last_write.get((key[0], key[2]), -1)
-                if ms > mine.last_write.get((key[0], key[2]), -1):
-                    mine.last_write[(key[0], key[2])] = ms
-        for key in pipeline.wrap_keys(update):
-            if key in over.wraps:
-                mine.wraps[key] = over.wraps[key]
+        for akey in auth:
+            if akey in over.auth:
+                mine.auth[akey] = over.auth[akey]
+            if akey[1] == "u":  # a grant/revoke: did the member write earlier in the batch?
+                ms = over.last_write.get((akey[0], akey[2]), -1)
+                if ms > mine.last_write.get((akey[0], akey[2]), -1):
+                    mine.last_write[(akey[0], akey[2])] = ms
+        for wkey in pipeline.wrap_keys(update):
+            if wkey in over.wraps:
+                mine.wraps[wkey] = over.wraps[wkey]
         return snap
 
 

@@ -289,8 +289,8 @@ class Applier:
             assert outcome is not None
             if verdict == pipeline.UNAUTHORIZED:
                 if self.listeners:
-                    changes = self._changes(update, outcome, snap, local, "unauthorized")
-                    self.listeners.observe_rejected(changes)
+                    refused = self._changes(update, outcome, snap, local, "unauthorized")
+                    self.listeners.observe_rejected(refused)
                 self.stats.rejected["UnauthorizedError"] += 1
                 logger.debug("rejected %s: %s", update.hex_id[:12], decision.error)
                 if not local:  # a local caller gets the error: nothing is stored or sent

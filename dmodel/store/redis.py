@@ -302,9 +302,13 @@ def _tag(key: str) -> str:
 
 
 class RedisStore:
-    """dmodel's state in one Redis database, or spread over a Redis Cluster."""
+    """dmodel's state in one Redis database, or spread over a Redis Cluster.
 
-    def __init__(self, client: redis.Redis | RedisCluster, prefix: str = "dm:",
+    (The ``type: ignore`` comments below mark calls that redis-py's ``RedisCluster``
+    has but the types-redis stubs leave out or leave untyped.)
+    """
+
+    def __init__(self, client: redis.Redis[bytes] | RedisCluster[bytes], prefix: str = "dm:",
                  unix_socket: str | None = None) -> None:
         if "{" in prefix or "}" in prefix:
             raise ConfigurationError(f"the Redis prefix {prefix!r} may not hold braces "
@@ -335,7 +339,7 @@ class RedisStore:
     def _next_seq(self) -> int:
         if self._seq is None:
             with map_redis_errors():
-                if self.client.type(self.k_log) == b"list":
+                if self.client.type(self.k_log) == b"list":  # type: ignore[no-untyped-call]
                     self._migrate_log()
                 self._seq = int(self.client.hget(self.k_meta, "seq") or 0)
         return self._seq
@@ -372,7 +376,7 @@ class RedisStore:
             if len(batch) >= 1000:
                 self._rename(batch)
         self._rename(batch)
-        self.client.rename(old_meta, self.k_meta)
+        self.client.rename(old_meta, self.k_meta)  # type: ignore[no-untyped-call]
 
     def _rename(self, batch: list[tuple[bytes, str]]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -512,7 +516,8 @@ class RedisStore:
             try:
                 return self.client.execute_command(*args)
             except redis.exceptions.NoScriptError:
-                self.client.script_load(_WRITE_LUA)  # on every master of a cluster
+                # on every master of a cluster
+                self.client.script_load(_WRITE_LUA)  # type: ignore[union-attr]
                 return self.client.execute_command(*args)
 
         with map_redis_errors():
@@ -644,8 +649,8 @@ class RedisStore:
                 if data:
                     state.registers[key] = merge.Register.unpack(data)
             state.auth.update(known_auth)
-            for key in auth_l:
-                state.auth[key] = cache.put_auth(key, merge.unpack_auth(next(results)))
+            for akey in auth_l:
+                state.auth[akey] = cache.put_auth(akey, merge.unpack_auth(next(results)))
             for db_id, _, member in last_l:
                 last = next(results)
                 if last is not None:
@@ -653,10 +658,10 @@ class RedisStore:
             for uid in grants_l:
                 if next(results):
                     snap.stored.add(uid)
-            for key in wraps_l:
+            for wkey in wraps_l:
                 wrapped = next(results)
                 if wrapped is not None:
-                    state.wraps[key] = wrapped
+                    state.wraps[wkey] = wrapped
             snaps.append(snap)
         return snaps
 
@@ -766,15 +771,15 @@ class RedisStore:
         packed = msgpack.packb([[str(a) if type(a) is int else a for a in cmd] for cmd in cmds],
                                use_bin_type=False)
         try:
-            reply = self.client.evalsha(self._script_sha, 0, packed)
+            reply = self.client.evalsha(self._script_sha, 0, packed)  # type: ignore[union-attr]
         except redis.exceptions.NoScriptError:
-            self._script_sha = self.client.script_load(_BATCH_LUA)
-            reply = self.client.evalsha(self._script_sha, 0, packed)
+            self._script_sha = self.client.script_load(_BATCH_LUA)  # type: ignore[union-attr]
+            reply = self.client.evalsha(self._script_sha, 0, packed)  # type: ignore[union-attr]
         return [None if r is False else r for r in msgpack.unpackb(reply, raw=True)]
 
     def _list_keys(self, db_ids: list[str]) -> list[str]:
         # Read before the atomic step; safe because the node's apply lock serializes writers.
-        keys = []
+        keys: list[str] = []
         for db_id in db_ids:
             names = self.client.smembers(self.k_lists(db_id))
             keys.extend(self.k_list(db_id, n.decode()) for n in names)
@@ -1071,7 +1076,7 @@ class RedisStore:
     def object_ids(self, model: str | None = None) -> list[str]:
         """db_ids of known objects (removed ones included; see object_meta)."""
         models = [model] if model else self.models()
-        out = []
+        out: list[str] = []
         with map_redis_errors():
             for m in models:
                 out.extend(f"{m}:{oid.decode()}" for oid in self.client.smembers(self.k_model(m)))
