@@ -93,7 +93,8 @@ class Actor(RouterSide):
     """Everything that runs on the bus I/O thread. Only that thread touches it,
     except the few attributes the API reads after ``started`` is set."""
 
-    def __init__(self, settings: Settings, ctx: zmq.Context, cmds: queue.SimpleQueue,
+    def __init__(self, settings: Settings, ctx: zmq.Context[zmq.Socket[bytes]],
+                 cmds: queue.SimpleQueue[Command],
                  cond: threading.Condition, post: Callable[[Command], None]) -> None:
         self.s = settings
         self.ctx = ctx
@@ -126,11 +127,11 @@ class Actor(RouterSide):
         self.table = self.mesh.table
         self.flood = self.mesh.flood
         self.auth: Any = None
-        self.pipe: zmq.Socket | None = None
-        self.router: zmq.Socket | None = None
-        self.xpub: zmq.Socket | None = None
-        self.broker_pub: zmq.Socket | None = None
-        self.broker_sub: zmq.Socket | None = None
+        self.pipe: zmq.Socket[bytes] | None = None
+        self.router: zmq.Socket[bytes] | None = None
+        self.xpub: zmq.Socket[bytes] | None = None
+        self.broker_pub: zmq.Socket[bytes] | None = None
+        self.broker_sub: zmq.Socket[bytes] | None = None
         self.next_broker_probe = 0.0
 
         self.sessions = self.mesh.sessions
@@ -176,8 +177,8 @@ class Actor(RouterSide):
                 self.xpub.bind(fr.pub_bind_endpoint(s.listen))
             except zmq.ZMQError as exc:
                 raise NetworkError(f"cannot bind {s.listen}: {exc}") from exc
-            self.endpoint = self._advertised(self.router.LAST_ENDPOINT.decode())
-            self.pub_endpoint = self._advertised(self.xpub.LAST_ENDPOINT.decode())
+            self.endpoint = self._advertised(self.router.get_string(zmq.LAST_ENDPOINT))
+            self.pub_endpoint = self._advertised(self.xpub.get_string(zmq.LAST_ENDPOINT))
             self.io.watch(self.router, self._on_router)
             self.io.watch(self.xpub, functools.partial(self._on_xpub, self.xpub, False))
 
@@ -310,7 +311,7 @@ class Actor(RouterSide):
                 if not pending.future.done():
                     pending.future.set_result(None)
 
-    def _ack(self, sock: zmq.Socket | None, subscriber: bytes) -> None:
+    def _ack(self, sock: zmq.Socket[bytes] | None, subscriber: bytes) -> None:
         if sock is not None:
             sock.send_multipart(fr.ack_frames(subscriber, self.node_id), zmq.NOBLOCK)
 
@@ -459,7 +460,7 @@ class Actor(RouterSide):
         if not pending.future.done():
             pending.future.set_result(reply)
 
-    def _on_sub(self, peer: Peer | None, sock: zmq.Socket) -> None:
+    def _on_sub(self, peer: Peer | None, sock: zmq.Socket[bytes]) -> None:
         for frames in drain(sock):
             self._sub_message(peer, frames)
             if self.stopping:
@@ -514,7 +515,7 @@ class Actor(RouterSide):
         else:
             self.mesh.bad(src, "spoofed", peer)
 
-    def _on_xpub(self, sock: zmq.Socket, only_self: bool) -> None:
+    def _on_xpub(self, sock: zmq.Socket[bytes], only_self: bool) -> None:
         for frames in drain(sock):
             data = frames[0]
             # A new subscriber on its ACK topic: acknowledge it. Through the broker we

@@ -11,14 +11,20 @@ replication.py's module docstring; the messages in sync.py. The attributes it us
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ..crypto import SIGNATURE_SIZE
 from ..update import update_id
 from . import sync
+
+if TYPE_CHECKING:
+    from .bus import Bus
+    from .replication import Inbox
 
 logger = logging.getLogger("dmodel.net.replication")
 
@@ -63,8 +69,33 @@ def _page_error(page: sync.LogPage, asked: int, limit: int) -> str:
 class CatchUp:
     """The sync thread's side of a network service (mixed into ``NetworkService``)."""
 
-    bus: Any
+    # Set by NetworkService.__init__. ``node`` is its LogSource, which catch-up also
+    # asks to ``release_gaps``.
+    bus: Bus
     node: Any
+    sync_interval: float
+    page_size: int
+    sync_turn_seconds: float
+    sync_turn_bytes: int
+    _counts: dict[str, int]
+    _queue: Inbox
+    _scores: dict[bytes, int]
+    _rotation: int
+    _wake: threading.Event
+    _stop: threading.Event
+    _force_pull: threading.Event
+    _sync_lock: threading.Lock
+    _progress: list[Callable[[str, int, int], None]]
+    _catching_up: threading.local
+    _dropped_seen: int
+    _busy_passes: int
+
+    # Defined by NetworkService.
+    def _refresh_mesh(self) -> None:
+        raise NotImplementedError
+
+    def _report_garbage(self, items: list[tuple[bytes, bytes]], decisions: list[Any]) -> None:
+        raise NotImplementedError
 
     def _sync_loop(self) -> None:
         while not self._stop.is_set():

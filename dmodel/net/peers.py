@@ -346,7 +346,7 @@ class DialPolicy:
             address = ipaddress.ip_address(host)
         except ValueError:
             return False  # no DNS for learned names under a network list
-        return any(address in net for net in self.mode)  # type: ignore[union-attr]
+        return any(address in net for net in self.mode)
 
     def attempt(self, endpoint: str, now: float, explicit: bool) -> bool:
         """May we open a socket to ``endpoint`` now? Records the attempt if so."""

@@ -11,19 +11,59 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import zmq
 
 from dmodel.net import frames as fr
-from dmodel.net.commands import DeferredReply, Report, SendReply, drain
-from dmodel.net.peers import Peer, Session
+from dmodel.net.commands import Command, DeferredReply, Report, SendReply, Settings, drain
+from dmodel.net.flood import FloodGuard, RateLimiter
+from dmodel.net.peers import Peer, PeerTable, Session, SessionTable
+
+if TYPE_CHECKING:
+    from dmodel.net.mesh import Mesh
 
 logger = logging.getLogger("dmodel.net.bus")
 
 
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The remote address ZeroMQ gives for the connection ``frame`` came on, if any."""
+    try:
+        address = frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError):
+        return None
+    return address if isinstance(address, str) else None
+
+
 class RouterSide:
     """Handling of the bound ROUTER socket (mixed into ``Actor``)."""
+
+    # Set by Actor.__init__ and Actor._setup.
+    s: Settings
+    node_id: bytes
+    post: Callable[[Command], None]
+    mesh: Mesh
+    table: PeerTable
+    flood: FloodGuard
+    sessions: SessionTable
+    counters: Counter[str]
+    dropped: Counter[str]
+    router: zmq.Socket[bytes] | None
+    xpub: zmq.Socket[bytes] | None
+    stopping: bool
+    request_limit: RateLimiter
+    unproven_limit: RateLimiter
+    in_service: dict[bytes, set[bytes]]
+
+    # Defined by Actor.
+    def _deliver(self, payload: bytes, sender: bytes, peer: Peer | None,
+                 src: bytes | str, now: float) -> None:
+        raise NotImplementedError
+
+    def _ack(self, sock: zmq.Socket[bytes] | None, subscriber: bytes) -> None:
+        raise NotImplementedError
 
     def _on_router(self) -> None:
         assert self.router is not None
@@ -67,10 +107,7 @@ class RouterSide:
         if self.flood.banned(src):
             self.dropped["banned"] += 1
             return
-        try:
-            address = frames[-1].get("Peer-Address")
-        except (zmq.ZMQError, AttributeError):
-            address = None
+        address = _peer_address(frames[-1])
         if not self.unproven_limit.allow(address, now):
             self.dropped["unproven_limited"] += 1
             return
@@ -109,10 +146,7 @@ class RouterSide:
         if not proven:
             return
         self._ack(self.xpub, hello.node_id)
-        try:
-            address = body.get("Peer-Address")
-        except (zmq.ZMQError, AttributeError):
-            address = None
+        address = _peer_address(body)
         self.mesh.hello_from(hello.node_id, hello, address, now)
 
     def _request(self, session: Session, msg: fr.Request, peer: Peer | None,
@@ -154,18 +188,19 @@ class RouterSide:
                 self.mesh.bad(cmd.sender, cmd.reason, peer)
 
     def _answer(self, ident: bytes, req_id: bytes, payload: bytes, sender: bytes) -> None:
-        reply: Any = None
+        reply: bytes | None = None
         try:
-            reply = self.s.on_request(payload, sender)
-            if isinstance(reply, DeferredReply):
+            answer = self.s.on_request(payload, sender)
+            if isinstance(answer, DeferredReply):
                 post = self.post
-                done, reply = reply._attach(
-                    lambda answer: post(SendReply(ident, req_id, answer)))
+                done, answer = answer._attach(
+                    lambda late: post(SendReply(ident, req_id, late)))
                 if not done:
                     self.in_service.setdefault(ident, set()).add(req_id)
                     return  # answered later, through a SendReply command
-            if reply is not None and not isinstance(reply, bytes | bytearray | memoryview):
-                raise TypeError(f"on_request returned {type(reply).__name__}, not bytes")
+            if answer is not None and not isinstance(answer, bytes | bytearray | memoryview):
+                raise TypeError(f"on_request returned {type(answer).__name__}, not bytes")
+            reply = answer
         except Exception:
             reply = None
             self.counters["callback_errors"] += 1
