@@ -9,7 +9,12 @@ victim's peak VmRSS against its baseline (aim < 2x baseline + 64 MiB). Then, in 
 process: the handshake cost per connection (both sides' signatures and checks) and the
 rate limiter's cost per message. JSON goes to ``results/hostile.json``.
 
-    python benchmarks/bench_hostile.py [--seconds 5] [--json PATH]
+    python benchmarks/bench_hostile.py [--seconds 5] [--json PATH] [--cpu] [--profile DIR]
+
+``--cpu`` also prints where the CPU went while the honest peer wrote: the victim's by
+thread (bus I/O, request worker, apply, verify, sync, main, ZeroMQ's I/O thread), the
+honest peer's and the attacker's. ``--profile DIR`` writes a cProfile file per victim
+thread to DIR (``<attack>-<thread>.prof``, read with ``python -m pstats``).
 """
 
 from __future__ import annotations
@@ -44,12 +49,73 @@ def rss(pid: int) -> int:
     return 0
 
 
-def spawn(home: Path, name: str, peers: list[str] = (), options: dict | None = None) -> Any:
+# `python -m dmodel`, but each thread names itself after its Python name (so
+# /proc/<pid>/task/<tid>/comm tells them apart), and, if BENCH_PROFILE is set, runs
+# under its own cProfile, dumped to BENCH_PROFILE-<thread name>.prof when it ends.
+_NAMED_THREADS = """
+import ctypes, os, runpy, sys, threading
+libc, inner = ctypes.CDLL(None), threading.Thread._bootstrap_inner
+prefix = os.environ.get("BENCH_PROFILE")
+def bootstrap(self):
+    libc.prctl(15, self.name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    if not (prefix and self.name.startswith("dmodel-")):
+        return inner(self)
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        inner(self)
+    finally:
+        prof.disable()
+        prof.dump_stats(f"{prefix}-{'-'.join(self.name.split('-')[:2])}.prof")
+threading.Thread._bootstrap_inner = bootstrap
+sys.argv[0] = "dmodel"
+runpy.run_module("dmodel", run_name="__main__", alter_sys=True)
+"""
+PROFILE_DIR: Path | None = None
+
+
+def spawn(home: Path, name: str, peers: list[str] = (), options: dict | None = None,
+          profile: str | None = None) -> Any:
     from dmodel.tools.driver import PeerProcess, peer_argv
 
     extra = ["--network-options", json.dumps(options)] if options else []
-    return PeerProcess(peer_argv(home, name=name, peers=peers, models=[MODELS],
-                                 options=extra), name=name, home=home, timeout=60)
+    argv = peer_argv(home, name=name, peers=peers, models=[MODELS], options=extra)
+    env = None
+    assert argv[1:3] == ["-m", "dmodel"]
+    argv[1:3] = ["-c", _NAMED_THREADS]
+    if PROFILE_DIR is not None and profile is not None:
+        env = {"BENCH_PROFILE": str(PROFILE_DIR / f"{profile}-{name}")}
+    return PeerProcess(argv, name=name, home=home, timeout=60, env=env)
+
+
+def task_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of ``pid``, summed by thread name (a dmodel
+    thread by its role: ``bus``, ``serve``, ``apply`` ...), and of its child processes
+    (its redis-server) as ``redis``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        out["redis"] = out.get("redis", 0.0) + proc_cpu(int(child))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parts = comm.split("-")
+        role = parts[1] if parts[0] == "dmodel" and len(parts) > 1 else comm
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds so far of process ``pid`` (all threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def attacker(*args: str) -> subprocess.Popen[str]:
@@ -80,9 +146,11 @@ def one_run(tmp: Path, name: str | None, seconds: float) -> dict[str, Any]:
         if name == "trap":
             trap = attacker("trap", str(seconds + 30))
             peers.append(json.loads(trap.stdout.readline())["endpoint"])  # type: ignore[union-attr]
-        victim = spawn(tmp / f"{name}-victim", "victim", peers=peers, options=VICTIM)
+        victim = spawn(tmp / f"{name}-victim", "victim", peers=peers, options=VICTIM,
+                       profile=name or "none")
         procs.append(victim)
-        honest = spawn(tmp / f"{name}-honest", "honest", peers=[victim.endpoint])
+        honest = spawn(tmp / f"{name}-honest", "honest", peers=[victim.endpoint],
+                       profile=name or "none")
         procs.append(honest)
         victim.ok("wait_peers", n=1 + (name == "trap"), timeout=20)
         honest.ok("wait_peers", n=1, timeout=20)
@@ -106,19 +174,30 @@ def one_run(tmp: Path, name: str | None, seconds: float) -> dict[str, Any]:
             if name == "amplify":
                 args[-1] = ",".join(_log_ids(victim)[:20])
             proc = attacker(*args)
+        peers = {"victim": victim.pid, "honest": honest.pid}
+        others = {} if proc is None and trap is None else {"attacker": (proc or trap).pid}
+
+        def cpu_now() -> dict[str, float]:
+            out = {f"{p} {k}": v for p, pid in peers.items() for k, v in task_cpu(pid).items()}
+            return {**out, **{k: proc_cpu(v) for k, v in others.items()}}
+
+        cpu0 = cpu_now()
         ids: list[str] = []
         t0 = time.monotonic()
         while time.monotonic() - t0 < seconds:
             ids.append(honest.ok("create", model="Person", fields={"name": "h"})["db_id"])
         victim.wait(ids[-1], "name", timeout=60)
         elapsed = time.monotonic() - t0
+        cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_now().items()
+               if v - cpu0.get(k, 0.0) >= 0.01}
         have = set(victim.ok("ls", filter="Person:*")["ids"])
         stop.set()
         sampler.join(5)
         if proc is not None:
             proc.communicate(timeout=120)
         guard = victim.stats()["network"].get("guard", {})
-        return {"attack": name or "none", "honest_updates": len(ids),
+        return {"attack": name or "none", "honest_updates": len(ids), "seconds": round(elapsed, 2),
+                "cpu_s": cpu,
                 "arrived": len(set(ids) & have), "honest_rate": round(len(ids) / elapsed, 1),
                 "rss_baseline_mib": round(baseline / MiB, 1),
                 "rss_peak_mib": round(max(peak[0], rss(victim.pid)) / MiB, 1),
@@ -191,7 +270,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--attacks", default="forge-ban,rotate,amplify,garbage,flood,trap,dial")
     parser.add_argument("--json", type=Path, default=common.RESULTS_DIR / "hostile.json")
+    parser.add_argument("--cpu", action="store_true",
+                        help="print CPU seconds by process and victim thread, per attack")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="write a cProfile file per victim thread to DIR")
     args = parser.parse_args()
+    global PROFILE_DIR
+    if args.profile is not None:
+        PROFILE_DIR = Path(args.profile).resolve()
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, runs = [], []
     with TemporaryDirectory() as tmp:
@@ -212,6 +299,12 @@ def main() -> int:
     print(f"\nhonest peer without attack: {base['honest_rate']:.0f} creates/s arriving\n")
     common.print_table(["attack", "honest rate", "ratio", "arrived", "victim RSS",
                         "honest banned"], rows)
+    if args.cpu:
+        print("\nCPU seconds while the honest peer wrote:")
+        for run in runs:
+            spent = sorted(run["cpu_s"].items(), key=lambda kv: -kv[1])
+            print(f"  {run['attack']} ({run['seconds']} s): "
+                  + ", ".join(f"{k} {v}" for k, v in spent))
     print(f"\nhandshake per connection: {figures['handshake_us_per_connection']} µs; "
           f"rate limiter per message: {figures['rate_limit_us_per_message']} µs")
     return common.finish(args.json, {

@@ -65,7 +65,7 @@ from dmodel.net.curve import make_client, make_server, start_authenticator
 from dmodel.net.flood import RateLimiter
 from dmodel.net.mesh import Mesh, SocketSet
 from dmodel.net.peers import Link, Peer, PeerInfo
-from dmodel.net.router import RouterSide
+from dmodel.net.router import REJECTS_PER_REQUEST_RATE, RouterSide
 
 logger = logging.getLogger("dmodel.net.bus")
 
@@ -141,6 +141,9 @@ class Actor(RouterSide):
                                         max(2 * rate.update_bytes, 2 * self.hard_limit))
         self.request_limit = RateLimiter(rate.requests, 2 * rate.requests)
         self.unproven_limit = RateLimiter(rate.unproven, 2 * rate.unproven)
+        rejects = REJECTS_PER_REQUEST_RATE * rate.requests
+        self.reject_limit = RateLimiter(rejects, max(16.0, rejects / 10), max_sources=1)
+        self.router_paused_until = 0.0  # 0: the ROUTER is read
         self.in_service: dict[bytes, set[bytes]] = {}  # routing id -> req ids being served
         self.pending: dict[bytes, _Pending] = {}
         self.req_ids = itertools.count(1)
@@ -275,7 +278,7 @@ class Actor(RouterSide):
 
     def _timers(self, now: float) -> None:
         s = self.s
-        nxt = self.mesh.timers(now)
+        nxt = min(self.mesh.timers(now), self._resume_router(now))
         for req_id, pending in list(self.pending.items()):
             if now >= pending.deadline:
                 del self.pending[req_id]
@@ -316,15 +319,16 @@ class Actor(RouterSide):
             sock.send_multipart(fr.ack_frames(subscriber, self.node_id), zmq.NOBLOCK)
 
     def _deliver(self, payload: bytes, sender: bytes, peer: Peer | None,
-                 src: bytes | str, now: float) -> None:
+                 src: bytes | str, now: float) -> bool:
         """Hand one update payload, unparsed, to ``on_publish`` (the per-source token
-        buckets checked first: the only per-message work besides the frame checks)."""
+        buckets checked first: the only per-message work besides the frame checks);
+        False if a limit dropped it."""
         if not (self.update_limit.allow(src, now)
                 and self.update_bytes.allow(src, now, len(payload))):
             self.dropped["updates_limited"] += 1
             if peer is not None:
                 peer.stats["limited"] += 1
-            return
+            return False
         self.counters["messages_in"] += 1
         self.counters["bytes_in"] += len(payload)
         if peer is not None:
@@ -335,6 +339,7 @@ class Actor(RouterSide):
         except Exception:
             self.counters["callback_errors"] += 1
             logger.exception("on_publish callback failed")
+        return True
 
     # ------------------------------------------------------- pipe and commands
 

@@ -10,10 +10,11 @@ replication.py's module docstring; the messages in sync.py. The attributes it us
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -30,6 +31,7 @@ logger = logging.getLogger("dmodel.net.replication")
 
 _FETCH = 500  # updates asked for in one request
 _MAX_BUSY_SKIPS = 4  # catch-up passes skipped in a row while live updates are queued
+MAX_BACKOFF = 60.0  # seconds a peer that keeps breaking the rules waits for a turn, at most
 
 
 class _Turn:
@@ -66,6 +68,66 @@ def _page_error(page: sync.LogPage, asked: int, limit: int) -> str:
     return ""
 
 
+class TurnBackoff:
+    """When a peer whose catch-up replies broke the rules gets its next turn (pure; time
+    injected; one thread).
+
+    Each broken turn doubles the wait: ``base``, 2 ``base``, 4 ``base`` ... up to
+    ``cap``; a good turn clears it. The wait is kept by the peer's proven node id and by
+    the endpoint it is reached at, so a liar that comes back under a new node id at the
+    same address waits as long (and one that moves keeps its node id's). A peer that
+    lies every time thus gets about log2(T / base) turns in T seconds.
+    """
+
+    __slots__ = ("base", "cap", "max_keys", "_strikes", "_until", "_endpoints")
+
+    def __init__(self, base: float, cap: float = MAX_BACKOFF, max_keys: int = 4096) -> None:
+        self.base = max(base, 0.01)
+        self.cap = cap
+        self.max_keys = max_keys
+        self._strikes: dict[Hashable, int] = {}
+        self._until: dict[Hashable, float] = {}
+        self._endpoints: dict[bytes, str] = {}  # node id -> endpoint seen last
+
+    def seen(self, peer_id: bytes, endpoint: str) -> None:
+        """``peer_id`` is reached at ``endpoint`` (from the bus's peer list)."""
+        if endpoint:
+            self._endpoints[peer_id] = endpoint
+
+    def _keys(self, peer_id: bytes) -> tuple[Hashable, ...]:
+        endpoint = self._endpoints.get(peer_id)
+        return (peer_id,) if endpoint is None else (peer_id, ("endpoint", endpoint))
+
+    def failed(self, peer_id: bytes, now: float) -> float:
+        """A broken turn: how long until ``peer_id`` may have the next one."""
+        keys = self._keys(peer_id)
+        strikes = 1 + max(self._strikes.get(k, 0) for k in keys)
+        wait = min(self.cap, self.base * (1 << min(strikes - 1, 30)))
+        if len(self._until) >= self.max_keys:  # forget peers that have not failed for a long while
+            stale = [k for k, until in self._until.items() if until < now - self.cap]
+            for k in stale:
+                del self._until[k]
+                self._strikes.pop(k, None)
+        for k in keys:
+            self._strikes[k] = strikes
+            self._until[k] = now + wait
+        return wait
+
+    def passed(self, peer_id: bytes) -> None:
+        """A good turn: no more waiting for ``peer_id`` (nor for its endpoint)."""
+        for k in self._keys(peer_id):
+            self._strikes.pop(k, None)
+            self._until.pop(k, None)
+
+    def waiting(self, peer_id: bytes, now: float) -> bool:
+        """True while ``peer_id`` (or its endpoint) waits for its next turn."""
+        return any(self._until.get(k, 0.0) > now for k in self._keys(peer_id))
+
+    def struck(self, peer_id: bytes) -> bool:
+        """True if ``peer_id``'s last turn broke the rules (and none went well since)."""
+        return any(k in self._strikes for k in self._keys(peer_id))
+
+
 class CatchUp:
     """The sync thread's side of a network service (mixed into ``NetworkService``)."""
 
@@ -89,6 +151,7 @@ class CatchUp:
     _catching_up: threading.local
     _dropped_seen: int
     _busy_passes: int
+    _mesh: dict[bytes, frozenset[bytes]]
 
     # Defined by NetworkService.
     def _refresh_mesh(self) -> None:
@@ -96,6 +159,10 @@ class CatchUp:
 
     def _report_garbage(self, items: list[tuple[bytes, bytes]], decisions: list[Any]) -> None:
         raise NotImplementedError
+
+    @functools.cached_property
+    def _backoff(self) -> TurnBackoff:
+        return TurnBackoff(self.sync_interval)
 
     def _sync_loop(self) -> None:
         while not self._stop.is_set():
@@ -114,6 +181,7 @@ class CatchUp:
 
     def _sync_all(self, *, force: bool = False) -> int:
         self._refresh_mesh()
+        self._unrelay(self._backoff.struck)
         total = 0
         dropped = self._counts["queue_dropped"]
         busy = (not self._queue.empty() and dropped == self._dropped_seen
@@ -134,9 +202,22 @@ class CatchUp:
             total += self._fetch_missing()
         return total
 
+    def _unrelay(self, struck: Callable[[bytes], bool]) -> None:
+        """Take peers whose catch-up turns broke the rules out of the relay map: a peer
+        that lies to us does not get our relays of others' updates (it still gets our
+        own, and may catch up from us)."""
+        if any(struck(peer_id) for peer_id in self._mesh):
+            self._mesh = {p: n for p, n in self._mesh.items() if not struck(p)}
+
     def _turn_order(self) -> list[bytes]:
-        """Connected peers, best catch-up score first (ties in a rotating order)."""
-        peers = [nid for nid, info in self.bus.peers().items() if info.connected]
+        """Connected peers not waiting out a back-off, best catch-up score first (ties
+        in a rotating order)."""
+        now, backoff = time.monotonic(), self._backoff
+        peers = []
+        for nid, info in self.bus.peers().items():
+            backoff.seen(nid, info.endpoint)
+            if info.connected and not backoff.waiting(nid, now):
+                peers.append(nid)
         if peers:
             shift = self._rotation % len(peers)
             self._rotation += 1
@@ -145,10 +226,14 @@ class CatchUp:
 
     def _bad_reply(self, peer_id: bytes, why: str) -> None:
         """The peer's catch-up reply did not make verifiable progress: it loses its turn
-        and a point of score (and gains it back with each good turn)."""
+        and a point of score (and gains it back with each good turn), waits out a
+        back-off that doubles with each such turn, and gets no relays meanwhile."""
         self._counts["sync_bad_replies"] += 1
         self._scores[peer_id] = max(self._scores.get(peer_id, 0) - 1, -1000)
-        logger.info("catch-up from %s: %s; next peer", peer_id.hex()[:8], why)
+        wait = self._backoff.failed(peer_id, time.monotonic())
+        self._unrelay(lambda p: p == peer_id)
+        logger.info("catch-up from %s: %s; next turn in %.1f s", peer_id.hex()[:8], why,
+                    wait)
 
     def _cursor(self, peer_id: bytes) -> tuple[bytes, int]:
         data = self.node.store.meta(f"cursor:{peer_id.hex()}")
@@ -212,6 +297,7 @@ class CatchUp:
                         logger.exception("progress callback failed")
             if not page.ids or pos >= page.end:
                 self._scores[peer_id] = min(self._scores.get(peer_id, 0) + 1, 0)
+                self._backoff.passed(peer_id)
                 break
         return pulled
 
