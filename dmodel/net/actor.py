@@ -65,7 +65,7 @@ from dmodel.net.curve import make_client, make_server, start_authenticator
 from dmodel.net.flood import RateLimiter
 from dmodel.net.mesh import Mesh, SocketSet
 from dmodel.net.peers import Link, Peer, PeerInfo
-from dmodel.net.router import REJECTS_PER_REQUEST_RATE, RouterSide
+from dmodel.net.router import REJECTS_PER_REQUEST_RATE, STRANGER_SHARE, RouterSide
 
 logger = logging.getLogger("dmodel.net.bus")
 
@@ -144,6 +144,10 @@ class Actor(RouterSide):
         rejects = REJECTS_PER_REQUEST_RATE * rate.requests
         self.reject_limit = RateLimiter(rejects, max(16.0, rejects / 10), max_sources=1)
         self.router_paused_until = 0.0  # 0: the ROUTER is read
+        self.stranger_request_limit = RateLimiter(rate.requests / STRANGER_SHARE,
+                                                  2 * rate.requests / STRANGER_SHARE)
+        self.strangers_serving: set[bytes] = set()
+        self.unread: dict[bytes, float] = {}
         self.in_service: dict[bytes, set[bytes]] = {}  # routing id -> req ids being served
         self.pending: dict[bytes, _Pending] = {}
         self.req_ids = itertools.count(1)
@@ -377,11 +381,7 @@ class Actor(RouterSide):
             self.stopping = True
             return
         if isinstance(cmd, SendReply):
-            serving = self.in_service.get(cmd.ident)
-            if serving is not None:
-                serving.discard(cmd.req_id)
-                if not serving:
-                    del self.in_service[cmd.ident]
+            self._done_serving(cmd.ident, cmd.req_id)
             self._send_reply(cmd.ident, cmd.req_id, cmd.payload)
             return
         if isinstance(cmd, Report):

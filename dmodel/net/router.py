@@ -17,6 +17,15 @@ wait in ZeroMQ's queue (``rcvhwm``), then in the sender's: TCP pushes back on it
 stalls, not us. ZeroMQ reads the ROUTER's connections in turn, so an honest peer's
 frames wait at most a pause plus one frame per other connection; its updates come on
 our SUB to its PUB, which is never paused.
+
+Strangers and deaf connections. A requester that proved its node id but is not a peer
+we link to (no endpoint we dialled: an attacker, or a client-only node) is a
+*stranger*: it gets a quarter of ``max_requests_per_s``, and all strangers together at
+most ``STRANGER_SHARE`` x ``max_requests_in_service`` requests in service, so the
+request worker's queue keeps room for the peers we link to (over: ``requests_busy``).
+A connection that does not read its replies (one was dropped at ``reply_hwm``) gets its
+requests dropped unserved for ``UNREAD_HOLD`` seconds (``dropped["requests_unread"]``):
+no store read is spent on a reply nobody takes.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ logger = logging.getLogger("dmodel.net.bus")
 REJECTS_PER_REQUEST_RATE = 5  # rejected ROUTER frames a second, per max_requests_per_s
 ROUTER_PAUSE = 0.05  # seconds the ROUTER is not read once the reject budget is spent
 _ALL = "all"  # the reject bucket's one key
+STRANGER_SHARE = 4  # strangers: 1/4 of the request rate each, 4 x in-service in all
+UNREAD_HOLD = 1.0  # seconds a connection's requests are dropped after a reply hit reply_hwm
 
 
 def _peer_address(frame: zmq.Frame) -> str | None:
@@ -73,8 +84,11 @@ class RouterSide:
     request_limit: RateLimiter
     unproven_limit: RateLimiter
     reject_limit: RateLimiter
+    stranger_request_limit: RateLimiter
     router_paused_until: float
     in_service: dict[bytes, set[bytes]]
+    strangers_serving: set[bytes]  # routing ids of strangers with requests in service
+    unread: dict[bytes, float]  # routing id -> requests dropped until (it does not read)
 
     # Defined by Actor.
     def _deliver(self, payload: bytes, sender: bytes, peer: Peer | None,
@@ -211,11 +225,19 @@ class RouterSide:
                  now: float) -> bool:
         src, ident = session.node_id, session.ident
         assert src is not None
+        until = self.unread.get(ident)
+        if until is not None:
+            if now < until:
+                self.dropped["requests_unread"] += 1
+                return False  # no reply either: it would not be read
+            del self.unread[ident]
         if len(msg.payload) > self.s.max_message_size:
             self.mesh.bad(src, "oversize", peer)
             self._send_reply(ident, msg.req_id, None)
             return False
-        if not self.request_limit.allow(src, now):
+        stranger = peer is None
+        limit = self.stranger_request_limit if stranger else self.request_limit
+        if not limit.allow(src, now):
             self.dropped["requests_limited"] += 1
             self._send_reply(ident, msg.req_id, None)
             return False
@@ -228,12 +250,34 @@ class RouterSide:
                 self.dropped["requests_busy"] += 1
                 self._send_reply(ident, msg.req_id, None)
                 return False
+        if stranger and self._strangers_in_service() >= (
+                STRANGER_SHARE * self.s.max_requests_in_service):
+            self.dropped["requests_busy"] += 1
+            self._send_reply(ident, msg.req_id, None)
+            return False
         self.counters["requests_in"] += 1
         self.counters["bytes_in"] += len(msg.payload)
         if peer is not None:
             peer.stats["requests_in"] += 1
         self._answer(ident, msg.req_id, msg.payload, src)
+        if stranger and ident in self.in_service:
+            self.strangers_serving.add(ident)
         return True
+
+    def _strangers_in_service(self) -> int:
+        """Requests of strangers being served now (at most STRANGER_SHARE x
+        max_requests_in_service, over at most that many connections)."""
+        in_service = self.in_service
+        return sum(len(in_service.get(ident, ())) for ident in self.strangers_serving)
+
+    def _done_serving(self, ident: bytes, req_id: bytes) -> None:
+        """The request ``req_id`` of ``ident`` was answered (a SendReply came back)."""
+        serving = self.in_service.get(ident)
+        if serving is not None:
+            serving.discard(req_id)
+            if not serving:
+                del self.in_service[ident]
+                self.strangers_serving.discard(ident)
 
     def _report(self, cmd: Report) -> None:
         """The node found ``cmd.count`` bad updates from ``cmd.sender``: count them like
@@ -269,22 +313,30 @@ class RouterSide:
     def _send_reply(self, ident: bytes, req_id: bytes, reply: bytes | None) -> None:
         if self.router is None:
             return
-        if self._router_send(fr.reply_frames(ident, req_id, reply)) and reply is not None:
-            self.counters["replies_out"] += 1
-            self.counters["bytes_out"] += len(reply)
+        failed = self._router_send(fr.reply_frames(ident, req_id, reply))
+        if failed is None:
+            if reply is not None:
+                self.counters["replies_out"] += 1
+                self.counters["bytes_out"] += len(reply)
+        elif failed == "reply_hwm":  # it does not read its replies: serve it nothing
+            now = time.monotonic()
+            if len(self.unread) >= 4 * len(self.sessions) + 16:
+                self.unread = {i: t for i, t in self.unread.items() if t > now}
+            self.unread[ident] = now + UNREAD_HOLD
 
-    def _router_send(self, frames: list[bytes]) -> bool:
-        """Send on the ROUTER; False (counted) if the peer is gone or does not read."""
+    def _router_send(self, frames: list[bytes]) -> str | None:
+        """Send on the ROUTER; None if sent, else why not (counted): ``"reply_hwm"``, the
+        peer does not read, or ``"reply_unroutable"``, it is gone."""
         assert self.router is not None
         try:
             self.router.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             self.dropped["reply_hwm"] += 1
-            return False
+            return "reply_hwm"
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             self.dropped["reply_unroutable"] += 1
-            return False
-        return True
+            return "reply_unroutable"
+        return None
 
