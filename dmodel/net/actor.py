@@ -18,7 +18,9 @@ its bad frames are blamed on the connection (``"conn:<routing id>"``), and all u
 frames from one source address share a token bucket (``unproven_rate`` a second), so
 rotating routing ids buys nothing. Proven peers get token buckets of their own for
 updates (count and bytes) and requests; over them, frames are dropped and counted
-(``dropped["updates_limited"]``, ``["requests_limited"]``), never banned for it. At
+(``dropped["updates_limited"]``, ``["requests_limited"]``), never banned for it; a
+proven node that is not a peer we link to gets a quarter of them, and every frame the
+ROUTER drops draws on one budget shared by all (:mod:`dmodel.net.router`). At
 most ``max_requests_in_service`` requests of one connection are being served at a
 time, a repeated request id is dropped (``["duplicate_request"]``), and the ROUTER
 sends with ZMQ_ROUTER_MANDATORY and a ``reply_hwm`` high-water mark: replies to a
@@ -146,6 +148,11 @@ class Actor(RouterSide):
         self.router_paused_until = 0.0  # 0: the ROUTER is read
         self.stranger_request_limit = RateLimiter(rate.requests / STRANGER_SHARE,
                                                   2 * rate.requests / STRANGER_SHARE)
+        self.stranger_update_limit = RateLimiter(rate.updates / STRANGER_SHARE,
+                                                 2 * rate.updates / STRANGER_SHARE)
+        self.stranger_update_bytes = RateLimiter(
+            rate.update_bytes / STRANGER_SHARE,
+            max(2 * rate.update_bytes / STRANGER_SHARE, 2 * self.hard_limit))
         self.strangers_serving: set[bytes] = set()
         self.unread: dict[bytes, float] = {}
         self.in_service: dict[bytes, set[bytes]] = {}  # routing id -> req ids being served
@@ -323,12 +330,14 @@ class Actor(RouterSide):
             sock.send_multipart(fr.ack_frames(subscriber, self.node_id), zmq.NOBLOCK)
 
     def _deliver(self, payload: bytes, sender: bytes, peer: Peer | None,
-                 src: bytes | str, now: float) -> bool:
+                 src: bytes | str, now: float, stranger: bool = False) -> bool:
         """Hand one update payload, unparsed, to ``on_publish`` (the per-source token
         buckets checked first: the only per-message work besides the frame checks);
-        False if a limit dropped it."""
-        if not (self.update_limit.allow(src, now)
-                and self.update_bytes.allow(src, now, len(payload))):
+        False if a limit dropped it. A ``stranger`` (a push from a proven node that is
+        not a peer we link to) has buckets of a quarter the size."""
+        count, size = ((self.stranger_update_limit, self.stranger_update_bytes) if stranger
+                       else (self.update_limit, self.update_bytes))
+        if not (count.allow(src, now) and size.allow(src, now, len(payload))):
             self.dropped["updates_limited"] += 1
             if peer is not None:
                 peer.stats["limited"] += 1

@@ -20,9 +20,11 @@ our SUB to its PUB, which is never paused.
 
 Strangers and deaf connections. A requester that proved its node id but is not a peer
 we link to (no endpoint we dialled: an attacker, or a client-only node) is a
-*stranger*: it gets a quarter of ``max_requests_per_s``, and all strangers together at
-most ``STRANGER_SHARE`` x ``max_requests_in_service`` requests in service, so the
-request worker's queue keeps room for the peers we link to (over: ``requests_busy``).
+*stranger*: it gets a quarter of ``max_requests_per_s`` and of the update limits
+(``max_updates_per_s``, ``max_update_bytes_per_s``, for its pushes), and all strangers
+together at most ``STRANGER_SHARE`` x ``max_requests_in_service`` requests in service,
+so the request worker's queue keeps room for the peers we link to (over:
+``requests_busy``).
 A connection that does not read its replies (one was dropped at ``reply_hwm``) gets its
 requests dropped unserved for ``UNREAD_HOLD`` seconds (``dropped["requests_unread"]``):
 no store read is spent on a reply nobody takes.
@@ -92,7 +94,7 @@ class RouterSide:
 
     # Defined by Actor.
     def _deliver(self, payload: bytes, sender: bytes, peer: Peer | None,
-                 src: bytes | str, now: float) -> bool:
+                 src: bytes | str, now: float, stranger: bool = False) -> bool:
         raise NotImplementedError
 
     def _ack(self, sock: zmq.Socket[bytes] | None, subscriber: bytes) -> None:
@@ -169,7 +171,7 @@ class RouterSide:
         if len(msg.payload) > self.s.max_message_size:
             self.mesh.bad(src, "oversize", peer)
             return False
-        return self._deliver(msg.payload, src, peer, src, now)
+        return self._deliver(msg.payload, src, peer, src, now, stranger=peer is None)
 
     def _unproven_message(self, ident: bytes, session: Session | None,
                           frames: list[zmq.Frame], now: float) -> bool:

@@ -6,7 +6,8 @@ process (``attacker.py``), and the back-off's arithmetic on its own.
   reject budget allows: the victim's ROUTER pauses, and what it dropped stays within
   ``5 x max_requests_per_s`` a second (plus one burst). Meanwhile an honest client-only
   peer, whose pushes and requests share that ROUTER, loses nothing.
-- A stranger (proven, but not a peer we link to) gets a quarter of the request rate,
+- A stranger (proven, but not a peer we link to) gets a quarter of the request rate and
+  of the update budget,
   and strangers together a bounded share of the requests in service; a connection that
   does not read its replies gets its requests dropped before they reach the handler.
 - A lying peer (``trap``) gets a catch-up turn after waits that double, and no relays
@@ -136,6 +137,29 @@ def test_a_stranger_gets_a_quarter_of_the_request_rate(zctx) -> None:
         assert answers == [b"ok"] * 60
     finally:
         peer.close()
+        victim.close()
+
+
+def test_a_strangers_pushes_get_a_quarter_of_the_update_bytes(zctx) -> None:
+    received: list[bytes] = []
+    mib, size = 1024 * 1024, 100_000
+    victim = Bus(node_id=os.urandom(16), max_update_bytes_per_s=4 * mib,
+                 max_message_size=size + 1000,
+                 on_publish=lambda payload, sender: received.append(payload),
+                 on_request=lambda payload, sender: None)
+    try:
+        stranger = proven_dealer(zctx, victim.endpoint)
+        t0 = time.monotonic()
+        for i in range(100):  # 10 MB at once
+            stranger.send_multipart(fr.push_frames(i.to_bytes(4, "big") * (size // 4)))
+        wait_until(lambda: len(received) + victim.stats["dropped"].get("updates_limited", 0)
+                   >= 100, timeout=30)
+        elapsed = time.monotonic() - t0
+        # Its bucket: 1 MiB a second, bursts of 2 MiB (a peer we link to: 4 and 8).
+        rate = 4 * mib / STRANGER_SHARE
+        assert 0 < len(received) * size <= 2 * rate + rate * elapsed + size, \
+            (len(received), elapsed)
+    finally:
         victim.close()
 
 
