@@ -11,7 +11,9 @@ victim's CPU (all its threads and its redis-server) per honest update against th
 in those runs, the attacker process's CPU seconds, and the victim's peak VmRSS against
 its baseline (aim < 2x baseline + 64 MiB). Then, in this process: the handshake cost
 per connection (both sides' signatures and checks) and the rate limiter's cost per
-message. ``--repeat N`` runs each attack N times (each try followed by a run without
+message. ``--nice-attacker`` runs the attacker at nice 19: a control for a machine where the
+attacker's own CPU competes with the honest peer (as it does not when the attacker is
+elsewhere). ``--repeat N`` runs each attack N times (each try followed by a run without
 attack) and prints the median ratio with every try's. JSON goes to
 ``results/hostile.json``.
 
@@ -80,6 +82,7 @@ sys.argv[0] = "dmodel"
 runpy.run_module("dmodel", run_name="__main__", alter_sys=True)
 """
 PROFILE_DIR: Path | None = None
+NICE_ATTACKER = False
 
 
 def spawn(home: Path, name: str, peers: list[str] = (), options: dict | None = None,
@@ -129,7 +132,8 @@ def attacker(*args: str) -> subprocess.Popen[str]:
     from dmodel.tools.driver import child_env
 
     return subprocess.Popen([sys.executable, str(ATTACKER), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env())
+                            stderr=subprocess.PIPE, text=True, env=child_env(),
+                            preexec_fn=(lambda: os.nice(19)) if NICE_ATTACKER else None)
 
 
 def attack_args(name: str, victim: Any, honest: Any, seconds: float) -> list[str]:
@@ -286,12 +290,16 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="tries per attack, each followed by a run without attack; "
                              "the median ratio is printed")
+    parser.add_argument("--nice-attacker", action="store_true",
+                        help="run the attacker at nice 19 (a control: what is left is what "
+                             "the victim does, not the attacker's own CPU on shared cores)")
     parser.add_argument("--cpu", action="store_true",
                         help="print CPU seconds by process and victim thread, per attack")
     parser.add_argument("--profile", metavar="DIR",
                         help="write a cProfile file per victim thread to DIR")
     args = parser.parse_args()
-    global PROFILE_DIR
+    global PROFILE_DIR, NICE_ATTACKER
+    NICE_ATTACKER = args.nice_attacker
     if args.profile is not None:
         PROFILE_DIR = Path(args.profile).resolve()
         PROFILE_DIR.mkdir(parents=True, exist_ok=True)
