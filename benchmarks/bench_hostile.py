@@ -6,12 +6,16 @@ channel allows for ``--seconds``; the honest rate is the number of those creates
 victim holds, over the time until the last one arrived. A run without an attacker
 comes before each attack and after the last, so the load of a shared machine drifts
 less between an attack and its reference. Printed per attack: that rate as a ratio to
-the mean rate of the runs without attack just before and after it (aim >= 0.8), the
-victim's CPU (all its threads and its redis-server) per honest update against the same
-in those runs, the attacker process's CPU seconds, and the victim's peak VmRSS against
-its baseline (aim < 2x baseline + 64 MiB). Then, in this process: the handshake cost
-per connection (both sides' signatures and checks) and the rate limiter's cost per
-message. ``--nice-attacker`` runs the attacker at nice 19: a control for a machine where the
+the mean rate of the runs without attack just before and after it (aim >= 0.8); the
+victim's CPU (all its threads and its redis-server) per honest update, against the
+same in those runs; the CPU seconds of the victim's network threads (bus I/O, request
+worker, sync, ZeroMQ's I/O thread: where attack frames are handled), against the same;
+the attacker process's CPU seconds (its start included); and the victim's peak VmRSS
+against its baseline (aim < 2x baseline + 64 MiB). Then, in this process: the
+handshake cost per connection (both sides' signatures and checks) and the rate
+limiter's cost per message.
+
+``--nice-attacker`` runs the attacker at nice 19: a control for a machine where the
 attacker's own CPU competes with the honest peer (as it does not when the attacker is
 elsewhere). ``--repeat N`` runs each attack N times (each try followed by a run without
 attack) and prints the median ratio with every try's. JSON goes to
@@ -222,6 +226,15 @@ def one_run(tmp: Path, name: str | None, seconds: float) -> dict[str, Any]:
             trap.wait(10)
 
 
+NET_THREADS = ("victim bus", "victim serve", "victim sync", "victim ZMQbg/IO/0")
+
+
+def net_cpu_s(run: dict[str, Any]) -> float:
+    """CPU seconds of the victim's network threads (bus I/O, request worker, sync,
+    ZeroMQ's I/O thread): where an attack's frames are read, checked and answered."""
+    return round(sum(run["cpu_s"].get(k, 0.0) for k in NET_THREADS), 2)
+
+
 def victim_cpu_us(run: dict[str, Any]) -> float:
     """The victim's CPU (every thread, and its redis-server) per honest update, in µs."""
     spent = sum(v for k, v in run["cpu_s"].items() if k.startswith("victim "))
@@ -328,6 +341,8 @@ def main() -> int:
                 ref_cpu = (before["victim_cpu_us"] + after["victim_cpu_us"]) / 2
                 run["ratio"] = round(run["honest_rate"] / ref_rate, 2)
                 run["victim_cpu_ratio"] = round(run["victim_cpu_us"] / ref_cpu, 2)
+                run["net_cpu_s"] = net_cpu_s(run)
+                run["net_cpu_ref_s"] = round((net_cpu_s(before) + net_cpu_s(after)) / 2, 2)
                 run["rss_ok"] = run["rss_peak_mib"] < 2 * run["rss_baseline_mib"] + 64
                 tries.append(run)
                 common.log(f"{name}: {run['ratio']}x, rss {run['rss_peak_mib']} MiB")
@@ -340,6 +355,7 @@ def main() -> int:
                          common.fmt_ratio(run["ratio"]) + (f" ({ratios})" if len(tries) > 1
                                                            else ""),
                          f"{run['victim_cpu_us']:.0f} µs ({run['victim_cpu_ratio']:.2f}x)",
+                         f"{run['net_cpu_s']:.2f} s ({run['net_cpu_ref_s']:.2f} s)",
                          f"{run['cpu_s'].get('attacker', 0.0):.2f} s",
                          f"{sum(r['arrived'] for r in tries)}/"
                          f"{sum(r['honest_updates'] for r in tries)}",
@@ -352,7 +368,8 @@ def main() -> int:
           f"({min(rates):.0f} to {max(rates):.0f} over {len(rates)} runs); victim CPU "
           f"{sum(b['victim_cpu_us'] for b in bases) / len(bases):.0f} µs per update\n")
     common.print_table(["attack", "honest rate", "ratio", "victim CPU/update",
-                        "attacker CPU", "arrived", "victim RSS", "honest banned"], rows)
+                        "victim net threads (no attack)", "attacker CPU", "arrived",
+                        "victim RSS", "honest banned"], rows)
     if args.cpu:
         print("\nCPU seconds while the honest peer wrote:")
         for run in runs:
