@@ -17,9 +17,11 @@ limiter's cost per message.
 
 ``--nice-attacker`` runs the attacker at nice 19: a control for a machine where the
 attacker's own CPU competes with the honest peer (as it does not when the attacker is
-elsewhere). ``--repeat N`` runs each attack N times (each try followed by a run without
-attack) and prints the median ratio with every try's. JSON goes to
-``results/hostile.json``.
+elsewhere). ``--decoy`` aims each attack (but the trap) at a third node, not the victim:
+what is left of the ratio then is the attack's cost to the shared machine (attacker and
+decoy), none of it the victim's. ``--repeat N`` runs each attack N times (each try
+followed by a run without attack) and prints the median ratio with every try's. JSON
+goes to ``results/hostile.json``.
 
     python benchmarks/bench_hostile.py [--seconds 5] [--repeat 1] [--json PATH] [--cpu]
                                        [--profile DIR]
@@ -87,6 +89,7 @@ runpy.run_module("dmodel", run_name="__main__", alter_sys=True)
 """
 PROFILE_DIR: Path | None = None
 NICE_ATTACKER = False
+DECOY = False
 
 
 def spawn(home: Path, name: str, peers: list[str] = (), options: dict | None = None,
@@ -169,9 +172,14 @@ def one_run(tmp: Path, name: str | None, seconds: float) -> dict[str, Any]:
         procs.append(honest)
         victim.ok("wait_peers", n=1 + (name == "trap"), timeout=20)
         honest.ok("wait_peers", n=1, timeout=20)
+        target = victim
+        if DECOY and name not in (None, "trap"):
+            target = spawn(tmp / f"{name}-decoy", "decoy", options=VICTIM)
+            procs.append(target)
         if name == "amplify":  # something big for the attacker to ask for
+            writer = honest if target is victim else target
             for _ in range(15):
-                honest.ok("create", model="Person", fields={"name": "x" * 60_000})
+                writer.ok("create", model="Person", fields={"name": "x" * 60_000})
             time.sleep(1)
         baseline = rss(victim.pid)
         peak = [baseline]
@@ -185,11 +193,13 @@ def one_run(tmp: Path, name: str | None, seconds: float) -> dict[str, Any]:
         sampler.start()
         proc = None
         if name not in (None, "trap"):
-            args = attack_args(name, victim, honest, seconds)
+            args = attack_args(name, target, honest, seconds)
             if name == "amplify":
-                args[-1] = ",".join(_log_ids(victim)[:20])
+                args[-1] = ",".join(_log_ids(target)[:20])
             proc = attacker(*args)
         peers = {"victim": victim.pid, "honest": honest.pid}
+        if target is not victim:
+            peers["decoy"] = target.pid
         others = {} if proc is None and trap is None else {"attacker": (proc or trap).pid}
 
         def cpu_now() -> dict[str, float]:
@@ -306,13 +316,16 @@ def main() -> int:
     parser.add_argument("--nice-attacker", action="store_true",
                         help="run the attacker at nice 19 (a control: what is left is what "
                              "the victim does, not the attacker's own CPU on shared cores)")
+    parser.add_argument("--decoy", action="store_true",
+                        help="attack a third node instead of the victim (a control: the "
+                             "attack's cost to the machine, none to the victim)")
     parser.add_argument("--cpu", action="store_true",
                         help="print CPU seconds by process and victim thread, per attack")
     parser.add_argument("--profile", metavar="DIR",
                         help="write a cProfile file per victim thread to DIR")
     args = parser.parse_args()
-    global PROFILE_DIR, NICE_ATTACKER
-    NICE_ATTACKER = args.nice_attacker
+    global PROFILE_DIR, NICE_ATTACKER, DECOY
+    NICE_ATTACKER, DECOY = args.nice_attacker, args.decoy
     if args.profile is not None:
         PROFILE_DIR = Path(args.profile).resolve()
         PROFILE_DIR.mkdir(parents=True, exist_ok=True)

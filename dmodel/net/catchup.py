@@ -6,6 +6,12 @@ stopped, in turns with a time and byte budget, checks that every page makes veri
 progress, and fetches what pending updates wait for. The rules are in
 replication.py's module docstring; the messages in sync.py. The attributes it uses
 (``bus``, ``node``, the counters, events and settings) are set by ``NetworkService``.
+
+A peer whose turn breaks the rules also waits for its next one (:class:`TurnBackoff`):
+``sync_interval``, then twice as long after each further broken turn, up to
+``MAX_BACKOFF``, kept by node id and by endpoint; a good turn clears it. So one lying
+peer costs a pass at most one turn, and a few turns a minute after that (about log2 of
+the time over ``sync_interval``, in all). Until a good turn it gets no relays either.
 """
 
 from __future__ import annotations
@@ -212,17 +218,25 @@ class CatchUp:
     def _turn_order(self) -> list[bytes]:
         """Connected peers not waiting out a back-off, best catch-up score first (ties
         in a rotating order)."""
+        return self._turns()[0]
+
+    def _turns(self) -> tuple[list[bytes], int]:
+        """(the turn order, how many connected peers wait out a back-off)."""
         now, backoff = time.monotonic(), self._backoff
-        peers = []
+        peers, waiting = [], 0
         for nid, info in self.bus.peers().items():
             backoff.seen(nid, info.endpoint)
-            if info.connected and not backoff.waiting(nid, now):
+            if not info.connected:
+                continue
+            if backoff.waiting(nid, now):
+                waiting += 1
+            else:
                 peers.append(nid)
         if peers:
             shift = self._rotation % len(peers)
             self._rotation += 1
             peers = peers[shift:] + peers[:shift]
-        return sorted(peers, key=lambda nid: -self._scores.get(nid, 0))
+        return sorted(peers, key=lambda nid: -self._scores.get(nid, 0)), waiting
 
     def _bad_reply(self, peer_id: bytes, why: str) -> None:
         """The peer's catch-up reply did not make verifiable progress: it loses its turn
@@ -339,7 +353,9 @@ class CatchUp:
         objs = [n for n in needs if isinstance(n, str)][:sync.MAX_IDS]
         got = 0
         unserved = set(ids)  # links no peer asked had (pruned by retention everywhere)
-        peers = self._turn_order()
+        peers, waiting = self._turns()
+        if waiting:
+            unserved.clear()  # a peer not asked may have the links
         for peer_id in peers:
             turn = _Turn(time.monotonic() + self.sync_turn_seconds, self.sync_turn_bytes)
             for kind, wanted in (("get", ids), ("obj", objs)):
