@@ -18,7 +18,9 @@ its bad frames are blamed on the connection (``"conn:<routing id>"``), and all u
 frames from one source address share a token bucket (``unproven_rate`` a second), so
 rotating routing ids buys nothing. Proven peers get token buckets of their own for
 updates (count and bytes) and requests; over them, frames are dropped and counted
-(``dropped["updates_limited"]``, ``["requests_limited"]``), never banned for it. At
+(``dropped["updates_limited"]``, ``["requests_limited"]``), never banned for it; a
+proven node that is not a peer we link to gets a quarter of them, and every frame the
+ROUTER drops draws on one budget shared by all (:mod:`dmodel.net.router`). At
 most ``max_requests_in_service`` requests of one connection are being served at a
 time, a repeated request id is dropped (``["duplicate_request"]``), and the ROUTER
 sends with ZMQ_ROUTER_MANDATORY and a ``reply_hwm`` high-water mark: replies to a
@@ -65,7 +67,7 @@ from dmodel.net.curve import make_client, make_server, start_authenticator
 from dmodel.net.flood import RateLimiter
 from dmodel.net.mesh import Mesh, SocketSet
 from dmodel.net.peers import Link, Peer, PeerInfo
-from dmodel.net.router import RouterSide
+from dmodel.net.router import REJECTS_PER_REQUEST_RATE, STRANGER_SHARE, RouterSide
 
 logger = logging.getLogger("dmodel.net.bus")
 
@@ -93,7 +95,8 @@ class Actor(RouterSide):
     """Everything that runs on the bus I/O thread. Only that thread touches it,
     except the few attributes the API reads after ``started`` is set."""
 
-    def __init__(self, settings: Settings, ctx: zmq.Context, cmds: queue.SimpleQueue,
+    def __init__(self, settings: Settings, ctx: zmq.Context[zmq.Socket[bytes]],
+                 cmds: queue.SimpleQueue[Command],
                  cond: threading.Condition, post: Callable[[Command], None]) -> None:
         self.s = settings
         self.ctx = ctx
@@ -126,11 +129,11 @@ class Actor(RouterSide):
         self.table = self.mesh.table
         self.flood = self.mesh.flood
         self.auth: Any = None
-        self.pipe: zmq.Socket | None = None
-        self.router: zmq.Socket | None = None
-        self.xpub: zmq.Socket | None = None
-        self.broker_pub: zmq.Socket | None = None
-        self.broker_sub: zmq.Socket | None = None
+        self.pipe: zmq.Socket[bytes] | None = None
+        self.router: zmq.Socket[bytes] | None = None
+        self.xpub: zmq.Socket[bytes] | None = None
+        self.broker_pub: zmq.Socket[bytes] | None = None
+        self.broker_sub: zmq.Socket[bytes] | None = None
         self.next_broker_probe = 0.0
 
         self.sessions = self.mesh.sessions
@@ -140,6 +143,18 @@ class Actor(RouterSide):
                                         max(2 * rate.update_bytes, 2 * self.hard_limit))
         self.request_limit = RateLimiter(rate.requests, 2 * rate.requests)
         self.unproven_limit = RateLimiter(rate.unproven, 2 * rate.unproven)
+        rejects = REJECTS_PER_REQUEST_RATE * rate.requests
+        self.reject_limit = RateLimiter(rejects, max(16.0, rejects / 10), max_sources=1)
+        self.router_paused_until = 0.0  # 0: the ROUTER is read
+        self.stranger_request_limit = RateLimiter(rate.requests / STRANGER_SHARE,
+                                                  2 * rate.requests / STRANGER_SHARE)
+        self.stranger_update_limit = RateLimiter(rate.updates / STRANGER_SHARE,
+                                                 2 * rate.updates / STRANGER_SHARE)
+        self.stranger_update_bytes = RateLimiter(
+            rate.update_bytes / STRANGER_SHARE,
+            max(2 * rate.update_bytes / STRANGER_SHARE, 2 * self.hard_limit))
+        self.strangers_serving: set[bytes] = set()
+        self.unread: dict[bytes, float] = {}
         self.in_service: dict[bytes, set[bytes]] = {}  # routing id -> req ids being served
         self.pending: dict[bytes, _Pending] = {}
         self.req_ids = itertools.count(1)
@@ -176,8 +191,8 @@ class Actor(RouterSide):
                 self.xpub.bind(fr.pub_bind_endpoint(s.listen))
             except zmq.ZMQError as exc:
                 raise NetworkError(f"cannot bind {s.listen}: {exc}") from exc
-            self.endpoint = self._advertised(self.router.LAST_ENDPOINT.decode())
-            self.pub_endpoint = self._advertised(self.xpub.LAST_ENDPOINT.decode())
+            self.endpoint = self._advertised(self.router.get_string(zmq.LAST_ENDPOINT))
+            self.pub_endpoint = self._advertised(self.xpub.get_string(zmq.LAST_ENDPOINT))
             self.io.watch(self.router, self._on_router)
             self.io.watch(self.xpub, functools.partial(self._on_xpub, self.xpub, False))
 
@@ -274,7 +289,7 @@ class Actor(RouterSide):
 
     def _timers(self, now: float) -> None:
         s = self.s
-        nxt = self.mesh.timers(now)
+        nxt = min(self.mesh.timers(now), self._resume_router(now))
         for req_id, pending in list(self.pending.items()):
             if now >= pending.deadline:
                 del self.pending[req_id]
@@ -310,20 +325,23 @@ class Actor(RouterSide):
                 if not pending.future.done():
                     pending.future.set_result(None)
 
-    def _ack(self, sock: zmq.Socket | None, subscriber: bytes) -> None:
+    def _ack(self, sock: zmq.Socket[bytes] | None, subscriber: bytes) -> None:
         if sock is not None:
             sock.send_multipart(fr.ack_frames(subscriber, self.node_id), zmq.NOBLOCK)
 
     def _deliver(self, payload: bytes, sender: bytes, peer: Peer | None,
-                 src: bytes | str, now: float) -> None:
+                 src: bytes | str, now: float, stranger: bool = False) -> bool:
         """Hand one update payload, unparsed, to ``on_publish`` (the per-source token
-        buckets checked first: the only per-message work besides the frame checks)."""
-        if not (self.update_limit.allow(src, now)
-                and self.update_bytes.allow(src, now, len(payload))):
+        buckets checked first: the only per-message work besides the frame checks);
+        False if a limit dropped it. A ``stranger`` (a push from a proven node that is
+        not a peer we link to) has buckets of a quarter the size."""
+        count, size = ((self.stranger_update_limit, self.stranger_update_bytes) if stranger
+                       else (self.update_limit, self.update_bytes))
+        if not (count.allow(src, now) and size.allow(src, now, len(payload))):
             self.dropped["updates_limited"] += 1
             if peer is not None:
                 peer.stats["limited"] += 1
-            return
+            return False
         self.counters["messages_in"] += 1
         self.counters["bytes_in"] += len(payload)
         if peer is not None:
@@ -334,6 +352,7 @@ class Actor(RouterSide):
         except Exception:
             self.counters["callback_errors"] += 1
             logger.exception("on_publish callback failed")
+        return True
 
     # ------------------------------------------------------- pipe and commands
 
@@ -371,11 +390,7 @@ class Actor(RouterSide):
             self.stopping = True
             return
         if isinstance(cmd, SendReply):
-            serving = self.in_service.get(cmd.ident)
-            if serving is not None:
-                serving.discard(cmd.req_id)
-                if not serving:
-                    del self.in_service[cmd.ident]
+            self._done_serving(cmd.ident, cmd.req_id)
             self._send_reply(cmd.ident, cmd.req_id, cmd.payload)
             return
         if isinstance(cmd, Report):
@@ -459,7 +474,7 @@ class Actor(RouterSide):
         if not pending.future.done():
             pending.future.set_result(reply)
 
-    def _on_sub(self, peer: Peer | None, sock: zmq.Socket) -> None:
+    def _on_sub(self, peer: Peer | None, sock: zmq.Socket[bytes]) -> None:
         for frames in drain(sock):
             self._sub_message(peer, frames)
             if self.stopping:
@@ -514,7 +529,7 @@ class Actor(RouterSide):
         else:
             self.mesh.bad(src, "spoofed", peer)
 
-    def _on_xpub(self, sock: zmq.Socket, only_self: bool) -> None:
+    def _on_xpub(self, sock: zmq.Socket[bytes], only_self: bool) -> None:
         for frames in drain(sock):
             data = frames[0]
             # A new subscriber on its ACK topic: acknowledge it. Through the broker we

@@ -6,13 +6,22 @@ stopped, in turns with a time and byte budget, checks that every page makes veri
 progress, and fetches what pending updates wait for. The rules are in
 replication.py's module docstring; the messages in sync.py. The attributes it uses
 (``bus``, ``node``, the counters, events and settings) are set by ``NetworkService``.
+
+A peer whose turn breaks the rules also waits for its next one (:class:`TurnBackoff`):
+``sync_interval``, then twice as long after each further broken turn, up to
+``MAX_BACKOFF``, kept by node id and by endpoint; a good turn clears it. So one lying
+peer costs a pass at most one turn, and a few turns a minute after that (about log2 of
+the time over ``sync_interval``, in all). Until a good turn it gets no relays either.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -20,10 +29,15 @@ from ..crypto import SIGNATURE_SIZE
 from ..update import update_id
 from . import sync
 
+if TYPE_CHECKING:
+    from .bus import Bus
+    from .replication import Inbox
+
 logger = logging.getLogger("dmodel.net.replication")
 
 _FETCH = 500  # updates asked for in one request
 _MAX_BUSY_SKIPS = 4  # catch-up passes skipped in a row while live updates are queued
+MAX_BACKOFF = 60.0  # seconds a peer that keeps breaking the rules waits for a turn, at most
 
 
 class _Turn:
@@ -60,11 +74,101 @@ def _page_error(page: sync.LogPage, asked: int, limit: int) -> str:
     return ""
 
 
+class TurnBackoff:
+    """When a peer whose catch-up replies broke the rules gets its next turn (pure; time
+    injected; one thread).
+
+    Each broken turn doubles the wait: ``base``, 2 ``base``, 4 ``base`` ... up to
+    ``cap``; a good turn clears it. The wait is kept by the peer's proven node id and by
+    the endpoint it is reached at, so a liar that comes back under a new node id at the
+    same address waits as long (and one that moves keeps its node id's). A peer that
+    lies every time thus gets about log2(T / base) turns in T seconds.
+    """
+
+    __slots__ = ("base", "cap", "max_keys", "_strikes", "_until", "_endpoints")
+
+    def __init__(self, base: float, cap: float = MAX_BACKOFF, max_keys: int = 4096) -> None:
+        self.base = max(base, 0.01)
+        self.cap = cap
+        self.max_keys = max_keys
+        self._strikes: dict[Hashable, int] = {}
+        self._until: dict[Hashable, float] = {}
+        self._endpoints: dict[bytes, str] = {}  # node id -> endpoint seen last
+
+    def seen(self, peer_id: bytes, endpoint: str) -> None:
+        """``peer_id`` is reached at ``endpoint`` (from the bus's peer list)."""
+        if endpoint:
+            self._endpoints[peer_id] = endpoint
+
+    def _keys(self, peer_id: bytes) -> tuple[Hashable, ...]:
+        endpoint = self._endpoints.get(peer_id)
+        return (peer_id,) if endpoint is None else (peer_id, ("endpoint", endpoint))
+
+    def failed(self, peer_id: bytes, now: float) -> float:
+        """A broken turn: how long until ``peer_id`` may have the next one."""
+        keys = self._keys(peer_id)
+        strikes = 1 + max(self._strikes.get(k, 0) for k in keys)
+        wait = min(self.cap, self.base * (1 << min(strikes - 1, 30)))
+        if len(self._until) >= self.max_keys:  # forget peers that have not failed for a long while
+            stale = [k for k, until in self._until.items() if until < now - self.cap]
+            for k in stale:
+                del self._until[k]
+                self._strikes.pop(k, None)
+        for k in keys:
+            self._strikes[k] = strikes
+            self._until[k] = now + wait
+        return wait
+
+    def passed(self, peer_id: bytes) -> None:
+        """A good turn: no more waiting for ``peer_id`` (nor for its endpoint)."""
+        for k in self._keys(peer_id):
+            self._strikes.pop(k, None)
+            self._until.pop(k, None)
+
+    def waiting(self, peer_id: bytes, now: float) -> bool:
+        """True while ``peer_id`` (or its endpoint) waits for its next turn."""
+        return any(self._until.get(k, 0.0) > now for k in self._keys(peer_id))
+
+    def struck(self, peer_id: bytes) -> bool:
+        """True if ``peer_id``'s last turn broke the rules (and none went well since)."""
+        return any(k in self._strikes for k in self._keys(peer_id))
+
+
 class CatchUp:
     """The sync thread's side of a network service (mixed into ``NetworkService``)."""
 
-    bus: Any
+    # Set by NetworkService.__init__. ``node`` is its LogSource, which catch-up also
+    # asks to ``release_gaps``.
+    bus: Bus
     node: Any
+    sync_interval: float
+    page_size: int
+    sync_turn_seconds: float
+    sync_turn_bytes: int
+    _counts: dict[str, int]
+    _queue: Inbox
+    _scores: dict[bytes, int]
+    _rotation: int
+    _wake: threading.Event
+    _stop: threading.Event
+    _force_pull: threading.Event
+    _sync_lock: threading.Lock
+    _progress: list[Callable[[str, int, int], None]]
+    _catching_up: threading.local
+    _dropped_seen: int
+    _busy_passes: int
+    _mesh: dict[bytes, frozenset[bytes]]
+
+    # Defined by NetworkService.
+    def _refresh_mesh(self) -> None:
+        raise NotImplementedError
+
+    def _report_garbage(self, items: list[tuple[bytes, bytes]], decisions: list[Any]) -> None:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def _backoff(self) -> TurnBackoff:
+        return TurnBackoff(self.sync_interval)
 
     def _sync_loop(self) -> None:
         while not self._stop.is_set():
@@ -83,6 +187,7 @@ class CatchUp:
 
     def _sync_all(self, *, force: bool = False) -> int:
         self._refresh_mesh()
+        self._unrelay(self._backoff.struck)
         total = 0
         dropped = self._counts["queue_dropped"]
         busy = (not self._queue.empty() and dropped == self._dropped_seen
@@ -103,21 +208,46 @@ class CatchUp:
             total += self._fetch_missing()
         return total
 
+    def _unrelay(self, struck: Callable[[bytes], bool]) -> None:
+        """Take peers whose catch-up turns broke the rules out of the relay map: a peer
+        that lies to us does not get our relays of others' updates (it still gets our
+        own, and may catch up from us)."""
+        if any(struck(peer_id) for peer_id in self._mesh):
+            self._mesh = {p: n for p, n in self._mesh.items() if not struck(p)}
+
     def _turn_order(self) -> list[bytes]:
-        """Connected peers, best catch-up score first (ties in a rotating order)."""
-        peers = [nid for nid, info in self.bus.peers().items() if info.connected]
+        """Connected peers not waiting out a back-off, best catch-up score first (ties
+        in a rotating order)."""
+        return self._turns()[0]
+
+    def _turns(self) -> tuple[list[bytes], int]:
+        """(the turn order, how many connected peers wait out a back-off)."""
+        now, backoff = time.monotonic(), self._backoff
+        peers, waiting = [], 0
+        for nid, info in self.bus.peers().items():
+            backoff.seen(nid, info.endpoint)
+            if not info.connected:
+                continue
+            if backoff.waiting(nid, now):
+                waiting += 1
+            else:
+                peers.append(nid)
         if peers:
             shift = self._rotation % len(peers)
             self._rotation += 1
             peers = peers[shift:] + peers[:shift]
-        return sorted(peers, key=lambda nid: -self._scores.get(nid, 0))
+        return sorted(peers, key=lambda nid: -self._scores.get(nid, 0)), waiting
 
     def _bad_reply(self, peer_id: bytes, why: str) -> None:
         """The peer's catch-up reply did not make verifiable progress: it loses its turn
-        and a point of score (and gains it back with each good turn)."""
+        and a point of score (and gains it back with each good turn), waits out a
+        back-off that doubles with each such turn, and gets no relays meanwhile."""
         self._counts["sync_bad_replies"] += 1
         self._scores[peer_id] = max(self._scores.get(peer_id, 0) - 1, -1000)
-        logger.info("catch-up from %s: %s; next peer", peer_id.hex()[:8], why)
+        wait = self._backoff.failed(peer_id, time.monotonic())
+        self._unrelay(lambda p: p == peer_id)
+        logger.info("catch-up from %s: %s; next turn in %.1f s", peer_id.hex()[:8], why,
+                    wait)
 
     def _cursor(self, peer_id: bytes) -> tuple[bytes, int]:
         data = self.node.store.meta(f"cursor:{peer_id.hex()}")
@@ -181,6 +311,7 @@ class CatchUp:
                         logger.exception("progress callback failed")
             if not page.ids or pos >= page.end:
                 self._scores[peer_id] = min(self._scores.get(peer_id, 0) + 1, 0)
+                self._backoff.passed(peer_id)
                 break
         return pulled
 
@@ -222,7 +353,9 @@ class CatchUp:
         objs = [n for n in needs if isinstance(n, str)][:sync.MAX_IDS]
         got = 0
         unserved = set(ids)  # links no peer asked had (pruned by retention everywhere)
-        peers = self._turn_order()
+        peers, waiting = self._turns()
+        if waiting:
+            unserved.clear()  # a peer not asked may have the links
         for peer_id in peers:
             turn = _Turn(time.monotonic() + self.sync_turn_seconds, self.sync_turn_bytes)
             for kind, wanted in (("get", ids), ("obj", objs)):

@@ -48,14 +48,14 @@ def hello(node_id: bytes, key: NodeKey, nonce: bytes, proof: bytes = b"", ep: st
 
 def proven_dealer(ctx: zmq.Context, endpoint: str, node_id: bytes | None = None,
                   key: NodeKey | None = None, timeout: float = 5.0,
-                  ep: str = "") -> zmq.Socket:
+                  ep: str = "", rcvhwm: int = 100_000) -> zmq.Socket:
     """A DEALER that did the handshake with the ROUTER at ``endpoint`` (so it may send
     requests and pushes). Raises TimeoutError if no WELCOME comes."""
     node_id = node_id or os.urandom(16)
     key = key or NodeKey.generate()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
-    sock.rcvhwm = sock.sndhwm = 100_000
+    sock.rcvhwm, sock.sndhwm = rcvhwm, 100_000
     sock.connect(endpoint)
     nonce = os.urandom(16)
     deadline = time.monotonic() + timeout
