@@ -74,10 +74,86 @@ def children_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def redis_servers(client: Any) -> list[Any]:
+    """One plain client per server behind ``client``: itself, or for a redis-py
+    ``RedisCluster`` one per master (``get_primaries``), whose ``INFO`` is that server's."""
+    if hasattr(client, "get_primaries"):
+        return [client.get_redis_connection(node) for node in client.get_primaries()]
+    return [client]
+
+
 def redis_cpu_seconds(client: Any) -> float:
-    """A redis-server's CPU seconds so far (``INFO cpu``: used_cpu_user + used_cpu_sys)."""
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    """A redis-server's CPU seconds so far (``INFO cpu``: used_cpu_user + used_cpu_sys);
+    for a ``RedisCluster`` client, summed over its masters."""
+    total = 0.0
+    for server in redis_servers(client):
+        info = server.info("cpu")
+        total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return total
+
+
+class ServerCpu:
+    """CPU seconds so far of several redis-servers, summed (call it); every call also
+    keeps each server's reading, so ``per_server_us(ops)`` splits the last interval."""
+
+    def __init__(self, servers: Sequence[Any]) -> None:
+        self.servers = list(servers)
+        self.readings: list[list[float]] = []
+
+    def __call__(self) -> float:
+        reading = [redis_cpu_seconds(c) for c in self.servers]
+        self.readings = [*self.readings[-1:], reading]
+        return sum(reading)
+
+    def per_server_us(self, ops: int) -> list[float]:
+        """Each server's CPU µs per operation between the last two calls."""
+        if len(self.readings) < 2:
+            return []
+        before, after = self.readings
+        return [round((b - a) * 1e6 / max(1, ops), 2) for a, b in zip(before, after,
+                                                                      strict=True)]
+
+
+def threaded_rate(writers: Sequence[Callable[[int], object]], n: int,
+                  server_cpu: Callable[[], float] | None = None,
+                  warmup: int = 20) -> tuple[float, float, float | None]:
+    """``len(writers)`` threads at once, thread k calling ``writers[k](i)`` ``n //
+    len(writers)`` times, all released together (a barrier) after ``warmup`` untimed
+    calls each; returns (operations per second from the release until the last thread
+    ends, this process's CPU µs per operation (all threads), the server's CPU µs per
+    operation or None). An exception in a thread is raised here."""
+    per = max(1, n // len(writers))
+    for write in writers:
+        for i in range(warmup):
+            write(-1 - i)
+    barrier = threading.Barrier(len(writers) + 1)
+    errors: list[BaseException] = []
+
+    def work(write: Callable[[int], object]) -> None:
+        barrier.wait()
+        try:
+            for i in range(per):
+                write(i)
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,), name=f"bench-writer-{k}")
+               for k, w in enumerate(writers)]
+    for thread in threads:
+        thread.start()
+    srv0 = server_cpu() if server_cpu else 0.0
+    cpu0 = cpu_seconds()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu0
+    if errors:
+        raise errors[0]
+    ops = per * len(writers)
+    srv = (server_cpu() - srv0) * 1e6 / ops if server_cpu else None
+    return ops / elapsed, cpu * 1e6 / ops, srv
 
 
 class CpuMeter:
@@ -279,16 +355,20 @@ def default_warmup(n: int) -> int:
 
 def run_figures(cases: Sequence[tuple[Figure, Callable[[int], object]]], *, runs: int,
                 warmup: Callable[[int], int], server_cpu: Callable[[], float] | None = None,
-                progress: bool = True) -> None:
+                progress: bool = True,
+                server_cpu_of: Callable[[Figure], Callable[[], float] | None] | None = None,
+                ) -> None:
     """Measure every case ``runs`` times, interleaved (run 1 of all, run 2 of all, ...).
 
     Interleaving spreads slow drift of the machine (other load, store growth) over
     all figures instead of penalising the last ones. ``server_cpu()`` returns the
-    server's CPU seconds so far (or leave it None).
+    server's CPU seconds so far (or leave it None); where the cases use different
+    servers, ``server_cpu_of(figure)`` gives that figure's (it wins over ``server_cpu``).
     """
     for r in range(runs):
         for fig, fn in cases:
-            ops, cpu, srv = _timed_run(fn, fig.n, warmup(fig.n), server_cpu, fig.batch)
+            srv_cpu = server_cpu_of(fig) if server_cpu_of is not None else server_cpu
+            ops, cpu, srv = _timed_run(fn, fig.n, warmup(fig.n), srv_cpu, fig.batch)
             fig.runs.append(ops)
             fig.cpu_runs.append(cpu)
             if srv is not None:

@@ -136,14 +136,14 @@ class BenchCommands(_children.BenchCommandsBase):
         original = self.node.ingest_many
         cpu, profiles = self.apply_cpu, self.profiles
 
-        def ingest_many(raws: Any) -> Any:
+        def ingest_many(raws: Any, *args: Any, **kwargs: Any) -> Any:
             start = time.thread_time()
             prof = None
             if profile:
                 prof = profiles.setdefault(threading.get_ident(), cProfile.Profile())
                 prof.enable()
             try:
-                return original(raws)
+                return original(raws, *args, **kwargs)
             finally:
                 if prof is not None:
                     prof.disable()
@@ -151,7 +151,7 @@ class BenchCommands(_children.BenchCommandsBase):
                 with cpu.lock:
                     cpu.seconds += spent
 
-        self.node.ingest_many = ingest_many  # type: ignore[method-assign]
+        self.node.ingest_many = ingest_many
 
     def cpu(self) -> dict[str, float]:
         with self.apply_cpu.lock:
@@ -159,6 +159,13 @@ class BenchCommands(_children.BenchCommandsBase):
         return {**super().cpu(), "ingest_many": apply}
 
     # ------------------------------------------------------------- commands
+    def op_store_info(self, req: dict[str, Any]) -> dict[str, Any]:
+        """What this node's store is: the client's class and how many redis-servers its
+        CPU figures sum (a RedisCluster's masters; 1 otherwise)."""
+        client = self.node.store.client
+        return {"client": type(client).__name__,
+                "servers": len(_common.redis_servers(client))}
+
     def op_create_items(self, req: dict[str, Any]) -> dict[str, Any]:
         new = [self.model([], node=self.node) for _ in range(int(req.get("count", 1)))]
         self.objects.extend(new)
@@ -220,7 +227,7 @@ class BenchCommands(_children.BenchCommandsBase):
         """Latency without a listener: an ``on_accepted`` callback takes now - the value
         of every remote set of ``t`` (a matching listener makes the node commit each
         update alone, so this measures the plain live path)."""
-        self.accepted_samples: list[int] = []
+        self.accepted_samples = []
         if not getattr(self, "_accepted_hooked", False):
             self._accepted_hooked = True
 
@@ -256,7 +263,7 @@ class BenchCommands(_children.BenchCommandsBase):
 
     def op_deaf(self, req: dict[str, Any]) -> dict[str, Any]:
         """Discard whatever peers send (a pure publisher: it stores nothing from them)."""
-        self.node.ingest_many = lambda raws: [None] * len(list(raws))  # type: ignore[method-assign]
+        self.node.ingest_many = lambda raws, *args, **kwargs: [None] * len(list(raws))
         return {}
 
     def op_publish_file(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -307,7 +314,8 @@ class BenchCommands(_children.BenchCommandsBase):
 
 def _load(path: str) -> list[bytes]:
     with open(path, "rb") as fh:
-        return msgpack.unpackb(fh.read(), raw=False)
+        raws: list[bytes] = msgpack.unpackb(fh.read(), raw=False)
+        return raws
 
 
 def main() -> int:

@@ -7,10 +7,14 @@ size (after a SAVE), and the CPU per write (process + redis-server) of each stre
 the difference between the settings is the cost of pruning. Then a node that joins
 late catches up from it over ZeroMQ on 127.0.0.1: how many updates it receives, and
 how long it takes. Last, a joiner behind ``--objects`` live objects (one create
-each), with retention ``all`` and the default: catch-up rate in updates per second.
+each, default 10,000), from a keep-all source (``all``: every update stays, the catch-up
+of a store without retention) and from one with the default retention, back to back:
+catch-up rate in updates per second, CPU per update, and the default's rate as a ratio
+to the keep-all source's.
 
     .venv/bin/python benchmarks/bench_growth.py             # 100,000 overwrites
     .venv/bin/python benchmarks/bench_growth.py --quick     # 10,000: a smoke run
+    .venv/bin/python benchmarks/bench_growth.py --parts objects --objects 100000
 
 Results go to ``benchmarks/results/bench_growth.json`` unless ``--json`` says where.
 """
@@ -59,7 +63,7 @@ def overwrites(tmp: Path, retention: str, marks: list[int]) -> dict[str, Any]:
     try:
         doc = GrowthDoc.create(n=0, node=a)
         doc.n = 1
-        samples = [{"writes": 1, **_sizes(a)}]
+        samples: list[dict[str, float]] = [{"writes": 1, **_sizes(a)}]
         done = 1
         for mark in marks:
             with common.CpuMeter([a.store.client]) as meter:
@@ -79,32 +83,52 @@ def overwrites(tmp: Path, retention: str, marks: list[int]) -> dict[str, Any]:
 
 
 def join(home: Path, a: dmodel.Node, done: Any, timeout: float = 600.0) -> dict[str, Any]:
-    """A new node that catches up from ``a``: updates received, seconds."""
+    """A new node that catches up from ``a``: updates received, seconds, and the CPU per
+    update received of this process (both nodes: ``a`` serving, the joiner applying)
+    and of both redis-servers."""
+    meter = common.CpuMeter([a.store.client])
+    meter.__enter__()
     t0 = time.perf_counter()
     b = _node(home, "10", listen="tcp://127.0.0.1:*", peers=[a.network.endpoint])
     try:
+        redis0 = common.redis_cpu_seconds(b.store.client)
         b.network.wait_for_peers(1, timeout=30)
         deadline = time.monotonic() + timeout
         while not done(b) and time.monotonic() < deadline:
             b.network.sync_now()
-        return {"caught_up": bool(done(b)), "seconds": round(time.perf_counter() - t0, 2),
-                "updates_received": b.log_length(),
-                "updates_per_s": round(b.log_length() / (time.perf_counter() - t0), 1),
+        seconds = time.perf_counter() - t0
+        received = b.log_length()
+        joiner_redis = common.redis_cpu_seconds(b.store.client) - redis0
+        meter.__exit__()
+        per = max(1, received)
+        return {"caught_up": bool(done(b)), "seconds": round(seconds, 2),
+                "updates_received": received,
+                "updates_per_s": round(received / seconds, 1),
+                "cpu_us_per_update": round(meter.cpu * 1e6 / per, 1),
+                "redis_cpu_us_per_update": round((meter.server + joiner_redis) * 1e6 / per, 1),
                 "chain_gaps_released": b.stats.chain_gaps}
     finally:
         b.shutdown()
 
 
 def live_objects(tmp: Path, retention: str, n: int) -> dict[str, Any]:
+    """A source with ``n`` live objects (one create each) under ``retention``, then a
+    joiner that catches up from it (see ``join``)."""
     a = _node(tmp / f"objects-a-{retention}", retention, listen="tcp://127.0.0.1:*")
     try:
         last = None
+        t0 = time.perf_counter()
         for i in range(n):
             last = GrowthDoc.create(n=i, node=a).db_id
-        common.log(f"  {n:,} live objects written (retention {retention}); joining")
+        create_s = time.perf_counter() - t0
+        common.log(f"  {n:,} live objects written (retention {retention}, "
+                   f"{n / create_s:,.0f}/s); joining")
         joined = join(tmp / f"objects-b-{retention}", a,
                       lambda b: last is not None and b.exists(last))
-        return {"retention": retention, "objects": n, "joiner": joined}
+        common.log(f"    joiner: {joined['updates_received']:,} updates in "
+                   f"{joined['seconds']} s ({joined['updates_per_s']:,.0f}/s)")
+        return {"retention": retention, "objects": n, "creates_per_s": round(n / create_s, 1),
+                "joiner": joined}
     finally:
         a.shutdown()
 
@@ -115,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="overwrites of the one field (default 100,000)")
     parser.add_argument("--objects", type=int, default=10_000,
                         help="live objects behind the second joiner (default 10,000)")
+    parser.add_argument("--parts", default="overwrites,objects",
+                        help="what to run, comma-separated: overwrites (sizes and the "
+                             "joiner behind them), objects (the joiner behind --objects "
+                             "live objects); default both")
     parser.add_argument("--retention", default="all,10,1",
                         help="retention settings, comma-separated (default all,10,1)")
     parser.add_argument("--quick", action="store_true", help="10,000 writes, 2,000 objects")
@@ -126,9 +154,35 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_start = common.loadavg()
     settings = [s.strip() for s in args.retention.split(",") if s.strip()]
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"overwrites", "objects"}:
+        parser.error("--parts takes overwrites and/or objects")
     with tempfile.TemporaryDirectory(prefix="dmbench-g-") as tmp:
-        runs = [overwrites(Path(tmp), s, marks) for s in settings]
-        objects = [live_objects(Path(tmp), s, args.objects) for s in ("all", "10")]
+        runs = ([overwrites(Path(tmp), s, marks) for s in settings]
+                if "overwrites" in parts else [])
+        objects = ([live_objects(Path(tmp), s, args.objects) for s in ("all", "10")]
+                   if "objects" in parts else [])
+    if runs:
+        print_overwrites(runs, marks)
+    objects_ratio = print_objects(objects)
+    result = {
+        "benchmark": "bench_growth",
+        "date": common.utc_now(),
+        "params": common.params(args),
+        "machine": common.machine_info({"loadavg_start": load_start}),
+        "overwrites": runs,
+        "live_objects": objects,
+        "live_objects_ratio": objects_ratio,
+        "notes": ["One node on its embedded Redis writes one field; sizes after SAVE.",
+                  "The joiners keep the default retention and catch up over ZeroMQ on "
+                  "127.0.0.1 with sync_now() (the log pull, then fetches).",
+                  "Joiner CPU per update: this process (the source serving and the joiner "
+                  "applying, both in it) and both redis-servers."],
+    }
+    return common.finish(args.json, result, started)
+
+
+def print_overwrites(runs: list[dict[str, Any]], marks: list[int]) -> None:
     rows = []
     for run in runs:
         base = run["samples"][0]
@@ -144,23 +198,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"joiner behind {marks[-1]:,} overwrites (retention {run['retention']}): "
               f"{j['updates_received']:,} updates in {j['seconds']} s"
               f"{'' if j['caught_up'] else ' (NOT caught up)'}")
+
+
+def print_objects(objects: list[dict[str, Any]]) -> dict[str, float | None]:
+    """One line per joiner behind live objects; the default-retention source's rate and
+    CPU against the keep-all source's (same run)."""
     for o in objects:
         j = o["joiner"]
         print(f"joiner behind {o['objects']:,} live objects (retention {o['retention']}): "
               f"{j['updates_received']:,} updates in {j['seconds']} s, "
-              f"{j['updates_per_s']:,.0f} updates/s")
-    result = {
-        "benchmark": "bench_growth",
-        "date": common.utc_now(),
-        "params": common.params(args),
-        "machine": common.machine_info({"loadavg_start": load_start}),
-        "overwrites": runs,
-        "live_objects": objects,
-        "notes": ["One node on its embedded Redis writes one field; sizes after SAVE.",
-                  "The joiners keep the default retention and catch up over ZeroMQ on "
-                  "127.0.0.1 with sync_now() (the log pull, then fetches)."],
-    }
-    return common.finish(args.json, result, started)
+              f"{j['updates_per_s']:,.0f} updates/s, CPU {j['cpu_us_per_update']:,.0f} µs "
+              f"+ Redis {j['redis_cpu_us_per_update']:,.0f} µs per update"
+              f"{'' if j['caught_up'] else ' (NOT caught up)'}")
+    by = {o["retention"]: o["joiner"] for o in objects}
+    if "all" not in by or "10" not in by:
+        return {}
+    keep, default = by["all"], by["10"]
+    rate = default["updates_per_s"] / keep["updates_per_s"] if keep["updates_per_s"] else None
+    def cost(j: dict[str, Any]) -> float:
+        return float(j["cpu_us_per_update"] + j["redis_cpu_us_per_update"])
+
+    cpu = cost(keep) / cost(default) if cost(default) else None
+    print(f"  default retention vs keep-all source: rate {common.fmt_ratio(rate)}, CPU per "
+          f"update {common.fmt_ratio(cpu)} (keep-all's / the default's, above 1 = cheaper)")
+    return {"rate_default_vs_keep_all": None if rate is None else round(rate, 4),
+            "cpu_keep_all_vs_default": None if cpu is None else round(cpu, 4)}
 
 
 if __name__ == "__main__":

