@@ -66,6 +66,7 @@ else:
     T = TypeVar("T")
 _Handle = TypeVar("_Handle")  # what a declaration gives on an instance
 _D = TypeVar("_D")
+_V = TypeVar("_V")  # a declaration's value type, solved from its ``type=`` argument
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +186,11 @@ class DField(_Declared["BoundField[T]"], Generic[T]):
     def __init__(self, name: str | None = None, encrypted: bool = False, *,
                  type: None = None, default: Any = None) -> None: ...
     @overload
-    def __init__(self: DField[T], name: str | None = None, encrypted: bool = False, *,
-                 type: type[T], default: T) -> None: ...
+    def __init__(self: DField[_V], name: str | None = None, encrypted: bool = False, *,
+                 type: type[_V], default: _V) -> None: ...
     @overload
-    def __init__(self: DField[T | None], name: str | None = None, encrypted: bool = False,
-                 *, type: type[T], default: None = None) -> None: ...
+    def __init__(self: DField[_V | None], name: str | None = None, encrypted: bool = False,
+                 *, type: type[_V], default: None = None) -> None: ...
     @overload
     def __init__(self, name: str | None = None, encrypted: bool = False, *,
                  type: tuple[type, ...], default: Any = None) -> None: ...
@@ -232,6 +233,16 @@ class DField(_Declared["BoundField[T]"], Generic[T]):
 
     def _bind(self, obj: DModel) -> BoundField[T]:
         return BoundField(obj, self)
+
+    # Declared here, not only inherited: pyright sees a descriptor whose __get__ and
+    # __set__ types differ only when both are on one class, and otherwise narrows
+    # ``p.age`` to the int just assigned to it.
+    @overload
+    def __get__(self, obj: None, cls: type | None = None) -> Self: ...
+    @overload
+    def __get__(self, obj: DModel, cls: type | None = None) -> BoundField[T]: ...
+    def __get__(self, obj: DModel | None, cls: type | None = None) -> Self | BoundField[T]:
+        return self if obj is None else BoundField(obj, self)
 
     def __set__(self, obj: DModel, value: T) -> None:
         BoundField(obj, self).set(value)

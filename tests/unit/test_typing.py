@@ -175,3 +175,42 @@ def test_the_installed_package_is_found_without_configuration(tmp_path: Path) ->
         and revealed[0].endswith('-> dmodel.node.core.Node"'), revealed[0]
     assert revealed[1].endswith('-> dmodel.listeners.audit.AuditLog"'), revealed[1]
     assert proc.returncode == 0, proc.stdout
+
+
+def _pyright() -> list[str] | None:
+    """The command that runs pyright (the PyPI wrapper of the test extra), or None."""
+    import shutil
+    found = shutil.which("pyright", path=str(Path(sys.executable).parent)) \
+        or shutil.which("pyright")
+    return [found] if found else None
+
+
+def test_pyright_sees_the_same_types(tmp_path: Path) -> None:
+    """pyright, outside the repository, on the same user file: the same revealed types,
+    and errors on exactly the lines mypy flags (its messages and codes are its own)."""
+    import json
+    command = _pyright()
+    if command is None:
+        pytest.skip("pyright is not installed (it is in the test extra)")
+    user = tmp_path / "user.py"
+    user.write_text(USER)
+    env = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
+    proc = subprocess.run(
+        [*command, "--outputjson", "--pythonpath", sys.executable, str(user)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        # The wrapper fetches pyright from the npm registry on first use; without it
+        # there is no checker to run (and nothing printed as JSON).
+        pytest.skip(f"pyright could not start: {(proc.stderr or proc.stdout)[-300:]}")
+    found = report["generalDiagnostics"]
+    revealed = {d["range"]["start"]["line"] + 1: d["message"] for d in found
+                if d["severity"] == "information" and d["message"].startswith("Type of")}
+    for number, want in _marked("R").items():
+        assert revealed.get(number, "").endswith(f' is "{want}"'), \
+            (number, USER.splitlines()[number - 1], revealed.get(number))
+    errors = sorted({d["range"]["start"]["line"] + 1 for d in found
+                     if d["severity"] == "error"})
+    assert errors == sorted(_marked("E")), [d["message"] for d in found
+                                            if d["severity"] == "error"]
