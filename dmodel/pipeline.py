@@ -143,10 +143,14 @@ def unknown_elements(update: Update, snap: Snapshot) -> tuple[bytes, ...]:
     stored. Such a set waits for its insert: stored now, it would leave an element with
     no position (a set may overtake its insert; one naming no element waits, bounded).
     An insert stored here without its element (refused, or re-decided away) is not
-    waited for: the set is decided now and leaves no visible element."""
+    waited for: the set is decided now and leaves no visible element. Nor is the insert
+    of an element of a removed object (retention may have pruned its whole history)."""
     out = set()
     for op in update.ops:
         if op.op in ("lset", "lset_enc"):
+            meta = snap.state.objects.get(op.obj)
+            if meta is not None and meta.removed is not None:
+                continue
             reg = snap.state.registers.get((op.obj, op.register))
             if reg is None or (reg.value[0] is None and not reg.deleted):
                 insert = element_insert(op.register)

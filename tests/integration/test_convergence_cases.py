@@ -251,6 +251,26 @@ def test_a_set_whose_insert_was_pruned_goes_on_with_its_delete(make_node, later)
     assert r.verify_store() == []
 
 
+def test_a_set_that_comes_after_its_object_was_removed_does_not_wait(make_node, later) -> None:
+    # Found by the convergence property: a receiver that prunes drops a removed object's
+    # history, the element's insert with it; a set of that element that arrives later
+    # must be decided (it changes nothing), not wait for the insert forever.
+    a = make_node("a", now=Clock(), retention="all")
+    doc = CaseDoc.create(node=a)
+    doc.items.append("x")
+    insert = decode(last(a)).id
+    doc.items[0] = "y"
+    setting = last(a)
+    doc.remove()
+    r = later("r", retention=1)
+    deliver(r, [raw for raw in a.updates_since(0) if raw != setting])
+    r.settle()
+    assert not r.store.has_update(insert), "retention 1 pruned the removed object's insert"
+    r.ingest(setting)
+    assert r.pending_count == 0
+    assert r.verify_store() == []
+
+
 # ---------------------------------------------------------------- authorization races
 
 
