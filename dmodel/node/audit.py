@@ -122,6 +122,50 @@ def auth_problems(store: Store, db_id: str) -> list[str]:
                 if op.obj != db_id or not (listed or named) or merge.version(
                         update.timestamp, update.caller_oid, update.id, index) != ver:
                     problems.append(f"{where}: no signed update made it (injected?)")
+    problems.extend(_missing_auth_events(store, db_id))
+    return problems
+
+
+_AUTH_KIND = {op: kind_granted for kind_granted, op in _AUTH_OP.items()}
+
+
+def _missing_auth_events(store: Store, db_id: str) -> list[str]:
+    """Authorization events that an accepted update of the object made but the store no
+    longer holds (removed by hand). Retention never prunes such updates, so every one
+    of them is still in the object's history."""
+    meta = store.object_meta(db_id)
+    if meta is None:
+        return []
+    held: dict[str, set[tuple[str, bytes]]] = {}
+    problems = []
+    for raw in store.raw_updates(store.history(db_id)):
+        if raw is None:
+            continue  # reported as missing by verify_store
+        try:
+            update = decode(raw)
+        except InvalidUpdate:
+            continue  # reported by the log check
+        for index, op in enumerate(update.ops):
+            if op.obj != db_id or (op.op not in _AUTH_KIND and op.op != "create"):
+                continue
+            ver = merge.version(update.timestamp, update.caller_oid, update.id, index)
+            if ver < meta.created:
+                continue  # before the object existed: merged as nothing
+            if op.op == "create":
+                made = [(kind, member, True) for kind, key in (("r", "read"), ("u", "update"))
+                        for member in op.value.get(key, ())]
+            else:
+                kind, granted = _AUTH_KIND[op.op]
+                made = [(kind, op.value.get("id"), granted)]
+            for kind, member, granted in made:
+                if kind not in held:  # as stored (member_events may answer from a cache)
+                    held[kind] = {(m, v) for m, events in store.auth_events(db_id, kind).items()
+                                  for v, _, _ in events}
+                if (member, ver) not in held[kind]:
+                    what = "read" if kind == "r" else "update"
+                    problems.append(f"{db_id}: {what} {'grant' if granted else 'revoke'} of "
+                                    f"{member} by update {update.id.hex()[:12]} is missing "
+                                    "from its authorization events (removed?)")
     return problems
 
 
@@ -247,6 +291,7 @@ def verify_store(store: Store, progress: Progress | None = None) -> list[str]:
     logged = set(log)
     problems.extend(f"update {uid.hex()[:12]} is stored but not in the log"
                     for uid in sorted(set(store.update_ids()) - logged))
+    chained: dict[bytes, tuple[str, bytes, int]] = {}  # stored update -> caller, node, ts
     for uid in _counted(log, progress, len(objects), total):
         raw = store.raw_update(uid)
         if raw is None:
@@ -260,6 +305,7 @@ def verify_store(store: Store, progress: Progress | None = None) -> list[str]:
         if update.id != uid:
             problems.append(f"update {uid.hex()[:12]} is stored under the wrong id")
             continue
+        chained[uid] = (update.caller, update.node, update.timestamp)
         keys = signing_key(update, store.object_meta)
         if keys is None:
             problems.append(f"update {uid.hex()[:12]}: signer {update.caller} unknown")
@@ -268,7 +314,57 @@ def verify_store(store: Store, progress: Progress | None = None) -> list[str]:
             update.verify(keys)
         except InvalidUpdate:
             problems.append(f"update {uid.hex()[:12]}: signature does not verify")
+    problems.extend(chain_problems(store, chained))
     problems.extend(index_problems(store))
+    return problems
+
+
+def chain_problems(store: Store, chained: dict[bytes, tuple[str, bytes, int]]) -> list[str]:
+    """The chain links and heads re-derived from the stored updates (``chained``: each
+    one's caller, node and timestamp) and compared with what the store keeps.
+
+    Every stored update has its link; a link whose update retention pruned belongs to
+    a chain head (a head keeps its link while it is the head). Every chain with stored
+    updates has a head, no older than its newest stored update; a head is a stored
+    update of its chain or a pruned one whose link names its chain. What cannot be
+    re-derived: the id and timestamp of a pruned head, which only its link vouches for.
+    """
+    problems: list[str] = []
+    links, heads = store.chain_links(), store.chain_heads()
+    for uid, (caller, node, _) in sorted(chained.items()):
+        link = links.get(uid)
+        if link is None:
+            problems.append(f"update {uid.hex()[:12]}: its chain link is missing")
+        elif link != node + caller.encode():
+            problems.append(f"update {uid.hex()[:12]}: its chain link names another chain")
+    newest: dict[str, tuple[int, bytes]] = {}
+    for uid, (caller, node, ts) in chained.items():
+        chain = f"{caller}|{node.hex()}"
+        newest[chain] = max(newest.get(chain, (-1, b"")), (ts, uid))
+    head_ids = set()
+    for chain, value in sorted(heads.items()):
+        if len(value) != 40:
+            problems.append(f"chain {chain}: its head is damaged ({len(value)} bytes)")
+            continue
+        uid, ts = value[:32], int.from_bytes(value[32:], "big")
+        head_ids.add(uid)
+        caller, _, node_hex = chain.rpartition("|")
+        if uid in chained:
+            if chained[uid][2] != ts or f"{chained[uid][0]}|{chained[uid][1].hex()}" != chain:
+                problems.append(f"chain {chain}: its head names update {uid.hex()[:12]} "
+                                "with another chain or timestamp")
+        elif (link := links.get(uid)) is None or link[16:].decode(errors="replace") != caller \
+                or link[:16].hex() != node_hex:
+            problems.append(f"chain {chain}: its head {uid.hex()[:12]} is neither a stored "
+                            "update nor a pruned one of this chain")
+        if chain in newest and newest[chain][0] > ts:
+            problems.append(f"chain {chain}: its head is older than its update "
+                            f"{newest[chain][1].hex()[:12]} (rolled back)")
+    problems.extend(f"chain {chain}: it has stored updates but no head"
+                    for chain in sorted(newest.keys() - heads.keys()))
+    problems.extend(f"chain link of update {uid.hex()[:12]}: neither a stored update nor "
+                    "a chain head (injected, or left behind)"
+                    for uid in sorted(links.keys() - set(store.update_ids()) - head_ids))
     return problems
 
 

@@ -77,6 +77,8 @@ class Store(Protocol):
     def missing(self, uids: Sequence[bytes]) -> list[bytes]: ...
     def has_update(self, uid: bytes) -> bool: ...
     def chain_head(self, caller: str, node: bytes) -> bytes: ...
+    def chain_heads(self) -> dict[str, bytes]: ...
+    def chain_links(self) -> dict[bytes, bytes]: ...
     def log_length(self) -> int: ...
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]: ...
     def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]: ...
@@ -183,7 +185,10 @@ class MemoryStore:
             self.updates[uid] = update.raw
             self.chain[uid] = (update.caller, update.node)
             chain = (update.caller, update.node)
-            if self.head_ts.get(chain, -1) < update.timestamp:  # as RedisStore
+            if self.head_ts.get(chain, -1) < update.timestamp:  # as RedisStore's HEADMAX
+                replaced = self.heads.get(chain)
+                if replaced is not None and replaced not in self.updates:
+                    self.chain.pop(replaced, None)  # a pruned head's link goes with it
                 self.heads[chain], self.head_ts[chain] = uid, update.timestamp
             self.log.append(uid)
             positions.append(len(self.log))
@@ -342,6 +347,13 @@ class MemoryStore:
 
     def chain_head(self, caller: str, node: bytes) -> bytes:
         return self.heads.get((caller, node), b"")
+
+    def chain_heads(self) -> dict[str, bytes]:
+        return {f"{caller}|{node.hex()}": uid + self.head_ts[(caller, node)].to_bytes(8, "big")
+                for (caller, node), uid in self.heads.items()}
+
+    def chain_links(self) -> dict[bytes, bytes]:
+        return {uid: node + caller.encode() for uid, (caller, node) in self.chain.items()}
 
     def log_length(self) -> int:
         return len(self.log)

@@ -6,7 +6,8 @@ on a Redis Cluster they live in one slot), and ``db_id`` is ``Model:oid``: every
 one object carries the hash tag ``{db_id}``, so one object's keys share a slot too::
 
     G u                HASH  update id -> raw signed update (every stored update)
-    G ch               HASH  update id -> node id (16 bytes) + caller db_id   (chain links)
+    G ch               HASH  update id -> node id (16 bytes) + caller db_id   (chain links; a
+                             pruned update keeps its link while it is its chain's head)
     G head             HASH  caller db_id + "|" + node hex -> id of the latest update of that chain
                              + its timestamp (8 bytes, big-endian)
     G log              ZSET  update id -> its sequence number here (store order); pruned
@@ -106,7 +107,19 @@ _BATCH_SHA = hashlib.sha1(_BATCH_LUA.encode()).hexdigest()
 # exists (h hash, z zset, s set, l list, "." any); ARGV[2]: the step's id; then each
 # command as its argument count followed by its arguments. Nothing is written unless
 # every key has its type; a step whose id the guard already holds is skipped.
+# One command is the script's own: HEADMAX head chain value updates links sets the chain
+# head ``value`` (update id + 8-byte big-endian timestamp) only if it is newer than the
+# head there, and drops the chain link of a replaced head that retention pruned (its
+# link was kept only while it was the head).
 _WRITE_LUA = """
+local function newer(cur, new)
+  if not cur or #cur < 40 then return true end
+  for j = 33, 40 do
+    local a, b = string.byte(cur, j), string.byte(new, j)
+    if a ~= b then return a < b end
+  end
+  return false
+end
 if redis.call('GET', KEYS[1]) == ARGV[2] then return 0 end
 local kinds = {h = 'hash', z = 'zset', s = 'set', l = 'list'}
 for i = 2, #KEYS do
@@ -122,7 +135,17 @@ end
 local i = 3
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
+  if ARGV[i + 1] == 'HEADMAX' then
+    local cur = redis.call('HGET', ARGV[i + 2], ARGV[i + 3])
+    if newer(cur, ARGV[i + 4]) then
+      redis.call('HSET', ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+      if cur and #cur >= 32 and redis.call('HEXISTS', ARGV[i + 5], string.sub(cur, 1, 32)) == 0 then
+        redis.call('HDEL', ARGV[i + 6], string.sub(cur, 1, 32))
+      end
+    end
+  else
+    redis.call(unpack(ARGV, i + 1, i + n))
+  end
   i = i + n + 1
 end
 redis.call('SET', KEYS[1], ARGV[2])
@@ -131,7 +154,7 @@ return 1
 _WRITE_SHA = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
 
 # The type each written command needs of its key ("." for any).
-_KEY_KIND = {"HSET": "h", "HSETNX": "h", "HDEL": "h", "HINCRBY": "h", "ZADD": "z",
+_KEY_KIND = {"HEADMAX": "h", "HSET": "h", "HSETNX": "h", "HDEL": "h", "HINCRBY": "h", "ZADD": "z",
              "ZREM": "z", "SADD": "s", "SREM": "s", "RPUSH": "l", "LTRIM": "l",
              "LREM": "l", "SET": ".", "DEL": "."}
 
@@ -713,8 +736,9 @@ class RedisStore:
         cmds.append(("HSET", self.k_updates, uid, update.raw))
         cmds.append(("HSET", self.k_chain, uid, update.node + update.caller.encode()))
         chain = f"{update.caller}|{update.node.hex()}"
-        if self.cache.heads.get(chain, -1) < update.timestamp:  # never back to an older one
-            cmds.append(("HSET", self.k_head, chain, uid + update.timestamp.to_bytes(8, "big")))
+        if self.cache.heads.get(chain, -1) < update.timestamp:  # else it is not newer
+            cmds.append(("HEADMAX", self.k_head, chain, uid + update.timestamp.to_bytes(8, "big"),
+                         self.k_updates, self.k_chain))
         cmds.append(("ZADD", self.k_log, seq, uid))
         if update.prev:
             cmds.append(("HSETNX", self.k_next, update.prev, uid))
@@ -1031,6 +1055,18 @@ class RedisStore:
     def chain_head(self, caller: str, node: bytes) -> bytes:
         with map_redis_errors():
             return (self.client.hget(self.k_head, f"{caller}|{node.hex()}") or b"")[:32]
+
+    def chain_heads(self) -> dict[str, bytes]:
+        """Every chain head as stored: "caller|node hex" -> update id + its timestamp
+        (8 bytes, big-endian), unchecked (``verify`` checks them)."""
+        with map_redis_errors():
+            return {(k.decode() if isinstance(k, bytes) else k): v
+                    for k, v in self.client.hscan_iter(self.k_head, count=1000)}
+
+    def chain_links(self) -> dict[bytes, bytes]:
+        """Every chain link as stored: update id -> node id (16 bytes) + caller db_id."""
+        with map_redis_errors():
+            return dict(self.client.hscan_iter(self.k_chain, count=1000))
 
     def log_length(self) -> int:
         """The next log position: how many updates this store ever stored."""

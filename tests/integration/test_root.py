@@ -212,3 +212,127 @@ def test_a_reordered_list(make_node) -> None:
     a.store.client.zadd(key, {b"\xff" + first[1:]: 0})  # "first" moved to the end
     assert q.items.to_list() == ["second", "third", "first"]
     assert any("list order differs" in p for p in a.verify_store())
+
+
+# ---------------------------------------------------------------- chain heads and links
+
+
+def chained(make_node):
+    """A store holding a chain of three updates by its own node."""
+    a = make_node("c", retention="all")
+    doc = Ledger.create(balance=1, node=a)
+    doc.balance = 2
+    doc.balance = 3
+    chain = f"{doc.db_id}|{a.node_id.hex()}"
+    return a, doc, chain
+
+
+def test_chain_heads_and_links_verify_clean(make_node) -> None:
+    a, _, chain = chained(make_node)
+    assert a.verify_store() == []
+    assert a.store.chain_heads()[chain][:32] == a.store.log_range(-1)[0]
+
+
+def test_a_chain_head_rolled_back_to_an_older_update(make_node) -> None:
+    a, _, chain = chained(make_node)
+    older = decode(a.store.raw_update(a.store.log_range(-2)[0]))
+    a.store.client.hset(a.store.k_head, chain, older.id + older.timestamp.to_bytes(8, "big"))
+    problems = a.verify_store()
+    assert any("rolled back" in p and chain in p for p in problems), problems
+
+
+def test_a_forged_chain_head_and_its_forged_link(make_node) -> None:
+    a, doc, chain = chained(make_node)
+    bogus = bytes(range(32))
+    a.store.client.hset(a.store.k_head, chain, bogus + (2 ** 62).to_bytes(8, "big"))
+    problems = a.verify_store()
+    assert any("neither a stored update nor a pruned one" in p for p in problems), problems
+    # With a link made up to match, the head passes for a pruned one: the one case
+    # only the link vouches for (see chain_problems).
+    a.store.client.hset(a.store.k_chain, bogus, a.node_id + doc.db_id.encode())
+    assert a.verify_store() == []
+
+
+def test_a_deleted_head_and_deleted_or_injected_links(make_node) -> None:
+    a, _, chain = chained(make_node)
+    first = a.store.log_range(0, 0)[0]
+    a.store.client.hdel(a.store.k_head, chain)
+    a.store.client.hdel(a.store.k_chain, first)
+    a.store.client.hset(a.store.k_chain, b"\x01" * 32, b"\x02" * 16 + b"Ledger:x")
+    problems = a.verify_store()
+    assert any("stored updates but no head" in p for p in problems), problems
+    assert any(first.hex()[:12] in p and "link is missing" in p for p in problems), problems
+    assert any("01010101" in p and "injected" in p for p in problems), problems
+    a.store.client.hset(a.store.k_head, chain, b"short")
+    assert any("head is damaged" in p for p in a.verify_store())
+
+
+def test_an_older_update_never_moves_a_head_back(make_node) -> None:
+    """Received newest first, with the node's cache of heads emptied in between (as
+    after a restart): the head stays the newest update (HEADMAX in the commit)."""
+    a, _, chain = chained(make_node)
+    raws = a.updates_since(0)
+    b = make_node("b", retention="all")
+    b.ingest(raws[0])  # the create
+    b.ingest(raws[2])  # the newest: parked for its link...
+    b.release_gaps()  # ...and decided without it, as when no peer has the link
+    assert b.pending_count == 0
+    b.store.cache.heads.clear()
+    b.ingest(raws[1])
+    assert b.pending_count == 0
+    assert b.store.chain_heads()[chain][:32] == decode(raws[2]).id
+    assert b.verify_store() == []
+
+
+def test_a_pruned_head_keeps_its_link_until_the_chain_moves_on(make_node) -> None:
+    """A prunes B's newest update once the owner's own write supersedes it (an owner's
+    write cannot be retracted, so nothing older is kept): the link stays while that
+    update is the head of B's chain, and goes when B's next update becomes the head."""
+    a = make_node("a", retention=1)
+    b = make_node("b", retention="all")
+    doc = Ledger.create(balance=1, node=a)
+    writer = Ledger.create(node=b).db_id
+    a.ingest(b.updates_since(0)[0])
+    doc.append_update_authorized(writer)
+    for raw in a.updates_since(0):
+        b.ingest(raw)
+    Ledger(doc.db_id, writer, node=b).balance = 2  # the head of B's chain
+    head = decode(b.updates_since(b.log_length() - 1)[0])
+    chain = f"{writer}|{b.node_id.hex()}"
+    a.ingest(head.raw)
+    doc.balance = 3  # supersedes it on A
+    a.settle()
+    assert not a.store.has_update(head.id), "retention 1 pruned the superseded head"
+    assert a.store.chain_heads()[chain][:32] == head.id
+    assert head.id in a.store.chain_links()
+    assert a.verify_store() == []
+    for raw in a.updates_since(0):
+        b.ingest(raw)
+    Ledger(doc.db_id, writer, node=b).balance = 4  # chained to the pruned head
+    following = decode(b.updates_since(b.log_length() - 1)[0])
+    assert following.prev == head.id
+    a.ingest(following.raw)
+    a.settle()
+    assert a.pending_count == 0
+    assert a.store.chain_heads()[chain][:32] == following.id
+    assert head.id not in a.store.chain_links()
+    assert a.verify_store() == []
+
+
+def test_a_removed_authorization_event(make_node) -> None:
+    a, doc = tampered(make_node)
+    member = Ledger.create(node=a).db_id
+    doc.append_update_authorized(member)
+    doc.revoke_update_authorized(member)
+    assert a.verify_store() == []
+    events = a.store.member_events(doc.db_id, "u", member)
+    assert len(events) == 2
+    # The intruder takes the revoke back: the member looks granted again.
+    a.store.client.hset(a.store.k_auth(doc.db_id), f"u:{member}",
+                        merge.pack_auth(events[:1]))
+    problems = a.verify_store()
+    assert any("update revoke of" in p and member in p and "missing" in p
+               for p in problems), problems
+    a.store.client.hdel(a.store.k_auth(doc.db_id), f"u:{member}")
+    problems = a.verify_store()
+    assert any("update grant of" in p and member in p for p in problems), problems

@@ -76,6 +76,25 @@ def test_commit_log_chain_and_reads() -> None:
     assert not store.snapshots([update], local=True)[0].seen
 
 
+@pytest.mark.parametrize("order", ["oldest first", "newest first"])
+def test_a_chain_head_only_moves_forward_and_a_pruned_head_keeps_its_link(order: str) -> None:
+    identity = Identity.from_seed(bytes(31) + b"\x07")
+    db_id = f"Thing:{identity.oid}"
+    first, second, third = (
+        Update.create(identity, node=bytes(16), caller=db_id, timestamp=ts, prev=b"",
+                      ops=[Op(db_id, "set", "n", ts)]) for ts in (10, 20, 30))
+    store = MemoryStore()
+    chain = f"{db_id}|{bytes(16).hex()}"
+    for update in ([first, second] if order == "oldest first" else [second, first]):
+        store.commit_many([(update, [])], hlc=99)
+    assert store.chain_heads()[chain] == second.id + (20).to_bytes(8, "big")
+    store.prune({}, [first, second], {second.id})  # the head keeps its link
+    assert set(store.chain_links()) == {second.id}
+    store.commit_many([(third, [])], hlc=99)  # a newer head: the pruned one's link goes
+    assert set(store.chain_links()) == {third.id}
+    assert store.chain_heads()[chain][:32] == third.id
+
+
 def test_held_updates_are_capped_and_replace_object_rewrites() -> None:
     store = MemoryStore()
     updates = [_create(2, ts=(1 << 20) + i) for i in range(HELD_CAP + 3)]
