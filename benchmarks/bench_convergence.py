@@ -9,9 +9,11 @@ What is measured, in one run:
    once, as fast as they can, for ``--seconds`` (30 s; 3 s with ``--quick``): random
    objects, a mix of field sets, field deletes, DList appends and DList inserts at a
    random index, one signed update each. When the writers stop, every peer's state
-   digest (objects, registers, authorization events, DList orders, and the set of
-   update ids) is taken repeatedly until the three are equal, within a bounded wait:
-   the time to convergence, and whether the digests are identical.
+   digest (objects, registers, authorization events, DList orders) is taken
+   repeatedly until the three are equal, within a bounded wait: the time to
+   convergence, and whether the digests are identical. The sets of stored update ids
+   are compared too, but only reported: under the default bounded retention each
+   peer keeps the superseded versions its arrival order left, so they differ.
 2. DList, one node in this process, no network: append and insert at a random index
    on lists of 10 and of 10,000 elements (the list is built first). Every operation
    is timed alone and followed by an untimed delete of the element it added, so the
@@ -108,7 +110,7 @@ def phase_concurrent(tmp: Path, seconds: float, objects: int,
                            "digest_seconds": [d["seconds"] for d in digests]})
             if same_updates and logs_equal_s is None:
                 logs_equal_s = at
-            if same_updates and same_state:
+            if same_state:
                 converged = digests
                 break
             if time.monotonic() > deadline:
@@ -555,7 +557,7 @@ def build_aims(res: dict[str, Any]) -> list[dict[str, Any]]:
     aims.append({"aim": "3 concurrent writers: identical state digests after they stop",
                  "ratio": conv["convergence_seconds"], "unit": "s to converge",
                  "target": conv["convergence_timeout"],
-                 "met": conv["digests_identical"] and conv["all_updates_everywhere"]})
+                 "met": conv["digests_identical"]})
     dl = res["dlist"]
     for kind in ("append", "insert"):
         aims.append({"aim": f"DList {kind}: µs/op at {dl['sizes'][1]:,} vs {dl['sizes'][0]:,} "
@@ -605,9 +607,12 @@ def print_report(res: dict[str, Any]) -> None:
           "total: all three's per update written)")
     if conv["converged"]:
         print(f"  converged {conv['convergence_seconds']:.2f} s after the writers stopped "
-              f"(not yet at {conv['convergence_seconds_lower_bound']:.2f} s; same update "
-              f"set at {conv['same_update_set_seconds']:.2f} s; {conv['digest_rounds']} "
-              "digest rounds)")
+              f"(not yet at {conv['convergence_seconds_lower_bound']:.2f} s; "
+              f"{conv['digest_rounds']} digest rounds)")
+        same_set = conv["same_update_set_seconds"]
+        print(f"  same set of stored updates at {same_set:.2f} s" if same_set is not None
+              else "  stored update sets differ (what retention kept depends on arrival "
+              "order; the state does not)")
     else:
         print(f"  NOT converged within {conv['convergence_timeout']:g} s")
     waits = conv["first_digest_lock_wait_seconds"]
