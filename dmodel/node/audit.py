@@ -76,17 +76,23 @@ def signed_op(store: Store, db_id: str, name: str, ref: bytes) -> tuple[Update, 
     return update, index
 
 
+def accepted_updates(store: Store, db_id: str) -> Iterator[Update]:
+    """The accepted updates in the object's history that are stored and decode (the
+    others are reported by verify_store's history and log checks)."""
+    for raw in store.raw_updates(store.history(db_id)):
+        if raw is None:
+            continue
+        try:
+            yield decode(raw)
+        except InvalidUpdate:
+            continue
+
+
 def newest_versions(store: Store, db_id: str) -> dict[str, bytes]:
     """For each plain or dict register of the object: the greatest version an accepted
     update in its history wrote (what the register must hold: last writer wins)."""
     newest: dict[str, bytes] = {}
-    for raw in store.raw_updates(store.history(db_id)):
-        if raw is None:
-            continue  # reported as missing by verify_store
-        try:
-            update = decode(raw)
-        except InvalidUpdate:
-            continue  # reported by the log check
+    for update in accepted_updates(store, db_id):
         for index, op in enumerate(update.ops):
             if op.obj == db_id and op.op in FIELD_OPS and op.op not in LIST_OPS:
                 ver = merge.version(update.timestamp, update.caller_oid, update.id, index)
@@ -138,13 +144,7 @@ def _missing_auth_events(store: Store, db_id: str) -> list[str]:
         return []
     held: dict[str, set[tuple[str, bytes]]] = {}
     problems = []
-    for raw in store.raw_updates(store.history(db_id)):
-        if raw is None:
-            continue  # reported as missing by verify_store
-        try:
-            update = decode(raw)
-        except InvalidUpdate:
-            continue  # reported by the log check
+    for update in accepted_updates(store, db_id):
         for index, op in enumerate(update.ops):
             if op.obj != db_id or (op.op not in _AUTH_KIND and op.op != "create"):
                 continue

@@ -12,6 +12,7 @@ the bound, not the worst case (``benchmarks/bench_hostile.py`` runs them longer)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -226,13 +227,25 @@ def test_a_valid_flood_is_rate_limited_in_bytes(pair) -> None:
     assert got.get("updates_limited", 0) > 0
 
 
-def test_the_catch_up_trap_costs_one_turn(tmp_path) -> None:
-    trap = subprocess.Popen([sys.executable, str(ATTACKER), "trap", "25"],
+@contextlib.contextmanager
+def lying_peer(seconds: int) -> Iterator[tuple[str, list[PeerProcess]]]:
+    """A fake peer that answers catch-up with lies (``attacker.py trap``) for ``seconds``:
+    yields its endpoint and a list for the peers the test starts, all closed after."""
+    trap = subprocess.Popen([sys.executable, str(ATTACKER), "trap", str(seconds)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env())
     procs: list[PeerProcess] = []
     try:
-        trap_ep = json.loads(trap.stdout.readline())["endpoint"]
+        yield json.loads(trap.stdout.readline())["endpoint"], procs
+    finally:
+        for proc in reversed(procs):
+            proc.close()
+        trap.kill()
+        trap.wait(10)
+
+
+def test_the_catch_up_trap_costs_one_turn(tmp_path) -> None:
+    with lying_peer(25) as (trap_ep, procs):
         honest = spawn(tmp_path / "honest", "honest")
         procs.append(honest)
         writer = Writer(honest)
@@ -249,11 +262,6 @@ def test_the_catch_up_trap_costs_one_turn(tmp_path) -> None:
         while victim.stats()["network"]["sync_bad_replies"] < 1:
             assert time.monotonic() < deadline, (got, victim.stderr_tail(30))
             time.sleep(0.1)
-    finally:
-        for proc in reversed(procs):
-            proc.close()
-        trap.kill()
-        trap.wait(10)
 
 
 def test_learned_endpoints_do_not_make_the_victim_dial_around(pair) -> None:

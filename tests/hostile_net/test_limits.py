@@ -28,13 +28,13 @@ import pytest
 import zmq
 from attacker import proven_dealer
 from helpers import wait_until
-from test_attacks import ATTACKER, Writer, check_outcome, rss, spawn
+from test_attacks import ATTACKER, Writer, check_outcome, lying_peer, rss, spawn
 
 from dmodel.net import frames as fr
 from dmodel.net.bus import Bus, DeferredReply
 from dmodel.net.catchup import TurnBackoff
 from dmodel.net.router import REJECTS_PER_REQUEST_RATE, STRANGER_SHARE
-from dmodel.tools.driver import PeerProcess, child_env
+from dmodel.tools.driver import child_env
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -250,12 +250,7 @@ def test_a_connection_that_does_not_read_its_replies_is_served_nothing(zctx) -> 
 
 
 def test_a_lying_peer_waits_longer_for_each_turn_and_gets_no_relays(tmp_path) -> None:
-    trap = subprocess.Popen([sys.executable, str(ATTACKER), "trap", "30"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=child_env())
-    procs: list[PeerProcess] = []
-    try:
-        trap_ep = json.loads(trap.stdout.readline())["endpoint"]
+    with lying_peer(30) as (trap_ep, procs):
         honest = spawn(tmp_path / "honest", "honest")
         procs.append(honest)
         options = {"sync_interval": 0.1, "sync_turn_seconds": 0.5}
@@ -277,11 +272,6 @@ def test_a_lying_peer_waits_longer_for_each_turn_and_gets_no_relays(tmp_path) ->
         # Waits of 0.1, 0.2, 0.4 ... s: about log2(elapsed / 0.1) turns, where a pass
         # every 0.1 s would have given it one each pass.
         assert bad <= 2 + math.log2(elapsed / 0.1 + 1), (bad, elapsed)
-    finally:
-        for proc in reversed(procs):
-            proc.close()
-        trap.kill()
-        trap.wait(10)
 
 
 def test_turn_backoff_doubles_by_node_id_and_by_endpoint() -> None:
