@@ -385,6 +385,32 @@ class RedisStore:
             if not self.cluster and self.client.exists(f"{self.prefix}meta"):
                 self._migrate_layout()
         self.replay_journal()
+        with map_redis_errors():
+            if self.client.hget(self.k_meta, "links") != b"1":
+                self._drop_stale_links()
+
+    def _drop_stale_links(self) -> None:
+        """Drop the chain links that stores written before HEADMAX kept for heads that
+        have since been replaced (their updates pruned); once per store."""
+        heads = {value[:32] for value in self.chain_heads().values()}
+        stale: list[bytes] = []
+        batch: list[bytes] = []
+
+        def check() -> None:
+            held = self._run([("HEXISTS", self.k_updates, uid) for uid in batch])
+            stale.extend(uid for uid, there in zip(batch, held, strict=True) if not there)
+            batch.clear()
+
+        for uid in self.chain_links():
+            if uid not in heads:
+                batch.append(uid)
+                if len(batch) >= 1000:
+                    check()
+        if batch:
+            check()
+        for start in range(0, len(stale), 1000):
+            self._write([("HDEL", self.k_chain, *stale[start:start + 1000])])
+        self.client.hset(self.k_meta, "links", b"1")
 
     def _migrate_layout(self) -> None:
         """Rename every key of the old layout (``P r:Model:oid``...) to its hash-tagged

@@ -336,3 +336,23 @@ def test_a_removed_authorization_event(make_node) -> None:
     a.store.client.hdel(a.store.k_auth(doc.db_id), f"u:{member}")
     problems = a.verify_store()
     assert any("update grant of" in p and member in p for p in problems), problems
+
+
+def test_links_left_by_an_older_version_are_dropped_once_on_open(make_node) -> None:
+    """Before HEADMAX, the link of a pruned head stayed after its chain moved on: a store
+    written then is cleaned once when opened, so verify does not report those links."""
+    a, _, chain = chained(make_node)
+    home = a.home
+    left = bytes(range(1, 33))
+    a.store.client.hset(a.store.k_chain, left, a.node_id + b"Ledger:old")
+    a.store.client.hdel(a.store.k_meta, "links")  # as a store of the older version
+    a.shutdown()
+    b = reopen(make_node, home)
+    assert left not in b.store.chain_links()
+    assert b.store.chain_heads()[chain][:32] in b.store.chain_links()  # heads keep theirs
+    assert b.verify_store() == []
+    # Once only: a link injected later is not cleaned away but reported.
+    b.store.client.hset(b.store.k_chain, left, b.node_id + b"Ledger:old")
+    b.shutdown()
+    c = reopen(make_node, home)
+    assert any("injected" in p for p in c.verify_store())
