@@ -66,7 +66,9 @@ def _check_create(ctx: MethodContext) -> Type:
     at = ctx.callee_arg_names.index("values")
     for name, actual, expr in zip(ctx.arg_names[at], ctx.arg_types[at], ctx.args[at],
                                   strict=True):
-        field = fields.get(name or "")
+        if name is None:
+            continue  # ``**values`` passed on: its keys are not known here
+        field = fields.get(name)
         if field is None:
             ctx.api.fail(f'"{model.name}" has no field "{name}"', expr, code=CALL_ARG)
         elif field.type.fullname != _FIELD:

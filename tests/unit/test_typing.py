@@ -25,6 +25,8 @@ api = pytest.importorskip("mypy.api")
 pytestmark = pytest.mark.timeout(300)
 
 USER = '''\
+from typing import Any
+
 import dmodel
 
 
@@ -70,6 +72,8 @@ Person.create(nosuch=1)  # P: call-arg
 Person.create(tags={"k": 1})  # P: call-arg
 Person.create(age="x")  # P: arg-type
 Person.create(score=1, nick="n", name=object())
+extra: dict[str, Any] = {"score": 1}
+Person.create(**extra)  # passed on: not checked
 '''
 
 REPO = Path(__file__).resolve().parents[2]
