@@ -81,7 +81,12 @@ def test_the_tour_on_a_cluster_spreads_objects_and_verifies(cluster_node, redis_
     assert list(people[0].tags) == ["a", "m", "b"]
     assert [p.db_id for p in CPerson.find(name="renamed", node=node)] == [people[1].db_id]
     assert CPerson.query(node=node).where(CPerson.age >= 30).count() == 2
-    assert len(_masters_used(redis_cluster, node)) == 3  # objects on every master
+    # Objects land on every master: 12 random ids miss one of three about 1.5% of the
+    # time, so more are made until they cover all three (60 miss one ~1e-10 of the time).
+    spread = list(people)
+    while len(_masters_used(redis_cluster, node)) < 3 and len(spread) < 60:
+        spread.append(CPerson(node=node))
+    assert len(_masters_used(redis_cluster, node)) == 3
     for p in people:  # one object's keys share a slot
         keys = _keys(redis_cluster, f"{node.store.prefix}*{{{p.db_id}}}*")
         assert len(keys) >= 3 and len({redis_cluster.keyslot(k) for k in keys}) == 1
