@@ -37,6 +37,9 @@ logger = logging.getLogger("dmodel.net.replication")
 
 _FETCH = 500  # updates asked for in one request
 _MAX_BUSY_SKIPS = 4  # catch-up passes skipped in a row while live updates are queued
+# A peer's log this far past our cursor, while we hold at least half as many updates
+# ourselves, is compared by state sums first (the log from there on is read as before).
+STATE_SYNC_AFTER = 2000
 MAX_BACKOFF = 60.0  # seconds a peer that keeps breaking the rules waits for a turn, at most
 
 
@@ -72,6 +75,10 @@ def _page_error(page: sync.LogPage, asked: int, limit: int) -> str:
     if not page.ids and page.resume < page.end:
         return f"empty page claims a log of {page.end}"
     return ""
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 class TurnBackoff:
@@ -263,7 +270,7 @@ class CatchUp:
         """One turn with one peer: pages of its log until caught up, or the turn's time
         or byte budget is spent, or a reply breaks the rules."""
         epoch, pos = self._cursor(peer_id)
-        pulled = 0
+        pulled, compared = 0, False
         turn = _Turn(time.monotonic() + self.sync_turn_seconds, self.sync_turn_bytes)
         while not self._stop.is_set():
             if turn.over():
@@ -286,6 +293,14 @@ class CatchUp:
             if why:
                 self._bad_reply(peer_id, why)
                 break
+            if not compared and page.end - pos > STATE_SYNC_AFTER \
+                    and 2 * self.node.log_length() >= page.end - pos:
+                compared = True
+                end = self._sync_state(peer_id, page, turn)
+                if end is not None and end > pos:
+                    pos = end
+                    self._save_cursor(peer_id, epoch, pos)
+                    continue
             missing = self.node.store.missing(page.ids)
             while missing and not turn.over():
                 got = self._fetch(peer_id, "get", missing[:_FETCH], turn)
@@ -314,6 +329,97 @@ class CatchUp:
                 self._backoff.passed(peer_id)
                 break
         return pulled
+
+    def _sync_state(self, peer_id: bytes, page: sync.LogPage, turn: _Turn) -> int | None:
+        """Compare state sums with a peer, fetch the updates of the objects whose state
+        differs, and return the log length the peer's sums covered (None: not done, so
+        read the log instead). Costs follow the objects that differ, not the state."""
+        try:
+            return self._compare_state(peer_id, page, turn)
+        except sync.SyncMessageError as exc:
+            self._bad_reply(peer_id, f"bad state sums reply ({exc})")
+            return None
+
+    def _compare_state(self, peer_id: bytes, page: sync.LogPage, turn: _Turn) -> int | None:
+        sums = self.node.state_sums
+        if not sums.built:
+            sums.build_in_background()  # for next time; the log serves this time
+            return None
+        top = self._ask_sums(peer_id, "sum", None, turn)
+        if top is None:
+            return None
+        peer = sync.decode_sum_top(top)
+        if peer is None or peer.epoch != page.epoch or peer.end < page.end:
+            return None  # still building, or not the log just paged
+        sums.refresh(self.node.log_length)
+        mine = sums.group_sums()
+        groups = [g for g, total in enumerate(peer.groups) if total != mine[g]]
+        buckets: list[int] = []
+        for chunk in _chunks(groups, sync.MAX_SUM_IDS):
+            reply = self._ask_sums(peer_id, "sumg", chunk, turn)
+            if reply is None:
+                return None
+            got = sync.decode_group_buckets(reply, chunk)
+            if set(got) != set(chunk):
+                self._bad_reply(peer_id, "did not answer for every group asked")
+                return None
+            for group in chunk:
+                own = sums.bucket_sums(group)
+                buckets.extend(group * len(own) + i for i, total in enumerate(got[group])
+                               if total != own[i])
+        objects: list[str] = []
+        while buckets:
+            chunk = buckets[:sync.MAX_SUM_IDS]
+            reply = self._ask_sums(peer_id, "sumb", chunk, turn)
+            if reply is None:
+                return None
+            answered = sync.decode_bucket_objects(reply, chunk)
+            if not answered:
+                self._bad_reply(peer_id, "answered no bucket asked")
+                return None
+            for bucket, theirs in answered.items():
+                own = sums.objects(bucket)
+                objects.extend(db_id for db_id, digest in theirs.items()
+                               if own.get(db_id) != digest)
+            buckets = [b for b in buckets if b not in answered]
+        self._counts["state_objects"] += len(objects)
+        asked = {db_id: 0 for db_id in objects}
+        while asked:
+            batch = dict(list(asked.items())[:sync.MAX_SUM_IDS])
+            reply = self._ask_sums(peer_id, "held", list(batch.items()), turn)
+            if reply is None:
+                return None
+            held = sync.decode_held(reply, batch)
+            if not held:
+                self._bad_reply(peer_id, "answered no object asked")
+                return None
+            uids: list[bytes] = []
+            for entry in held:
+                uids.extend(entry.ids)
+                if entry.more and entry.ids:
+                    asked[entry.db_id] = entry.start + len(entry.ids)
+                else:
+                    asked.pop(entry.db_id, None)
+            missing = self.node.store.missing(uids)
+            while missing:
+                got_ids = self._fetch(peer_id, "get", missing[:_FETCH], turn)
+                if not got_ids:
+                    if got_ids is not None:
+                        self._bad_reply(peer_id, "lists ids it does not serve")
+                    return None
+                missing = [uid for uid in missing if uid not in got_ids]
+        self._counts["state_passes"] += 1
+        return peer.end
+
+    def _ask_sums(self, peer_id: bytes, kind: str, ids: list[Any] | None,
+                  turn: _Turn) -> bytes | None:
+        if turn.over():
+            return None
+        reply = self.bus.request(peer_id, sync.encode_sum_request(kind, ids),
+                                 timeout=turn.timeout())
+        if reply is not None:
+            turn.spent += len(reply)
+        return reply
 
     def _fetch(self, peer_id: bytes, kind: str, wanted: list[Any],
                turn: _Turn | None = None) -> set[bytes] | None:

@@ -106,6 +106,19 @@ class LogStore(Protocol):
     def object_meta(self, db_id: str) -> Any: ...
     def missing(self, uids: Sequence[bytes]) -> list[bytes]: ...
     def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]: ...
+    def history(self, db_id: str, held: bool = False) -> list[bytes]: ...
+
+
+class StateSumsView(Protocol):
+    """The node's state sums (``dmodel.node.statesum.StateSums``)."""
+
+    @property
+    def built(self) -> bool: ...
+    def build_in_background(self) -> None: ...
+    def refresh(self, log_length: Callable[[], int]) -> int: ...
+    def group_sums(self) -> list[bytes]: ...
+    def bucket_sums(self, group: int) -> list[bytes]: ...
+    def objects(self, bucket: int) -> dict[str, bytes]: ...
 
 
 class PublishStats(Protocol):
@@ -127,6 +140,8 @@ class LogSource(Protocol):
     def closed(self) -> bool: ...
     @property
     def pending_count(self) -> int: ...
+    @property
+    def state_sums(self) -> StateSumsView: ...
     def on_accepted(self, callback: Callable[[Any, bool], None]) -> None: ...
     def ingest_many(self, raws: Iterable[Any],
                     sources: Sequence[Any] | None = None) -> list[Any]: ...
@@ -289,7 +304,7 @@ class NetworkService(CatchUp):
         self._counts = {"received": 0, "queue_dropped": 0, "pulled": 0, "served": 0,
                         "sync_errors": 0, "requests_dropped": 0, "invalid_updates": 0,
                         "sync_bad_replies": 0, "sync_turns_cut": 0,
-                        "prepared_ahead": 0}
+                        "prepared_ahead": 0, "state_passes": 0, "state_objects": 0}
         self._queue = Inbox(queue_size, queue_bytes, apply_window)
         self._scores: dict[bytes, int] = {}  # peer -> catch-up score (0 = clean)
         self._rotation = 0
@@ -346,6 +361,7 @@ class NetworkService(CatchUp):
                                              name=f"dmodel-sync-{short}")
         self._apply_thread.start()
         self._sync_thread.start()
+        node.state_sums.build_in_background()  # for peers that compare states with us
 
     def _epoch(self) -> bytes:
         epoch = self.node.store.meta("epoch")
@@ -467,6 +483,8 @@ class NetworkService(CatchUp):
             return None
         store = self.node.store
         try:
+            if isinstance(request, sync.SumRequest):
+                return self._serve_sums(request, allowance)
             if isinstance(request, sync.LogRequest):
                 start = request.start if request.epoch == self.epoch else 0
                 uids, resume = store.log_page(start, request.limit)
@@ -492,6 +510,43 @@ class NetworkService(CatchUp):
         except Exception:
             logger.exception("serving a sync request failed")
             return None
+
+    def _serve_sums(self, request: sync.SumRequest, allowance: int) -> bytes | None:
+        """State sums: the top is brought up to date (and names the log length it covers);
+        groups, buckets and held ids are read as of the last top served."""
+        sums = self.node.state_sums
+        if request.kind == "sum":
+            if not sums.built:
+                sums.build_in_background()
+                return sync.encode_sum_top(None)
+            end = sums.refresh(self.node.log_length)
+            return sync.encode_sum_top(sync.SumTop(self.epoch, end, tuple(sums.group_sums())))
+        if allowance <= 0:
+            return None
+        budget, size = min(self._reply_budget, allowance), 0
+        entries: list[Any] = []
+        if not sums.built:
+            pass
+        elif request.kind == "sumg":
+            entries = [[g, sums.bucket_sums(g)] for g in request.ids]
+        elif request.kind == "sumb":
+            for bucket in request.ids:
+                objects = [[k, v] for k, v in sorted(sums.objects(bucket).items())]
+                size += sum(len(k) + 24 for k, _ in objects)
+                if size > budget and entries:
+                    break
+                entries.append([bucket, objects])
+        else:
+            store = self.node.store
+            for db_id, start in request.ids:
+                room = min(sync.MAX_PAGE, (budget - size) // 34)
+                if room <= 0:
+                    break
+                uids = store.history(db_id) + store.history(db_id, held=True)
+                entries.append([db_id, start, uids[start:start + room],
+                                len(uids) > start + room])
+                size += 34 * min(room, max(len(uids) - start, 0)) + len(db_id) + 8
+        return sync.encode_sum_reply(request.kind, entries)
 
     @staticmethod
     def _within_budget(raws: Iterable[bytes], budget: int) -> list[bytes]:

@@ -16,6 +16,20 @@ Requests (msgpack maps, key ``q``)::
         -> {"e": epoch, "from": position, "end": log length, "ids": [update id, ...]}
     {"q": "get", "ids": [update id, ...]}     -> {"u": [raw update, ...]}
     {"q": "obj", "ids": [db_id, ...]}         -> {"u": [raw create update, ...]}
+
+State sums (``dmodel.node.statesum``), for two peers that both hold most of the state
+and only need what differs: groups, then the buckets of the groups that differ, then
+the objects of the buckets that differ, then the update ids an object holds::
+
+    {"q": "sum"}  -> {"e": epoch, "end": log length, "g": [16-byte sum, ...]}
+                     or {"busy": true} while the sums are being built
+    {"q": "sumg", "ids": [group, ...]}   -> {"b": [[group, [16-byte sum, ...]], ...]}
+    {"q": "sumb", "ids": [bucket, ...]}  -> {"o": [[bucket, [[db_id, digest], ...]], ...]}
+    {"q": "held", "ids": [[db_id, from], ...]}
+        -> {"h": [[db_id, from, [update id, ...], more], ...]}
+
+A reply may answer fewer entries than asked (the size limit): the asker asks again for
+the rest. ``more`` says the object holds ids past those sent (ask again from there).
 """
 
 from __future__ import annotations
@@ -25,10 +39,12 @@ from typing import Any
 
 import msgpack
 
+from ..buckets import BUCKETS, BUCKETS_PER_GROUP, GROUPS, SUM_SIZE
 from ..errors import ProtocolError
 
 MAX_PAGE = 2000
 MAX_IDS = 1000
+MAX_SUM_IDS = 64  # groups, buckets or objects in one sum request
 
 
 class SyncMessageError(ProtocolError):
@@ -46,6 +62,28 @@ class LogRequest:
 class FetchRequest:
     kind: str  # "get" (update ids) or "obj" (db_ids)
     ids: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SumRequest:
+    kind: str  # "sum" (no ids), "sumg" (group numbers), "sumb" (bucket numbers),
+    #            "held" ((db_id, from) pairs)
+    ids: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SumTop:
+    epoch: bytes
+    end: int
+    groups: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    db_id: str
+    start: int
+    ids: tuple[bytes, ...]
+    more: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +108,21 @@ def encode_fetch(kind: str, ids: list[Any]) -> bytes:
     return msgpack.packb({"q": kind, "ids": list(ids)[:MAX_IDS]}, use_bin_type=True)
 
 
-def decode_request(data: bytes) -> LogRequest | FetchRequest:
+def encode_sum_request(kind: str, ids: list[Any] | None = None) -> bytes:
+    msg: dict[str, Any] = {"q": kind}
+    if ids is not None:
+        msg["ids"] = [list(i) if isinstance(i, tuple) else i for i in ids[:MAX_SUM_IDS]]
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode_request(data: bytes) -> LogRequest | FetchRequest | SumRequest:
     """Parse a request; raise SyncMessageError on anything else."""
     msg = _unpack(data)
     kind = msg.get("q")
+    if kind == "sum":
+        return SumRequest("sum")
+    if kind in ("sumg", "sumb", "held"):
+        return SumRequest(kind, _sum_ids(kind, msg.get("ids")))
     if kind == "log":
         epoch, start, limit = msg.get("e"), msg.get("from"), msg.get("max")
         if not isinstance(epoch, bytes) or type(start) is not int or type(limit) is not int \
@@ -88,6 +137,99 @@ def decode_request(data: bytes) -> LogRequest | FetchRequest:
             raise SyncMessageError(f"bad {kind} request")
         return FetchRequest(kind, tuple(ids))
     raise SyncMessageError("unknown request")
+
+
+def _sum_ids(kind: str, ids: Any) -> tuple[Any, ...]:
+    if not isinstance(ids, list) or len(ids) > MAX_SUM_IDS:
+        raise SyncMessageError(f"bad {kind} request")
+    if kind == "held":
+        if not all(isinstance(i, list) and len(i) == 2 and isinstance(i[0], str)
+                   and type(i[1]) is int and i[1] >= 0 for i in ids):
+            raise SyncMessageError("bad held request")
+        return tuple((i[0], i[1]) for i in ids)
+    top = GROUPS if kind == "sumg" else BUCKETS
+    if not all(type(i) is int and 0 <= i < top for i in ids):
+        raise SyncMessageError(f"bad {kind} request")
+    return tuple(ids)
+
+
+def encode_sum_top(top: SumTop | None) -> bytes:
+    if top is None:
+        return msgpack.packb({"busy": True}, use_bin_type=True)
+    return msgpack.packb({"e": top.epoch, "end": top.end, "g": list(top.groups)},
+                         use_bin_type=True)
+
+
+def decode_sum_top(data: bytes) -> SumTop | None:
+    """The peer's group sums, or None while it builds them."""
+    msg = _unpack(data)
+    if msg.get("busy") is True:
+        return None
+    epoch, end, groups = msg.get("e"), msg.get("end"), msg.get("g")
+    if not isinstance(epoch, bytes) or type(end) is not int or end < 0 \
+            or not isinstance(groups, list) or not _sums(groups, GROUPS):
+        raise SyncMessageError("bad sum reply")
+    return SumTop(epoch, end, tuple(groups))
+
+
+def _sums(items: Any, count: int) -> bool:
+    return isinstance(items, list) and len(items) == count and all(
+        isinstance(s, bytes) and len(s) == SUM_SIZE for s in items)
+
+
+def encode_sum_reply(kind: str, entries: list[Any]) -> bytes:
+    key = {"sumg": "b", "sumb": "o", "held": "h"}[kind]
+    return msgpack.packb({key: entries}, use_bin_type=True)
+
+
+def decode_group_buckets(data: bytes, asked: list[int]) -> dict[int, tuple[bytes, ...]]:
+    """group -> its bucket sums, for groups that were asked for."""
+    entries = _entries(data, "b", len(asked))
+    out: dict[int, tuple[bytes, ...]] = {}
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in asked
+                and _sums(entry[1], BUCKETS_PER_GROUP)):
+            raise SyncMessageError("bad group sums")
+        out[entry[0]] = tuple(entry[1])
+    return out
+
+
+def decode_bucket_objects(data: bytes, asked: list[int]) -> dict[int, dict[str, bytes]]:
+    """bucket -> {db_id: state digest}, for buckets that were asked for."""
+    entries = _entries(data, "o", len(asked))
+    out: dict[int, dict[str, bytes]] = {}
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in asked
+                and isinstance(entry[1], list)):
+            raise SyncMessageError("bad bucket objects")
+        objects: dict[str, bytes] = {}
+        for item in entry[1]:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], bytes) and len(item[1]) == SUM_SIZE):
+                raise SyncMessageError("bad bucket objects")
+            objects[item[0]] = item[1]
+        out[entry[0]] = objects
+    return out
+
+
+def decode_held(data: bytes, asked: dict[str, int]) -> list[Held]:
+    """The update ids objects hold, for the (db_id, from) pairs that were asked for."""
+    out = []
+    for entry in _entries(data, "h", len(asked)):
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+                and asked.get(entry[0]) == entry[1] and isinstance(entry[2], list)
+                and len(entry[2]) <= MAX_PAGE and isinstance(entry[3], bool)
+                and all(isinstance(u, bytes) and len(u) == 32 for u in entry[2])):
+            raise SyncMessageError("bad held ids")
+        out.append(Held(entry[0], entry[1], tuple(entry[2]), entry[3]))
+    return out
+
+
+def _entries(data: bytes, key: str, most: int) -> list[Any]:
+    entries = _unpack(data).get(key)
+    if not isinstance(entries, list) or len(entries) > most:
+        raise SyncMessageError(f"bad sum reply ({key})")
+    return entries
 
 
 def encode_log_page(page: LogPage) -> bytes:

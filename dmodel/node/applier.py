@@ -38,6 +38,7 @@ from .future import FutureSet
 from .pending import PendingLimits, PendingSet
 from .pruner import Pruner
 from .root import LiveDigest
+from .statesum import StateSums
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class Applier:
         self.display_value = display_value or _plain_value
         self.pending = PendingSet(self.stats.dropped, pending_limits)
         self.live = LiveDigest()  # the stored update ids (node/root.py keeps it signed)
+        self.sums = StateSums(store, self.lock)  # per-object state digests (catch-up)
         self.pruner = Pruner(store, retention or Retention(), clock, is_owned, self.stats,
                              self.live, self.lock)
         self.future = FutureSet(store, clock, self.lock,
@@ -330,6 +332,8 @@ class Applier:
                 self.live.stale = True  # it may or may not have happened
                 raise
             self.live.add(update.id for update, _ in staged)
+            self.sums.touch({op.obj for update, _ in staged for op in update.ops}
+                            | {w.db_id for _, writes in staged for w in writes or ()})
             for update, _ in staged:
                 self._recent.add(update.id)
             self.pruner.committed(update for update, _ in staged)
@@ -505,6 +509,7 @@ class Applier:
                                       state.lists, [u for u in uids if verdicts.get(u)],
                                       [u for u in uids if u in verdicts and not verdicts[u]])
             self.stats.recomputed += 1
+            self.sums.touch((db_id,))
             self.pruner.rescan(db_id)
             logger.info("re-decided %d updates of %s after a late authorization change",
                         len(uids), db_id)

@@ -44,6 +44,7 @@ from .home import open_home
 from .pending import PendingLimits
 from .root import RootKeeper
 from .sealing import Sealer, live_meta
+from .statesum import StateSums
 from .writes import QueuedWrite, WriteQueue
 
 logger = logging.getLogger(__name__)
@@ -251,6 +252,12 @@ class Node:
         """Decode updates and check the signatures that need no store read, on the
         calling thread and without the apply lock; hand the result to ``ingest_many``."""
         return self.applier.preverify(raws)
+
+    @property
+    def state_sums(self) -> StateSums:
+        """Per-object digests of the merged state, summed by bucket (catch-up compares
+        them with a peer's: dmodel.node.statesum)."""
+        return self.applier.sums
 
     @property
     def pending_count(self) -> int:
@@ -510,6 +517,7 @@ class Node:
                 self.network.close()
             except DModelError:
                 logger.exception("closing the network failed")
+        self.applier.sums.close()
         with self._lock:
             self.applier.pruner.stop()
             try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .. import merge, query
@@ -34,6 +35,27 @@ def unpack_versions(data: bytes | None) -> list[bytes]:
         return []
     size = merge.VERSION_SIZE
     return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectState:
+    """An object's derived state as stored: what a state digest covers."""
+
+    meta: merge.ObjectMeta | None
+    registers: dict[str, merge.Register]
+    lists: dict[str, list[bytes]]  # DList field -> element ids in list order
+    auth: dict[str, dict[str, merge.AuthEvents]]  # "r"/"u" -> member -> events
+    wraps: dict[bytes, bytes]
+
+
+def read_object_state(store: Store, db_id: str) -> ObjectState:
+    """One object's state through the Store protocol's single reads."""
+    registers = store.registers(db_id)
+    lists = {name: store.list_range(db_id, name)
+             for name in sorted({n.partition("#")[0] for n in registers if "#" in n})}
+    return ObjectState(store.object_meta(db_id), registers, lists,
+                       {kind: store.auth_events(db_id, kind) for kind in ("r", "u")},
+                       store.wraps(db_id))
 
 
 @runtime_checkable
@@ -63,6 +85,7 @@ class Store(Protocol):
     def member_events(self, db_id: str, kind: str, member: str) -> merge.AuthEvents: ...
     def wraps(self, db_id: str) -> dict[bytes, bytes]: ...
     def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None: ...
+    def object_states(self, db_ids: Sequence[str]) -> list[ObjectState]: ...
     def list_length(self, db_id: str, name: str) -> int: ...
     def list_range(self, db_id: str, name: str, start: int = 0,
                    stop: int = -1) -> list[bytes]: ...
@@ -305,6 +328,9 @@ class MemoryStore:
     def wraps(self, db_id: str) -> dict[bytes, bytes]:
         return {ref + oid.encode(): w for (obj, ref, oid), w in self.state.wraps.items()
                 if obj == db_id}
+
+    def object_states(self, db_ids: Sequence[str]) -> list[ObjectState]:
+        return [read_object_state(self, db_id) for db_id in db_ids]
 
     def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None:
         return self.state.wraps.get((db_id, ref, oid))

@@ -87,7 +87,7 @@ from ..crypto import is_oid
 from ..errors import ConfigurationError, StoreError, StoreUnavailableError
 from ..pipeline import Snapshot, linked_updates, needs, wrap_keys
 from ..update import Update, op_register
-from .base import HELD_CAP, pack_versions, unpack_versions
+from .base import HELD_CAP, ObjectState, pack_versions, unpack_versions
 from .wire import Wire
 
 # Over redis-py (a Redis given by URL): runs a list of commands, given as one msgpack
@@ -256,9 +256,13 @@ class StoreCache:
 
 def _as_map(reply: Any) -> dict[str, bytes]:
     """An HGETALL reply as a dict, whichever connection gave it (a dict or a flat list)."""
-    pairs = list(reply.items()) if isinstance(reply, dict) else list(
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in _as_raw_map(reply).items()}
+
+
+def _as_raw_map(reply: Any) -> dict[Any, bytes]:
+    """An HGETALL reply as a dict of the fields as sent (bytes)."""
+    return dict(reply) if isinstance(reply, dict) else dict(
         zip(reply[::2], reply[1::2], strict=True))
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in pairs}
 
 
 @contextlib.contextmanager
@@ -1052,6 +1056,37 @@ class RedisStore:
         """Key wraps given by later read grants: value ref + reader oid -> wrapped key."""
         with map_redis_errors():
             return dict(self.client.hgetall(self.k_wrap(db_id)))
+
+    def object_states(self, db_ids: Sequence[str]) -> list[ObjectState]:
+        """Several objects' states in two round trips (one per master on a cluster)."""
+        if not db_ids:
+            return []
+        cmds: list[tuple[Any, ...]] = []
+        for db_id in db_ids:
+            cmds += [("GET", self.k_obj(db_id)), ("HGETALL", self.k_reg(db_id)),
+                     ("HGETALL", self.k_auth(db_id)), ("HGETALL", self.k_wrap(db_id))]
+        with map_redis_errors():
+            replies = self._run(cmds)
+        parts = []
+        for i, db_id in enumerate(db_ids):
+            meta, regs, auth, wraps = replies[4 * i:4 * i + 4]
+            registers = {k: merge.Register.unpack(v) for k, v in _as_map(regs).items()}
+            names = sorted({n.partition("#")[0] for n in registers if "#" in n})
+            events: dict[str, dict[str, merge.AuthEvents]] = {"r": {}, "u": {}}
+            for key, value in _as_map(auth).items():
+                kind, _, member = key.partition(":")
+                if kind in events:
+                    events[kind][member] = merge.unpack_auth(value)
+            wrapped = _as_raw_map(wraps)
+            parts.append((db_id, meta, registers, names, events, wrapped))
+        lists = [(db_id, name) for db_id, _, _, names, _, _ in parts for name in names]
+        with map_redis_errors():
+            ranges = self._run([("ZRANGE", self.k_list(d, n), 0, -1) for d, n in lists])
+        order = {pair: [key[-34:] for key in keys] for pair, keys in zip(lists, ranges,
+                                                                            strict=True)}
+        return [ObjectState(merge.ObjectMeta.unpack(meta) if meta else None, registers,
+                            {name: order[(db_id, name)] for name in names}, events, wrapped)
+                for db_id, meta, registers, names, events, wrapped in parts]
 
     def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None:
         with map_redis_errors():
