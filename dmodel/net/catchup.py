@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from ..buckets import bucket_of
 from ..crypto import SIGNATURE_SIZE
 from ..update import update_id
 from . import sync
@@ -39,6 +40,7 @@ _FETCH = 500  # updates asked for in one request
 _MAX_BUSY_SKIPS = 4  # catch-up passes skipped in a row while live updates are queued
 # A peer's log this far past our cursor, while we hold at least half as many updates
 # ourselves, is compared by state sums first (the log from there on is read as before).
+# NetworkService(state_sync_after=...) sets it per node; 0 turns state sums off.
 STATE_SYNC_AFTER = 2000
 MAX_BACKOFF = 60.0  # seconds a peer that keeps breaking the rules waits for a turn, at most
 
@@ -152,6 +154,7 @@ class CatchUp:
     page_size: int
     sync_turn_seconds: float
     sync_turn_bytes: int
+    state_sync_after: int
     _counts: dict[str, int]
     _queue: Inbox
     _scores: dict[bytes, int]
@@ -293,7 +296,8 @@ class CatchUp:
             if why:
                 self._bad_reply(peer_id, why)
                 break
-            if not compared and page.end - pos > STATE_SYNC_AFTER \
+            if not compared and self.state_sync_after \
+                    and page.end - pos > self.state_sync_after \
                     and 2 * self.node.log_length() >= page.end - pos:
                 compared = True
                 end = self._sync_state(peer_id, page, turn)
@@ -301,6 +305,7 @@ class CatchUp:
                     pos = end
                     self._save_cursor(peer_id, epoch, pos)
                     continue
+            self._counts["log_ids"] += len(page.ids)
             missing = self.node.store.missing(page.ids)
             while missing and not turn.over():
                 got = self._fetch(peer_id, "get", missing[:_FETCH], turn)
@@ -367,7 +372,6 @@ class CatchUp:
                 own = sums.bucket_sums(group)
                 buckets.extend(group * len(own) + i for i, total in enumerate(got[group])
                                if total != own[i])
-        objects: list[str] = []
         while buckets:
             chunk = buckets[:sync.MAX_SUM_IDS]
             reply = self._ask_sums(peer_id, "sumb", chunk, turn)
@@ -377,22 +381,33 @@ class CatchUp:
             if not answered:
                 self._bad_reply(peer_id, "answered no bucket asked")
                 return None
+            objects: list[str] = []
             for bucket, theirs in answered.items():
+                if any(bucket_of(db_id) != bucket for db_id in theirs):
+                    self._bad_reply(peer_id, "listed objects under another bucket")
+                    return None
                 own = sums.objects(bucket)
                 objects.extend(db_id for db_id, digest in theirs.items()
                                if own.get(db_id) != digest)
+            self._counts["state_objects"] += len(objects)
+            if not self._fetch_held(peer_id, objects, turn):
+                return None
             buckets = [b for b in buckets if b not in answered]
-        self._counts["state_objects"] += len(objects)
+        self._counts["state_passes"] += 1
+        return peer.end
+
+    def _fetch_held(self, peer_id: bytes, objects: list[str], turn: _Turn) -> bool:
+        """Ask which updates these objects hold there, and fetch those missing here."""
         asked = {db_id: 0 for db_id in objects}
         while asked:
             batch = dict(list(asked.items())[:sync.MAX_SUM_IDS])
             reply = self._ask_sums(peer_id, "held", list(batch.items()), turn)
             if reply is None:
-                return None
+                return False
             held = sync.decode_held(reply, batch)
             if not held:
                 self._bad_reply(peer_id, "answered no object asked")
-                return None
+                return False
             uids: list[bytes] = []
             for entry in held:
                 uids.extend(entry.ids)
@@ -402,14 +417,13 @@ class CatchUp:
                     asked.pop(entry.db_id, None)
             missing = self.node.store.missing(uids)
             while missing:
-                got_ids = self._fetch(peer_id, "get", missing[:_FETCH], turn)
-                if not got_ids:
-                    if got_ids is not None:
-                        self._bad_reply(peer_id, "lists ids it does not serve")
-                    return None
-                missing = [uid for uid in missing if uid not in got_ids]
-        self._counts["state_passes"] += 1
-        return peer.end
+                got = self._fetch(peer_id, "get", missing[:_FETCH], turn)
+                if not got:
+                    self._bad_reply(peer_id, "did not serve the ids its objects hold"
+                                    if got is None else "lists ids it does not serve")
+                    return False
+                missing = [uid for uid in missing if uid not in got]
+        return True
 
     def _ask_sums(self, peer_id: bytes, kind: str, ids: list[Any] | None,
                   turn: _Turn) -> bytes | None:

@@ -42,6 +42,14 @@ Threads (each started here is joined by :meth:`NetworkService.close`):
   only updates that were asked for. A peer that breaks this loses its turn and a point
   of score (``stats["sync_bad_replies"]``), so one hostile peer delays a pass by at most
   one turn (``sync_turn_seconds``) and then goes last.
+  When a peer's log runs more than ``state_sync_after`` entries (2000) past our cursor
+  and we hold at least half as many ourselves (a restored backup, a replaced store, a
+  long partition), the turn first compares state sums (``dmodel.node.statesum``):
+  groups, then buckets, then objects that differ, whose held update ids are fetched if
+  missing; the cursor then moves to the log length the peer's sums covered
+  (``stats["state_passes"]``, ``["state_objects"]``: objects found to differ). Replies
+  that break that protocol count as bad replies, as above; a peer still building its
+  sums answers ``busy`` and its log is read instead.
 - whichever thread accepted an update (a local writer, the apply or the sync thread)
   runs ``_publish``; the apply thread collects a batch's relays and hands them to the
   bus at once (``Bus.publish_many``: one wake-up of the I/O thread per batch).
@@ -72,7 +80,7 @@ from .. import merge
 from ..errors import ConfigurationError, NetworkError
 from . import sync
 from .bus import Bus, DeferredReply
-from .catchup import CatchUp
+from .catchup import STATE_SYNC_AFTER, CatchUp
 from .curve import CurveConfig
 from .flood import RateLimiter
 from .frames import DEFAULT_MAX_MESSAGE_SIZE, reply_budget
@@ -291,7 +299,8 @@ class NetworkService(CatchUp):
                  discovery_config: Any = None, request_queue_size: int = 256,
                  queue_bytes: int = 64 * _MiB, reply_bytes_per_s: float = 16 * _MiB,
                  sync_turn_seconds: float = 5.0, sync_turn_bytes: int = 64 * _MiB,
-                 apply_window: float = DEFAULT_APPLY_WINDOW, **bus_options: Any) -> None:
+                 apply_window: float = DEFAULT_APPLY_WINDOW,
+                 state_sync_after: int = STATE_SYNC_AFTER, **bus_options: Any) -> None:
         if isinstance(apply_window, bool) or not isinstance(apply_window, int | float) \
                 or not 0 <= apply_window <= 1:
             raise ConfigurationError("apply_window must be between 0 and 1 second")
@@ -301,10 +310,15 @@ class NetworkService(CatchUp):
         self.queue_bytes = queue_bytes
         self.sync_turn_seconds = sync_turn_seconds
         self.sync_turn_bytes = sync_turn_bytes
+        if type(state_sync_after) is not int or state_sync_after < 0:
+            raise ConfigurationError("state_sync_after must be a whole number of log "
+                                     "entries, 0 for never")
+        self.state_sync_after = state_sync_after
         self._counts = {"received": 0, "queue_dropped": 0, "pulled": 0, "served": 0,
                         "sync_errors": 0, "requests_dropped": 0, "invalid_updates": 0,
                         "sync_bad_replies": 0, "sync_turns_cut": 0,
-                        "prepared_ahead": 0, "state_passes": 0, "state_objects": 0}
+                        "prepared_ahead": 0, "state_passes": 0, "state_objects": 0,
+                        "log_ids": 0}
         self._queue = Inbox(queue_size, queue_bytes, apply_window)
         self._scores: dict[bytes, int] = {}  # peer -> catch-up score (0 = clean)
         self._rotation = 0

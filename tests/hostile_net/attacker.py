@@ -10,8 +10,11 @@ stop it by its handle. Modes:
     garbage    ENDPOINT N                      proven; N pushes of invalid updates
     flood      ENDPOINT N SIZE                 proven; N valid creates of SIZE bytes, each
                                                from a fresh identity
-    trap       SECONDS                         a fake peer whose log pages lie (prints its
-                                               endpoint first); the victim dials it
+    trap       SECONDS [sums]                  a fake peer whose log pages lie (prints its
+                                               endpoint first); the victim dials it. With
+                                               ``sums``: a short log, and state sums that
+                                               all differ, buckets of made-up objects, and
+                                               objects that hold ever more ids
     dial       ENDPOINT SECONDS                proven; HELLOs and gossip naming ipc:// and a
                                                TCP target this process counts accepts on
     beacon     PORT SECONDS                    UDP beacons from 127.0.0.3 to 127.0.0.1:PORT
@@ -33,6 +36,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from dmodel.buckets import BUCKETS_PER_GROUP, GROUPS, bucket_of
 from dmodel.crypto import Identity
 from dmodel.net import frames as fr
 from dmodel.net.discovery import Beacon, encode_beacon
@@ -149,8 +153,9 @@ def flood(ctx: zmq.Context, endpoint: str, n: int, size: int) -> dict[str, Any]:
     return {"sent": n, "bytes": sum(len(r) for r in raws)}
 
 
-def trap(ctx: zmq.Context, seconds: float) -> dict[str, Any]:
-    """Answer HELLOs properly, then lie in every log page and serve nothing."""
+def trap(ctx: zmq.Context, seconds: float, sums: bool = False) -> dict[str, Any]:
+    """Answer HELLOs properly, then lie in every log page and serve nothing (``sums``:
+    lie in the state sums instead, see the module docstring)."""
     node_id, key, nonce = os.urandom(16), NodeKey.generate(), os.urandom(16)
     router, xpub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.XPUB)
     for sock in (router, xpub):
@@ -160,7 +165,8 @@ def trap(ctx: zmq.Context, seconds: float) -> dict[str, Any]:
     xpub.bind("tcp://127.0.0.1:*")
     ep, pub = router.LAST_ENDPOINT.decode(), xpub.LAST_ENDPOINT.decode()
     print(json.dumps({"endpoint": ep, "node_id": node_id.hex()}), flush=True)
-    pages = gets = 0
+    counts = {"pages": 0, "gets": 0, "sums": 0}
+    made_up = _objects_by_bucket(100_000) if sums else {}
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     poller.register(xpub, zmq.POLLIN)
@@ -181,16 +187,52 @@ def trap(ctx: zmq.Context, seconds: float) -> dict[str, Any]:
                 router.send_multipart([ident, fr.WELCOME, body])
             elif kind == fr.REQUEST:
                 req = msgpack.unpackb(frames[3])
-                if req.get("q") == "log":
-                    pages += 1
-                    start = req["from"]
-                    ids = [os.urandom(32) for _ in range(100)]
-                    page = {"e": b"trap" * 4, "from": start, "end": 10**12, "ids": ids}
-                    router.send_multipart([ident, fr.REPLY, frames[2],
-                                           msgpack.packb(page, use_bin_type=True)])
-                else:
-                    gets += 1  # never served: the asker waits for nothing
-    return {"pages": pages, "gets": gets}
+                reply = _lie(req, sums, made_up)
+                if reply is None:
+                    counts["gets"] += 1  # never served: the asker waits for nothing
+                    continue
+                counts["pages" if req.get("q") == "log" else "sums"] += 1
+                router.send_multipart([ident, fr.REPLY, frames[2],
+                                       msgpack.packb(reply, use_bin_type=True)])
+    return counts
+
+
+_EPOCH = b"trap" * 4
+_LOG = 40  # the log the sums trap claims: short enough that a victim compares sums
+
+
+def _lie(req: dict[str, Any], sums: bool, made_up: dict[int, list[str]]) -> Any:
+    q = req.get("q")
+    if q == "log":
+        start = req["from"]
+        if not sums:
+            return {"e": _EPOCH, "from": start, "end": 10**12,
+                    "ids": [os.urandom(32) for _ in range(100)]}
+        ids = [os.urandom(32) for _ in range(max(0, min(20, _LOG - start)))]
+        return {"e": _EPOCH, "from": start, "end": _LOG, "ids": ids}
+    if not sums:
+        return None
+    if q == "sum":
+        return {"e": _EPOCH, "end": _LOG, "g": [os.urandom(16) for _ in range(GROUPS)]}
+    if q == "sumg":
+        return {"b": [[g, [os.urandom(16) for _ in range(BUCKETS_PER_GROUP)]]
+                      for g in req["ids"]]}
+    if q == "sumb":
+        return {"o": [[b, [[db_id, os.urandom(16)] for db_id in made_up.get(b, [])]]
+                      for b in req["ids"]]}
+    if q == "held":  # every object holds 2,000 more ids than the last answer said
+        return {"h": [[db_id, start, [os.urandom(32) for _ in range(2000)], True]
+                      for db_id, start in req["ids"][:4]]}
+    return None
+
+
+def _objects_by_bucket(n: int) -> dict[int, list[str]]:
+    """Made-up db_ids, by the bucket they hash to (so they pass that check)."""
+    out: dict[int, list[str]] = {}
+    for _ in range(n):
+        db_id = f"Person:{os.urandom(16).hex()}"
+        out.setdefault(bucket_of(db_id), []).append(db_id)
+    return out
 
 
 def _target() -> tuple[socket.socket, int]:
@@ -281,7 +323,7 @@ def main(argv: list[str]) -> int:
         elif mode == "flood":
             out = flood(ctx, args[0], int(args[1]), int(args[2]))
         elif mode == "trap":
-            out = trap(ctx, float(args[0]))
+            out = trap(ctx, float(args[0]), sums=args[1:2] == ["sums"])
         elif mode == "dial":
             out = dial(ctx, args[0], float(args[1]))
         elif mode == "beacon":

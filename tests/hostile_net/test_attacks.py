@@ -228,10 +228,10 @@ def test_a_valid_flood_is_rate_limited_in_bytes(pair) -> None:
 
 
 @contextlib.contextmanager
-def lying_peer(seconds: int) -> Iterator[tuple[str, list[PeerProcess]]]:
+def lying_peer(seconds: int, *mode: str) -> Iterator[tuple[str, list[PeerProcess]]]:
     """A fake peer that answers catch-up with lies (``attacker.py trap``) for ``seconds``:
     yields its endpoint and a list for the peers the test starts, all closed after."""
-    trap = subprocess.Popen([sys.executable, str(ATTACKER), "trap", str(seconds)],
+    trap = subprocess.Popen([sys.executable, str(ATTACKER), "trap", str(seconds), *mode],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env())
     procs: list[PeerProcess] = []
@@ -262,6 +262,32 @@ def test_the_catch_up_trap_costs_one_turn(tmp_path) -> None:
         while victim.stats()["network"]["sync_bad_replies"] < 1:
             assert time.monotonic() < deadline, (got, victim.stderr_tail(30))
             time.sleep(0.1)
+
+
+def test_lying_state_sums_cost_a_turn_and_bounded_memory(tmp_path) -> None:
+    """The trap's state sums all differ, its buckets hold made-up objects, and each of
+    them holds 2,000 more ids at every ask, none served: the victim spends a turn on it
+    (bounded by the turn's time and bytes), says so, and catches up from the honest."""
+    with lying_peer(25, "sums") as (trap_ep, procs):
+        honest = spawn(tmp_path / "honest", "honest")
+        procs.append(honest)
+        writer = Writer(honest)
+        writer.write(30)  # the victim holds more than half the trap's claimed log of 40
+        victim = spawn(tmp_path / "victim", "victim", peers=[honest.endpoint, trap_ep],
+                       options=VICTIM_OPTIONS | {"state_sync_after": 10})
+        procs.append(victim)
+        baseline = rss(victim.pid)
+        with writer:
+            _, peak = during(victim, lambda: victim.wait(writer.ids[29], "name", timeout=20))
+        check_outcome(victim, honest, writer, baseline, peak)
+        deadline = time.monotonic() + 20
+        while True:  # the trap's turns reach its objects' ids (and end there)
+            net = victim.stats()["network"]
+            if net["state_objects"] > 0 and net["sync_bad_replies"] >= 1:
+                break
+            assert time.monotonic() < deadline, (net, victim.stderr_tail(30))
+            time.sleep(0.2)
+        assert rss(victim.pid) < baseline + RSS_SLACK
 
 
 def test_learned_endpoints_do_not_make_the_victim_dial_around(pair) -> None:

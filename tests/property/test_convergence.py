@@ -351,10 +351,17 @@ def test_receivers_converge_whatever_the_delivery_order(server, data) -> None:
                 assert other[db_id] == states[0][db_id], db_id
         # One that prunes all it can reaches the same state (not the same history).
         pruning = world.node("rp", lambda: RECEIVER_NOW_NS, policy, "1")
+        pruning.state_sums.build()  # before delivery: kept up to date commit by commit
         deliver(data, pruning, raws)
         pruning.release_gaps()  # links it pruned itself before their successors came
         assert pruning.pending_count == 0
         assert pruning.state_digest() == receivers[0].state_digest()
+        # State sums (what catch-up compares) agree too: kept as it went, or read at once.
+        sums = [node.state_sums for node in (pruning, *receivers)]
+        for each in sums:
+            each.refresh(lambda: 0)
+        assert all(each.group_sums() == sums[0].group_sums() for each in sums)
+        assert len(sums[0]) == len(set(objects) & set(receivers[0].store.object_ids()))
         reference = fold_state(merge.fold([decode(r) for r in raws], policy=policy), objects)
         for db_id in objects:
             got = {k: v for k, v in states[0][db_id].items() if k in reference[db_id]}
