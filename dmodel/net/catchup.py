@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dmodel.net.replication")
 
 _FETCH = 500  # updates asked for in one request
+_FIRST_PAGE = 64  # ids asked for in a turn's first log page
 _MAX_BUSY_SKIPS = 4  # catch-up passes skipped in a row while live updates are queued
 # A peer's log this far past our cursor, while we hold at least half as many updates
 # ourselves, is compared by state sums first (the log from there on is read as before).
@@ -274,17 +275,20 @@ class CatchUp:
         or byte budget is spent, or a reply breaks the rules."""
         epoch, pos = self._cursor(peer_id)
         pulled, compared = 0, False
+        # The first page is short: it says how far behind we are (state sums may serve
+        # better) without bringing a full page of ids first.
+        limit = min(self.page_size, _FIRST_PAGE) if self.state_sync_after else self.page_size
         turn = _Turn(time.monotonic() + self.sync_turn_seconds, self.sync_turn_bytes)
         while not self._stop.is_set():
             if turn.over():
                 self._counts["sync_turns_cut"] += 1
                 break
-            reply = self.bus.request(peer_id, sync.encode_log_request(epoch, pos,
-                                                                      self.page_size),
+            reply = self.bus.request(peer_id, sync.encode_log_request(epoch, pos, limit),
                                      timeout=turn.timeout())
             if reply is None:
                 break
             turn.spent += len(reply)
+            self._counts["sync_bytes"] += len(reply)
             try:
                 page = sync.decode_log_page(reply)
             except sync.SyncMessageError as exc:
@@ -292,7 +296,8 @@ class CatchUp:
                 break
             if page.epoch != epoch:
                 epoch, pos = page.epoch, 0
-            why = _page_error(page, pos, self.page_size)
+            why = _page_error(page, pos, limit)
+            limit = self.page_size
             if why:
                 self._bad_reply(peer_id, why)
                 break
@@ -399,6 +404,7 @@ class CatchUp:
     def _fetch_held(self, peer_id: bytes, objects: list[str], turn: _Turn) -> bool:
         """Ask which updates these objects hold there, and fetch those missing here."""
         asked = {db_id: 0 for db_id in objects}
+        missing: list[bytes] = []
         while asked:
             batch = dict(list(asked.items())[:sync.MAX_SUM_IDS])
             reply = self._ask_sums(peer_id, "held", list(batch.items()), turn)
@@ -415,15 +421,26 @@ class CatchUp:
                     asked[entry.db_id] = entry.start + len(entry.ids)
                 else:
                     asked.pop(entry.db_id, None)
-            missing = self.node.store.missing(uids)
-            while missing:
-                got = self._fetch(peer_id, "get", missing[:_FETCH], turn)
-                if not got:
-                    self._bad_reply(peer_id, "did not serve the ids its objects hold"
-                                    if got is None else "lists ids it does not serve")
+            missing.extend(self.node.store.missing(uids))
+            if len(missing) >= _FETCH or not asked:  # fetched in batches of _FETCH
+                left = self._fetch_all(peer_id, missing, turn, keep=_FETCH if asked else 0)
+                if left is None:
                     return False
-                missing = [uid for uid in missing if uid not in got]
+                missing = left
         return True
+
+    def _fetch_all(self, peer_id: bytes, missing: list[bytes], turn: _Turn,
+                   keep: int = 0) -> list[bytes] | None:
+        """Fetch ``missing`` from a peer whose sums said it holds them, until fewer than
+        ``keep`` are left (those are returned); None if it did not serve them."""
+        while missing and len(missing) >= max(keep, 1):
+            got = self._fetch(peer_id, "get", missing[:_FETCH], turn)
+            if not got:
+                self._bad_reply(peer_id, "did not serve the ids its objects hold"
+                                if got is None else "lists ids it does not serve")
+                return None
+            missing = [uid for uid in missing if uid not in got]
+        return missing
 
     def _ask_sums(self, peer_id: bytes, kind: str, ids: list[Any] | None,
                   turn: _Turn) -> bytes | None:
@@ -433,6 +450,7 @@ class CatchUp:
                                  timeout=turn.timeout())
         if reply is not None:
             turn.spent += len(reply)
+            self._counts["sync_bytes"] += len(reply)
         return reply
 
     def _fetch(self, peer_id: bytes, kind: str, wanted: list[Any],
@@ -444,6 +462,7 @@ class CatchUp:
         reply = self.bus.request(peer_id, sync.encode_fetch(kind, wanted), timeout=timeout)
         if reply is None:
             return None
+        self._counts["sync_bytes"] += len(reply)
         if turn is not None:
             turn.spent += len(reply)
         try:

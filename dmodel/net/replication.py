@@ -41,7 +41,8 @@ Threads (each started here is joined by :meth:`NetworkService.close`):
   not claim more, and the ids it lists must be served when fetched; a reply may hold
   only updates that were asked for. A peer that breaks this loses its turn and a point
   of score (``stats["sync_bad_replies"]``), so one hostile peer delays a pass by at most
-  one turn (``sync_turn_seconds``) and then goes last.
+  one turn (``sync_turn_seconds``) and then goes last. ``stats["log_ids"]`` counts the
+  ids read in log pages, ``["sync_bytes"]`` the bytes of all catch-up replies.
   When a peer's log runs more than ``state_sync_after`` entries (2000) past our cursor
   and we hold at least half as many ourselves (a restored backup, a replaced store, a
   long partition), the turn first compares state sums (``dmodel.node.statesum``):
@@ -114,7 +115,7 @@ class LogStore(Protocol):
     def object_meta(self, db_id: str) -> Any: ...
     def missing(self, uids: Sequence[bytes]) -> list[bytes]: ...
     def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]: ...
-    def history(self, db_id: str, held: bool = False) -> list[bytes]: ...
+    def stored_ids(self, db_ids: Sequence[str]) -> list[list[bytes]]: ...
 
 
 class StateSumsView(Protocol):
@@ -318,7 +319,7 @@ class NetworkService(CatchUp):
                         "sync_errors": 0, "requests_dropped": 0, "invalid_updates": 0,
                         "sync_bad_replies": 0, "sync_turns_cut": 0,
                         "prepared_ahead": 0, "state_passes": 0, "state_objects": 0,
-                        "log_ids": 0}
+                        "log_ids": 0, "sync_bytes": 0}
         self._queue = Inbox(queue_size, queue_bytes, apply_window)
         self._scores: dict[bytes, int] = {}  # peer -> catch-up score (0 = clean)
         self._rotation = 0
@@ -551,12 +552,11 @@ class NetworkService(CatchUp):
                     break
                 entries.append([bucket, objects])
         else:
-            store = self.node.store
-            for db_id, start in request.ids:
+            stored = self.node.store.stored_ids([db_id for db_id, _ in request.ids])
+            for (db_id, start), uids in zip(request.ids, stored, strict=True):
                 room = min(sync.MAX_PAGE, (budget - size) // 34)
                 if room <= 0:
                     break
-                uids = store.history(db_id) + store.history(db_id, held=True)
                 entries.append([db_id, start, uids[start:start + room],
                                 len(uids) > start + room])
                 size += 34 * min(room, max(len(uids) - start, 0)) + len(db_id) + 8

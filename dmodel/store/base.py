@@ -108,6 +108,7 @@ class Store(Protocol):
     def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]: ...
     def update_ids(self) -> Iterator[bytes]: ...
     def history(self, db_id: str, held: bool = False) -> list[bytes]: ...
+    def stored_ids(self, db_ids: Sequence[str]) -> list[list[bytes]]: ...
 
     # value indexes (see dmodel/query.py); ensure_index runs under the apply lock
     def indexes(self) -> set[tuple[str, str]]: ...
@@ -405,6 +406,10 @@ class MemoryStore:
     def history(self, db_id: str, held: bool = False) -> list[bytes]:
         return list((self.held if held else self.hist).get(db_id, ()))
 
+
+    def stored_ids(self, db_ids: Sequence[str]) -> list[list[bytes]]:
+        """Per object: the ids of its stored updates, accepted then held."""
+        return [self.history(db_id) + self.history(db_id, held=True) for db_id in db_ids]
     def retention_reads(self, pairs: Sequence[tuple[str, str]],
                         chains: Sequence[tuple[str, bytes]] = ()
                         ) -> tuple[list[list[bytes]], list[merge.Register | None], list[bytes]]:

@@ -1168,6 +1168,17 @@ class RedisStore:
         with map_redis_errors():
             return self.client.lrange(self.k_held(db_id) if held else self.k_hist(db_id), 0, -1)
 
+
+    def stored_ids(self, db_ids: Sequence[str]) -> list[list[bytes]]:
+        """Per object: the ids of its stored updates, accepted then held (one round trip)."""
+        if not db_ids:
+            return []
+        cmds: list[tuple[Any, ...]] = []
+        for db_id in db_ids:
+            cmds += [("LRANGE", self.k_hist(db_id), 0, -1), ("LRANGE", self.k_held(db_id), 0, -1)]
+        with map_redis_errors():
+            out = self._run(cmds)
+        return [list(out[2 * i]) + list(out[2 * i + 1]) for i in range(len(db_ids))]
     def models(self) -> list[str]:
         with map_redis_errors():
             return sorted(m.decode() for m in self.client.smembers(self.k_models))
