@@ -28,10 +28,11 @@ Results go to ``benchmarks/results/bench_growth.json`` unless ``--json`` says wh
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
 import dmodel  # noqa: E402
+from dmodel.node.statesum import StateSums  # noqa: E402
 
 
 class GrowthDoc(dmodel.DModel):
@@ -140,11 +142,17 @@ def live_objects(tmp: Path, retention: str, n: int) -> dict[str, Any]:
         a.shutdown()
 
 
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _sums_memory(node: dmodel.Node) -> int:
+    """Bytes that a second set of state sums of ``node``'s store holds once built
+    (tracemalloc: what stays allocated, not the reads' garbage)."""
+    tracemalloc.start()
+    try:
+        sums = StateSums(node.store, threading.RLock())
+        before = tracemalloc.get_traced_memory()[0]
+        sums.build()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
 
 
 def reconcile(tmp: Path, n: int, changes: list[int]) -> dict[str, Any]:
@@ -166,13 +174,12 @@ def reconcile(tmp: Path, n: int, changes: list[int]) -> dict[str, Any]:
             for start in range(0, n, 2000):
                 copy.ingest_many(a.updates_since(start, 2000))
             copy.shutdown()
-        rss0 = _rss()
         with common.CpuMeter([a.store.client]) as meter:
             a.state_sums.refresh(a.log_length)
         build = {"objects": len(a.state_sums), "seconds": round(meter.wall, 2),
-                 **meter.per_op(n), "rss_bytes_per_object": round((_rss() - rss0) / n, 1)}
+                 **meter.per_op(n), "bytes_per_object": _sums_memory(a) / n}
         common.log(f"  state sums read: {build['total_cpu_us']:,.0f} µs CPU per object, "
-                   f"{build['rss_bytes_per_object']:,.0f} B RSS per object")
+                   f"{build['bytes_per_object']:,.0f} B of Python memory per object")
         rows = []
         for count in changes:
             changed = [docs[(len(rows) * count + j) % n] for j in range(count)]
@@ -316,7 +323,7 @@ def print_reconcile(rec: dict[str, Any]) -> None:
     s = rec["sums"]
     print(f"state sums: read {s['objects']:,} objects in {s['seconds']} s, "
           f"{s['total_cpu_us']:,.0f} µs CPU per object (process {s['cpu_us']:,.0f} + Redis "
-          f"{s['server_cpu_us']:,.0f}), {s['rss_bytes_per_object']:,.0f} B RSS per object")
+          f"{s['server_cpu_us']:,.0f}), {s['bytes_per_object']:,.0f} B of memory per object")
 
 
 def print_objects(objects: list[dict[str, Any]]) -> dict[str, float | None]:
