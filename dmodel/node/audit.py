@@ -230,8 +230,8 @@ def verify_register(store: Store, db_id: str, name: str, reg: merge.Register,
 
 def state_digest(store: Store) -> str:
     """A hash of the whole merged state (objects, registers, DList order, authorization
-    events, key wraps, held unauthorized updates): two nodes that hold the same state
-    give the same digest. Call it under the apply lock."""
+    events, key wraps): two nodes that hold the same state give the same digest. Call it
+    under the apply lock."""
     digest = hashlib.blake2b(digest_size=32)
     ids = store.object_ids()
     for start in range(0, len(ids), 256):
@@ -254,7 +254,6 @@ def object_state_digest(db_id: str, state: ObjectState) -> bytes:
         digest.update(msgpack.packb(sorted(
             [m, merge.pack_auth(e)] for m, e in events.items() if e)))
     digest.update(msgpack.packb(sorted(state.wraps.items())))
-    digest.update(msgpack.packb(sorted(state.held)))
     return digest.digest()
 
 

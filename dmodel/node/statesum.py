@@ -1,10 +1,10 @@
 """State sums: what two peers compare to find the objects on which they differ.
 
 Each object's merged state has a 16-byte digest (:func:`audit.object_state_digest`:
-metadata, registers, list order, authorization events, key wraps, the ids of held
-unauthorized updates). Objects fall into ``BUCKETS`` buckets by a hash of their db_id,
-buckets into ``GROUPS`` groups; a bucket's sum is the sum of its objects' digests (mod
-2**128), a group's the sum of its buckets'.
+metadata, registers, list order, authorization events, key wraps; not the unauthorized
+updates held for it, which differ with retention). Objects fall into ``BUCKETS``
+buckets by a hash of their db_id, buckets into ``GROUPS`` groups; a bucket's sum is the
+sum of its objects' digests (mod 2**128), a group's the sum of its buckets'.
 Two peers that hold the same state have the same sums whatever they received in what
 order and whatever retention kept; catch-up (``dmodel.net.catchup``) compares groups,
 then the buckets of groups that differ, then the objects of buckets that differ, so

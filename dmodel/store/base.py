@@ -46,7 +46,6 @@ class ObjectState:
     lists: dict[str, list[bytes]]  # DList field -> element ids in list order
     auth: dict[str, dict[str, merge.AuthEvents]]  # "r"/"u" -> member -> events
     wraps: dict[bytes, bytes]
-    held: list[bytes]  # ids of the unauthorized updates held for the object
 
 
 def read_object_state(store: Store, db_id: str) -> ObjectState:
@@ -56,7 +55,7 @@ def read_object_state(store: Store, db_id: str) -> ObjectState:
              for name in sorted({n.partition("#")[0] for n in registers if "#" in n})}
     return ObjectState(store.object_meta(db_id), registers, lists,
                        {kind: store.auth_events(db_id, kind) for kind in ("r", "u")},
-                       store.wraps(db_id), store.history(db_id, held=True))
+                       store.wraps(db_id))
 
 
 @runtime_checkable

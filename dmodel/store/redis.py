@@ -1064,13 +1064,12 @@ class RedisStore:
         cmds: list[tuple[Any, ...]] = []
         for db_id in db_ids:
             cmds += [("GET", self.k_obj(db_id)), ("HGETALL", self.k_reg(db_id)),
-                     ("HGETALL", self.k_auth(db_id)), ("HGETALL", self.k_wrap(db_id)),
-                     ("LRANGE", self.k_held(db_id), 0, -1)]
+                     ("HGETALL", self.k_auth(db_id)), ("HGETALL", self.k_wrap(db_id))]
         with map_redis_errors():
             replies = self._run(cmds)
         parts = []
         for i, db_id in enumerate(db_ids):
-            meta, regs, auth, wraps, held = replies[5 * i:5 * i + 5]
+            meta, regs, auth, wraps = replies[4 * i:4 * i + 4]
             registers = {k: merge.Register.unpack(v) for k, v in _as_map(regs).items()}
             names = sorted({n.partition("#")[0] for n in registers if "#" in n})
             events: dict[str, dict[str, merge.AuthEvents]] = {"r": {}, "u": {}}
@@ -1079,16 +1078,15 @@ class RedisStore:
                 if kind in events:
                     events[kind][member] = merge.unpack_auth(value)
             wrapped = _as_raw_map(wraps)
-            parts.append((db_id, meta, registers, names, events, wrapped, list(held)))
-        lists = [(db_id, name) for db_id, _, _, names, _, _, _ in parts for name in names]
+            parts.append((db_id, meta, registers, names, events, wrapped))
+        lists = [(db_id, name) for db_id, _, _, names, _, _ in parts for name in names]
         with map_redis_errors():
             ranges = self._run([("ZRANGE", self.k_list(d, n), 0, -1) for d, n in lists])
         order = {pair: [key[-34:] for key in keys] for pair, keys in zip(lists, ranges,
                                                                             strict=True)}
         return [ObjectState(merge.ObjectMeta.unpack(meta) if meta else None, registers,
-                            {name: order[(db_id, name)] for name in names}, events, wrapped,
-                            held)
-                for db_id, meta, registers, names, events, wrapped, held in parts]
+                            {name: order[(db_id, name)] for name in names}, events, wrapped)
+                for db_id, meta, registers, names, events, wrapped in parts]
 
     def wrapped_key(self, db_id: str, ref: bytes, oid: str) -> bytes | None:
         with map_redis_errors():
