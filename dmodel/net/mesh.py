@@ -402,7 +402,7 @@ class Mesh:
             self.close_link(peer.link)
         peer.link = link
         link.node_id = node_id
-        link.welcomed = True
+        link.welcomed = link.reached = True
         peer.endpoint = link.endpoint
         peer.last_seen = now
 

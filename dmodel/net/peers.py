@@ -64,7 +64,7 @@ class Link:
 
     __slots__ = ("endpoint", "sock", "expected", "node_id", "explicit", "created",
                  "next_hello", "backoff", "welcomed", "sock_since", "nonce", "key",
-                 "welcome_proof", "proof", "warned")
+                 "welcome_proof", "proof", "warned", "reached")
 
     def __init__(self, endpoint: str, sock: Any, expected: bytes | None, explicit: bool,
                  now: float) -> None:
@@ -78,6 +78,7 @@ class Link:
         self.next_hello = now
         self.backoff = FIRST_BACKOFF
         self.welcomed = False
+        self.reached = False  # welcomed us once (a peer that went away later was there)
         self.warned = False
         self.new_nonce()
 
@@ -117,8 +118,9 @@ class Link:
             self.backoff = min(self.backoff * 2, hello_interval)
 
     def unreached(self, now: float, after: float) -> bool:
-        """Dialled more than ``after`` seconds ago and never welcomed us."""
-        return not self.welcomed and now - self.created > after
+        """Dialled more than ``after`` seconds ago and never welcomed us (a peer that
+        welcomed us and went away is not: it was there, and is being tried again)."""
+        return not self.reached and now - self.created > after
 
     def given_up(self, now: float) -> bool:
         """A gossiped endpoint that never welcomed us: stop trying."""

@@ -54,6 +54,24 @@ def test_a_reached_endpoint_is_not_listed(make_node, caplog) -> None:
     assert not _named(caplog, a.network.endpoint)
 
 
+def test_a_peer_that_was_reached_and_went_away_is_no_warning(make_node, caplog) -> None:
+    """A joiner that caught up and shut down: the node it joined keeps trying its
+    endpoint (learned from it, dialled back), but it was there, so it is not reported
+    as never reached."""
+    caplog.set_level(logging.WARNING, logger="dmodel")
+    options = {"unreached_after": 0.3, "peer_timeout": 0.6, "ping_interval": 0.3}
+    a = make_node("a", listen="tcp://127.0.0.1:*", network_options=options)
+    b = make_node("b", listen="tcp://127.0.0.1:*", peers=[a.network.endpoint],
+                  network_options=options)
+    gone = b.network.endpoint
+    assert b.network.wait_for_peers(1, timeout=10) and a.network.wait_for_peers(1, timeout=10)
+    b.shutdown()
+    relinks = a.network.bus.stats["relinks"]
+    wait_until(lambda: a.network.bus.stats["relinks"] >= relinks + 2, timeout=15)
+    assert a.network.stats["guard"]["unreached"] == []
+    assert not _named(caplog, gone)
+
+
 def test_beacons_that_cannot_be_sent_are_one_warning_and_counted(make_node, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="dmodel")
     config = DiscoveryConfig(port=_free_port(socket.SOCK_DGRAM), interval=0.05, address="::1")
