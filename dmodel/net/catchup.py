@@ -395,27 +395,27 @@ class CatchUp:
                 objects.extend(db_id for db_id, digest in theirs.items()
                                if own.get(db_id) != digest)
             self._counts["state_objects"] += len(objects)
-            if not self._fetch_held(peer_id, objects, turn):
+            if not self._fetch_stored(peer_id, objects, turn):
                 return None
             buckets = [b for b in buckets if b not in answered]
         self._counts["state_passes"] += 1
         return peer.end
 
-    def _fetch_held(self, peer_id: bytes, objects: list[str], turn: _Turn) -> bool:
+    def _fetch_stored(self, peer_id: bytes, objects: list[str], turn: _Turn) -> bool:
         """Ask which updates these objects hold there, and fetch those missing here."""
         asked = {db_id: 0 for db_id in objects}
         missing: list[bytes] = []
         while asked:
             batch = dict(list(asked.items())[:sync.MAX_SUM_IDS])
-            reply = self._ask_sums(peer_id, "held", list(batch.items()), turn)
+            reply = self._ask_sums(peer_id, "stored", list(batch.items()), turn)
             if reply is None:
                 return False
-            held = sync.decode_held(reply, batch)
-            if not held:
+            stored = sync.decode_stored(reply, batch)
+            if not stored:
                 self._bad_reply(peer_id, "answered no object asked")
                 return False
             uids: list[bytes] = []
-            for entry in held:
+            for entry in stored:
                 uids.extend(entry.ids)
                 if entry.more and entry.ids:
                     asked[entry.db_id] = entry.start + len(entry.ids)

@@ -528,7 +528,7 @@ class NetworkService(CatchUp):
 
     def _serve_sums(self, request: sync.SumRequest, allowance: int) -> bytes | None:
         """State sums: the top is brought up to date (and names the log length it covers);
-        groups, buckets and held ids are read as of the last top served."""
+        groups, buckets and stored ids are read as of the last top served."""
         sums = self.node.state_sums
         if request.kind == "sum":
             if not sums.built:

@@ -25,8 +25,8 @@ the objects of the buckets that differ, then the update ids an object holds::
                      or {"busy": true} while the sums are being built
     {"q": "sumg", "ids": [group, ...]}   -> {"b": [[group, [16-byte sum, ...]], ...]}
     {"q": "sumb", "ids": [bucket, ...]}  -> {"o": [[bucket, [[db_id, digest], ...]], ...]}
-    {"q": "held", "ids": [[db_id, from], ...]}
-        -> {"h": [[db_id, from, [update id, ...], more], ...]}
+    {"q": "stored", "ids": [[db_id, from], ...]}
+        -> {"s": [[db_id, from, [update id, ...], more], ...]}
 
 A reply may answer fewer entries than asked (the size limit): the asker asks again for
 the rest. ``more`` says the object holds ids past those sent (ask again from there).
@@ -67,7 +67,7 @@ class FetchRequest:
 @dataclass(frozen=True, slots=True)
 class SumRequest:
     kind: str  # "sum" (no ids), "sumg" (group numbers), "sumb" (bucket numbers),
-    #            "held" ((db_id, from) pairs)
+    #            "stored" ((db_id, from) pairs)
     ids: tuple[Any, ...] = ()
 
 
@@ -79,7 +79,7 @@ class SumTop:
 
 
 @dataclass(frozen=True, slots=True)
-class Held:
+class StoredIds:
     db_id: str
     start: int
     ids: tuple[bytes, ...]
@@ -121,7 +121,7 @@ def decode_request(data: bytes) -> LogRequest | FetchRequest | SumRequest:
     kind = msg.get("q")
     if kind == "sum":
         return SumRequest("sum")
-    if kind in ("sumg", "sumb", "held"):
+    if kind in ("sumg", "sumb", "stored"):
         return SumRequest(kind, _sum_ids(kind, msg.get("ids")))
     if kind == "log":
         epoch, start, limit = msg.get("e"), msg.get("from"), msg.get("max")
@@ -142,10 +142,10 @@ def decode_request(data: bytes) -> LogRequest | FetchRequest | SumRequest:
 def _sum_ids(kind: str, ids: Any) -> tuple[Any, ...]:
     if not isinstance(ids, list) or len(ids) > MAX_SUM_IDS:
         raise SyncMessageError(f"bad {kind} request")
-    if kind == "held":
+    if kind == "stored":
         if not all(isinstance(i, list) and len(i) == 2 and isinstance(i[0], str)
                    and type(i[1]) is int and i[1] >= 0 for i in ids):
-            raise SyncMessageError("bad held request")
+            raise SyncMessageError("bad stored request")
         return tuple((i[0], i[1]) for i in ids)
     top = GROUPS if kind == "sumg" else BUCKETS
     if not all(type(i) is int and 0 <= i < top for i in ids):
@@ -178,7 +178,7 @@ def _sums(items: Any, count: int) -> bool:
 
 
 def encode_sum_reply(kind: str, entries: list[Any]) -> bytes:
-    key = {"sumg": "b", "sumb": "o", "held": "h"}[kind]
+    key = {"sumg": "b", "sumb": "o", "stored": "s"}[kind]
     return msgpack.packb({key: entries}, use_bin_type=True)
 
 
@@ -212,16 +212,16 @@ def decode_bucket_objects(data: bytes, asked: list[int]) -> dict[int, dict[str, 
     return out
 
 
-def decode_held(data: bytes, asked: dict[str, int]) -> list[Held]:
+def decode_stored(data: bytes, asked: dict[str, int]) -> list[StoredIds]:
     """The update ids objects hold, for the (db_id, from) pairs that were asked for."""
     out = []
-    for entry in _entries(data, "h", len(asked)):
+    for entry in _entries(data, "s", len(asked)):
         if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
                 and asked.get(entry[0]) == entry[1] and isinstance(entry[2], list)
                 and len(entry[2]) <= MAX_PAGE and isinstance(entry[3], bool)
                 and all(isinstance(u, bytes) and len(u) == 32 for u in entry[2])):
-            raise SyncMessageError("bad held ids")
-        out.append(Held(entry[0], entry[1], tuple(entry[2]), entry[3]))
+            raise SyncMessageError("bad stored ids")
+        out.append(StoredIds(entry[0], entry[1], tuple(entry[2]), entry[3]))
     return out
 
 

@@ -220,8 +220,8 @@ def _lie(req: dict[str, Any], sums: bool, made_up: dict[int, list[str]]) -> Any:
     if q == "sumb":
         return {"o": [[b, [[db_id, os.urandom(16)] for db_id in made_up.get(b, [])]]
                       for b in req["ids"]]}
-    if q == "held":  # every object holds 2,000 more ids than the last answer said
-        return {"h": [[db_id, start, [os.urandom(32) for _ in range(2000)], True]
+    if q == "stored":  # every object holds 2,000 more ids than the last answer said
+        return {"s": [[db_id, start, [os.urandom(32) for _ in range(2000)], True]
                       for db_id, start in req["ids"][:4]]}
     return None
 
