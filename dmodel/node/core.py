@@ -479,9 +479,11 @@ class Node:
 
     def settle(self) -> None:
         """Finish the pruning that retention has gathered (it runs in batches, see
-        node/pruner.py), so that the store holds exactly what the policy keeps."""
+        node/pruner.py), so that the store holds exactly what the policy keeps (and, on a
+        Redis Cluster, its journal only the commits under way)."""
         with self._lock:
             self.applier.pruner.flush()
+            self.store.settle()
 
     # --------------------------------------------------------------- shipping
     def log_length(self) -> int:

@@ -139,6 +139,7 @@ class Store(Protocol):
     def last_hlc(self) -> int: ...
     def meta(self, key: str) -> bytes | None: ...
     def set_meta(self, key: str, value: bytes | str) -> None: ...
+    def settle(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -460,6 +461,9 @@ class MemoryStore:
 
     def set_meta(self, key: str, value: bytes | str) -> None:
         self.node_meta[key] = value.encode() if isinstance(value, str) else value
+
+    def settle(self) -> None:
+        """Nothing is deferred here."""
 
     def close(self) -> None:
         self.closed = True

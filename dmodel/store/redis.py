@@ -359,6 +359,9 @@ class RedisStore:
         self._script_sha = _BATCH_SHA
         self._seq: int | None = None  # next log position; this node is the only writer
         self._journal_pending = True  # until recover() or the first commit looked
+        # Journal entries whose steps have all run: deleted by the next commit's global
+        # step (one round trip fewer per commit), or by settle() and close().
+        self._finished: list[bytes] = []
         # Called between a journaled commit's global step and its other slots' steps
         # (tests make it raise, or kill the process, to check recovery).
         self.after_journal: Callable[[], None] | None = None
@@ -523,25 +526,49 @@ class RedisStore:
             slot = key_slot(tag.encode())
             guard = self.k_done if slot == self._global_slot else self.k_guard(tag)
             groups.setdefault(slot, (guard, []))[1].append(cmd)
+        finished = self._finished
         if len(groups) == 1:
-            ((guard, group),) = groups.values()
+            ((slot, (guard, group)),) = groups.items()
+            if finished and slot == self._global_slot:
+                group.append(("HDEL", self.k_journal, *finished))
+            elif finished:
+                self.settle()  # before a step in another slot: a replay must not follow it
             self._apply(_step(guard, group), commit_id)
+            if slot == self._global_slot:
+                self._finished = []
             return
         _, global_cmds = groups.pop(self._global_slot, (self.k_done, []))
         steps = [_step(guard, group) for guard, group in groups.values()]
+        if finished:
+            global_cmds.append(("HDEL", self.k_journal, *finished))
         global_cmds.append(("HSET", self.k_journal, commit_id,
                             msgpack.packb(steps, use_bin_type=True)))
         self._journal_pending = True
         self._apply(_step(self.k_done, global_cmds), commit_id)
+        self._finished = []
         if self.after_journal is not None:
             self.after_journal()
-        self._finish(commit_id, steps)
+        self._finish(commit_id, steps, lazy=True)
 
-    def _finish(self, commit_id: bytes, steps: Sequence[Step]) -> None:
+    def _finish(self, commit_id: bytes, steps: Sequence[Step], lazy: bool = False) -> None:
+        """Run a journaled commit's slot steps, then drop its journal entry (``lazy``:
+        with the next commit's global step). An entry is dropped before any later step
+        runs in another slot, so a replay never re-runs a step after a newer one there."""
         for step in steps:
             self._apply(step, commit_id)
+        self._journal_pending = False
+        if lazy:
+            self._finished.append(commit_id)
+            return
         with map_redis_errors():
             _retrying(lambda: self.client.hdel(self.k_journal, commit_id), self.cluster)
+
+    def settle(self) -> None:
+        """Drop the journal entries of finished commits now (cluster only)."""
+        if self._finished:
+            finished, self._finished = self._finished, []
+            with map_redis_errors():
+                _retrying(lambda: self.client.hdel(self.k_journal, *finished), self.cluster)
 
     def replay_journal(self) -> None:
         """Finish every commit the journal still holds (in commit order; each step is
@@ -1203,6 +1230,8 @@ class RedisStore:
             self.client.hset(self.k_meta, key, value)
 
     def close(self) -> None:
+        with contextlib.suppress(StoreError, redis.RedisError):
+            self.settle()
         if self.wire is not None:
             self.wire.close()
         with contextlib.suppress(redis.RedisError):

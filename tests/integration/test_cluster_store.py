@@ -90,6 +90,8 @@ def test_the_tour_on_a_cluster_spreads_objects_and_verifies(cluster_node, redis_
     for p in people:  # one object's keys share a slot
         keys = _keys(redis_cluster, f"{node.store.prefix}*{{{p.db_id}}}*")
         assert len(keys) >= 3 and len({redis_cluster.keyslot(k) for k in keys}) == 1
+    assert node.store.client.hlen(node.store.k_journal) <= 1  # the last commit's, finished
+    node.settle()
     assert node.store.client.hlen(node.store.k_journal) == 0
     assert node.verify_store() == []
     key = node.store.k_reg(people[2].db_id)  # tampered by hand: verify says so
@@ -206,6 +208,43 @@ def test_a_node_killed_after_its_journal_write_is_recovered(redis_cluster, tmp_p
     assert node.verify_store() == []
 
 
+def test_a_node_killed_with_a_finished_commit_in_its_journal_replays_nothing(
+        redis_cluster, tmp_path, cluster_node):
+    """A finished commit's journal entry goes with the next commit's global step; a node
+    killed before that leaves it, and reopening replays it harmlessly (its steps are
+    the last ones in their slots, so their guards skip them)."""
+    prefix = f"fin{os.getpid()}:"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import dmodel
+        from test_cluster_store import CPerson
+        node = dmodel.Node({str(tmp_path / "k")!r}, redis_url={redis_cluster.url!r},
+                           redis_prefix={prefix!r}, listen="", peers=[], discovery=False)
+        p, q = CPerson(node=node), CPerson(node=node)
+        for i in range(5):
+            p.name.set(f"p{{i}}")
+            q.tags.append(i)
+        assert node.store.client.hlen(node.store.k_journal) == 1
+        print(p.db_id, q.db_id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    p_id, q_id = proc.stdout.split()
+    from dmodel.store.connect import connect
+    client = connect(redis_cluster.url)
+    client.delete(f"{prefix}{{{prefix}}}lock")
+    assert client.hlen(f"{prefix}{{{prefix}}}jr") == 1
+    client.close()
+    node = cluster_node("k", prefix=prefix)
+    assert node.store.client.hlen(node.store.k_journal) == 0
+    assert node.read(p_id, "name") == "p4"
+    assert node.list_length(q_id, "tags") == 5
+    assert len(node.history(q_id)) == 6 and node.verify_store() == []
+
+
 def test_a_second_node_on_the_same_prefix_is_refused_naming_the_holder(cluster_node):
     first = cluster_node("a")
     with pytest.raises(StoreInUseError, match=first.node_id.hex()) as caught:
@@ -276,6 +315,7 @@ def test_every_acknowledged_write_survives_slots_moving_under_a_writer(cluster_n
         thread.join(30)
     assert not thread.is_alive()
     assert not failures, failures
+    node.settle()
     assert store.client.hlen(store.k_journal) == 0
     for p in people:
         assert node.read(p.db_id, "name") == acknowledged[p.db_id]
