@@ -57,10 +57,13 @@ one Redis every commit is that one atomic step (it reaches the AOF as one unit, 
 crash never leaves half an update). On a Redis Cluster the writes are grouped by slot:
 when they span several, the step of the global slot (log, chain, raw update) also
 writes the other slots' steps into the journal ``G jr``; then each slot's step runs
-(atomic in its slot, idempotent), and the journal entry goes. A node killed in between
-finishes the update when it opens the store again (``recover``), and any later commit
-first finishes one left pending. A reader may thus see one object's part of a
-multi-object update before another's, never a part of one object's writes. The
+(atomic in its slot, idempotent); the finished entry goes with the next commit's global
+step (or at ``settle``/``close``), never after a later step in another slot, so a replay
+never re-runs a step behind a newer one. A node killed in between finishes the update
+when it opens the store again (``recover``; a finished entry's steps are skipped by
+their guards), and any later commit first finishes one left pending. A reader may thus
+see one object's part of a multi-object update before another's, never a part of one
+object's writes. The
 register keeps the update's version, whose last 34 bytes are the update id and op
 index: that is how any read is verified against the signed update (``verified=True``
 reads, ``dmodel verify``).
