@@ -391,9 +391,13 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
 # ``[position, value]``. Its position comes from the insert that created it (the
 # element id is that insert's update id + op index), its value is last-writer-wins
 # among that insert and later ``lset`` ops, and a delete is final (any ``ldel`` seen
-# hides the element, whatever arrives later). The register's version is the version
+# hides the element, whatever arrives later, and leaves the same empty tombstone on
+# every node, whatever it saw of the element before). The register's version is the version
 # of the op whose value it holds. Live elements are ordered by (position, element id);
 # positions are fractional digit strings chosen between the neighbours (``between``).
+
+
+TOMBSTONE = Register(b"", [None, None], False, True)  # a deleted DList element
 
 
 def element_value(name: str, reg: Register) -> Any:
@@ -408,19 +412,24 @@ def _list_op(out: Outcome, op: Op, index: int, ver: bytes, update_id: bytes, cur
     pos = old.value[0] if old is not None else None
     if op.op in ("lins", "lins_enc"):
         pos = op.value[0]
+    if old is not None and old.deleted:
+        if op.op != "ldel" and ver:  # a delete is final: nothing of the element is kept
+            out.superseded.append((op.obj, name, ver))
+        return
     if op.op == "ldel":
-        if old is not None and old.deleted:
-            return
-        new = (Register(b"", [None, None], False, True) if old is None
-               else Register(old.version, old.value, old.encrypted, True))
+        # The tombstone is the same whatever was seen before it (the insert, sets, or
+        # nothing), so a node that pruned the insert and rebuilt the object from what
+        # it kept holds what every other node holds.
+        new = TOMBSTONE
         out.superseded.append((op.obj, name, b""))  # a deleted element keeps no versions
+        if old is not None and old.version:
+            out.superseded.append((op.obj, name, old.version))
     elif old is None or ver > old.version:
-        new = Register(ver, [pos, op.value[1]], op.op.endswith("_enc"),
-                       old is not None and old.deleted)
+        new = Register(ver, [pos, op.value[1]], op.op.endswith("_enc"), False)
         if old is not None and old.version:
             out.superseded.append((op.obj, name, old.version))
     elif old.value[0] != pos:
-        new = Register(old.version, [pos, old.value[1]], old.encrypted, old.deleted)
+        new = Register(old.version, [pos, old.value[1]], old.encrypted, False)
         out.superseded.append((op.obj, name, ver))
     else:
         if ver != old.version:
@@ -536,7 +545,7 @@ def unauthorized_is_applied(update: Update, policy: Policy) -> bool:
 
 
 __all__ = [
-    "Event", "ObjectMeta", "Op", "Outcome", "Register", "State", "Write",
+    "TOMBSTONE", "Event", "ObjectMeta", "Op", "Outcome", "Register", "State", "Write",
     "add_auth_event", "apply", "fold", "is_authorized", "member_authorized", "open_grant",
     "unauthorized_is_applied", "version",
 ]

@@ -205,6 +205,26 @@ def test_deleting_a_deleted_list_element_is_a_no_op() -> None:
     assert outcome.writes == [] and outcome.events == []
 
 
+
+def test_a_deleted_element_is_the_same_tombstone_whatever_was_seen_of_it() -> None:
+    """Seen inserted, set and deleted; deleted first; or deleted with its insert pruned
+    (a node rebuilding the object from what retention kept): one register. Before, the
+    first kept the element's last value under the delete, so a pruning node that
+    rebuilt an object after a late grant held another state (found by the revocation
+    property)."""
+    insert = signed(OBJ, [Op(OBJ_ID, "lins", "items", [b"\x80", "x"])], ts=T0 + 10)
+    element = insert.id + b"\x00\x00"
+    name = f"items#{element.hex()}"
+    change = signed(OBJ, [Op(OBJ_ID, "lset", "items", [element, "y"])], ts=T0 + 15)
+    delete = signed(OBJ, [Op(OBJ_ID, "ldel", "items", element)], ts=T0 + 20)
+    states = [fresh(insert, change, delete), fresh(delete, insert, change),
+              fresh(change, delete, insert), fresh(delete)]
+    tombstone = Register(b"", [None, None], False, True)
+    assert [s.registers[(OBJ_ID, name)] for s in states] == [tombstone] * 4
+    assert merge.TOMBSTONE == tombstone
+    assert all(s.list_elements(OBJ_ID, "items") == [] for s in states)
+
+
 # ------------------------------------------------------------------ authorization
 
 
