@@ -542,10 +542,11 @@ class RedisStore:
             return
         _, global_cmds = groups.pop(self._global_slot, (self.k_done, []))
         steps = [_step(guard, group) for guard, group in groups.values()]
-        if finished:
-            global_cmds.append(("HDEL", self.k_journal, *finished))
         global_cmds.append(("HSET", self.k_journal, commit_id,
                             msgpack.packb(steps, use_bin_type=True)))
+        if finished:  # after the HSET: a key emptied and written again in one script is
+            # "a non local key" to Redis while its slot migrates (it exists nowhere)
+            global_cmds.append(("HDEL", self.k_journal, *finished))
         self._journal_pending = True
         self._apply(_step(self.k_done, global_cmds), commit_id)
         self._finished = []
