@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -63,7 +64,9 @@ class Cluster:
         extra = ["--commands", self.commands]
         if options:
             extra += ["--network-options", json.dumps(options)]
-        argv = peer_argv(self.tmp / name, name=name, peers=peers, options=extra)
+        # BENCH_LOG=info shows the peers' catch-up decisions in their stderr lines
+        argv = peer_argv(self.tmp / name, name=name, peers=peers, options=extra,
+                         log_level=os.environ.get("BENCH_LOG", "warning"))
         child = PeerProcess(argv, name=name, home=self.tmp / name, timeout=self.timeout,
                             env={"DMODEL_BENCH_PROFILE": "1"} if profile else None)
         with self._lock:

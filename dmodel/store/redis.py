@@ -1184,7 +1184,12 @@ class RedisStore:
         gaps retention left), and the position to ask from next: past the last id given,
         or the log's end when the page reaches it."""
         end = self._next_seq()
-        out = self._call("ZRANGEBYSCORE", self.k_log, start, "+inf", "WITHSCORES",
+        if end <= start:
+            return [], start
+        # Only positions below the end read first: a commit running meanwhile (on the
+        # apply thread) is in Redis before ``_seq`` moves past it, and a page must not
+        # list ids beyond the end it reports.
+        out = self._call("ZRANGEBYSCORE", self.k_log, start, f"({end}", "WITHSCORES",
                          "LIMIT", 0, limit)
         if out and isinstance(out[0], list | tuple):  # the cluster client gives pairs
             out = [item for pair in out for item in pair]
