@@ -136,6 +136,7 @@ class Applier:
                                 lambda batch: self._process_batch(batch, local=False),
                                 self.stats, also=self.release_gaps)
         self._gap_ok: set[bytes] = set()
+        self._commits = 0  # commits made, to tell a batch its snapshots may be stale
         self._recent = Bounded(_RECENT)  # ids of updates stored lately
         self._vetoed = Bounded(pending_module.MAX_PENDING)  # vetoed here -> their chain
         # Signature checks done before the lock (preverify): (id, signature) -> the key
@@ -234,23 +235,28 @@ class Applier:
         return results  # type: ignore[return-value]
 
     # ----------------------------------------------------------- pipeline
-    def _process_batch(self, updates: list[Update], *, local: bool) -> list[pipeline.Decision]:
+    def _process_batch(self, updates: list[Update], *, local: bool,
+                       read: tuple[list[pipeline.Snapshot], Overlay] | None = None,
+                       committed: list[int] | None = None) -> list[pipeline.Decision]:
         """The pipeline for a batch of updates, under the apply lock.
 
         Each update is decided against the store plus what earlier updates of the batch
         wrote (the overlay); the batch is committed in one atomic step before any
-        after-listener or publisher sees it.
+        after-listener or publisher sees it. ``read``: the snapshots, already read, and
+        the overlay of the updates before these; ``committed`` gets a 1 per commit.
         """
         listening = bool(self.listeners) and any(
             self.listeners.wants(op.obj.partition(":")[0], event_field(op, update, i))
             for update in updates for i, op in enumerate(update.ops))
-        if listening and len(updates) > 1:
-            # Listeners see each update's before- and after-callbacks before the next
-            # update's: one commit per update.
-            return [d for update in updates for d in self._process_batch([update], local=local)]
-        # Retention needs what each write supersedes, so it reads the registers too.
-        snaps = self.store.snapshots(updates, local=local,
-                                     registers=listening or not local or self.pruner.active)
+        if listening and len(updates) > 1 and read is None:
+            return self._one_by_one(updates, local=local)
+        if read is None:
+            # Retention needs what each write supersedes, so it reads the registers too.
+            snaps = self.store.snapshots(updates, local=local,
+                                         registers=listening or not local or self.pruner.active)
+            overlay = Overlay()
+        else:
+            snaps, overlay = read
         if local:
             snaps = [_local_snapshot(s, u) for s, u in zip(snaps, updates, strict=True)]
         elif self._gap_ok:
@@ -260,7 +266,6 @@ class Applier:
         if self.pending.releasing:
             verified = [v or self.pending.checked(u) for v, u in zip(verified, updates,
                                                                      strict=True)]
-        overlay = Overlay()
         staged: list[tuple[Update, list[merge.Write] | None]] = []
         done: list[tuple[pipeline.Decision, pipeline.Snapshot, list[Change]]] = []
         decisions: list[pipeline.Decision] = []
@@ -331,6 +336,10 @@ class Applier:
             except BaseException:
                 self.live.stale = True  # it may or may not have happened
                 raise
+            finally:
+                self._commits += 1
+            if committed is not None:
+                committed.append(1)
             self.live.add(update.id for update, _ in staged)
             self.sums.touch({op.obj for update, _ in staged for op in update.ops}
                             | {w.db_id for _, writes in staged for w in writes or ()})
@@ -346,6 +355,23 @@ class Applier:
             self._release_pending(update)
         if rest:
             decisions.extend(self._process_batch(rest, local=local))
+        return decisions
+
+    def _one_by_one(self, updates: list[Update], *, local: bool) -> list[pipeline.Decision]:
+        """A batch that listeners watch: each update's before- and after-callbacks run
+        before the next update's, so each update is committed on its own; but the
+        snapshots are read once, for all, and each update sees the ones before it
+        through the overlay. A callback that made this node commit something else (a
+        write of its own, a released update) makes the rest read the store again."""
+        snaps = self.store.snapshots(updates, local=local, registers=True)
+        overlay = Overlay()
+        decisions: list[pipeline.Decision] = []
+        for index, update in enumerate(updates):
+            before, own = self._commits, list[int]()
+            decisions += self._process_batch([update], local=local,
+                                             read=([snaps[index]], overlay), committed=own)
+            if self._commits - before != len(own) and index + 1 < len(updates):
+                return decisions + self._process_batch(updates[index + 1:], local=local)
         return decisions
 
     def _after_commit(self, decision: pipeline.Decision, snap: pipeline.Snapshot,

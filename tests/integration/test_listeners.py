@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import pytest
-from helpers import ship, wait_until
+from helpers import Clock, ship, wait_until
 
 import dmodel
 from dmodel.actions import BEFORE_CALLBACKS, CALLBACKS, DAction
@@ -1200,3 +1200,42 @@ def test_unknown_pattern_and_bad_listener_fail_at_apply(make_node) -> None:
     with pytest.raises(ConfigurationError):
         Recorder().apply("Staff:[oid]", node=a)
     assert len(a.listeners) == 0
+
+
+class _Task(dmodel.DModel):
+    note = dmodel.DField()
+    motto = dmodel.DField()
+
+
+class _Boss(dmodel.DModel):
+    name = dmodel.DField()
+
+
+def test_a_batch_watched_by_listeners_reads_again_after_a_listener_writes(make_node) -> None:
+    """Updates of one batch that listeners watch are committed one by one from snapshots
+    read once; a listener's own write in between must not be overwritten by a later
+    update of the batch decided against the snapshot from before it."""
+    ca, cb = Clock(), Clock()
+    a, b = make_node("a", now=ca), make_node("b", now=cb)
+    boss = _Boss.create(node=a).db_id
+    ship(a, b)
+    task = _Task.create(node=b, authorized=[boss], note="first").db_id
+    ship(b, a)
+    ca.ms += 1_000
+    mark = a.log_length()
+    as_boss = _Task(task, boss, node=a)
+    as_boss.motto = "go"                 # t0 + 1 s: the listener on b writes on seeing it
+    ca.ms += 1_000
+    as_boss.note = "from the boss"       # t0 + 2 s
+    cb.ms += 3_000                       # b's write, t0 + 3 s, is the newest
+
+    class WriteNote(DAction):
+        def on_updated(self, object_id: str, field: str, old: Any, new: Any) -> None:
+            if field == "motto":
+                _Task(task, node=b).note = "from the listener"
+
+    with WriteNote().applied("_Task:*", node=b):
+        b.ingest_many(a.updates_since(mark))  # one batch: motto, then note
+    assert _Task(task, node=b).note.get() == "from the listener"
+    ship(b, a)
+    assert a.state_digest() == b.state_digest()
