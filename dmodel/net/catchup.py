@@ -311,7 +311,7 @@ class CatchUp:
                     self._save_cursor(peer_id, epoch, pos)
                     continue
             self._counts["log_ids"] += len(page.ids)
-            missing = self.node.store.missing(page.ids)
+            missing = self.node.missing_updates(page.ids)
             while missing and not turn.over():
                 got = self._fetch(peer_id, "get", missing[:_FETCH], turn)
                 if got is None:  # keep the cursor, retry next pass
@@ -421,7 +421,7 @@ class CatchUp:
                     asked[entry.db_id] = entry.start + len(entry.ids)
                 else:
                     asked.pop(entry.db_id, None)
-            missing.extend(self.node.store.missing(uids))
+            missing.extend(self.node.missing_updates(uids))
             if len(missing) >= _FETCH or not asked:  # fetched in batches of _FETCH
                 left = self._fetch_all(peer_id, missing, turn, keep=_FETCH if asked else 0)
                 if left is None:

@@ -207,6 +207,12 @@ class Applier:
                 results[i] = decision
         return results
 
+    def missing(self, uids: Sequence[bytes]) -> list[bytes]:
+        """The ids among ``uids`` that ``ingest`` would not drop as stored lately and
+        the store does not hold."""
+        recent = self._recent
+        return self.store.missing([uid for uid in uids if uid not in recent])
+
     def ingest(self, updates: list[Update], sources: Sequence[Hashable] | None = None
                ) -> list[pipeline.Decision]:
         """Apply updates from elsewhere, in order, as one batch; one decision each

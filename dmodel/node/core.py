@@ -489,6 +489,12 @@ class Node:
     def log_length(self) -> int:
         return self.store.log_length()
 
+    def missing_updates(self, uids: Sequence[bytes]) -> list[bytes]:
+        """The ids among ``uids`` worth fetching: not stored here, and not stored here
+        lately either (an update retention pruned since would only be dropped again
+        as a replay)."""
+        return self.applier.missing(uids)
+
     def updates_since(self, seq: int = 0, limit: int | None = None) -> list[bytes]:
         """Raw signed updates from log position ``seq`` on, in store order."""
         stop = -1 if limit is None else seq + limit - 1

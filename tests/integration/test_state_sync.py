@@ -113,3 +113,25 @@ def test_a_joiner_with_an_empty_store_reads_the_log(make_node) -> None:
                timeout=60)
     assert b.network.stats["state_passes"] == 0
     assert b.state_digest() == a.state_digest()
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_does_not_fetch_back_what_it_pruned_lately(make_node) -> None:
+    """a's own overwrites, pruned by its retention, are still in b's log (b keeps all):
+    reading that log, a fetches none of them (ingest would drop them as replays)."""
+    options = {"sync_interval": 0.2, "state_sync_after": 0}
+    a = make_node("a", listen=LOOPBACK, discovery=False, peers=[], network_options=options,
+                  retention=1)
+    b = make_node("b", listen=LOOPBACK, discovery=False, peers=[], network_options=options,
+                  retention="all")
+    item = Item.create(name="v0", node=a)
+    b.ingest_many(a.updates_since(0))
+    for i in range(1, 301):
+        item.name = f"v{i}"
+        b.ingest_many(a.updates_since(a.log_length() - 1))  # before a prunes it
+    a.settle()
+    assert len(a.store.missing(b.store.log_range())) >= 290  # pruned on a, all kept on b
+    a.network.connect(b.network.endpoint)
+    wait_until(lambda: a.network.stats["log_ids"] >= 301, timeout=60)
+    assert a.network.stats["pulled"] == 0
+    assert a.read(item.db_id, "name") == b.read(item.db_id, "name") == "v300"
