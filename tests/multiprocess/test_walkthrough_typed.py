@@ -12,15 +12,18 @@ is on its way instead of reading it the instant after A wrote it.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 from helpers import wait_until
-from peer_driver import kill_redis
+from peer_driver import add_netns, kill_redis
 
 from dmodel.tools.driver import child_env
 
@@ -47,9 +50,9 @@ CONSOLE = textwrap.dedent("""
 class Host:
     """One interactive Python process."""
 
-    def __init__(self, name: str, home) -> None:
+    def __init__(self, name: str, home, prefix: Sequence[str] = ()) -> None:
         self.name, self.home = name, home
-        self.proc = subprocess.Popen([sys.executable, "-u", "-c", CONSOLE],
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-u", "-c", CONSOLE],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1,
                                      env=child_env())
@@ -116,6 +119,44 @@ PERSON = """
 """
 
 
+_runs = itertools.count()
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=15)
+
+
+@pytest.fixture
+def namespaced_hosts(tmp_path):
+    """Hosts A and B in two network namespaces joined by a veth pair (10.79.0.1 and .2,
+    a default route on it so that broadcast beacons go out): nothing leaves them, and
+    ``launch()`` with no arguments runs with its real defaults (discovery on)."""
+    assert "DMODEL_DISCOVERY" not in child_env()  # launch()'s real default is under test
+    tag = f"{os.getpid() % 100000}x{next(_runs)}"
+    names = [f"dwa{tag}", f"dwb{tag}"]
+    made: list[str] = []
+    started: list[Host] = []
+    try:
+        for name in names:
+            add_netns(name)
+            made.append(name)
+        _ip("link", "add", f"va{tag}", "netns", names[0], "type", "veth",
+            "peer", "name", f"vb{tag}", "netns", names[1])
+        for i, (name, dev) in enumerate(zip(names, (f"va{tag}", f"vb{tag}"), strict=True)):
+            _ip("-n", name, "link", "set", "lo", "up")
+            _ip("-n", name, "addr", "add", f"10.79.0.{i + 1}/24", "dev", dev)
+            _ip("-n", name, "link", "set", dev, "up")
+            _ip("-n", name, "route", "add", "default", "dev", dev)
+        started = [Host(label, tmp_path / label.lower(), prefix=["ip", "netns", "exec", name])
+                   for label, name in zip(("A", "B"), names, strict=True)]
+        yield started
+    finally:
+        for host in reversed(started):
+            host.close()
+        for name in made:  # the veth pair goes with its namespaces
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=15)
+
+
 def test_the_walkthrough_typed_on_two_hosts(hosts) -> None:
     a, b = hosts
     (endpoint,) = a.type(f"""
@@ -130,6 +171,26 @@ def test_the_walkthrough_typed_on_two_hosts(hosts) -> None:
                              peers=[{endpoint!r}])
         dmodel.set_loglevel('error')
     """) == []
+    _walkthrough(a, b)
+
+
+def test_the_walkthrough_typed_on_two_namespaced_hosts_with_plain_launch(
+        namespaced_hosts) -> None:
+    """As a user on two machines of one LAN: ``launch()`` with no arguments on both (the
+    home from DMODEL_HOME), and B finds A by its beacons."""
+    a, b = namespaced_hosts
+    for host in (a, b):
+        assert host.type(f"""
+            import os
+            os.environ['DMODEL_HOME'] = {str(host.home)!r}
+            import dmodel
+            node = dmodel.launch()
+            dmodel.set_loglevel('error')
+        """) == []
+    _walkthrough(a, b)
+
+
+def _walkthrough(a: Host, b: Host) -> None:
     assert a.type(PERSON) == [] and b.type(PERSON) == []
 
     out = a.type("""
