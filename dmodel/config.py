@@ -6,6 +6,8 @@
     DMODEL_DISCOVERY            ``0``/``1`` (also true/false, yes/no, on/off); ``0`` keeps
                                 ``launch()`` off the LAN
     DMODEL_REDIS_URL            a Redis server instead of the embedded one
+    DMODEL_REDIS_SHARDS         ``1`` or ``64``: the key layout of a new store (default 64
+                                on a Redis Cluster, 1 on one server; a store keeps its own)
     DMODEL_PASSPHRASE           the keyring's passphrase
     DMODEL_UNAUTHORIZED_POLICY  ``reject`` (default) or ``listeners``
 
@@ -86,6 +88,8 @@ class NodeConfig:
     skew: float = DEFAULT_SKEW
     retention: Retention = field(default_factory=Retention)
     redis_prefix: str = DEFAULT_PREFIX
+    redis_shards: int | None = None
+    """The key layout of a new store (see ``dmodel.store.redis``); None: the default."""
     lan: bool = False
     """``listen`` is the LAN default: the node binds LAN_PORT or the next free port."""
 
@@ -133,6 +137,9 @@ class NodeConfig:
                 skew = float(env.get("DMODEL_SKEW") or DEFAULT_SKEW)
             except ValueError:
                 raise ConfigurationError("DMODEL_SKEW must be a number of seconds") from None
+        shards_text = env.get("DMODEL_REDIS_SHARDS") or None
+        if shards_text not in (None, "1", "64"):
+            raise ConfigurationError(f"DMODEL_REDIS_SHARDS must be 1 or 64, not {shards_text!r}")
         if not 0 < skew <= 3600:
             raise ConfigurationError(f"skew must be more than 0 and at most 3600 s, not {skew}")
         return cls(home=path, listen=listen or None, peers=tuple(peer_list),
@@ -140,6 +147,7 @@ class NodeConfig:
                    unauthorized_policy=policy,
                    passphrase=passphrase or env.get("DMODEL_PASSPHRASE") or None,
                    skew=skew, redis_prefix=redis_prefix, lan=lan,
+                   redis_shards=int(shards_text) if shards_text else None,
                    retention=Retention.parse(retention if retention is not None
                                              else env.get("DMODEL_RETENTION") or None))
 

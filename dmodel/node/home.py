@@ -178,8 +178,16 @@ def open_home(config: NodeConfig) -> Home:
                 lock.close()
             raise
         client = embedded.client()
-    store = RedisStore(client, prefix=config.redis_prefix, unix_socket=(
-        str(embedded.socket) if embedded is not None else None))
+    try:
+        store = RedisStore(client, prefix=config.redis_prefix, unix_socket=(
+            str(embedded.socket) if embedded is not None else None),
+            shards=config.redis_shards)
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        if lock is not None:
+            lock.close()
+        raise
     home = Home(node_id, keyring, store, embedded, lock)
     try:
         with map_redis_errors():

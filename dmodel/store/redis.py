@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -85,6 +86,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from .. import merge, query
+from ..buckets import BUCKETS_PER_GROUP, GROUPS, bucket_of
 from ..clock import physical_ms
 from ..crypto import is_oid
 from ..errors import ConfigurationError, StoreError, StoreUnavailableError
@@ -339,7 +341,7 @@ class RedisStore:
     """
 
     def __init__(self, client: redis.Redis[bytes] | RedisCluster[bytes], prefix: str = "dm:",
-                 unix_socket: str | None = None) -> None:
+                 unix_socket: str | None = None, shards: int | None = None) -> None:
         if "{" in prefix or "}" in prefix:
             raise ConfigurationError(f"the Redis prefix {prefix!r} may not hold braces "
                                      "(the store's keys use them as hash tags)")
@@ -350,31 +352,91 @@ class RedisStore:
         self.wire = Wire(unix_socket) if unix_socket else None
         self.prefix = prefix
         p = self.k_global = f"{prefix}{{{prefix}}}"
-        self.k_updates, self.k_chain, self.k_head = f"{p}u", f"{p}ch", f"{p}head"
-        self.k_log, self.k_models, self.k_meta = f"{p}log", f"{p}models", f"{p}meta"
-        self.k_next, self.k_future = f"{p}next", f"{p}fut"
-        self.k_pruned = f"{p}pc"
-        self.k_indexes = f"{p}ix"
+        self.k_meta, self.k_future, self.k_indexes = f"{p}meta", f"{p}fut", f"{p}ix"
         self.k_journal, self.k_done, self.k_lock = f"{p}jr", f"{p}done", f"{p}lock"
-        self._global_slot = key_slot(self.k_done.encode())
+        self.shards = self._shard_count(shards)
+        # The hash tag of each shard (one: the global tag) and its keys' common start.
+        self._tags = [prefix] if self.shards == 1 else [f"{prefix}{s}" for s in range(self.shards)]
+        self._g = [f"{prefix}{{{tag}}}" for tag in self._tags]
+        self._journal_tags = set(self._tags) | {prefix}
+        # On one shard, the per-shard keys are the global ones (the layout before shards).
+        self.k_updates, self.k_chain, self.k_head = f"{p}u", f"{p}ch", f"{p}head"
+        self.k_log, self.k_models, self.k_next, self.k_pruned = (
+            f"{p}log", f"{p}models", f"{p}next", f"{p}pc")
+        self._shard_cache: dict[str, int] = {}
+        # Which shard holds an update (by id), as commits and log reads here saw it: a
+        # read by id alone tries that shard first, and every shard when it is not known.
+        self._homes: dict[bytes, int] = {}
         self._indexes: set[tuple[str, str]] | None = None  # loaded from k_indexes
         self.cache = StoreCache()
         self._script_sha = _BATCH_SHA
         self._seq: int | None = None  # next log position; this node is the only writer
         self._journal_pending = True  # until recover() or the first commit looked
-        # Journal entries whose steps have all run: deleted by the next commit's global
-        # step (one round trip fewer per commit), or by settle() and close().
+        # Journal entries whose steps have all run, and the journal holding them: deleted
+        # by the next commit's step in that journal's slot (one round trip fewer per
+        # commit), or by settle() and close().
         self._finished: list[bytes] = []
-        # Called between a journaled commit's global step and its other slots' steps
+        self._finished_journal = self.k_journal
+        # Called between a journaled commit's lead step and its other slots' steps
         # (tests make it raise, or kill the process, to check recovery).
         self.after_journal: Callable[[], None] | None = None
+
+    def _shard_count(self, wanted: int | None) -> int:
+        """How many shards this store's layout has: as recorded in its meta hash, else
+        ``wanted``, else 64 for a new store on a cluster and 1 on one server. A store
+        written before shards existed has one."""
+        if wanted not in (None, 1, GROUPS):
+            raise ConfigurationError(f"a store has 1 or {GROUPS} shards, not {wanted}")
+        with map_redis_errors():
+            found = _retrying(lambda: self.client.hget(self.k_meta, "shards"), self.cluster)
+            if found is None:
+                if wanted is None and not self.cluster:
+                    return 1
+                existing = _retrying(lambda: self.client.exists(self.k_meta), self.cluster)
+                count = 1 if existing else (wanted or GROUPS)
+                _retrying(lambda: self.client.hsetnx(self.k_meta, "shards", count), self.cluster)
+                found = _retrying(lambda: self.client.hget(self.k_meta, "shards"), self.cluster)
+        count = int(found or 1)
+        if wanted is not None and count != wanted:
+            raise ConfigurationError(f"this store was laid out in {count} shard(s), not "
+                                     f"{wanted}; its layout cannot change in place")
+        return count
+
+    def shard_of(self, db_id: str) -> int:
+        """The shard of an object: its keys, and those of the updates it signs, live in
+        that shard's slot (its bucket group, as the state sums group objects)."""
+        if self.shards == 1:
+            return 0
+        shard = self._shard_cache.get(db_id)
+        if shard is None:
+            _trim(self._shard_cache, 200_000)
+            shard = self._shard_cache[db_id] = bucket_of(db_id) // BUCKETS_PER_GROUP
+        return shard
+
+    def _key(self, shard: int, name: str) -> str:
+        """A per-shard key: ``u``, ``ch``, ``head``, ``log``, ``next``, ``meta``, ``pc``,
+        ``models``, ``m:Model``, ``i:Model#field``, ``jr`` or ``done``."""
+        return self._g[shard] + name
+
+    def _home(self, update: Update) -> int:
+        """The shard holding an update: its signer's."""
+        return self.shard_of(update.caller)
+
+    def _note_home(self, uid: bytes, shard: int) -> None:
+        if self.shards > 1:
+            _trim(self._homes, 200_000)
+            self._homes[uid] = shard
 
     def _next_seq(self) -> int:
         if self._seq is None:
             with map_redis_errors():
-                if self.client.type(self.k_log) == b"list":  # type: ignore[no-untyped-call]
-                    self._migrate_log()
-                self._seq = int(self.client.hget(self.k_meta, "seq") or 0)
+                if self.shards == 1:
+                    if self.client.type(self.k_log) == b"list":  # type: ignore[no-untyped-call]
+                        self._migrate_log()
+                    self._seq = int(self.client.hget(self.k_meta, "seq") or 0)
+                else:  # each commit notes the next position in the shards it logs in
+                    self._seq = max(int(v or 0) for v in self._run(
+                        [("HGET", k, "seq") for k in self._shard_metas()]))
         return self._seq
 
     def _migrate_log(self) -> None:
@@ -395,8 +457,8 @@ class RedisStore:
             if not self.cluster and self.client.exists(f"{self.prefix}meta"):
                 self._migrate_layout()
         self.replay_journal()
-        with map_redis_errors():
-            if self.client.hget(self.k_meta, "links") != b"1":
+        with map_redis_errors():  # (a store of shards was written with HEADMAX from the start)
+            if self.shards == 1 and self.client.hget(self.k_meta, "links") != b"1":
                 self._drop_stale_links()
 
     def _drop_stale_links(self) -> None:
@@ -470,48 +532,67 @@ class RedisStore:
         return f"{self.prefix}{kind}:{{{name}}}" + (f"#{field}" if kind == "l" else "")
 
     # ------------------------------------------------------------------ keys
+    def _okey(self, kind: str, db_id: str) -> str:
+        """A key of one object: tagged with the object on one shard, else its shard."""
+        if self.shards == 1:
+            return f"{self.prefix}{kind}:{{{db_id}}}"
+        return f"{self.prefix}{kind}:{{{self._tags[self.shard_of(db_id)]}}}{db_id}"
+
     def k_obj(self, db_id: str) -> str:
-        return f"{self.prefix}o:{{{db_id}}}"
+        return self._okey("o", db_id)
 
     def k_reg(self, db_id: str) -> str:
-        return f"{self.prefix}r:{{{db_id}}}"
+        return self._okey("r", db_id)
 
     def k_auth(self, db_id: str) -> str:
-        return f"{self.prefix}a:{{{db_id}}}"
+        return self._okey("a", db_id)
 
     def k_wrap(self, db_id: str) -> str:
-        return f"{self.prefix}w:{{{db_id}}}"
+        return self._okey("w", db_id)
 
     def k_hist(self, db_id: str) -> str:
-        return f"{self.prefix}h:{{{db_id}}}"
+        return self._okey("h", db_id)
 
     def k_held(self, db_id: str) -> str:
-        return f"{self.prefix}x:{{{db_id}}}"
+        return self._okey("x", db_id)
 
     def k_last(self, db_id: str) -> str:
-        return f"{self.prefix}lw:{{{db_id}}}"
+        return self._okey("lw", db_id)
 
     def k_list(self, db_id: str, name: str) -> str:
-        return f"{self.prefix}l:{{{db_id}}}#{name}"
+        return f"{self._okey('l', db_id)}#{name}"
 
     def k_lists(self, db_id: str) -> str:
-        return f"{self.prefix}lf:{{{db_id}}}"
+        return self._okey("lf", db_id)
 
-    def k_model(self, model: str) -> str:
-        return f"{self.k_global}m:{model}"
+    def k_model(self, model: str, shard: int = 0) -> str:
+        return self._key(shard, f"m:{model}")
 
     def k_kept(self, db_id: str) -> str:
-        return f"{self.prefix}kv:{{{db_id}}}"
+        return self._okey("kv", db_id)
 
-    def k_index(self, model: str, field: str) -> str:
-        return f"{self.k_global}i:{model}#{field}"
+    def k_index(self, model: str, field: str, shard: int = 0) -> str:
+        return self._key(shard, f"i:{model}#{field}")
 
     def k_entries(self, db_id: str) -> str:
-        return f"{self.prefix}ie:{{{db_id}}}"
+        return self._okey("ie", db_id)
 
     def k_guard(self, tag: str) -> str:
         """The guard of commit steps in the slot of hash tag ``tag`` (see _WRITE_LUA)."""
-        return self.k_done if tag == self.prefix else f"{self.prefix}jd:{{{tag}}}"
+        if tag in self._journal_tags:
+            return f"{self.prefix}{{{tag}}}done"
+        return f"{self.prefix}jd:{{{tag}}}"
+
+    def journal_keys(self) -> list[str]:
+        """Every journal of the store: the global slot's, and each shard's."""
+        return list(dict.fromkeys([self.k_journal, *(self._key(s, "jr")
+                                                     for s in range(self.shards))]))
+
+    def journal_size(self) -> int:
+        """How many journal entries the store holds (commits across slots not yet
+        finished or not yet dropped; always 0 on one server)."""
+        with map_redis_errors():
+            return sum(int(n) for n in self._run([("HLEN", k) for k in self.journal_keys()]))
 
     # --------------------------------------------------------------- commits
     def _write(self, cmds: list[tuple[Any, ...]]) -> None:
@@ -523,41 +604,54 @@ class RedisStore:
         if not self.cluster:
             self._apply(_step(self.k_done, cmds), commit_id)
             return
-        groups: dict[int, tuple[str, list[tuple[Any, ...]]]] = {}
+        groups: dict[int, tuple[list[str], list[tuple[Any, ...]]]] = {}  # slot -> tags, cmds
         for cmd in _single_key(cmds):
             tag = _tag(cmd[1])
-            slot = key_slot(tag.encode())
-            guard = self.k_done if slot == self._global_slot else self.k_guard(tag)
-            groups.setdefault(slot, (guard, []))[1].append(cmd)
-        finished = self._finished
+            tags, group = groups.setdefault(key_slot(tag.encode()), ([], []))
+            if tag not in tags:
+                tags.append(tag)
+            group.append(cmd)
+        finished, journal = self._finished, self._finished_journal
+        finished_slot = key_slot(_tag(journal).encode())
         if len(groups) == 1:
-            ((slot, (guard, group)),) = groups.items()
-            if finished and slot == self._global_slot:
-                group.append(("HDEL", self.k_journal, *finished))
+            ((slot, (tags, group)),) = groups.items()
+            if finished and slot == finished_slot:
+                group.append(("HDEL", journal, *finished))
             elif finished:
                 self.settle()  # before a step in another slot: a replay must not follow it
-            self._apply(_step(guard, group), commit_id)
-            if slot == self._global_slot:
+            self._apply(_step(self.k_guard(tags[0]), group), commit_id)
+            if slot == finished_slot:
                 self._finished = []
             return
-        _, global_cmds = groups.pop(self._global_slot, (self.k_done, []))
-        steps = [_step(guard, group) for guard, group in groups.values()]
-        global_cmds.append(("HSET", self.k_journal, commit_id,
-                            msgpack.packb(steps, use_bin_type=True)))
-        if finished:  # after the HSET: a key emptied and written again in one script is
-            # "a non local key" to Redis while its slot migrates (it exists nowhere)
-            global_cmds.append(("HDEL", self.k_journal, *finished))
+        # The lead step writes the other steps into its slot's journal, then they run.
+        if finished and finished_slot in groups:
+            lead, lead_tag = finished_slot, _tag(journal)
+        else:
+            if finished:
+                self.settle()
+            lead_tag = next((t for tags, _ in groups.values() for t in tags
+                             if t in self._journal_tags), self.prefix)
+            lead = key_slot(lead_tag.encode())  # on one shard, the global slot leads
+            journal = f"{self.prefix}{{{lead_tag}}}jr"
+        _, lead_cmds = groups.pop(lead, ([lead_tag], []))
+        steps = [_step(self.k_guard(tags[0]), group) for tags, group in groups.values()]
+        lead_cmds.append(("HSET", journal, commit_id, msgpack.packb(steps, use_bin_type=True)))
+        if self._finished:  # after the HSET: a key emptied and written again in one script
+            # is "a non local key" to Redis while its slot migrates (it exists nowhere)
+            lead_cmds.append(("HDEL", journal, *self._finished))
         self._journal_pending = True
-        self._apply(_step(self.k_done, global_cmds), commit_id)
-        self._finished = []
+        self._apply(_step(self.k_guard(lead_tag), lead_cmds), commit_id)
+        self._finished, self._finished_journal = [], journal
         if self.after_journal is not None:
             self.after_journal()
-        self._finish(commit_id, steps, lazy=True)
+        self._finish(journal, commit_id, steps, lazy=True)
 
-    def _finish(self, commit_id: bytes, steps: Sequence[Step], lazy: bool = False) -> None:
+    def _finish(self, journal: str, commit_id: bytes, steps: Sequence[Step],
+                lazy: bool = False) -> None:
         """Run a journaled commit's slot steps, then drop its journal entry (``lazy``:
-        with the next commit's global step). An entry is dropped before any later step
-        runs in another slot, so a replay never re-runs a step after a newer one there."""
+        with the next commit's step in that journal's slot). An entry is dropped before
+        any later step runs in another slot, so a replay never re-runs a step after a
+        newer one there."""
         for step in steps:
             self._apply(step, commit_id)
         self._journal_pending = False
@@ -565,23 +659,28 @@ class RedisStore:
             self._finished.append(commit_id)
             return
         with map_redis_errors():
-            _retrying(lambda: self.client.hdel(self.k_journal, commit_id), self.cluster)
+            _retrying(lambda: self.client.hdel(journal, commit_id), self.cluster)
 
     def settle(self) -> None:
         """Drop the journal entries of finished commits now (cluster only)."""
         if self._finished:
             finished, self._finished = self._finished, []
             with map_redis_errors():
-                _retrying(lambda: self.client.hdel(self.k_journal, *finished), self.cluster)
+                _retrying(lambda: self.client.hdel(self._finished_journal, *finished),
+                          self.cluster)
 
     def replay_journal(self) -> None:
-        """Finish every commit the journal still holds (in commit order; each step is
+        """Finish every commit the journals still hold (in commit order; each step is
         idempotent, so a step applied before the interruption is skipped)."""
+        journals = self.journal_keys()
         with map_redis_errors():
-            entries = _retrying(lambda: self.client.hgetall(self.k_journal), self.cluster)
-        for commit_id in sorted(entries):
-            steps = msgpack.unpackb(entries[commit_id], raw=False)
-            self._finish(commit_id, [(keys, kinds, flat) for keys, kinds, flat in steps])
+            replies = self._run([("HGETALL", k) for k in journals])
+        entries = sorted((commit_id, journal, steps) for journal, reply in
+                         zip(journals, replies, strict=True)
+                         for commit_id, steps in _as_raw_map(reply).items())
+        for commit_id, journal, packed in entries:
+            steps = msgpack.unpackb(packed, raw=False)
+            self._finish(journal, commit_id, [(keys, kinds, flat) for keys, kinds, flat in steps])
         self._journal_pending = False
 
     def _apply(self, step: Step, commit_id: bytes) -> None:
@@ -617,7 +716,8 @@ class RedisStore:
         for db_id, name in pairs:
             cmds.append(("HGET", self.k_kept(db_id), name))
             cmds.append(("HGET", self.k_reg(db_id), name))
-        cmds.extend(("HGET", self.k_head, f"{caller}|{node.hex()}") for caller, node in chains)
+        cmds.extend(("HGET", self._key(self.shard_of(caller), "head"), f"{caller}|{node.hex()}")
+                    for caller, node in chains)
         with map_redis_errors():
             out = self._run(cmds) if cmds else []
         kept = [unpack_versions(v) for v in out[0:2 * len(pairs):2]]
@@ -638,15 +738,15 @@ class RedisStore:
             else:
                 cmds.append(("HDEL", self.k_kept(db_id), name))
         for update in updates:
-            uid = update.id
-            cmds.append(("HDEL", self.k_updates, uid))
-            cmds.append(("ZREM", self.k_log, uid))
-            cmds.append(("HDEL", self.k_next, uid))
+            uid, g = update.id, self._g[self._home(update)]
+            cmds.append(("HDEL", g + "u", uid))
+            cmds.append(("ZREM", g + "log", uid))
+            cmds.append(("HDEL", g + "next", uid))
             if uid not in heads:
-                cmds.append(("HDEL", self.k_chain, uid))
+                cmds.append(("HDEL", g + "ch", uid))
             for db_id in sorted({op.obj for op in update.ops}):
                 cmds.append(("LREM", self.k_hist(db_id), 0, uid))
-                cmds.append(("HINCRBY", self.k_pruned, db_id, 1))
+                cmds.append(("HINCRBY", self._key(self.shard_of(db_id), "pc"), db_id, 1))
         if cmds:
             with map_redis_errors():
                 self._write(cmds)
@@ -654,7 +754,7 @@ class RedisStore:
     def pruned_count(self, db_id: str) -> int:
         """How many updates of ``db_id`` retention pruned here."""
         with map_redis_errors():
-            return int(self.client.hget(self.k_pruned, db_id) or 0)
+            return int(self.client.hget(self._key(self.shard_of(db_id), "pc"), db_id) or 0)
 
     # ------------------------------------------------------------- pipeline
     def snapshots(self, updates: Sequence[Update], *, local: bool = False,
@@ -689,28 +789,34 @@ class RedisStore:
                             and (not local or a[2] != update.caller))
             grants_l = [] if local else linked_updates(update)
             check_chain = bool(update.prev) and not local
+            g = self._g[self._home(update)]  # the chain's (prev has the same signer)
             if not local:
-                cmds.append(("HEXISTS", self.k_updates, update.id))
+                cmds.append(("HEXISTS", g + "u", update.id))
             if check_chain:
-                cmds.append(("HGET", self.k_chain, update.prev))
-                cmds.append(("HGET", self.k_next, update.prev))
-                cmds.append(("HGET", self.k_head, f"{update.caller}|{update.node.hex()}"))
+                cmds.append(("HGET", g + "ch", update.prev))
+                cmds.append(("HGET", g + "next", update.prev))
+                cmds.append(("HGET", g + "head", f"{update.caller}|{update.node.hex()}"))
             cmds.extend(("GET", self.k_obj(db_id)) for db_id in objects_l)
             cmds.extend(("HGET", self.k_reg(db_id), name) for db_id, name in regs_l)
             cmds.extend(("HGET", self.k_auth(db_id), f"{kind}:{member}")
                         for db_id, kind, member in auth_l)
             cmds.extend(("ZSCORE", self.k_last(db_id), member) for db_id, _, member in last_l)
-            cmds.extend(("HEXISTS", self.k_updates, uid) for uid in grants_l)
+            grants_n = []
+            for uid in grants_l:
+                held_checks = self._held_commands(uid)
+                grants_n.append(len(held_checks))
+                cmds.extend(held_checks)
             wraps_l = wrap_keys(update)
             cmds.extend(("HGET", self.k_wrap(db_id), ref + oid.encode())
                         for db_id, ref, oid in wraps_l)
             plans.append((update, known_objects, known_auth, known_regs, objects_l, regs_l,
-                          auth_l, last_l, grants_l, wraps_l, check_chain))
+                          auth_l, last_l, list(zip(grants_l, grants_n, strict=True)), wraps_l,
+                          check_chain))
         with map_redis_errors():
             results = iter(self._run(cmds)) if cmds else iter(())
         snaps = []
         for (update, known_objects, known_auth, known_regs, objects_l, regs_l, auth_l, last_l,
-             grants_l, wraps_l, check_chain) in plans:
+             grant_checks, wraps_l, check_chain) in plans:
             # A local update's seen/chain facts come from the applier's local rule.
             snap = Snapshot(seen=False if local else bool(next(results)))
             if check_chain:
@@ -739,8 +845,8 @@ class RedisStore:
                 last = next(results)
                 if last is not None:
                     state.last_write[(db_id, member)] = int(last)
-            for uid in grants_l:
-                if next(results):
+            for uid, checks in grant_checks:
+                if any([next(results) for _ in range(checks)]):
                     snap.stored.add(uid)
             for wkey in wraps_l:
                 wrapped = next(results)
@@ -772,8 +878,9 @@ class RedisStore:
                 self._update_commands(cmds, update, writes, list_keys, seq)
                 seq += 1
             cmds.extend(self._index_commands([w for _, ws in items for w in ws or ()]))
-            cmds.append(("HSET", self.k_meta, "hlc", hlc))
-            cmds.append(("HSET", self.k_meta, "seq", seq))
+            for shard in sorted({self._home(update) for update, _ in items}):
+                cmds.append(("HSET", self._key(shard, "meta"), "hlc", hlc))
+                cmds.append(("HSET", self._key(shard, "meta"), "seq", seq))
             try:
                 self._write(cmds)
             except BaseException:
@@ -784,6 +891,7 @@ class RedisStore:
                 raise
         self._seq = seq
         for update, writes in items:
+            self._note_home(update.id, self._home(update))
             self.cache.put_head(f"{update.caller}|{update.node.hex()}", update.timestamp)
             for w in writes or ():
                 self.cache.note(w)
@@ -792,17 +900,17 @@ class RedisStore:
     def _update_commands(self, cmds: list[tuple[Any, ...]], update: Update,
                          writes: list[merge.Write] | None, list_keys: list[str],
                          seq: int) -> None:
-        uid = update.id
+        uid, g = update.id, self._g[self._home(update)]
         touched = sorted({op.obj for op in update.ops})
-        cmds.append(("HSET", self.k_updates, uid, update.raw))
-        cmds.append(("HSET", self.k_chain, uid, update.node + update.caller.encode()))
+        cmds.append(("HSET", g + "u", uid, update.raw))
+        cmds.append(("HSET", g + "ch", uid, update.node + update.caller.encode()))
         chain = f"{update.caller}|{update.node.hex()}"
         if self.cache.heads.get(chain, -1) < update.timestamp:  # else it is not newer
-            cmds.append(("HEADMAX", self.k_head, chain, uid + update.timestamp.to_bytes(8, "big"),
-                         self.k_updates, self.k_chain))
-        cmds.append(("ZADD", self.k_log, seq, uid))
+            cmds.append(("HEADMAX", g + "head", chain, uid + update.timestamp.to_bytes(8, "big"),
+                         g + "u", g + "ch"))
+        cmds.append(("ZADD", g + "log", seq, uid))
         if update.prev:
-            cmds.append(("HSETNX", self.k_next, update.prev, uid))
+            cmds.append(("HSETNX", g + "next", update.prev, uid))
         ms = physical_ms(update.timestamp)
         for db_id in sorted({op.obj for op in update.ops if op.obj != update.caller}):
             cmds.append(("ZADD", self.k_last(db_id), "GT", ms, update.caller))
@@ -824,8 +932,9 @@ class RedisStore:
         elif w.kind == "object":
             cmds.append(("SET", self.k_obj(w.db_id), w.data.pack()))
             model, _, oid = w.db_id.partition(":")
-            cmds.append(("SADD", self.k_model(model), oid))
-            cmds.append(("SADD", self.k_models, model))
+            shard = self.shard_of(w.db_id)
+            cmds.append(("SADD", self.k_model(model, shard), oid))
+            cmds.append(("SADD", self._key(shard, "models"), model))
         elif w.kind == "auth":
             cmds.append(("HSET", self.k_auth(w.db_id), w.name, merge.pack_auth(w.data)))
         elif w.kind == "wrap":
@@ -915,42 +1024,58 @@ class RedisStore:
         (under the node's apply lock: the build reads, then writes)."""
         if self.has_index(model, field):
             return
-        indexed = {(model, field)}
-        key = self.k_index(model, field)
         with map_redis_errors():
-            self.client.delete(key)  # what a build cut short left
-            members: Any = self.client.smembers(self.k_model(model))
-            oids = sorted(o.decode() for o in members)
-            for start in range(0, len(oids), 5000):
-                db_ids = [f"{model}:{oid}" for oid in oids[start:start + 5000]]
-                reads: list[tuple[Any, ...]] = []
-                for db_id in db_ids:
-                    reads += [("GET", self.k_obj(db_id)), ("HGET", self.k_reg(db_id), field),
-                              ("HGET", self.k_entries(db_id), field)]
-                out = self._run(reads)
-                cmds: list[tuple[Any, ...]] = []
-                for i, db_id in enumerate(db_ids):
-                    meta, reg, old = out[3 * i:3 * i + 3]
-                    live = bool(meta) and merge.ObjectMeta.unpack(meta).removed is None
-                    regs = {field: merge.Register.unpack(reg)} if reg else {}
-                    self._change_commands(cmds, query.object_changes(
-                        db_id, live, regs, indexed, {field: old} if old else {}))
-                if cmds:
-                    self._write(cmds)
+            for key in [self.k_index(model, field, s) for s in range(self.shards)]:
+                self.client.delete(key)  # what a build cut short left
+            for shard in range(self.shards):  # a shard at a time: each write in one slot
+                members: Any = self.client.smembers(self.k_model(model, shard))
+                self._build_index(model, field, sorted(o.decode() for o in members))
             self.client.sadd(self.k_indexes, f"{model}#{field}")
         self.indexes().add((model, field))
+
+    def _build_index(self, model: str, field: str, oids: list[str]) -> None:
+        indexed = {(model, field)}
+        for start in range(0, len(oids), 5000):
+            db_ids = [f"{model}:{oid}" for oid in oids[start:start + 5000]]
+            reads: list[tuple[Any, ...]] = []
+            for db_id in db_ids:
+                reads += [("GET", self.k_obj(db_id)), ("HGET", self.k_reg(db_id), field),
+                          ("HGET", self.k_entries(db_id), field)]
+            out = self._run(reads)
+            cmds: list[tuple[Any, ...]] = []
+            for i, db_id in enumerate(db_ids):
+                meta, reg, old = out[3 * i:3 * i + 3]
+                live = bool(meta) and merge.ObjectMeta.unpack(meta).removed is None
+                regs = {field: merge.Register.unpack(reg)} if reg else {}
+                self._change_commands(cmds, query.object_changes(
+                    db_id, live, regs, indexed, {field: old} if old else {}))
+            if cmds:
+                self._write(cmds)
 
     def index_range(self, model: str, field: str, low: bytes, high: bytes, *,
                     reverse: bool = False, offset: int = 0, count: int = -1) -> list[bytes]:
         """Members of an index between two ZRANGEBYLEX bounds, in order (or backwards)."""
-        key = self.k_index(model, field)
-        limit = ("LIMIT", offset, count) if offset or count >= 0 else ()
-        if reverse:
-            return list(self._call("ZREVRANGEBYLEX", key, high, low, *limit))
-        return list(self._call("ZRANGEBYLEX", key, low, high, *limit))
+        if self.shards == 1:
+            key = self.k_index(model, field)
+            limit = ("LIMIT", offset, count) if offset or count >= 0 else ()
+            if reverse:
+                return list(self._call("ZREVRANGEBYLEX", key, high, low, *limit))
+            return list(self._call("ZRANGEBYLEX", key, low, high, *limit))
+        # Each shard's first offset + count members, merged in order, then cut.
+        limit = ("LIMIT", 0, offset + count) if count >= 0 else ()
+        keys = [self.k_index(model, field, s) for s in range(self.shards)]
+        cmds = [("ZREVRANGEBYLEX", k, high, low, *limit) if reverse else
+                ("ZRANGEBYLEX", k, low, high, *limit) for k in keys]
+        with map_redis_errors():
+            replies = self._run(cmds)
+        merged = list(heapq.merge(*(list(r) for r in replies), reverse=reverse))
+        return merged[offset:offset + count] if count >= 0 else merged[offset:]
 
     def index_count(self, model: str, field: str, low: bytes, high: bytes) -> int:
-        return int(self._call("ZLEXCOUNT", self.k_index(model, field), low, high))
+        with map_redis_errors():
+            return sum(int(n) for n in self._run(
+                [("ZLEXCOUNT", self.k_index(model, field, s), low, high)
+                 for s in range(self.shards)]))
 
     def index_entries(self, db_id: str) -> dict[str, bytes]:
         """The object's member in each index (field -> member)."""
@@ -1000,7 +1125,7 @@ class RedisStore:
     def _change_commands(self, cmds: list[tuple[Any, ...]],
                          changes: list[query.IndexChange]) -> None:
         for c in changes:
-            key = self.k_index(c.model, c.field)
+            key = self.k_index(c.model, c.field, self.shard_of(c.db_id))
             if c.old:
                 cmds.append(("ZREM", key, c.old))
             if c.new is not None:
@@ -1123,42 +1248,101 @@ class RedisStore:
         with map_redis_errors():
             return self.client.hget(self.k_wrap(db_id), ref + oid.encode())
 
+    def _held_commands(self, uid: bytes) -> list[tuple[Any, ...]]:
+        """HEXISTS of update ``uid`` in the shard known to hold it, or in every shard."""
+        home = self._homes.get(uid) if self.shards > 1 else 0
+        shards = range(self.shards) if home is None else (home,)
+        return [("HEXISTS", self._key(s, "u"), uid) for s in shards]
+
     def raw_update(self, uid: bytes) -> bytes | None:
-        with map_redis_errors():
-            return self.client.hget(self.k_updates, uid)
+        return self.raw_updates([uid])[0]
 
     def raw_updates(self, uids: Iterable[bytes]) -> list[bytes | None]:
         uids = list(uids)
         if not uids:
             return []
-        return list(self._call("HMGET", self.k_updates, *uids))
+        if self.shards == 1:
+            return list(self._call("HMGET", self.k_updates, *uids))
+        found: dict[bytes, bytes] = {}
+        by_home: dict[int, list[bytes]] = {}
+        for uid in uids:
+            home = self._homes.get(uid)
+            if home is not None:
+                by_home.setdefault(home, []).append(uid)
+        self._read_updates(found, list(by_home.items()))
+        # An update lives in its signer's shard only: where one was noted, it is or is
+        # not; the others are looked for in every shard.
+        rest = [uid for uid in dict.fromkeys(uids) if uid not in self._homes]
+        for start in range(0, len(rest), 1000):
+            chunk = rest[start:start + 1000]
+            self._read_updates(found, [(s, chunk) for s in range(self.shards)])
+        return [found.get(uid) for uid in uids]
+
+    def _read_updates(self, found: dict[bytes, bytes],
+                      asks: list[tuple[int, list[bytes]]]) -> None:
+        """HMGET each shard's ids (one pipeline), noting what was found where."""
+        if not asks:
+            return
+        with map_redis_errors():
+            replies = self._run([("HMGET", self._key(s, "u"), *ids) for s, ids in asks])
+        for (shard, ids), values in zip(asks, replies, strict=True):
+            for uid, raw in zip(ids, values, strict=True):
+                if raw:  # (None, or False from the batch script)
+                    found[uid] = raw
+                    self._note_home(uid, shard)
 
     def missing(self, uids: Sequence[bytes]) -> list[bytes]:
         """The ids among ``uids`` this store does not hold, in order."""
         if not uids:
             return []
-        held = self._run([("HEXISTS", self.k_updates, uid) for uid in uids])
-        return [uid for uid, present in zip(uids, held, strict=True) if not present]
+        if self.shards == 1:
+            held = self._run([("HEXISTS", self.k_updates, uid) for uid in uids])
+            return [uid for uid, present in zip(uids, held, strict=True) if not present]
+        # The log holds exactly the stored updates: ZMSCORE answers without the bodies.
+        present: set[bytes] = set()
+        known = [(uid, home) for uid in uids if (home := self._homes.get(uid)) is not None]
+        if known:
+            with map_redis_errors():
+                replies = self._run([("ZSCORE", self._key(h, "log"), uid) for uid, h in known])
+            present.update(uid for (uid, _), score in zip(known, replies, strict=True)
+                           if score is not None)  # (a top-level nil is None from _run)
+        noted = {uid for uid, _ in known}
+        rest = [uid for uid in dict.fromkeys(uids) if uid not in noted]
+        for start in range(0, len(rest), 1000):
+            chunk = rest[start:start + 1000]
+            with map_redis_errors():
+                replies = self._run([("ZMSCORE", self._key(s, "log"), *chunk)
+                                     for s in range(self.shards)])
+            for shard, scores in enumerate(replies):
+                for uid, score in zip(chunk, scores, strict=True):
+                    if score is not None and score is not False:  # False: a nil in Lua
+                        present.add(uid)
+                        self._note_home(uid, shard)
+        return [uid for uid in uids if uid not in present]
 
     def has_update(self, uid: bytes) -> bool:
-        with map_redis_errors():
-            return bool(self.client.hexists(self.k_updates, uid))
+        return not self.missing([uid])
 
     def chain_head(self, caller: str, node: bytes) -> bytes:
+        key = self._key(self.shard_of(caller), "head")
         with map_redis_errors():
-            return (self.client.hget(self.k_head, f"{caller}|{node.hex()}") or b"")[:32]
+            return (self.client.hget(key, f"{caller}|{node.hex()}") or b"")[:32]
+
+    def _scan_hashes(self, name: str) -> Iterator[tuple[bytes, bytes]]:
+        """Every field and value of the per-shard hash ``name``, shard by shard."""
+        with map_redis_errors():
+            for shard in range(self.shards):
+                yield from self.client.hscan_iter(self._key(shard, name), count=1000)
 
     def chain_heads(self) -> dict[str, bytes]:
         """Every chain head as stored: "caller|node hex" -> update id + its timestamp
         (8 bytes, big-endian), unchecked (``verify`` checks them)."""
-        with map_redis_errors():
-            return {(k.decode() if isinstance(k, bytes) else k): v
-                    for k, v in self.client.hscan_iter(self.k_head, count=1000)}
+        return {(k.decode() if isinstance(k, bytes) else k): v
+                for k, v in self._scan_hashes("head")}
 
     def chain_links(self) -> dict[bytes, bytes]:
         """Every chain link as stored: update id -> node id (16 bytes) + caller db_id."""
-        with map_redis_errors():
-            return dict(self.client.hscan_iter(self.k_chain, count=1000))
+        return dict(self._scan_hashes("ch"))
 
     def log_length(self) -> int:
         """The next log position: how many updates this store ever stored."""
@@ -1167,17 +1351,38 @@ class RedisStore:
     def log_range(self, start: int = 0, stop: int = -1) -> list[bytes]:
         """Ids of the updates at log positions ``start``..``stop`` (inclusive; -1: to the
         end), in store order. Positions of pruned updates are gaps. A negative ``start``
-        counts stored updates from the end (``log_range(-1)``: the last one)."""
+        counts stored updates from the end (``log_range(-1)``: the last one; ``stop``
+        is then -1)."""
         self._next_seq()  # migrates an old LIST log first
+        if self.shards == 1:
+            if start < 0:
+                return list(self._call("ZRANGE", self.k_log, start, stop))
+            return list(self._call("ZRANGEBYSCORE", self.k_log, start,
+                                   "+inf" if stop < 0 else stop))
+        cmds: list[tuple[Any, ...]]
         if start < 0:
-            return list(self._call("ZRANGE", self.k_log, start, stop))
-        return list(self._call("ZRANGEBYSCORE", self.k_log, start,
-                               "+inf" if stop < 0 else stop))
+            cmds = [("ZRANGE", self._key(s, "log"), start, -1, "WITHSCORES")
+                    for s in range(self.shards)]
+        else:
+            cmds = [("ZRANGEBYSCORE", self._key(s, "log"), start, "+inf" if stop < 0 else stop,
+                     "WITHSCORES") for s in range(self.shards)]
+        with map_redis_errors():
+            replies = self._run(cmds)
+        entries = sorted(self._scored(replies))
+        return [uid for _, uid in (entries[start:] if start < 0 else entries)]
+
+    def _scored(self, replies: Sequence[Any]) -> Iterator[tuple[float, bytes]]:
+        """(score, member) of each shard's WITHSCORES reply, in shard order (noting the
+        members' shard); a reply is pairs or a flat list, as the connection gives it."""
+        for shard, reply in enumerate(replies):
+            yield from self._scored_one(shard, reply)
 
     def update_ids(self) -> Iterator[bytes]:
-        """The ids of every stored update, in no order (one HKEYS: ~32 bytes per id)."""
+        """The ids of every stored update, in no order (one HKEYS per shard: ~32 bytes
+        per id)."""
         with map_redis_errors():
-            return iter(self.client.hkeys(self.k_updates))
+            replies = self._run([("HKEYS", self._key(s, "u")) for s in range(self.shards)])
+        return (uid for reply in replies for uid in reply)
 
     def log_page(self, start: int, limit: int) -> tuple[list[bytes], int]:
         """Up to ``limit`` stored update ids from log position ``start`` on (skipping the
@@ -1189,14 +1394,50 @@ class RedisStore:
         # Only positions below the end read first: a commit running meanwhile (on the
         # apply thread) is in Redis before ``_seq`` moves past it, and a page must not
         # list ids beyond the end it reports.
-        out = self._call("ZRANGEBYSCORE", self.k_log, start, f"({end}", "WITHSCORES",
-                         "LIMIT", 0, limit)
-        if out and isinstance(out[0], list | tuple):  # the cluster client gives pairs
-            out = [item for pair in out for item in pair]
-        ids, scores = list(out[0::2]), out[1::2]
-        if len(ids) < limit or not scores:
-            return ids, max(end, start)
-        return ids, int(float(scores[-1])) + 1
+        if self.shards == 1:
+            out = self._call("ZRANGEBYSCORE", self.k_log, start, f"({end}", "WITHSCORES",
+                             "LIMIT", 0, limit)
+            if out and isinstance(out[0], list | tuple):  # the cluster client gives pairs
+                out = [item for pair in out for item in pair]
+            ids, scores = list(out[0::2]), out[1::2]
+            if len(ids) < limit or not scores:
+                return ids, max(end, start)
+            return ids, int(float(scores[-1])) + 1
+        return self._sharded_page(start, end, limit)
+
+    def _sharded_page(self, start: int, end: int, limit: int) -> tuple[list[bytes], int]:
+        """A log page merged from every shard's log. Each shard gives a few positions;
+        the page holds every position below the lowest last one of the shards that had
+        more (there nothing is left out), and a second read asks those shards for more
+        when the first gave less than half a page."""
+        few = max(8, limit // 16)
+        asked = dict.fromkeys(range(self.shards), few)
+        got: dict[int, list[tuple[float, bytes]]] = {}
+        for _ in range(2):
+            cmds = [("ZRANGEBYSCORE", self._key(s, "log"), start, f"({end}", "WITHSCORES",
+                     "LIMIT", 0, n) for s, n in asked.items()]
+            with map_redis_errors():
+                replies = self._run(cmds)
+            for shard, reply in zip(asked, replies, strict=True):
+                got[shard] = list(self._scored_one(shard, reply))
+            full = [s for s, n in asked.items() if len(got[s]) == n]
+            bound = min([int(got[s][-1][0]) + 1 for s in full], default=end)
+            page = sorted(e for entries in got.values() for e in entries if e[0] < bound)
+            if not full or len(page) >= limit // 2 or all(asked[s] >= limit for s in full):
+                break
+            asked = dict.fromkeys(full, limit)
+        if len(page) > limit:
+            page = page[:limit]
+            return [uid for _, uid in page], int(page[-1][0]) + 1
+        return [uid for _, uid in page], bound if bound < end else max(end, start)
+
+    def _scored_one(self, shard: int, reply: Any) -> Iterator[tuple[float, bytes]]:
+        """(score, member) of one shard's WITHSCORES reply (see ``_scored``)."""
+        flat = [x for pair in reply for x in pair] if reply and isinstance(
+            reply[0], list | tuple) else reply
+        for uid, score in zip(flat[0::2], flat[1::2], strict=True):
+            self._note_home(uid, shard)
+            yield float(score), uid
 
     def history(self, db_id: str, held: bool = False) -> list[bytes]:
         with map_redis_errors():
@@ -1213,22 +1454,33 @@ class RedisStore:
         with map_redis_errors():
             out = self._run(cmds)
         return [list(out[2 * i]) + list(out[2 * i + 1]) for i in range(len(db_ids))]
-    def models(self) -> list[str]:
+    def _union(self, keys: list[str]) -> set[bytes]:
+        """The members of several sets (one per shard), read in one pipeline."""
         with map_redis_errors():
-            return sorted(m.decode() for m in self.client.smembers(self.k_models))
+            return {m for reply in self._run([("SMEMBERS", k) for k in keys]) for m in reply}
+
+    def models(self) -> list[str]:
+        return sorted(m.decode() for m in self._union(
+            [self._key(s, "models") for s in range(self.shards)]))
 
     def object_ids(self, model: str | None = None) -> list[str]:
         """db_ids of known objects (removed ones included; see object_meta)."""
         models = [model] if model else self.models()
         out: list[str] = []
-        with map_redis_errors():
-            for m in models:
-                out.extend(f"{m}:{oid.decode()}" for oid in self.client.smembers(self.k_model(m)))
+        for m in models:
+            oids = self._union([self.k_model(m, s) for s in range(self.shards)])
+            out.extend(f"{m}:{oid.decode()}" for oid in oids)
         return sorted(out)
 
     def last_hlc(self) -> int:
+        """The greatest timestamp this store has seen (each shard keeps its own)."""
         with map_redis_errors():
-            return int(self.client.hget(self.k_meta, "hlc") or 0)
+            found = self._run([("HGET", k, "hlc") for k in
+                               dict.fromkeys([self.k_meta, *self._shard_metas()])])
+        return max(int(v or 0) for v in found)
+
+    def _shard_metas(self) -> list[str]:
+        return [self._key(s, "meta") for s in range(self.shards)]
 
     def meta(self, key: str) -> bytes | None:
         with map_redis_errors():

@@ -1,6 +1,7 @@
 """RedisStore on a real 3-master Redis Cluster (``redis+cluster://``): the tour, verify,
-two nodes converging over loopback ZeroMQ, a late joiner, a commit cut between its
-slots, a second node refused, and writes acknowledged while slots move between masters.
+a one-object write as one step in one slot, two nodes converging over loopback ZeroMQ,
+a late joiner, a commit cut between its slots, a second node refused, and writes
+acknowledged while slots move between masters.
 
 Each test uses a prefix of its own on the session's cluster (``redis_cluster``).
 """
@@ -23,7 +24,7 @@ import dmodel
 from dmodel import DField, DList, DModel
 from dmodel.errors import StoreInUseError
 from dmodel.merge import Register
-from dmodel.store.redis import _tag
+from dmodel.store.redis import RedisStore, _tag
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(60)]
 
@@ -67,6 +68,27 @@ def _masters_used(cluster, node: dmodel.Node) -> set[int]:
     return set(_keys(cluster, node.store.prefix + "*").values())
 
 
+def _slot(cluster, store, db_id: str) -> int:
+    return cluster.keyslot(_tag(store.k_reg(db_id)))
+
+
+def _cross_pair(node: dmodel.Node) -> tuple[CPerson, CPerson]:
+    """p, and q (used as p, who may update it) in another slot: p's transactions over
+    both are commits across two slots."""
+    p = CPerson(node=node)
+    while True:
+        q = CPerson.create(node=node, authorized=[p])
+        if _slot(node.store.client, node.store, q.db_id) != _slot(node.store.client,
+                                                                  node.store, p.db_id):
+            return p, CPerson(q.db_id, p.db_id, node=node)
+
+
+def _cross_write(p: CPerson, q: CPerson, value: object) -> None:
+    with dmodel.transaction(p, node=p._node):
+        p.name.set(value)
+        q.name.set(value)
+
+
 def test_the_tour_on_a_cluster_spreads_objects_and_verifies(cluster_node, redis_cluster):
     node = cluster_node()
     people = [CPerson(node=node) for _ in range(12)]
@@ -87,18 +109,59 @@ def test_the_tour_on_a_cluster_spreads_objects_and_verifies(cluster_node, redis_
     while len(_masters_used(redis_cluster, node)) < 3 and len(spread) < 60:
         spread.append(CPerson(node=node))
     assert len(_masters_used(redis_cluster, node)) == 3
-    for p in people:  # one object's keys share a slot
-        keys = _keys(redis_cluster, f"{node.store.prefix}*{{{p.db_id}}}*")
-        assert len(keys) >= 3 and len({redis_cluster.keyslot(k) for k in keys}) == 1
-    assert node.store.client.hlen(node.store.k_journal) <= 1  # the last commit's, finished
+    store = node.store
+    assert store.shards == 64
+    for p in people:  # one object's keys share a slot with the updates it signs
+        keys = _keys(redis_cluster, f"{store.prefix}*}}{p.db_id}*")
+        assert len(keys) >= 3
+        shard = store.shard_of(p.db_id)
+        assert {redis_cluster.keyslot(k) for k in keys} == {
+            redis_cluster.keyslot(store._key(shard, "log"))}
+    assert store.journal_size() == 0  # every commit was one object's: no journal
     node.settle()
-    assert node.store.client.hlen(node.store.k_journal) == 0
     assert node.verify_store() == []
     key = node.store.k_reg(people[2].db_id)  # tampered by hand: verify says so
     genuine = Register.unpack(node.store.client.hget(key, "age"))
     node.store.client.hset(key, "age", Register(genuine.version, 99).pack())
     problems = node.verify_store()
     assert len(problems) == 1 and f"{people[2].db_id}:age" in problems[0]
+
+
+def test_a_write_to_one_object_is_one_step_in_its_slot(cluster_node, redis_cluster):
+    """The per-shard layout: creating an object, setting its fields, a transaction on it
+    and growing its list each run one script call, on the master of the object's slot;
+    a transaction over two objects in two slots is journaled."""
+    node = cluster_node()
+    people = [CPerson(node=node) for _ in range(8)]
+    node.settle()
+    for server in redis_cluster.nodes:
+        server.client.config_resetstat()
+
+    def calls() -> dict[int, int]:
+        out = {}
+        for server in redis_cluster.nodes:
+            stat = server.client.info("commandstats").get("cmdstat_evalsha", {})
+            out[server.port] = int(stat.get("calls", 0))
+        return out
+
+    expected = dict.fromkeys(calls(), 0)
+    for i, p in enumerate(people):
+        p.name.set(f"n{i}")
+        p.tags.append(i)
+        with p.transaction():
+            p.age.set(i)
+            p.tags.append("t")
+        owner = redis_cluster.owner(_slot(redis_cluster, node.store, p.db_id))
+        expected[owner.port] += 3
+        assert calls() == expected
+    assert node.store.journal_size() == 0
+    p, q = _cross_pair(node)
+    node.store.after_journal = lambda: journaled.append(node.store.journal_size())
+    journaled: list[int] = []
+    _cross_write(p, q, "both")
+    assert journaled == [1] and node.read(q.db_id, "name") == "both"
+    node.settle()
+    assert node.store.journal_size() == 0 and node.verify_store() == []
 
 
 def test_the_readme_tour_runs_on_a_cluster(redis_cluster, tmp_path, monkeypatch):
@@ -156,8 +219,8 @@ def test_cluster_backed_peers_compare_state_sums(cluster_node):
 
 def test_a_commit_cut_between_its_slots_is_finished_on_reopen(cluster_node):
     node = cluster_node("a")
-    p = CPerson(node=node)
-    p.name.set("first")
+    p, q = _cross_pair(node)
+    _cross_write(p, q, "first")
     prefix = node.store.prefix
 
     def crash() -> None:
@@ -165,15 +228,16 @@ def test_a_commit_cut_between_its_slots_is_finished_on_reopen(cluster_node):
 
     node.store.after_journal = crash
     with pytest.raises(KeyboardInterrupt):
-        p.name.set("second")
-    assert node.store.client.hlen(node.store.k_journal) == 1  # journaled, not applied
-    assert Register.unpack(node.store.client.hget(node.store.k_reg(p.db_id), "name")) \
-        .value == "first"
+        _cross_write(p, q, "second")
+    assert node.store.journal_size() == 1  # journaled, not applied
+    names = {Register.unpack(node.store.client.hget(node.store.k_reg(o.db_id), "name")).value
+             for o in (p, q)}
+    assert names == {"first", "second"}  # the lead slot's part only
     node.shutdown()
     again = cluster_node("a", prefix=prefix)
-    assert again.store.client.hlen(again.store.k_journal) == 0
-    assert again.read(p.db_id, "name") == "second"
-    assert len(again.history(p.db_id)) == 3 and again.verify_store() == []
+    assert again.store.journal_size() == 0
+    assert again.read(p.db_id, "name") == again.read(q.db_id, "name") == "second"
+    assert len(again.history(q.db_id)) == 3 and again.verify_store() == []
 
 
 def test_a_node_killed_after_its_journal_write_is_recovered(redis_cluster, tmp_path,
@@ -184,48 +248,49 @@ def test_a_node_killed_after_its_journal_write_is_recovered(redis_cluster, tmp_p
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import dmodel
-        from test_cluster_store import CPerson
+        from test_cluster_store import _cross_pair, _cross_write
         node = dmodel.Node({str(tmp_path / "k")!r}, redis_url={redis_cluster.url!r},
                            redis_prefix={prefix!r}, listen="", peers=[], discovery=False)
-        p = CPerson(node=node)
-        p.name.set("first")
-        print(p.db_id, flush=True)
+        p, q = _cross_pair(node)
+        _cross_write(p, q, "first")
+        print(p.db_id, q.db_id, flush=True)
         node.store.after_journal = lambda: os.kill(os.getpid(), signal.SIGKILL)
-        p.name.set("second")
+        _cross_write(p, q, "second")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    db_id = proc.stdout.split()[0]
+    db_ids = proc.stdout.split()
     from dmodel.store.connect import connect
     client = connect(redis_cluster.url)
     client.delete(f"{prefix}{{{prefix}}}lock")  # the dead holder's lock, not to wait out
-    assert client.hlen(f"{prefix}{{{prefix}}}jr") == 1
+    assert RedisStore(client, prefix=prefix).journal_size() == 1
     client.close()
     node = cluster_node("k", prefix=prefix)
-    assert node.read(db_id, "name") == "second"
-    assert node.store.client.hlen(node.store.k_journal) == 0
+    assert [node.read(db_id, "name") for db_id in db_ids] == ["second", "second"]
+    assert node.store.journal_size() == 0
     assert node.verify_store() == []
 
 
 def test_a_node_killed_with_a_finished_commit_in_its_journal_replays_nothing(
         redis_cluster, tmp_path, cluster_node):
-    """A finished commit's journal entry goes with the next commit's global step; a node
-    killed before that leaves it, and reopening replays it harmlessly (its steps are
-    the last ones in their slots, so their guards skip them)."""
+    """A finished commit's journal entry goes with the next commit's step in its
+    journal's slot; a node killed before that leaves it, and reopening replays it
+    harmlessly (its steps are the last ones in their slots, so their guards skip them)."""
     prefix = f"fin{os.getpid()}:"
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import dmodel
-        from test_cluster_store import CPerson
+        from test_cluster_store import _cross_pair
         node = dmodel.Node({str(tmp_path / "k")!r}, redis_url={redis_cluster.url!r},
                            redis_prefix={prefix!r}, listen="", peers=[], discovery=False)
-        p, q = CPerson(node=node), CPerson(node=node)
+        p, q = _cross_pair(node)
         for i in range(5):
-            p.name.set(f"p{{i}}")
-            q.tags.append(i)
-        assert node.store.client.hlen(node.store.k_journal) == 1
+            with dmodel.transaction(p, node=node):
+                p.name.set(f"p{{i}}")
+                q.tags.append(i)
+        assert node.store.journal_size() == 1
         print(p.db_id, q.db_id, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -236,10 +301,10 @@ def test_a_node_killed_with_a_finished_commit_in_its_journal_replays_nothing(
     from dmodel.store.connect import connect
     client = connect(redis_cluster.url)
     client.delete(f"{prefix}{{{prefix}}}lock")
-    assert client.hlen(f"{prefix}{{{prefix}}}jr") == 1
+    assert RedisStore(client, prefix=prefix).journal_size() == 1
     client.close()
     node = cluster_node("k", prefix=prefix)
-    assert node.store.client.hlen(node.store.k_journal) == 0
+    assert node.store.journal_size() == 0
     assert node.read(p_id, "name") == "p4"
     assert node.list_length(q_id, "tags") == 5
     assert len(node.history(q_id)) == 6 and node.verify_store() == []
@@ -274,13 +339,15 @@ def test_a_stale_lock_of_a_dead_holder_is_taken_over_after_its_expiry(cluster_no
 
 def test_every_acknowledged_write_survives_slots_moving_under_a_writer(cluster_node,
                                                                        redis_cluster):
+    """Writes of one object (one slot) and transactions over two (journaled across two
+    slots) go on while every slot they use moves to another master."""
     node = cluster_node()
     people = [CPerson(node=node) for _ in range(6)]
     for p in people:
         p.name.set("start")
+    pair = _cross_pair(node)
     store = node.store
-    slots = sorted({redis_cluster.keyslot(_tag(store.k_reg(p.db_id))) for p in people}
-                   | {redis_cluster.keyslot(_tag(store.k_log))})
+    slots = sorted({_slot(redis_cluster, store, p.db_id) for p in [*people, *pair]})
     acknowledged: dict[str, int] = {}
     failures: list[BaseException] = []
     stop = threading.Event()
@@ -290,6 +357,10 @@ def test_every_acknowledged_write_survives_slots_moving_under_a_writer(cluster_n
             for i in range(100_000):
                 if stop.is_set():
                     return
+                if i % 4 == 3:
+                    _cross_write(*pair, i)
+                    acknowledged.update({pair[0].db_id: i, pair[1].db_id: i})
+                    continue
                 p = people[i % len(people)]
                 p.name.set(i)
                 acknowledged[p.db_id] = i
@@ -299,7 +370,7 @@ def test_every_acknowledged_write_survives_slots_moving_under_a_writer(cluster_n
     thread = threading.Thread(target=write, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: len(acknowledged) == len(people) or failures, timeout=20)
+        wait_until(lambda: len(acknowledged) == len(people) + 2 or failures, timeout=20)
         before = sum(acknowledged.values())
         split: list[int] = []
         for slot in slots:  # each to the next master, the writer at work while its
@@ -316,10 +387,10 @@ def test_every_acknowledged_write_survives_slots_moving_under_a_writer(cluster_n
     assert not thread.is_alive()
     assert not failures, failures
     node.settle()
-    assert store.client.hlen(store.k_journal) == 0
-    for p in people:
+    assert store.journal_size() == 0
+    for p in [*people, *pair]:
         assert node.read(p.db_id, "name") == acknowledged[p.db_id]
-    log = store.log_range()
-    assert len(log) == len(set(log)) == store.log_length()
-    assert sum(len(store.history(p.db_id)) for p in people) == len(log)
+    log = store.log_range()  # (retention pruned the pair's older versions: gaps)
+    assert len(log) == len(set(log)) and len(log) <= store.log_length()
+    assert {uid for p in [*people, *pair] for uid in store.history(p.db_id)} == set(log)
     assert node.verify_store() == []
