@@ -1,69 +1,83 @@
 """The Redis store: snapshot reads for the pipeline, atomic commits, log and history.
 
-Key layout. ``P`` is the prefix (``dm:`` by default; no ``{`` or ``}`` in it), ``G`` is
-``P{P}`` (e.g. ``dm:{dm:}``: the store's global keys all share the hash tag ``{P}``, so
-on a Redis Cluster they live in one slot), and ``db_id`` is ``Model:oid``: every key of
-one object carries the hash tag ``{db_id}``, so one object's keys share a slot too::
+Key layout. ``P`` is the prefix (``dm:`` by default; no ``{`` or ``}`` in it). A store
+is laid out in one shard or in 64 (``RedisStore.shards``): one on a single server (the
+layout every store had before shards), 64 for a new store on a Redis Cluster (or
+``DMODEL_REDIS_SHARDS=64``). The count is recorded in the store's meta hash and never
+changes in place. Shard ``s`` is the bucket group of the objects in it
+(``dmodel.buckets``: ``bucket_of(db_id) // 64``), its hash tag ``T`` is ``P`` with one
+shard and ``P<s>`` with 64 (``dm:17``), and ``S`` is ``P{T}``. An object's keys carry its
+shard's tag, and an update belongs to its signer's shard, so every key a signed update
+of one object writes is in one slot: a commit of it is one atomic step there. With one
+shard, an object's keys carry the object itself as tag (``{db_id}``; ``S`` is then the
+global ``P{P}``, so nothing changed for stores of one server)::
 
-    G u                HASH  update id -> raw signed update (every stored update)
-    G ch               HASH  update id -> node id (16 bytes) + caller db_id   (chain links; a
+    S u                HASH  update id -> raw signed update (the shard's signers' updates)
+    S ch               HASH  update id -> node id (16 bytes) + caller db_id   (chain links; a
                              pruned update keeps its link while it is its chain's head)
-    G head             HASH  caller db_id + "|" + node hex -> id of the latest update of that chain
+    S head             HASH  caller db_id + "|" + node hex -> id of the latest update of that chain
                              + its timestamp (8 bytes, big-endian)
-    G log              ZSET  update id -> its sequence number here (store order); pruned
-                             updates leave a gap, so positions never move
-    G pc               HASH  db_id -> number of its updates pruned by retention
-    G next             HASH  update id -> id of the update that named it as previous
-    G m:{Model}        SET   oids of known objects of that model
-    G models           SET   model names
-    G ix               SET   "Model#field" of each value index this store keeps up
-    G i:{Model}#{field} ZSET value index: members order-preserving value key + 0x00 + oid,
-                             all with score 0 (see dmodel/query.py)
-    G fut              HASH  update id -> raw update held for its future timestamp
-    G meta             HASH  "hlc" -> greatest timestamp, "seq" -> next log position,
-                             "epoch" -> random id of this store
-                             (catch-up), "cursor:<peer hex>" -> [epoch, position] read
-                             so far in that peer's log
-    G jr               HASH  commit id -> the per-slot writes of a commit spanning slots,
-                             until they are all applied (the journal; cluster only)
-    G done             STR   id of the last commit step applied in the global slot
-    G lock             STR   node id, pid and host of the node using this store (expiring)
-    P kv:{db_id}       HASH  register name -> superseded versions kept by retention (packed)
-    P o:{db_id}        STR   packed ObjectMeta (public keys, create version, removal version)
-    P r:{db_id}        HASH  register name -> packed Register (value + version + update ref)
-    P a:{db_id}        HASH  "r:"/"u:" + member db_id -> packed authorization events
-    P w:{db_id}        HASH  value ref (34 bytes) + reader oid -> wrapped key (later read grants)
-    P h:{db_id}        LIST  ids of accepted updates touching the object (history)
-    P x:{db_id}        LIST  ids of held (unauthorized) updates touching the object, capped
-    P lw:{db_id}       ZSET  caller db_id -> greatest timestamp (ms) of its ops on the object,
+    S log              ZSET  update id -> its position here (store order, one sequence over
+                             all shards); pruned updates leave a gap, so positions never move
+    S pc               HASH  db_id -> number of its updates pruned by retention
+    S next             HASH  update id -> id of the update that named it as previous
+    S m:{Model}        SET   oids of the shard's known objects of that model
+    S models           SET   model names of the shard's objects
+    S i:{Model}#{field} ZSET value index of the shard's objects: members order-preserving
+                             value key + 0x00 + oid, all with score 0 (see dmodel/query.py)
+    S meta             HASH  "hlc" -> greatest timestamp committed there, "seq" -> next log
+                             position after its last commit (the store's: their maxima)
+    S jr               HASH  commit id -> the other slots' steps of a commit spanning slots
+                             that led here, until they are all applied (the journal)
+    S done             STR   id of the last commit step applied in this slot
+    P{P} meta          HASH  "epoch" -> random id of this store, "shards", "links",
+                             "cursor:<peer hex>" -> [epoch, position] read so far in that
+                             peer's log (catch-up); with one shard also "hlc" and "seq"
+    P{P} ix            SET   "Model#field" of each value index this store keeps up
+    P{P} fut           HASH  update id -> raw update held for its future timestamp
+    P{P} lock          STR   node id, pid and host of the node using this store (expiring)
+    P kv:{T}db_id      HASH  register name -> superseded versions kept by retention (packed)
+    P o:{T}db_id       STR   packed ObjectMeta (public keys, create version, removal version)
+    P r:{T}db_id       HASH  register name -> packed Register (value + version + update ref)
+    P a:{T}db_id       HASH  "r:"/"u:" + member db_id -> packed authorization events
+    P w:{T}db_id       HASH  value ref (34 bytes) + reader oid -> wrapped key (later read grants)
+    P h:{T}db_id       LIST  ids of accepted updates touching the object (history)
+    P x:{T}db_id       LIST  ids of held (unauthorized) updates touching the object, capped
+    P lw:{T}db_id      ZSET  caller db_id -> greatest timestamp (ms) of its ops on the object,
                              for callers other than the object itself (late-grant detection)
-    P l:{db_id}#{field} ZSET live DList elements: members position + 0x00 + element id, all
+    P l:{T}db_id#{field} ZSET live DList elements: members position + 0x00 + element id, all
                              with score 0, so lexicographic order is list order
-    P lf:{db_id}       SET   names of the object's DList fields
-    P ie:{db_id}       HASH  indexed field -> the object's member in that index
-    P jd:{db_id}       STR   id of the last commit step applied in this object's slot (cluster)
+    P lf:{T}db_id      SET   names of the object's DList fields
+    P ie:{T}db_id      HASH  indexed field -> the object's member in that index
+    P jd:{db_id}       STR   (one shard, cluster) id of the last step applied in the slot
 
-(The braces are literal: ``dm:r:{Person:abc...}``.) A store written with the layout
-before hash tags (``dm:r:Person:abc...``, ``dm:u``...) is renamed key by key into this one
+(The braces are literal: ``dm:r:{dm:17}Person:abc...``, or ``dm:r:{Person:abc...}`` with
+one shard.) Reads that span shards run as one pipeline (one round trip per master): a
+log page merges the shards' logs by position, a query merges the shards' index ranges,
+and a read of an update by id alone goes to the shard that commits and log reads noted
+for it, or to every shard. A store written with the layout before hash tags
+(``dm:r:Person:abc...``, ``dm:u``...) is renamed key by key into the one-shard layout
 when it is opened (``RedisStore.recover``), which is safe to cut short and run again.
 
 Commits. All the writes of an update (or a batch) are decided first, then sent as one
 script call (``_WRITE_LUA``) that checks the type of every key it writes before the first
 write, so a commit either happens whole or not at all: a hand-edited key of the wrong
 type fails it with nothing written, and ``maxmemory`` refuses a script at its first
-write. The script also records the commit step's id (``G done``, ``P jd:{db_id}``) and
+write. The script also records the commit step's id (the slot's guard, ``S done``) and
 skips a step already applied, so a call re-sent after a lost reply changes nothing. On
 one Redis every commit is that one atomic step (it reaches the AOF as one unit, so a
-crash never leaves half an update). On a Redis Cluster the writes are grouped by slot:
-when they span several, the step of the global slot (log, chain, raw update) also
-writes the other slots' steps into the journal ``G jr``; then each slot's step runs
-(atomic in its slot, idempotent); the finished entry goes with the next commit's global
-step (or at ``settle``/``close``), never after a later step in another slot, so a replay
-never re-runs a step behind a newer one. A node killed in between finishes the update
-when it opens the store again (``recover``; a finished entry's steps are skipped by
-their guards), and any later commit first finishes one left pending. A reader may thus
-see one object's part of a multi-object update before another's, never a part of one
-object's writes. The
+crash never leaves half an update). On a Redis Cluster the writes are grouped by slot.
+A write to one object is one step. An update over objects in several slots (a
+transaction over several objects, a grant, a batch applied at a peer), a pruning pass
+or an index build is journaled: the lead step (the first slot's, holding the journal)
+also writes the other slots' steps into its journal; then each slot's step runs (atomic
+in its slot, idempotent); the finished entry goes with the next commit's step in that
+slot (or at ``settle``/``close``), never after a later step in another slot, so a
+replay never re-runs a step behind a newer one. A node killed in between finishes the
+update when it opens the store again (``recover`` replays every shard's journal in
+commit order; a finished entry's steps are skipped by their guards), and any later
+commit first finishes one left pending. A reader may thus see one object's part of a
+multi-object update before another's, never a part of one object's writes. The
 register keeps the update's version, whose last 34 bytes are the update id and op
 index: that is how any read is verified against the signed update (``verified=True``
 reads, ``dmodel verify``).
@@ -382,25 +396,21 @@ class RedisStore:
         self.after_journal: Callable[[], None] | None = None
 
     def _shard_count(self, wanted: int | None) -> int:
-        """How many shards this store's layout has: as recorded in its meta hash, else
-        ``wanted``, else 64 for a new store on a cluster and 1 on one server. A store
-        written before shards existed has one."""
+        """How many shards this store's layout has: as recorded in its meta hash (a store
+        keeps its layout; ``wanted`` is for a new one), else ``wanted``, else 64 for a new
+        store on a cluster and 1 on one server. A store written before shards has one."""
         if wanted not in (None, 1, GROUPS):
             raise ConfigurationError(f"a store has 1 or {GROUPS} shards, not {wanted}")
         with map_redis_errors():
             found = _retrying(lambda: self.client.hget(self.k_meta, "shards"), self.cluster)
             if found is None:
-                if wanted is None and not self.cluster:
-                    return 1
+                if wanted in (None, 1) and not self.cluster:
+                    return 1  # (not recorded: the layout of every store before shards)
                 existing = _retrying(lambda: self.client.exists(self.k_meta), self.cluster)
                 count = 1 if existing else (wanted or GROUPS)
                 _retrying(lambda: self.client.hsetnx(self.k_meta, "shards", count), self.cluster)
                 found = _retrying(lambda: self.client.hget(self.k_meta, "shards"), self.cluster)
-        count = int(found or 1)
-        if wanted is not None and count != wanted:
-            raise ConfigurationError(f"this store was laid out in {count} shard(s), not "
-                                     f"{wanted}; its layout cannot change in place")
-        return count
+        return int(found or 1)
 
     def shard_of(self, db_id: str) -> int:
         """The shard of an object: its keys, and those of the updates it signs, live in
@@ -815,6 +825,7 @@ class RedisStore:
         with map_redis_errors():
             results = iter(self._run(cmds)) if cmds else iter(())
         snaps = []
+        unlinked: list[tuple[Snapshot, Update]] = []
         for (update, known_objects, known_auth, known_regs, objects_l, regs_l, auth_l, last_l,
              grant_checks, wraps_l, check_chain) in plans:
             # A local update's seen/chain facts come from the applier's local rule.
@@ -823,7 +834,9 @@ class RedisStore:
                 link, sibling, head = next(results), next(results), next(results)
                 if link:
                     snap.prev_chain = (link[16:].decode(), link[:16])
-                elif head and len(head) == 40:
+                elif self.shards > 1:
+                    unlinked.append((snap, update))
+                if not link and head and len(head) == 40:
                     snap.head_timestamp = int.from_bytes(head[32:], "big")
                     cache.put_head(f"{update.caller}|{update.node.hex()}", snap.head_timestamp)
                 snap.equivocation = sibling is not None and sibling != update.id
@@ -853,7 +866,28 @@ class RedisStore:
                 if wrapped is not None:
                     state.wraps[wkey] = wrapped
             snaps.append(snap)
+        if unlinked:
+            self._foreign_links(unlinked)
         return snaps
+
+    def _foreign_links(self, unlinked: list[tuple[Snapshot, Update]]) -> None:
+        """The chain links of previous updates not in their successor's shard: an update
+        naming another signer's update as its previous one (its chain is broken, and
+        ``decide`` must see that, not wait for a previous update that is here)."""
+        cmds: list[tuple[Any, ...]] = []
+        spans = []
+        for _, update in unlinked:
+            home, noted = self._home(update), self._homes.get(update.prev)
+            shards = [s for s in range(self.shards) if s != home] if noted is None else \
+                [noted] if noted != home else []
+            spans.append(len(shards))
+            cmds.extend(("HGET", self._key(s, "ch"), update.prev) for s in shards)
+        with map_redis_errors():
+            results = iter(self._run(cmds)) if cmds else iter(())
+        for (snap, _), span in zip(unlinked, spans, strict=True):
+            links = [link for link in [next(results) for _ in range(span)] if link]
+            if links:
+                snap.prev_chain = (links[0][16:].decode(), links[0][:16])
 
     def commit_many(self, items: list[tuple[Update, list[merge.Write] | None]], *,
                     hlc: int) -> list[int]:

@@ -147,21 +147,22 @@ def test_a_sharded_store_reopens_with_its_positions_clock_and_layout(sharded, ma
     assert again.store.log_range()[-1] not in log and again.log_length() == seq + 1
     assert again.store.last_hlc() > hlc
     again.shutdown()
-    monkeypatch.setenv("DMODEL_REDIS_SHARDS", "1")
-    with pytest.raises(ConfigurationError, match="64 shard"):
-        make_node("a", listen="", peers=[], discovery=False)
+    monkeypatch.setenv("DMODEL_REDIS_SHARDS", "1")  # for a new store: this one keeps 64
+    kept = make_node("a", listen="", peers=[], discovery=False)
+    assert kept.store.shards == 64 and kept.store.log_range()[:len(log)] == log
     monkeypatch.setenv("DMODEL_REDIS_SHARDS", "8")
     with pytest.raises(ConfigurationError, match="DMODEL_REDIS_SHARDS must be 1 or 64"):
         make_node("b", listen="", peers=[], discovery=False)
 
 
-def test_a_store_from_before_shards_keeps_one_shard(make_node):
+def test_a_store_from_before_shards_keeps_one_shard(make_node, monkeypatch):
+    monkeypatch.delenv("DMODEL_REDIS_SHARDS", raising=False)
     node = make_node("old", listen="", peers=[], discovery=False)
     SPerson(node=node).name.set("x")
     client = node.store.client
     assert client.hget(node.store.k_meta, "shards") is None  # one server, the default
     assert RedisStore(client, prefix=node.store.prefix, shards=None).shards == 1
-    with pytest.raises(ConfigurationError, match="1 shard"):
-        RedisStore(client, prefix=node.store.prefix, shards=64)
+    assert RedisStore(client, prefix=node.store.prefix, shards=64).shards == 1  # kept
+    assert node.read(node.object_ids()[0], "name") == "x"
     assert RedisStore(client, prefix="fresh:", shards=64).shards == 64
     assert RedisStore(client, prefix="fresh:").shards == 64  # as recorded
