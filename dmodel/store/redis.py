@@ -877,9 +877,8 @@ class RedisStore:
         cmds: list[tuple[Any, ...]] = []
         spans = []
         for _, update in unlinked:
-            home, noted = self._home(update), self._homes.get(update.prev)
-            shards = [s for s in range(self.shards) if s != home] if noted is None else \
-                [noted] if noted != home else []
+            home = self._home(update)
+            shards = [s for s in self._candidate_shards(update.prev) if s != home]
             spans.append(len(shards))
             cmds.extend(("HGET", self._key(s, "ch"), update.prev) for s in shards)
         with map_redis_errors():
@@ -1282,11 +1281,32 @@ class RedisStore:
         with map_redis_errors():
             return self.client.hget(self.k_wrap(db_id), ref + oid.encode())
 
+    def _candidate_shards(self, uid: bytes) -> Sequence[int]:
+        """The shards that may hold update ``uid``: the one noted for it, else every
+        shard. An update lives in its signer's shard only, so a noted shard is the
+        answer: the update is there or nowhere."""
+        if self.shards == 1:
+            return (0,)
+        home = self._homes.get(uid)
+        return range(self.shards) if home is None else (home,)
+
     def _held_commands(self, uid: bytes) -> list[tuple[Any, ...]]:
-        """HEXISTS of update ``uid`` in the shard known to hold it, or in every shard."""
-        home = self._homes.get(uid) if self.shards > 1 else 0
-        shards = range(self.shards) if home is None else (home,)
-        return [("HEXISTS", self._key(s, "u"), uid) for s in shards]
+        """HEXISTS of update ``uid`` in each shard that may hold it."""
+        return [("HEXISTS", self._key(s, "u"), uid) for s in self._candidate_shards(uid)]
+
+    def _by_candidate_shard(self, uids: Iterable[bytes]
+                            ) -> tuple[dict[int, list[bytes]], list[bytes]]:
+        """The distinct ``uids`` by the one shard that may hold each, and those to look
+        for in every shard (see ``_candidate_shards``)."""
+        by_home: dict[int, list[bytes]] = {}
+        rest: list[bytes] = []
+        for uid in dict.fromkeys(uids):
+            shards = self._candidate_shards(uid)
+            if len(shards) == 1:
+                by_home.setdefault(shards[0], []).append(uid)
+            else:
+                rest.append(uid)
+        return by_home, rest
 
     def raw_update(self, uid: bytes) -> bytes | None:
         return self.raw_updates([uid])[0]
@@ -1298,15 +1318,8 @@ class RedisStore:
         if self.shards == 1:
             return list(self._call("HMGET", self.k_updates, *uids))
         found: dict[bytes, bytes] = {}
-        by_home: dict[int, list[bytes]] = {}
-        for uid in uids:
-            home = self._homes.get(uid)
-            if home is not None:
-                by_home.setdefault(home, []).append(uid)
+        by_home, rest = self._by_candidate_shard(uids)
         self._read_updates(found, list(by_home.items()))
-        # An update lives in its signer's shard only: where one was noted, it is or is
-        # not; the others are looked for in every shard.
-        rest = [uid for uid in dict.fromkeys(uids) if uid not in self._homes]
         for start in range(0, len(rest), 1000):
             chunk = rest[start:start + 1000]
             self._read_updates(found, [(s, chunk) for s in range(self.shards)])
@@ -1334,14 +1347,14 @@ class RedisStore:
             return [uid for uid, present in zip(uids, held, strict=True) if not present]
         # The log holds exactly the stored updates: ZMSCORE answers without the bodies.
         present: set[bytes] = set()
-        known = [(uid, home) for uid in uids if (home := self._homes.get(uid)) is not None]
-        if known:
+        by_home, rest = self._by_candidate_shard(uids)
+        if by_home:
             with map_redis_errors():
-                replies = self._run([("ZSCORE", self._key(h, "log"), uid) for uid, h in known])
-            present.update(uid for (uid, _), score in zip(known, replies, strict=True)
-                           if score is not None)  # (a top-level nil is None from _run)
-        noted = {uid for uid, _ in known}
-        rest = [uid for uid in dict.fromkeys(uids) if uid not in noted]
+                replies = self._run([("ZMSCORE", self._key(h, "log"), *ids)
+                                     for h, ids in by_home.items()])
+            for ids, scores in zip(by_home.values(), replies, strict=True):
+                present.update(uid for uid, score in zip(ids, scores, strict=True)
+                               if score is not None and score is not False)
         for start in range(0, len(rest), 1000):
             chunk = rest[start:start + 1000]
             with map_redis_errors():
@@ -1355,6 +1368,8 @@ class RedisStore:
         return [uid for uid in uids if uid not in present]
 
     def has_update(self, uid: bytes) -> bool:
+        if self.shards == 1:
+            return bool(self._call("HEXISTS", self.k_updates, uid))
         return not self.missing([uid])
 
     def chain_head(self, caller: str, node: bytes) -> bytes:
@@ -1431,12 +1446,10 @@ class RedisStore:
         if self.shards == 1:
             out = self._call("ZRANGEBYSCORE", self.k_log, start, f"({end}", "WITHSCORES",
                              "LIMIT", 0, limit)
-            if out and isinstance(out[0], list | tuple):  # the cluster client gives pairs
-                out = [item for pair in out for item in pair]
-            ids, scores = list(out[0::2]), out[1::2]
-            if len(ids) < limit or not scores:
-                return ids, max(end, start)
-            return ids, int(float(scores[-1])) + 1
+            entries = list(self._scored_one(0, out))
+            if len(entries) < limit or not entries:
+                return [uid for _, uid in entries], max(end, start)
+            return [uid for _, uid in entries], int(entries[-1][0]) + 1
         return self._sharded_page(start, end, limit)
 
     def _sharded_page(self, start: int, end: int, limit: int) -> tuple[list[bytes], int]:
