@@ -662,8 +662,7 @@ class RedisStore:
         with the next commit's step in that journal's slot). An entry is dropped before
         any later step runs in another slot, so a replay never re-runs a step after a
         newer one there."""
-        for step in steps:
-            self._apply(step, commit_id)
+        self._apply_all(steps, commit_id)
         self._journal_pending = False
         if lazy:
             self._finished.append(commit_id)
@@ -692,6 +691,27 @@ class RedisStore:
             steps = msgpack.unpackb(packed, raw=False)
             self._finish(journal, commit_id, [(keys, kinds, flat) for keys, kinds, flat in steps])
         self._journal_pending = False
+
+    def _apply_all(self, steps: Sequence[Step], commit_id: bytes) -> None:
+        """Run the steps of one commit, each in its own slot: in one pipeline on a
+        cluster (one round trip per master, not one per step). They are independent and
+        each is idempotent, so a step the pipeline did not complete (a moving slot, a
+        master without the script) is simply run again on its own."""
+        if len(steps) < 2 or not self.cluster or self.wire is not None:
+            for step in steps:
+                self._apply(step, commit_id)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for keys, kinds, flat in steps:
+            pipe.execute_command("EVALSHA", _WRITE_SHA, len(keys), *keys, kinds, commit_id,
+                                 *flat)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except (redis.RedisError, OSError):
+            replies = [None] * len(steps)  # (each step again, on its own)
+        for step, reply in zip(steps, replies, strict=True):
+            if reply is None or isinstance(reply, Exception):
+                self._apply(step, commit_id)
 
     def _apply(self, step: Step, commit_id: bytes) -> None:
         """Run one commit step with _WRITE_LUA (loading the script where it is missing)."""
@@ -825,7 +845,10 @@ class RedisStore:
         with map_redis_errors():
             results = iter(self._run(cmds)) if cmds else iter(())
         snaps = []
+        # A previous update in this batch is linked by the batch itself (batch.py), so
+        # only the others are looked for in the other shards.
         unlinked: list[tuple[Snapshot, Update]] = []
+        batch_ids = {update.id for update in updates} if self.shards > 1 else set()
         for (update, known_objects, known_auth, known_regs, objects_l, regs_l, auth_l, last_l,
              grant_checks, wraps_l, check_chain) in plans:
             # A local update's seen/chain facts come from the applier's local rule.
@@ -834,7 +857,7 @@ class RedisStore:
                 link, sibling, head = next(results), next(results), next(results)
                 if link:
                     snap.prev_chain = (link[16:].decode(), link[:16])
-                elif self.shards > 1:
+                elif self.shards > 1 and update.prev not in batch_ids:
                     unlinked.append((snap, update))
                 if not link and head and len(head) == 40:
                     snap.head_timestamp = int.from_bytes(head[32:], "big")
