@@ -217,6 +217,52 @@ def test_cluster_backed_peers_compare_state_sums(cluster_node):
     assert a.state_digest() == b.state_digest()
 
 
+def test_a_commit_over_four_slots_runs_its_steps_together_and_alone_when_they_fail(
+        cluster_node, redis_cluster):
+    """The steps after the lead one run as one pipeline; a step the pipeline could not
+    run (here: the masters lost the script) is run again on its own."""
+    node = cluster_node()
+    p = CPerson(node=node)
+    slots = {_slot(redis_cluster, node.store, p.db_id)}
+    others = []
+    while len(others) < 3:
+        q = CPerson.create(node=node, authorized=[p])
+        if (slot := _slot(redis_cluster, node.store, q.db_id)) not in slots:
+            slots.add(slot)
+            others.append(CPerson(q.db_id, p.db_id, node=node))
+
+    def write_all(value: str) -> None:
+        with dmodel.transaction(p, node=node):
+            p.name.set(value)
+            for q in others:
+                q.name.set(value)
+
+    store, run_alone = node.store, []
+    apply_one = store._apply
+    store._apply = lambda step, commit_id: (run_alone.append(step), apply_one(step, commit_id))
+    write_all("together")
+    assert len(run_alone) == 1  # the lead step; the other three went as one pipeline
+
+    def flush_scripts() -> None:
+        for server in redis_cluster.nodes:
+            server.client.script_flush()
+
+    node.store.after_journal = flush_scripts
+    write_all("alone")
+    assert len(run_alone) == 1 + 1 + 3
+    node.store.after_journal = None
+    for server in redis_cluster.nodes:
+        server.client.config_resetstat()
+    write_all("again")
+    errors = sum(int(server.client.info("commandstats").get("cmdstat_evalsha", {})
+                     .get("failed_calls", 0)) for server in redis_cluster.nodes)
+    assert errors == 0
+    assert {node.read(o.db_id, "name") for o in [p, *others]} == {"again"}
+    node.settle()
+    assert node.store.journal_size() == 0 and node.verify_store() == []
+    assert len(node.history(others[0].db_id)) == 4
+
+
 def test_a_commit_cut_between_its_slots_is_finished_on_reopen(cluster_node):
     node = cluster_node("a")
     p, q = _cross_pair(node)
