@@ -845,10 +845,10 @@ class RedisStore:
         with map_redis_errors():
             results = iter(self._run(cmds)) if cmds else iter(())
         snaps = []
-        # A previous update in this batch is linked by the batch itself (batch.py), so
-        # only the others are looked for in the other shards.
+        # A previous update of the same caller in this batch is linked by the batch
+        # itself (batch.py), so only the others are looked for in the other shards.
         unlinked: list[tuple[Snapshot, Update]] = []
-        batch_ids = {update.id for update in updates} if self.shards > 1 else set()
+        batch_callers = {u.id: u.caller for u in updates} if self.shards > 1 else {}
         for (update, known_objects, known_auth, known_regs, objects_l, regs_l, auth_l, last_l,
              grant_checks, wraps_l, check_chain) in plans:
             # A local update's seen/chain facts come from the applier's local rule.
@@ -857,7 +857,7 @@ class RedisStore:
                 link, sibling, head = next(results), next(results), next(results)
                 if link:
                     snap.prev_chain = (link[16:].decode(), link[:16])
-                elif self.shards > 1 and update.prev not in batch_ids:
+                elif self.shards > 1 and batch_callers.get(update.prev) != update.caller:
                     unlinked.append((snap, update))
                 if not link and head and len(head) == 40:
                     snap.head_timestamp = int.from_bytes(head[32:], "big")

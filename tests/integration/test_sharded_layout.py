@@ -189,3 +189,27 @@ def test_a_chain_within_one_batch_is_not_looked_for_in_other_shards(sharded, mak
     reads = _hget_calls(node.store) - before
     assert reads < 10 * len(raws), reads  # (each update: its chain link, head, next, field)
     assert node.read(person.db_id, "age") == 59 and node.verify_store() == []
+
+
+def test_a_prev_of_another_signer_in_the_same_batch_is_still_found(sharded, make_node):
+    # The batch links only a previous update of the same caller: a replayed copy of
+    # another signer's stored update, sent in the batch with an update naming it as
+    # its previous one, leaves that update refused as a broken chain, not waiting.
+    writer = make_node("w", listen="", peers=[], discovery=False)
+    p, q = SPerson(node=writer), SPerson(node=writer)
+    p.name.set("p")
+    q.name.set("q")
+    first = sharded("b")
+    first.ingest_many(writer.updates_since(0))
+    first.shutdown()
+    node = make_node("b", listen="", peers=[], discovery=False)  # (nothing seen lately)
+    p_head = writer.store.chain_head(p.db_id, writer.node_id)
+    assert node.store.shards == 64 and node.store.has_update(p_head)
+    wrong = dmodel.update.Update.create(
+        writer.identity(q.db_id), node=writer.node_id, caller=q.db_id,
+        timestamp=writer.clock.tick(), prev=p_head,
+        ops=[dmodel.update.Op(q.db_id, "set", "name", "x")])
+    dropped = node.stats.dropped.copy()
+    node.ingest_many([node.store.raw_update(p_head), wrong.raw])
+    assert node.stats.dropped - dropped == {"ReplayedUpdate": 1, "BrokenChainUpdate": 1}
+    assert node.pending_count == 0 and node.read(q.db_id, "name") == "q"
