@@ -71,9 +71,10 @@ A write to one object is one step. An update over objects in several slots (a
 transaction over several objects, a grant, a batch applied at a peer), a pruning pass
 or an index build is journaled: the lead step (the first slot's, holding the journal)
 also writes the other slots' steps into its journal; then each slot's step runs (atomic
-in its slot, idempotent); the finished entry goes with the next commit's step in that
-slot (or at ``settle``/``close``), never after a later step in another slot, so a
-replay never re-runs a step behind a newer one. A node killed in between finishes the
+in its slot, idempotent; together in one pipeline, a step it could not run again alone);
+the finished entry goes with the next commit's step in that slot (or at
+``settle``/``close``), never after a later step in another slot, so a replay never
+re-runs a step behind a newer one. A node killed in between finishes the
 update when it opens the store again (``recover`` replays every shard's journal in
 commit order; a finished entry's steps are skipped by their guards), and any later
 commit first finishes one left pending. A reader may thus see one object's part of a
