@@ -1341,26 +1341,31 @@ class RedisStore:
             return []
         if self.shards == 1:
             return list(self._call("HMGET", self.k_updates, *uids))
-        found: dict[bytes, bytes] = {}
-        by_home, rest = self._by_candidate_shard(uids)
-        self._read_updates(found, list(by_home.items()))
-        for start in range(0, len(rest), 1000):
-            chunk = rest[start:start + 1000]
-            self._read_updates(found, [(s, chunk) for s in range(self.shards)])
+        found = self._find_in_shards("HMGET", "u", uids)
         return [found.get(uid) for uid in uids]
 
-    def _read_updates(self, found: dict[bytes, bytes],
-                      asks: list[tuple[int, list[bytes]]]) -> None:
-        """HMGET each shard's ids (one pipeline), noting what was found where."""
-        if not asks:
-            return
-        with map_redis_errors():
-            replies = self._run([("HMGET", self._key(s, "u"), *ids) for s, ids in asks])
-        for (shard, ids), values in zip(asks, replies, strict=True):
-            for uid, raw in zip(ids, values, strict=True):
-                if raw:  # (None, or False from the batch script)
-                    found[uid] = raw
-                    self._note_home(uid, shard)
+    def _find_in_shards(self, command: str, name: str, uids: Iterable[bytes]
+                        ) -> dict[bytes, Any]:
+        """Look ``uids`` up with ``command`` (HMGET in ``u``, ZMSCORE in ``log``) in the
+        shards that may hold them (``_candidate_shards``): the noted ones in one round
+        trip, the others in every shard, 1,000 ids per round trip. Returns id -> the
+        value found, noting the shard it was found in."""
+        by_home, rest = self._by_candidate_shard(uids)
+        rounds = [list(by_home.items())] + [
+            [(s, rest[start:start + 1000]) for s in range(self.shards)]
+            for start in range(0, len(rest), 1000)]
+        found: dict[bytes, Any] = {}
+        for asks in rounds:
+            if not asks:
+                continue
+            with map_redis_errors():
+                replies = self._run([(command, self._key(s, name), *ids) for s, ids in asks])
+            for (shard, ids), values in zip(asks, replies, strict=True):
+                for uid, value in zip(ids, values, strict=True):
+                    if value is not None and value is not False:  # False: a nil in Lua
+                        found[uid] = value
+                        self._note_home(uid, shard)
+        return found
 
     def missing(self, uids: Sequence[bytes]) -> list[bytes]:
         """The ids among ``uids`` this store does not hold, in order."""
@@ -1370,25 +1375,7 @@ class RedisStore:
             held = self._run([("HEXISTS", self.k_updates, uid) for uid in uids])
             return [uid for uid, present in zip(uids, held, strict=True) if not present]
         # The log holds exactly the stored updates: ZMSCORE answers without the bodies.
-        present: set[bytes] = set()
-        by_home, rest = self._by_candidate_shard(uids)
-        if by_home:
-            with map_redis_errors():
-                replies = self._run([("ZMSCORE", self._key(h, "log"), *ids)
-                                     for h, ids in by_home.items()])
-            for ids, scores in zip(by_home.values(), replies, strict=True):
-                present.update(uid for uid, score in zip(ids, scores, strict=True)
-                               if score is not None and score is not False)
-        for start in range(0, len(rest), 1000):
-            chunk = rest[start:start + 1000]
-            with map_redis_errors():
-                replies = self._run([("ZMSCORE", self._key(s, "log"), *chunk)
-                                     for s in range(self.shards)])
-            for shard, scores in enumerate(replies):
-                for uid, score in zip(chunk, scores, strict=True):
-                    if score is not None and score is not False:  # False: a nil in Lua
-                        present.add(uid)
-                        self._note_home(uid, shard)
+        present = self._find_in_shards("ZMSCORE", "log", uids)
         return [uid for uid in uids if uid not in present]
 
     def has_update(self, uid: bytes) -> bool:
