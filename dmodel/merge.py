@@ -60,8 +60,9 @@ from typing import Any, Literal
 
 import msgpack
 
+from ._slots import quick_init
 from .crypto import PublicIdentity
-from .update import LIST_OPS, Op, Update, op_register
+from .update import LIST_OPS, Op, Update, op_register, pack_value
 
 Policy = Literal["reject", "listeners"]
 POLICIES = ("reject", "listeners")
@@ -91,6 +92,7 @@ def version_ref(ver: bytes) -> bytes:
     return ver[-34:]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Register:
     """One LWW register: the winning value and its version."""
@@ -102,7 +104,7 @@ class Register:
 
     def pack(self) -> bytes:
         flags = (1 if self.deleted else 0) | (2 if self.encrypted else 0)
-        return msgpack.packb([self.version, flags, self.value], use_bin_type=True)
+        return pack_value([self.version, flags, self.value])
 
     @classmethod
     def unpack(cls, data: bytes) -> Register:
@@ -110,6 +112,7 @@ class Register:
         return cls(ver, value, bool(flags & 2), bool(flags & 1))
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ObjectMeta:
     """What a node knows of an object: its public keys, creation and removal."""
@@ -119,8 +122,8 @@ class ObjectMeta:
     removed: bytes | None = None
 
     def pack(self) -> bytes:
-        return msgpack.packb([self.keys.verify_key, self.keys.box_key, self.created,
-                              self.removed], use_bin_type=True)
+        return pack_value([self.keys.verify_key, self.keys.box_key, self.created,
+                           self.removed])
 
     @classmethod
     def unpack(cls, data: bytes) -> ObjectMeta:
@@ -230,6 +233,7 @@ class State:
         return [key[-34:] for key in sorted(self.lists.get((db_id, name), ()))]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Write:
     """One state change. ``kind``: object | register | auth | wrap | drop | list_add | list_del.
@@ -243,6 +247,7 @@ class Write:
     data: Any = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Event:
     """A change listeners hear about. ``kind``: create | update | delete | remove."""
@@ -301,15 +306,19 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
     auth: dict[tuple[str, str, str], AuthEvents] = {}
     wraps: dict[tuple[str, bytes, str], bytes] = {}
     caller_oid = update.caller_oid
+    prefix = version(update.timestamp, caller_oid, update.id, 0)[:-_IDX.size]
+    index_bytes = _IDX.pack
+    stored = state.registers
 
     def current(db_id: str, name: str) -> Register | None:
         key = (db_id, name)
-        return registers[key] if key in registers else state.registers.get(key)
+        return registers[key] if key in registers else stored.get(key)
 
     for index, op in enumerate(update.ops):
-        ver = version(update.timestamp, caller_oid, update.id, index)
+        ver = prefix + index_bytes(index)
+        op_kind = op.op
         meta = objects.get(op.obj)
-        if op.op == "create":
+        if op_kind == "create":
             keys = PublicIdentity(op.value["sign"], op.value["box"])
             if meta is not None and meta.keys != keys:
                 continue  # a second create with other keys: refused (pipeline.decide counts it)
@@ -323,7 +332,7 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
                 for member in op.value[name]:
                     _auth_event(out, state, auth, op.obj, kind, member, ver, True)
             continue
-        if (op.op == "remove" and meta is not None and meta.removed is not None
+        if (op_kind == "remove" and meta is not None and meta.removed is not None
                 and meta.created <= ver < meta.removed):
             # Removed twice: keep the earliest removal, so the state is the same whichever
             # of the two arrived first.
@@ -332,14 +341,14 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
             continue
         if meta is None or ver < meta.created:
             continue  # nothing happens to an object before it exists
-        if op.op in _AUTH_KIND:
+        if op_kind in _AUTH_KIND:
             # Counted even after a removal: other updates' verdicts depend on these events,
             # so they must not depend on whether the removal arrived first.
-            kind, granted = _AUTH_KIND[op.op]
+            kind, granted = _AUTH_KIND[op_kind]
             member = op.value["id"]
             _auth_event(out, state, auth, op.obj, kind, member, ver, granted,
                         frozenset(op.value.get("f", ())))
-            if op.op == "grant_read" and meta.removed is None:
+            if op_kind == "grant_read" and meta.removed is None:
                 member_oid = member.partition(":")[2]
                 for ref, wrapped in op.value["w"].items():
                     # Two grants of one value to one reader carry different (randomized)
@@ -353,35 +362,36 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
             continue
         if meta.removed is not None:
             continue  # removed objects are final
-        if op.op == "remove":
+        if op_kind == "remove":
             objects[op.obj] = ObjectMeta(meta.keys, meta.created, ver)
             out.writes.append(Write("object", op.obj, None, objects[op.obj]))
             out.writes.append(Write("drop", op.obj))
             out.events.append(Event("remove", op.obj))
             continue
-        if op.op in LIST_OPS:
+        if op_kind in LIST_OPS:
             _list_op(out, op, index, ver, update.id, current, registers)
             continue
-        name = op.register
-        old = current(op.obj, name)
+        name = op.field if op_kind == "set" or op_kind == "set_enc" else op.register
+        reg_key = (op.obj, name)
+        old = registers[reg_key] if reg_key in registers else stored.get(reg_key)
         if old is not None and old.version >= ver:
             if old.version != ver:  # an older write: last writer already won
                 out.superseded.append((op.obj, name, ver))
             continue
         if old is not None:
             out.superseded.append((op.obj, name, old.version))
-        if op.op in ("del", "ddel"):
+        if op_kind == "del" or op_kind == "ddel":
             new = Register(ver, None, False, True)
-            kind = "delete"
+            change = "delete"
         else:
-            value = op.value[1] if op.op in ("dset", "dset_enc") else op.value
-            new = Register(ver, value, op.op.endswith("_enc"))
-            kind = "update"
-        registers[(op.obj, name)] = new
+            value = op.value[1] if op_kind == "dset" or op_kind == "dset_enc" else op.value
+            new = Register(ver, value, op_kind.endswith("_enc"))
+            change = "update"
+        registers[reg_key] = new
         out.writes.append(Write("register", op.obj, name, new))
         live_old = None if old is None or old.deleted else old
-        if kind == "update" or live_old is not None:
-            out.events.append(Event(kind, op.obj, name, live_old, new))
+        if change == "update" or live_old is not None:
+            out.events.append(Event(change, op.obj, name, live_old, new))
     return out
 
 

@@ -24,3 +24,10 @@ def unpackb(
     list_hook: Callable[[list[Any]], object] | None = ...,
     ext_hook: Callable[[int, bytes], object] | None = ...,
 ) -> Any: ...
+
+class Packer:
+    def __init__(
+        self, *, default: Callable[[Any], object] | None = ..., use_bin_type: bool = ...,
+        strict_types: bool = ..., use_single_float: bool = ..., autoreset: bool = ...,
+    ) -> None: ...
+    def pack(self, obj: object) -> bytes: ...

@@ -978,10 +978,26 @@ class RedisStore:
             return
         for db_id in touched:
             cmds.append(("RPUSH", self.k_hist(db_id), uid))
-        for w in writes:
-            self._write_commands(cmds, w)
+        self._writes_commands(cmds, writes)
         if list_keys:
             cmds.append(("DEL", *list_keys))
+
+    def _writes_commands(self, cmds: list[tuple[Any, ...]], writes: list[merge.Write]) -> None:
+        """The commands of ``writes`` in order; a run of register writes to one object is
+        one HSET (a transaction of many fields costs Redis one command, not one each)."""
+        at, end = 0, len(writes)
+        while at < end:
+            w = writes[at]
+            if w.kind != "register":
+                self._write_commands(cmds, w)
+                at += 1
+                continue
+            fields: list[Any] = []
+            db_id = w.db_id
+            while at < end and (w := writes[at]).kind == "register" and w.db_id == db_id:
+                fields += (w.name, w.data.pack())
+                at += 1
+            cmds.append(("HSET", self.k_reg(db_id), *fields))
 
     def _write_commands(self, cmds: list[tuple[Any, ...]], w: merge.Write) -> None:
         if w.kind == "register":
@@ -1053,8 +1069,7 @@ class RedisStore:
             cmds.append(("SET", self.k_obj(db_id), meta.pack()))
         writes += [merge.Write("register", db_id, name, reg) for name, reg in registers.items()]
         writes += [merge.Write("wrap", db_id, name, wrapped) for name, wrapped in wraps.items()]
-        for w in writes:
-            self._write_commands(cmds, w)
+        self._writes_commands(cmds, writes)
         if accepted:
             cmds.append(("RPUSH", self.k_hist(db_id), *accepted))
         if held:
