@@ -203,6 +203,8 @@ def _trim(cache: dict[Any, Any], limit: int) -> None:
 
 _CACHED_VALUE = 256  # bytes: a register with a longer value is read from Redis each time
 _CACHED_REGISTERS = 50_000
+_ARGS_PER_COMMAND = 1000  # ids in one command of a commit step (Lua unpacks ~8,000 at most)
+_SCALARS = frozenset({int, float, bool, type(None)})  # exact types: a subclass is read again
 
 
 class StoreCache:
@@ -245,22 +247,23 @@ class StoreCache:
 
     def note(self, w: merge.Write) -> None:
         """Keep the cache equal to the store after a committed write."""
-        if w.kind == "object":
-            self.put_object(w.db_id, w.data)
-        elif w.kind == "auth":
-            kind, _, member = w.name.partition(":")
-            self.put_auth((w.db_id, kind, member), w.data)
-        elif w.kind == "register":
-            key = (w.db_id, w.name)
+        kind = w.kind
+        if kind == "register":
+            registers, key = self.registers, (w.db_id, w.name)
+            registers.pop(key, None)  # re-inserted last: the newest go last
             value = w.data.value
-            if "#" in w.name or not isinstance(value, (bytes, str, int, float, bool, type(None))) \
-                    or (isinstance(value, (bytes, str)) and len(value) > _CACHED_VALUE):
-                self.registers.pop(key, None)  # DList elements and big values: not kept
-            else:
-                self.registers.pop(key, None)  # re-inserted last: the newest go last
-                _trim(self.registers, _CACHED_REGISTERS)
-                self.registers[key] = w.data
-        elif w.kind == "drop":
+            kept = type(value) in _SCALARS or (
+                type(value) in (bytes, str) and len(value) <= _CACHED_VALUE)
+            if kept and "#" not in w.name:  # DList elements and big values: not kept
+                if len(registers) >= _CACHED_REGISTERS:
+                    _trim(registers, _CACHED_REGISTERS)
+                registers[key] = w.data
+        elif kind == "object":
+            self.put_object(w.db_id, w.data)
+        elif kind == "auth":
+            member_kind, _, member = w.name.partition(":")
+            self.put_auth((w.db_id, member_kind, member), w.data)
+        elif kind == "drop":
             self.forget_registers(w.db_id)
 
     def forget_registers(self, db_id: str) -> None:
@@ -491,8 +494,8 @@ class RedisStore:
                     check()
         if batch:
             check()
-        for start in range(0, len(stale), 1000):
-            self._write([("HDEL", self.k_chain, *stale[start:start + 1000])])
+        for start in range(0, len(stale), _ARGS_PER_COMMAND):
+            self._write([("HDEL", self.k_chain, *stale[start:start + _ARGS_PER_COMMAND])])
         self.client.hset(self.k_meta, "links", b"1")
 
     def _migrate_layout(self) -> None:
@@ -768,16 +771,28 @@ class RedisStore:
                 cmds.append(("HSET", self.k_kept(db_id), name, pack_versions(versions)))
             else:
                 cmds.append(("HDEL", self.k_kept(db_id), name))
+        # One command per shard and kind, naming every pruned update (not four each).
+        gone: dict[str, list[bytes]] = {}  # shard prefix -> pruned ids
+        unlinked: dict[str, list[bytes]] = {}  # ... of them, those whose link goes too
+        counts: dict[str, int] = {}  # object -> its updates pruned now
         for update in updates:
             uid, g = update.id, self._g[self._home(update)]
-            cmds.append(("HDEL", g + "u", uid))
-            cmds.append(("ZREM", g + "log", uid))
-            cmds.append(("HDEL", g + "next", uid))
+            gone.setdefault(g, []).append(uid)
             if uid not in heads:
-                cmds.append(("HDEL", g + "ch", uid))
+                unlinked.setdefault(g, []).append(uid)
             for db_id in sorted({op.obj for op in update.ops}):
                 cmds.append(("LREM", self.k_hist(db_id), 0, uid))
-                cmds.append(("HINCRBY", self._key(self.shard_of(db_id), "pc"), db_id, 1))
+                counts[db_id] = counts.get(db_id, 0) + 1
+        for g, uids in gone.items():
+            for at in range(0, len(uids), _ARGS_PER_COMMAND):  # (Lua's unpack limit)
+                part = uids[at:at + _ARGS_PER_COMMAND]
+                cmds += [("HDEL", g + "u", *part), ("ZREM", g + "log", *part),
+                         ("HDEL", g + "next", *part)]
+        for g, uids in unlinked.items():
+            cmds.extend(("HDEL", g + "ch", *uids[at:at + _ARGS_PER_COMMAND])
+                        for at in range(0, len(uids), _ARGS_PER_COMMAND))
+        cmds.extend(("HINCRBY", self._key(self.shard_of(db_id), "pc"), db_id, n)
+                    for db_id, n in counts.items())
         if cmds:
             with map_redis_errors():
                 self._write(cmds)
