@@ -936,6 +936,7 @@ class RedisStore:
         cmds: list[tuple[Any, ...]] = []
         log_positions = []
         added: dict[str, set[str]] = {}  # list fields created by earlier items of this batch
+        appends: dict[tuple[str, str], list[Any]] = {}  # (command, key) -> its arguments
         seq = self._next_seq()
         with map_redis_errors():
             for update, writes in items:
@@ -947,12 +948,19 @@ class RedisStore:
                 for db_id in dropped:
                     list_keys.extend(self.k_list(db_id, n) for n in added.pop(db_id, ()))
                 log_positions.append(seq)
-                self._update_commands(cmds, update, writes, list_keys, seq)
+                self._update_commands(cmds, appends, update, writes, list_keys, seq)
                 seq += 1
+            # The log entries of the whole batch: one command per key, in commit order
+            # (what each appends is read by no other command of the step).
+            grouped: list[tuple[Any, ...]] = []
+            for (command, key), args in appends.items():
+                per = _ARGS_PER_COMMAND if command == "RPUSH" else _ARGS_PER_COMMAND * 2
+                grouped.extend((command, key, *args[at:at + per])
+                               for at in range(0, len(args), per))
+            cmds[:0] = grouped
             cmds.extend(self._index_commands([w for _, ws in items for w in ws or ()]))
             for shard in sorted({self._home(update) for update, _ in items}):
-                cmds.append(("HSET", self._key(shard, "meta"), "hlc", hlc))
-                cmds.append(("HSET", self._key(shard, "meta"), "seq", seq))
+                cmds.append(("HSET", self._key(shard, "meta"), "hlc", hlc, "seq", seq))
             try:
                 self._write(cmds)
             except BaseException:
@@ -969,18 +977,22 @@ class RedisStore:
                 self.cache.note(w)
         return [p + 1 for p in log_positions]
 
-    def _update_commands(self, cmds: list[tuple[Any, ...]], update: Update,
+    def _update_commands(self, cmds: list[tuple[Any, ...]],
+                         appends: dict[tuple[str, str], list[Any]], update: Update,
                          writes: list[merge.Write] | None, list_keys: list[str],
                          seq: int) -> None:
+        """The commands storing ``update``: into ``cmds``, and what it adds to the log
+        keys (raw bytes, chain link, log position, history) into ``appends``."""
         uid, g = update.id, self._g[self._home(update)]
         touched = sorted({op.obj for op in update.ops})
-        cmds.append(("HSET", g + "u", uid, update.raw))
-        cmds.append(("HSET", g + "ch", uid, update.node + update.caller.encode()))
+        appends.setdefault(("HSET", g + "u"), []).extend((uid, update.raw))
+        appends.setdefault(("HSET", g + "ch"), []).extend(
+            (uid, update.node + update.caller.encode()))
+        appends.setdefault(("ZADD", g + "log"), []).extend((seq, uid))
         chain = f"{update.caller}|{update.node.hex()}"
         if self.cache.heads.get(chain, -1) < update.timestamp:  # else it is not newer
             cmds.append(("HEADMAX", g + "head", chain, uid + update.timestamp.to_bytes(8, "big"),
                          g + "u", g + "ch"))
-        cmds.append(("ZADD", g + "log", seq, uid))
         if update.prev:
             cmds.append(("HSETNX", g + "next", update.prev, uid))
         ms = physical_ms(update.timestamp)
@@ -992,7 +1004,7 @@ class RedisStore:
                 cmds.append(("LTRIM", self.k_held(db_id), -HELD_CAP, -1))
             return
         for db_id in touched:
-            cmds.append(("RPUSH", self.k_hist(db_id), uid))
+            appends.setdefault(("RPUSH", self.k_hist(db_id)), []).append(uid)
         self._writes_commands(cmds, writes)
         if list_keys:
             cmds.append(("DEL", *list_keys))
