@@ -77,6 +77,13 @@ def version(timestamp: int, caller_oid: str, update_id: bytes, index: int) -> by
     return _TS.pack(timestamp) + caller_oid.encode("ascii") + update_id + _IDX.pack(index)
 
 
+def op_versions(update: Update) -> list[bytes]:
+    """The version of each op of ``update``, in op order."""
+    prefix = _TS.pack(update.timestamp) + update.caller_oid.encode("ascii") + update.id
+    pack = _IDX.pack
+    return [prefix + pack(index) for index in range(len(update.ops))]
+
+
 def version_timestamp(ver: bytes) -> int:
     timestamp: int = _TS.unpack_from(ver)[0]
     return timestamp
@@ -305,17 +312,13 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
     registers: dict[tuple[str, str], Register | None] = {}
     auth: dict[tuple[str, str, str], AuthEvents] = {}
     wraps: dict[tuple[str, bytes, str], bytes] = {}
-    caller_oid = update.caller_oid
-    prefix = version(update.timestamp, caller_oid, update.id, 0)[:-_IDX.size]
-    index_bytes = _IDX.pack
     stored = state.registers
 
     def current(db_id: str, name: str) -> Register | None:
         key = (db_id, name)
         return registers[key] if key in registers else stored.get(key)
 
-    for index, op in enumerate(update.ops):
-        ver = prefix + index_bytes(index)
+    for index, (op, ver) in enumerate(zip(update.ops, op_versions(update), strict=True)):
         op_kind = op.op
         meta = objects.get(op.obj)
         if op_kind == "create":

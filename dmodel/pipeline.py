@@ -144,10 +144,13 @@ def unknown_elements(update: Update, snap: Snapshot) -> tuple[bytes, ...]:
     no position (a set may overtake its insert; one naming no element waits, bounded).
     An insert stored here without its element (refused, or re-decided away) is not
     waited for: the set is decided now and leaves no visible element. Nor is the insert
-    of an element of a removed object (retention may have pruned its whole history)."""
+    of an element of a removed object (retention may have pruned its whole history), nor
+    that of an element the update itself deletes (its delete is final, wherever the
+    element is; retention may have pruned the insert of a deleted element)."""
     out = set()
+    deleted = {op.register for op in update.ops if op.op == "ldel"}
     for op in update.ops:
-        if op.op in ("lset", "lset_enc"):
+        if op.op in ("lset", "lset_enc") and op.register not in deleted:
             meta = snap.state.objects.get(op.obj)
             if meta is not None and meta.removed is not None:
                 continue

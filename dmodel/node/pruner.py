@@ -37,6 +37,7 @@ from .root import LiveDigest
 logger = logging.getLogger(__name__)
 
 _PINNED = AUTH_OPS | {"create", "remove", "ldel"}
+_HOLDS_MORE = _PINNED | {"lins", "lins_enc"}  # what a dropped version does not tell
 
 # Superseded versions gathered before a pruning pass. A pass costs a read and a write
 # per register it touches, so a register overwritten often is best passed over rarely:
@@ -149,7 +150,8 @@ class Pruner:
         candidates = dict.fromkeys(merge.version_ref(v)[:32] for v in dropped)
         for db_id in removed:
             candidates.update(dict.fromkeys(self.store.history(db_id)))
-        self._prune(list(candidates), kept, removed, dict(zip(pairs, regs, strict=True)))
+        self._prune(list(candidates), kept, removed, dict(zip(pairs, regs, strict=True)),
+                    set(dropped))
 
     def rescan(self, db_id: str) -> None:
         """Retire the superseded versions of one object from its history (after its
@@ -185,7 +187,8 @@ class Pruner:
 
     def _prune(self, uids: list[bytes], kept: dict[tuple[str, str], list[bytes]],
                removed: Sequence[str],
-               known: dict[tuple[str, str], merge.Register | None]) -> None:
+               known: dict[tuple[str, str], merge.Register | None],
+               dropped: set[bytes]) -> None:
         cache = self._committed
         unread = [uid for uid in uids if uid not in cache]
         read = dict(zip(unread, self.store.raw_updates(unread), strict=True)) if unread else {}
@@ -197,15 +200,27 @@ class Pruner:
                 updates.append(decode(raw))
         if not updates and not kept and not removed:
             return
-        # What each candidate still holds: its registers now and the versions kept there.
-        pairs = sorted({(op.obj, op_register(op, u.id, i))
-                        for u in updates for i, op in enumerate(u.ops)} - kept.keys())
+        # An update whose every version this pass dropped contributes nothing (a dropped
+        # version is neither a register's winner nor kept), unless it is pinned or
+        # inserts a DList element (its position lives on): no read needed for it.
+        sure, unsure = [], []
+        for u in updates:
+            if all(op.op not in _HOLDS_MORE for op in u.ops) \
+                    and dropped.issuperset(merge.op_versions(u)):
+                sure.append(u)
+            else:
+                unsure.append(u)
+        names = [_registers(u) for u in unsure]
+        # What each other candidate still holds: its registers now and the versions kept.
+        pairs = sorted({(op.obj, name) for u, of_u in zip(unsure, names, strict=True)
+                        for op, name in zip(u.ops, of_u, strict=True)} - kept.keys())
         chains = sorted({(u.caller, u.node) for u in updates})
         more_kept, regs, heads = self.store.retention_reads(pairs, chains)
         kept_at = dict(zip(pairs, more_kept, strict=True)) | kept
         reg_at = dict(zip(pairs, regs, strict=True)) | known
         gone = set(removed)
-        prunable = [u for u in updates if not self._contributes(u, reg_at, kept_at, gone)]
+        prunable = sure + [u for u, of_u in zip(unsure, names, strict=True)
+                           if not self._contributes(u, of_u, reg_at, kept_at, gone)]
         try:
             self.store.prune(kept, prunable, {h for h in heads if h}, removed)
         except BaseException:
@@ -221,16 +236,16 @@ class Pruner:
             logger.debug("pruned %d superseded updates", len(prunable))
 
     @staticmethod
-    def _contributes(update: Update, reg_at: dict[tuple[str, str], merge.Register | None],
+    def _contributes(update: Update, names: list[str],
+                     reg_at: dict[tuple[str, str], merge.Register | None],
                      kept_at: dict[tuple[str, str], list[bytes]], removed: set[str]) -> bool:
-        for index, op in enumerate(update.ops):
+        for index, (op, name, ver) in enumerate(zip(update.ops, names,
+                                                    merge.op_versions(update), strict=True)):
             if op.op in _PINNED:
                 return True
             if op.obj in removed:
                 continue
-            name = op_register(op, update.id, index)
             reg = reg_at.get((op.obj, name))
-            ver = merge.version(update.timestamp, update.caller_oid, update.id, index)
             element = "#" in name
             if op.op in ("lins", "lins_enc"):
                 if reg is not None and not reg.deleted \
@@ -242,6 +257,12 @@ class Pruner:
             if ver in kept_at.get((op.obj, name), ()):
                 return True
         return False
+
+
+def _registers(update: Update) -> list[str]:
+    """The register each op of ``update`` writes (in op order)."""
+    return [op.field if op.op == "set" else op_register(op, update.id, index)
+            for index, op in enumerate(update.ops)]
 
 
 __all__ = ["Pruner"]

@@ -108,6 +108,21 @@ def test_a_named_update_that_is_stored_but_not_a_grant_of_the_caller_is_unauthor
         assert isinstance(d.error, UnauthorizedError) and d.error.db_id == OBJ_ID
 
 
+def test_a_set_of_an_unknown_element_waits_for_its_insert_unless_the_update_deletes_it() -> None:
+    element = b"\x05" * 32 + b"\x00\x00"  # (the insert: update 0x05.., op 0)
+    setting = signed(OBJ, [Op(OBJ_ID, "lset", "items", [element, "y"])], ts=T0 + 1)
+    d = decide(setting)
+    assert d.verdict == MISSING and d.missing == (element[:32],)
+    # Set and deleted in one update: the delete is final wherever the element is, so
+    # nothing waits (retention prunes the insert of a deleted element).
+    set_op = Op(OBJ_ID, "lset", "items", [element, "y"])
+    del_op = Op(OBJ_ID, "ldel", "items", element)
+    for ops in ([set_op, del_op], [del_op, set_op]):
+        d = decide(signed(OBJ, ops, ts=T0 + 1))
+        assert d.verdict == ACCEPTED, ops
+        assert [w.data for w in d.outcome.writes if w.kind == "register"][-1].deleted
+
+
 # ------------------------------------------------------------------ signature, identity
 
 
