@@ -298,12 +298,14 @@ def is_authorized(update: Update, state: State) -> bool:
     return True
 
 
-def apply(update: Update, state: State, *, authorized: bool | None = None) -> Outcome:
+def apply(update: Update, state: State, *, authorized: bool | None = None,
+          events: bool = True) -> Outcome:
     """Merge ``update`` into ``state`` (not modified); return writes and events.
 
     Every object the update touches must be in ``state.objects`` (or created by it).
     ``authorized`` defaults to ``is_authorized``; the caller decides by policy
-    whether an unauthorized outcome is applied.
+    whether an unauthorized outcome is applied. ``events=False`` leaves the events out
+    (for a node with no listener to hear them; the writes are the same).
     """
     if authorized is None:
         authorized = is_authorized(update, state)
@@ -329,7 +331,7 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
                 new_meta = ObjectMeta(keys, ver, meta.removed if meta else None)
                 objects[op.obj] = new_meta
                 out.writes.append(Write("object", op.obj, None, new_meta))
-                if meta is None:
+                if meta is None and events:
                     out.events.append(Event("create", op.obj))
             for kind, name in (("r", "read"), ("u", "update")):
                 for member in op.value[name]:
@@ -369,10 +371,11 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
             objects[op.obj] = ObjectMeta(meta.keys, meta.created, ver)
             out.writes.append(Write("object", op.obj, None, objects[op.obj]))
             out.writes.append(Write("drop", op.obj))
-            out.events.append(Event("remove", op.obj))
+            if events:
+                out.events.append(Event("remove", op.obj))
             continue
         if op_kind in LIST_OPS:
-            _list_op(out, op, index, ver, update.id, current, registers)
+            _list_op(out, op, index, ver, update.id, current, registers, events)
             continue
         name = op.field if op_kind == "set" or op_kind == "set_enc" else op.register
         reg_key = (op.obj, name)
@@ -392,9 +395,10 @@ def apply(update: Update, state: State, *, authorized: bool | None = None) -> Ou
             change = "update"
         registers[reg_key] = new
         out.writes.append(Write("register", op.obj, name, new))
-        live_old = None if old is None or old.deleted else old
-        if change == "update" or live_old is not None:
-            out.events.append(Event(change, op.obj, name, live_old, new))
+        if events:
+            live_old = None if old is None or old.deleted else old
+            if change == "update" or live_old is not None:
+                out.events.append(Event(change, op.obj, name, live_old, new))
     return out
 
 
@@ -419,7 +423,7 @@ def element_value(name: str, reg: Register) -> Any:
 
 
 def _list_op(out: Outcome, op: Op, index: int, ver: bytes, update_id: bytes, current: Any,
-             registers: dict[tuple[str, str], Register | None]) -> None:
+             registers: dict[tuple[str, str], Register | None], events: bool) -> None:
     name = op_register(op, update_id, index)
     old = current(op.obj, name)
     pos = old.value[0] if old is not None else None
@@ -455,12 +459,13 @@ def _list_op(out: Outcome, op: Op, index: int, ver: bytes, update_id: bytes, cur
     element = bytes.fromhex(name.partition("#")[2])
     if was_live and not is_live:
         out.writes.append(Write("list_del", op.obj, op.field, old.value[0] + b"\0" + element))
-        out.events.append(Event("delete", op.obj, name, old, None))
+        if events:
+            out.events.append(Event("delete", op.obj, name, old, None))
     elif is_live:
         if not was_live:
             out.writes.append(Write("list_add", op.obj, op.field,
                                     new.value[0] + b"\0" + element))
-        if new.version != (old.version if old else None) or not was_live:
+        if events and (new.version != (old.version if old else None) or not was_live):
             out.events.append(Event("update", op.obj, name, old if was_live else None, new))
 
 

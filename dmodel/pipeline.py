@@ -133,8 +133,11 @@ def linked_updates(update: Update) -> list[bytes]:
     under and the inserts of the DList elements it sets. The store tells which of them
     it holds (``Snapshot.stored``)."""
     out = [ref[:32] for _, ref in update.grants]
-    out.extend(element_insert(op.register) for op in update.ops
-               if op.op in ("lset", "lset_enc"))
+    for op in update.ops:
+        if op.op == "lset" or op.op == "lset_enc":
+            out.append(element_insert(op.register))
+    if not out:
+        return out
     return [uid for uid in dict.fromkeys(out) if uid != update.id]
 
 
@@ -200,21 +203,23 @@ def is_applied(update: Update, authorized: bool,
 
 def decide(update: Update, snap: Snapshot, *, now: int, skew_ms: int = DEFAULT_SKEW_MS,
            policy: Callable[[str], merge.Policy] = lambda model: "reject",
-           verified: bool = False) -> Decision:
+           verified: bool = False, events: bool = True) -> Decision:
     """Check and merge ``update`` against ``snap``. Never raises for bad input.
 
     ``verified=True`` skips the signature check, for an update the node itself just
-    signed (or whose signature was checked in a batch beforehand).
+    signed (or whose signature was checked in a batch beforehand). ``events=False``:
+    the outcome carries no events (no listener would hear them).
     """
     try:
-        return _decide(update, snap, now, skew_ms, policy, verified)
+        return _decide(update, snap, now, skew_ms, policy, verified, events)
     except InvalidUpdate as exc:
         exc.update_id = update.id
         return Decision(update, DROPPED, error=exc)
 
 
 def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
-            policy: Callable[[str], merge.Policy], verified: bool) -> Decision:
+            policy: Callable[[str], merge.Policy], verified: bool,
+            events: bool = True) -> Decision:
     if snap.seen:
         return Decision(update, DROPPED, error=ReplayedUpdate("update already seen", update.id))
     state = snap.state
@@ -248,7 +253,7 @@ def _decide(update: Update, snap: Snapshot, now: int, skew_ms: int,
     release_at = physical_ms(update.timestamp) - skew_ms
     if release_at > physical_ms(now):
         return Decision(update, HELD, release_at=release_at)
-    outcome = merge.apply(update, state)
+    outcome = merge.apply(update, state, events=events)
     if is_applied(update, outcome.authorized, policy):
         return Decision(update, ACCEPTED, outcome)
     target = next(op.obj for op in update.ops if op.obj != update.caller)

@@ -41,7 +41,7 @@ def rebuild(db_id: str, accepted: Iterable[Update]) -> Rebuilt:
     """The state of ``db_id`` that its accepted updates give, applied in version order."""
     state = merge.State()
     for update in sorted(accepted, key=merge.order_key):
-        state.commit(merge.apply(update, state, authorized=True).writes)
+        state.commit(merge.apply(update, state, authorized=True, events=False).writes)
     registers = {name: reg for (obj, name), reg in state.registers.items() if obj == db_id}
     wraps = {ref + oid.encode(): w for (obj, ref, oid), w in state.wraps.items()
              if obj == db_id}

@@ -90,8 +90,11 @@ def keep(kept: list[bytes], current: bytes, *, anchored: bool, policy: Retention
     ``current`` is the register's winning version now and ``anchored`` whether it can
     no longer be retracted (see the module docstring).
     """
-    older = sorted(v for v in kept if v < current)
-    newer = [v for v in kept if v >= current]  # not superseded (yet): a re-decided register
+    if not kept or kept[-1] < current:  # the common case: all older than the winner
+        older, newer = kept, []
+    else:
+        older = sorted(v for v in kept if v < current)
+        newer = [v for v in kept if v >= current]  # not superseded (yet): re-decided
     if policy.keeps_all:
         return kept, []
     if not anchored:

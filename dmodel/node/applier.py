@@ -277,6 +277,7 @@ class Applier:
         decisions: list[pipeline.Decision] = []
         rest: list[Update] = []
         held: list[Update] = []  # not applied, but later updates may chain to them
+        has_listeners = bool(self.listeners)  # else no one hears the events: not built
         now = self.clock.now()
         if local:  # our own timestamps are never "from the future", even if the wall clock
             now = max(now, self.clock.last)  # went back since they were issued
@@ -285,7 +286,8 @@ class Applier:
             if update.prev and snap.prev_chain is None and update.prev in self._vetoed:
                 snap.prev_chain = self._vetoed[update.prev]  # chained to a vetoed update
             decision = pipeline.decide(update, snap, now=now, skew_ms=self.skew_ms,
-                                       policy=self.policy, verified=verified[index])
+                                       policy=self.policy, verified=verified[index],
+                                       events=has_listeners)
             decisions.append(decision)
             verdict = decision.verdict
             if verdict == pipeline.DROPPED:
