@@ -1021,7 +1021,8 @@ class RedisStore:
                 continue
             fields: list[Any] = []
             db_id = w.db_id
-            while at < end and (w := writes[at]).kind == "register" and w.db_id == db_id:
+            while at < end and (w := writes[at]).kind == "register" and w.db_id == db_id \
+                    and len(fields) < _ARGS_PER_COMMAND:
                 fields += (w.name, w.data.pack())
                 at += 1
             cmds.append(("HSET", self.k_reg(db_id), *fields))
@@ -1097,8 +1098,8 @@ class RedisStore:
         writes += [merge.Write("register", db_id, name, reg) for name, reg in registers.items()]
         writes += [merge.Write("wrap", db_id, name, wrapped) for name, wrapped in wraps.items()]
         self._writes_commands(cmds, writes)
-        if accepted:
-            cmds.append(("RPUSH", self.k_hist(db_id), *accepted))
+        cmds.extend(("RPUSH", self.k_hist(db_id), *accepted[at:at + _ARGS_PER_COMMAND])
+                    for at in range(0, len(accepted), _ARGS_PER_COMMAND))
         if held:
             cmds.append(("RPUSH", self.k_held(db_id), *held[-HELD_CAP:]))
         with map_redis_errors():

@@ -167,3 +167,19 @@ def test_a_store_of_the_old_layout_is_migrated_on_open(make_node, tmp_path):
 def test_a_prefix_with_braces_is_refused():
     with pytest.raises(ConfigurationError, match="braces"):
         RedisStore(redis.Redis(), prefix="dm{x}:")
+
+
+def test_an_object_rewritten_with_more_than_lua_unpacks_in_one_command_is_whole(
+        make_node) -> None:
+    # Re-deciding rewrites a whole object: 5,000 registers (a long DList's elements) and
+    # 9,000 accepted updates exceed what Lua unpacks into one command (about 8,000
+    # arguments), so the store splits them.
+    node = _node(make_node)
+    person = APerson.create(name="x", node=node)
+    registers = {f"tags#{i:068x}": dmodel.merge.Register(b"v%05d" % i, [b"p", i])
+                 for i in range(5000)}
+    accepted = [i.to_bytes(32, "big") for i in range(9000)]
+    meta = node.store.object_meta(person.db_id)
+    node.store.replace_object(person.db_id, meta, registers, {}, {}, accepted, [])
+    assert node.store.registers(person.db_id) == registers
+    assert node.store.history(person.db_id) == accepted
