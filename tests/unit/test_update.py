@@ -540,3 +540,26 @@ def test_update_size_limit_boundary() -> None:
     assert len(update.raw) == MAX_UPDATE_SIZE
     with pytest.raises(OversizedUpdate):
         decode(_raw_of_size(MAX_UPDATE_SIZE + 1))  # one byte more does not
+
+
+def test_pack_value_gives_packb_bytes_from_several_threads_at_once() -> None:
+    # Each thread packs with its own reused Packer: the bytes are packb's, whatever
+    # the other threads pack meanwhile.
+    import threading
+
+    from dmodel.update import pack_value
+
+    failures: list[object] = []
+
+    def pack_many(seed: int) -> None:
+        for k in range(5000):
+            value = [seed, k, "s" * (k % 300), {"b": bytes(k % 40)}, [1.5, None, True]]
+            if pack_value(value) != msgpack.packb(value, use_bin_type=True):
+                failures.append(value)
+
+    threads = [threading.Thread(target=pack_many, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
