@@ -12,6 +12,7 @@ own signature.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -20,9 +21,12 @@ T = TypeVar("T")
 def quick_init(cls: type[T]) -> type[T]:
     """Give the frozen, slotted dataclass ``cls`` an ``__init__`` that sets its slots
     directly (same parameters, defaults and ``__post_init__`` call)."""
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if list(inspect.signature(cls).parameters) != [f.name for f in fields]:
+        raise TypeError(f"quick_init: {cls.__name__} takes more than its fields")  # InitVar
     namespace: dict[str, Any] = {}
     args, body = [], []
-    for i, f in enumerate(dataclasses.fields(cls)):  # type: ignore[arg-type]
+    for i, f in enumerate(fields):
         if not f.init or f.kw_only or f.default_factory is not dataclasses.MISSING:
             raise TypeError(f"quick_init: {cls.__name__}.{f.name} needs the generated __init__")
         namespace[f"_set{i}"] = cls.__dict__[f.name].__set__
