@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -537,22 +536,23 @@ def _check_shape(value: Any, depth: int) -> None:
     raise MalformedUpdate(f"values of type {type(value).__name__} cannot be stored")
 
 
-_packers = threading.local()  # a msgpack Packer per thread, taken while it packs
+_idle_packers: list[msgpack.Packer] = []  # for reuse; a pack takes one while it packs
 
 
 def pack_value(value: Any) -> bytes:
     """Canonical bytes of a plain value (what an encrypted field seals, a register stores)."""
     # packb builds a Packer per call; reusing one costs a third of that. A Packer keeps a
-    # buffer, so each thread has its own, taken while in use: a pack that re-enters
-    # (from a finalizer the collector runs mid-pack) gets a fresh one.
-    packer = getattr(_packers, "packer", None)
-    if packer is None:
+    # buffer, so a pack takes one for itself (list.pop is atomic): two threads, or a pack
+    # re-entered from a finalizer the collector ran mid-pack, never share one.
+    try:
+        packer = _idle_packers.pop()
+    except IndexError:
         packer = msgpack.Packer(use_bin_type=True)
-    _packers.packer = None
     try:
         return packer.pack(value)
     finally:
-        _packers.packer = packer
+        if len(_idle_packers) < 16:
+            _idle_packers.append(packer)
 
 
 def unpack_value(data: bytes) -> Any:

@@ -543,7 +543,7 @@ def test_update_size_limit_boundary() -> None:
 
 
 def test_pack_value_gives_packb_bytes_from_several_threads_at_once() -> None:
-    # Each thread packs with its own reused Packer: the bytes are packb's, whatever
+    # Each pack takes a reused Packer for itself: the bytes are packb's, whatever
     # the other threads pack meanwhile.
     import threading
 
