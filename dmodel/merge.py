@@ -377,7 +377,7 @@ def apply(update: Update, state: State, *, authorized: bool | None = None,
         if op_kind in LIST_OPS:
             _list_op(out, op, index, ver, update.id, current, registers, events)
             continue
-        name = op.field if op_kind == "set" or op_kind == "set_enc" else op.register
+        name = op.register
         reg_key = (op.obj, name)
         old = registers[reg_key] if reg_key in registers else stored.get(reg_key)
         if old is not None and old.version >= ver:

@@ -111,7 +111,10 @@ class Op:
     def register(self) -> str:
         """The register this op writes: ``field``, ``field:key`` (DDict) or ``field#<id hex>``
         (DList element; for ``lins`` use ``element_register``, the id is the op's own)."""
-        if self.op in ("dset", "dset_enc"):
+        kind = self.op
+        if kind == "set" or kind == "set_enc" or kind == "del":  # (the common case first)
+            return self.field
+        if kind in ("dset", "dset_enc"):
             return f"{self.field}:{self.value[0]}"
         if self.op == "ddel":
             return f"{self.field}:{self.value}"

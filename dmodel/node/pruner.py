@@ -210,7 +210,7 @@ class Pruner:
                 sure.append(u)
             else:
                 unsure.append(u)
-        names = [_registers(u) for u in unsure]
+        names = [[op_register(op, u.id, i) for i, op in enumerate(u.ops)] for u in unsure]
         # What each other candidate still holds: its registers now and the versions kept.
         pairs = sorted({(op.obj, name) for u, of_u in zip(unsure, names, strict=True)
                         for op, name in zip(u.ops, of_u, strict=True)} - kept.keys())
@@ -257,12 +257,6 @@ class Pruner:
             if ver in kept_at.get((op.obj, name), ()):
                 return True
         return False
-
-
-def _registers(update: Update) -> list[str]:
-    """The register each op of ``update`` writes (in op order)."""
-    return [op.field if op.op == "set" else op_register(op, update.id, index)
-            for index, op in enumerate(update.ops)]
 
 
 __all__ = ["Pruner"]

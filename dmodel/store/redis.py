@@ -204,6 +204,14 @@ def _trim(cache: dict[Any, Any], limit: int) -> None:
 _CACHED_VALUE = 256  # bytes: a register with a longer value is read from Redis each time
 _CACHED_REGISTERS = 50_000
 _ARGS_PER_COMMAND = 1000  # ids in one command of a commit step (Lua unpacks ~8,000 at most)
+
+
+def _chunks(items: list[Any], size: int = _ARGS_PER_COMMAND) -> Iterator[list[Any]]:
+    """``items`` in slices of at most ``size`` (one command's worth)."""
+    for at in range(0, len(items), size):
+        yield items[at:at + size]
+
+
 _SCALARS = frozenset({int, float, bool, type(None)})  # exact types: a subclass is read again
 
 
@@ -494,8 +502,8 @@ class RedisStore:
                     check()
         if batch:
             check()
-        for start in range(0, len(stale), _ARGS_PER_COMMAND):
-            self._write([("HDEL", self.k_chain, *stale[start:start + _ARGS_PER_COMMAND])])
+        for part in _chunks(stale):
+            self._write([("HDEL", self.k_chain, *part)])
         self.client.hset(self.k_meta, "links", b"1")
 
     def _migrate_layout(self) -> None:
@@ -784,13 +792,11 @@ class RedisStore:
                 cmds.append(("LREM", self.k_hist(db_id), 0, uid))
                 counts[db_id] = counts.get(db_id, 0) + 1
         for g, uids in gone.items():
-            for at in range(0, len(uids), _ARGS_PER_COMMAND):  # (Lua's unpack limit)
-                part = uids[at:at + _ARGS_PER_COMMAND]
+            for part in _chunks(uids):
                 cmds += [("HDEL", g + "u", *part), ("ZREM", g + "log", *part),
                          ("HDEL", g + "next", *part)]
         for g, uids in unlinked.items():
-            cmds.extend(("HDEL", g + "ch", *uids[at:at + _ARGS_PER_COMMAND])
-                        for at in range(0, len(uids), _ARGS_PER_COMMAND))
+            cmds.extend(("HDEL", g + "ch", *part) for part in _chunks(uids))
         cmds.extend(("HINCRBY", self._key(self.shard_of(db_id), "pc"), db_id, n)
                     for db_id, n in counts.items())
         if cmds:
@@ -955,8 +961,7 @@ class RedisStore:
             grouped: list[tuple[Any, ...]] = []
             for (command, key), args in appends.items():
                 per = _ARGS_PER_COMMAND if command == "RPUSH" else _ARGS_PER_COMMAND * 2
-                grouped.extend((command, key, *args[at:at + per])
-                               for at in range(0, len(args), per))
+                grouped.extend((command, key, *part) for part in _chunks(args, per))
             cmds[:0] = grouped
             cmds.extend(self._index_commands([w for _, ws in items for w in ws or ()]))
             for shard in sorted({self._home(update) for update, _ in items}):
@@ -1098,8 +1103,7 @@ class RedisStore:
         writes += [merge.Write("register", db_id, name, reg) for name, reg in registers.items()]
         writes += [merge.Write("wrap", db_id, name, wrapped) for name, wrapped in wraps.items()]
         self._writes_commands(cmds, writes)
-        cmds.extend(("RPUSH", self.k_hist(db_id), *accepted[at:at + _ARGS_PER_COMMAND])
-                    for at in range(0, len(accepted), _ARGS_PER_COMMAND))
+        cmds.extend(("RPUSH", self.k_hist(db_id), *part) for part in _chunks(accepted))
         if held:
             cmds.append(("RPUSH", self.k_held(db_id), *held[-HELD_CAP:]))
         with map_redis_errors():
@@ -1395,8 +1399,7 @@ class RedisStore:
         value found, noting the shard it was found in."""
         by_home, rest = self._by_candidate_shard(uids)
         rounds = [list(by_home.items())] + [
-            [(s, rest[start:start + 1000]) for s in range(self.shards)]
-            for start in range(0, len(rest), 1000)]
+            [(s, part) for s in range(self.shards)] for part in _chunks(rest)]
         found: dict[bytes, Any] = {}
         for asks in rounds:
             if not asks:
